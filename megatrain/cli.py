@@ -1,0 +1,51 @@
+"""`megatrain <command>`: one entry point; each command lives in its own module.
+
+Modules are imported only when their command runs, so `megatrain preprocess` never pays for
+importing torch or DeepSpeed. A user error (bad file, bad value) prints one line and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module with add_arguments/run, one-line help)
+COMMANDS = {
+    "train-tokenizer": ("megatrain.data.train_tokenizer", "train a sentencepiece vocabulary on your corpus"),
+    "preprocess": ("megatrain.data.preprocess", "tokenize jsonl/txt/parquet/datasets into P.bin + P.idx"),
+    "data-info": ("megatrain.data.info", "describe a P.bin + P.idx dataset and decode a sample"),
+}
+
+
+def user_error_types() -> tuple[type, ...]:
+    """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
+    from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
+
+    return (IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        # argparse needs the arguments before parsing; importing the small data modules is cheap
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except user_error_types() as e:
+        print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"megatrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

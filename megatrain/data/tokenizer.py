@@ -1,0 +1,191 @@
+"""Tokenizers behind one interface, chosen by a spec string.
+
+    byte                      built-in byte-level tokenizer (256 bytes + special tokens), no file
+    PATH.model                a sentencepiece model (also `sentencepiece:PATH`)
+    DIR                       a directory from `megatrain train-tokenizer` (holds tokenizer.model), or a
+                              Hugging Face tokenizer directory that AutoTokenizer loads offline
+    PATH/tokenizer.json       a Hugging Face `tokenizers` file (also `hf:PATH` for a file or directory)
+
+Every tokenizer has `vocab_size`, `eod_id`, `bos_id`, `pad_id`, `mask_id` (for masked LM; may be
+None), `encode(text) -> list[int]` (no special tokens added) and `decode(ids) -> str`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+class TokenizerError(ValueError):
+    """A tokenizer spec that names nothing loadable."""
+
+
+class Tokenizer:
+    """The interface; see the subclasses."""
+
+    name: str = "tokenizer"
+    vocab_size: int
+    eod_id: int
+    bos_id: int | None = None
+    pad_id: int | None = None
+    mask_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> str:
+        """A spec string that rebuilds this tokenizer."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, then <eod>=256, <pad>=257, <bos>=258, <mask>=259."""
+
+    name = "byte"
+    SPECIALS = ("<eod>", "<pad>", "<bos>", "<mask>")
+
+    def __init__(self):
+        self.eod_id, self.pad_id, self.bos_id, self.mask_id = 256, 257, 258, 259
+        self.vocab_size = 256 + len(self.SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, text: str) -> bytes:
+        """The ids as a bytes object: the fast path used by preprocessing (np.frombuffer, uint8)."""
+        return text.encode("utf-8")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in (int(x) for x in ids) if i < 256).decode("utf-8", errors="replace")
+
+    @property
+    def spec(self) -> str:
+        return "byte"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model file; eod is the model's `</s>` (eos) piece."""
+
+    name = "sentencepiece"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        self.model_file = str(Path(model_file).resolve())
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError with C++ text
+            raise TokenizerError(f"{model_file}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        eos = self.sp.eos_id()
+        if eos < 0:
+            raise TokenizerError(f"{model_file}: the sentencepiece model has no eos piece to use as end-of-document")
+        self.eod_id = eos
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        mask = self.sp.piece_to_id("<mask>")
+        self.mask_id = mask if mask != self.sp.unk_id() else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    @property
+    def spec(self) -> str:
+        return self.model_file
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast tokenizer: a `tokenizer.json` file, or a directory AutoTokenizer loads."""
+
+    name = "hf"
+    _EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]", "<eod>")
+
+    def __init__(self, path: str):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        self.path = str(Path(path).resolve())
+        try:
+            if os.path.isdir(path):
+                tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            else:
+                tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot load a Hugging Face tokenizer ({str(e).splitlines()[0]})") from None
+        self.tok = tok
+        self.vocab_size = len(tok)
+        vocab = tok.get_vocab()
+        eod = tok.eos_token_id
+        if eod is None:
+            eod = next((vocab[n] for n in self._EOD_NAMES if n in vocab), None)
+        if eod is None:
+            raise TokenizerError(
+                f"{path}: the tokenizer has no end-of-document token (tried eos and {', '.join(self._EOD_NAMES)}); "
+                f"add one as a special token"
+            )
+        self.eod_id = int(eod)
+        self.bos_id = tok.bos_token_id
+        self.pad_id = tok.pad_token_id
+        self.mask_id = tok.mask_token_id if tok.mask_token_id is not None else vocab.get("<mask>", vocab.get("[MASK]"))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    @property
+    def spec(self) -> str:
+        return f"hf:{self.path}"
+
+
+def build_tokenizer(spec: str) -> Tokenizer:
+    """Build a tokenizer from a spec string (see the module doc); unknown specs raise TokenizerError."""
+    spec = str(spec).strip()
+    if spec == "byte":
+        return ByteTokenizer()
+    kind, _, rest = spec.partition(":")
+    if kind in ("sentencepiece", "sp") and rest:
+        return SentencePieceTokenizer(_existing(rest, spec))
+    if kind == "hf" and rest:
+        return HFTokenizer(_existing(rest, spec))
+    path = spec
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            return HFTokenizer(path)
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+        raise TokenizerError(f"tokenizer spec {spec!r}: directory holds neither tokenizer.model nor tokenizer.json")
+    if os.path.isfile(path):
+        if path.endswith(".json"):
+            return HFTokenizer(path)
+        return SentencePieceTokenizer(path)
+    raise TokenizerError(
+        f"unknown tokenizer spec {spec!r}: use 'byte', a sentencepiece .model file, a tokenizer.json, "
+        f"or a directory holding one (no such file or directory)"
+    )
+
+
+def _existing(path: str, spec: str) -> str:
+    if not os.path.exists(path):
+        raise TokenizerError(f"tokenizer spec {spec!r}: {path} does not exist")
+    return path
