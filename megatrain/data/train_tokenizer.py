@@ -66,6 +66,7 @@ def train_tokenizer(
                 split_digits=True,
                 allow_whitespace_only_pieces=True,
                 remove_extra_whitespaces=False,
+                normalization_rule_name="identity",  # keep text exactly; newlines round-trip via byte fallback
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2,
                 **SPECIAL,
