@@ -111,27 +111,40 @@ class GPTSampleDataset:
         self.built_now = index is not None and getattr(index, "_built", False)
         self.doc_order, self.sample_idx, self.shuffle_idx = index.doc_order, index.sample_idx, index.shuffle_idx
         self.epochs = index.epochs
+        # Every token of the dataset as one flat array, and where each sequence starts in it.
+        self._tokens = np.frombuffer(indexed._bin, indexed.dtype) if len(indexed._bin) else np.zeros(0, indexed.dtype)
+        self._start = np.concatenate([[0], np.cumsum(indexed.sizes, dtype=np.int64)])
 
     def __len__(self) -> int:
         return self.num_samples
 
     def _span(self, i: int) -> tuple[int, int, int, int]:
         s = int(self.shuffle_idx[i])
-        (d0, o0), (d1, o1) = self.sample_idx[s], self.sample_idx[s + 1]
-        return int(d0), int(o0), int(d1), int(o1)
+        d0, o0, d1, o1 = self.sample_idx[s: s + 2].ravel().tolist()
+        return d0, o0, d1, o1
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Sample i: `seq_len + 1` token ids (a fresh int64 array)."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
         d0, o0, d1, o1 = self._span(i)
-        ds, order = self.indexed, self.doc_order
+        # Hot path: one int64 output filled piece by piece straight from the mapped tokens.
+        tokens, start = self._tokens, self._start
         if d0 == d1:
-            return ds.get(int(order[d0]), o0, o1 - o0 + 1).astype(np.int64)
-        parts = [ds.get(int(order[d0]), o0)]
-        parts.extend(ds[int(order[d])] for d in range(d0 + 1, d1))
-        parts.append(ds.get(int(order[d1]), 0, o1 + 1))
-        return np.concatenate(parts).astype(np.int64)
+            a = start[self.doc_order[d0]] + o0
+            return tokens[a: a + o1 - o0 + 1].astype(np.int64)
+        out = np.empty(self.seq_len + 1, np.int64)
+        docs = self.doc_order[d0: d1 + 1].tolist()
+        a = start[docs[0]] + o0
+        n = start[docs[0] + 1] - a
+        out[:n] = tokens[a: a + n]
+        for doc in docs[1:-1]:
+            a, b = start[doc], start[doc + 1]
+            out[n: n + b - a] = tokens[a:b]
+            n += b - a
+        a = start[docs[-1]]
+        out[n:] = tokens[a: a + o1 + 1]
+        return out
 
     def documents_of(self, i: int) -> list[tuple[int, int, int]]:
         """Where sample i came from: (document id, first token offset, token count) per piece."""
@@ -172,7 +185,8 @@ def _load_or_build(cache_prefix: str, key: dict, build) -> SampleIndex:
         dist.barrier()
     with open(meta_path) as f:
         epochs = json.load(f)["epochs"]
-    arrays = {n: np.load(paths[n], mmap_mode="r") for n in names}
+    # Plain ndarray views of the mapped files: np.memmap's Python-level __getitem__ is ~10x slower.
+    arrays = {n: np.load(paths[n], mmap_mode="r").view(np.ndarray) for n in names}
     out = SampleIndex(arrays["doc_order"], arrays["sample_idx"], arrays["shuffle_idx"], epochs)
     out._built = built
     return out

@@ -100,7 +100,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts))
+        # One thread: parallelism comes from preprocess workers (sentencepiece would use every core).
+        return self.sp.encode(list(texts), num_threads=1)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
