@@ -9,36 +9,40 @@ import argparse
 import importlib
 import sys
 
-# command -> (module with add_arguments/run, one-line help)
+# command -> (module with add_arguments(parser) and command(args), one-line help)
 COMMANDS = {
     "train-tokenizer": ("megatrain.data.train_tokenizer", "train a sentencepiece vocabulary on your corpus"),
     "preprocess": ("megatrain.data.preprocess", "tokenize jsonl/txt/parquet/datasets into P.bin + P.idx"),
     "data-info": ("megatrain.data.info", "describe a P.bin + P.idx dataset and decode a sample"),
+    "pretrain": ("megatrain.pretrain", "pretrain a Transformer LM with DeepSpeed (one process; see README for many)"),
+    "generate": ("megatrain.generate", "sample text from a checkpoint (any ZeRO stage) with a KV cache"),
 }
 
 
 def user_error_types() -> tuple[type, ...]:
     """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
+    from megatrain.config import ConfigError
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
 
-    return (IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+    return (ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="megatrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        # argparse needs the arguments before parsing; importing the small data modules is cheap
-        importlib.import_module(module).add_arguments(p)
+        if name == chosen:  # only the chosen command's module is imported (pretrain imports torch)
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(args._module)
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        return int(module.command(args) or 0)
     except user_error_types() as e:
         print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
         return 1

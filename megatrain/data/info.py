@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chars", type=int, default=400, help="characters of the decoded sample to print")
 
 
-def run(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     ds = IndexedDataset(args.prefix)
     meta_file = f"{args.prefix}.meta.json"
     meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {}

@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-lines", action="store_true", help="skip unreadable records instead of stopping")
 
 
-def run(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     s = train_tokenizer(args.input, args.output, args.vocab_size, args.model_type, args.json_key,
                         args.max_sentences, args.character_coverage, args.skip_bad_lines)
     print(f"train-tokenizer: {args.vocab_size}-piece {args.model_type} vocabulary from {s['documents']:,} documents "

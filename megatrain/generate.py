@@ -1,0 +1,93 @@
+"""Sampling with a KV cache, and `megatrain generate --checkpoint DIR --prompt "..."`.
+
+The checkpoint is consolidated to full fp32 weights in this one process (any ZeRO stage: DeepSpeed's
+own zero_to_fp32 reader), so generation needs neither DeepSpeed's engine nor the training world size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from megatrain.model import KVCache, Transformer
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0, eod_id: int | None = None) -> torch.Tensor:
+    """Extend prompt [B, T] by up to max_new_tokens sampled tokens (greedy when temperature is 0)."""
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, cfg.max_seq_len)
+    param = next(model.parameters())
+    cache = KVCache(cfg, B, total, prompt.device, param.dtype)
+    g = torch.Generator(device=prompt.device).manual_seed(seed)
+    out = prompt
+    logits = model(prompt, cache=cache, pos=0)[:, -1]
+    for pos in range(T, total):
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits.float() / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+        out = torch.cat([out, nxt], dim=1)
+        if eod_id is not None and bool((nxt == eod_id).all()):
+            break
+        if pos + 1 < total:
+            logits = model(nxt, cache=cache, pos=pos)[:, -1]
+    model.train(was_training)
+    return out
+
+
+def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict]:
+    """A one-process model from a training checkpoint directory (its `latest`, or `tag`)."""
+    from megatrain.config import config_from_dict
+    from megatrain.training.checkpoint import load_consolidated_state_dict
+
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's reader prints progress to stdout
+        sd, saved = load_consolidated_state_dict(ckpt_dir, tag)
+    cfg = config_from_dict(saved["config"])
+    model = Transformer(cfg.model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, saved
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint.dir of a training run")
+    p.add_argument("--tag", default=None, help="a step folder (default: the one named in DIR/latest)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0: all")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one the run trained with)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from megatrain.data import build_tokenizer
+
+    model, saved = load_model(args.checkpoint, args.tag)
+    if model.cfg.objective != "causal":
+        raise ValueError("generate needs a causal LM checkpoint (this one was trained with objective=mlm)")
+    tok = build_tokenizer(args.tokenizer or saved["config"]["data"]["tokenizer"])
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eod_id]
+    prompt = torch.tensor([ids] * args.num_samples)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(f"# {args.checkpoint} step {saved['step']}", file=sys.stderr)
+    for row in out:
+        print(tok.decode(row.tolist()))
+        if args.num_samples > 1:
+            print("-" * 40)
+    return 0

@@ -1,0 +1,214 @@
+"""The Transformer: a GPT/Llama-style decoder stack in plain PyTorch.
+
+One class per idea, configured by `ModelConfig` (config.py): RMSNorm or LayerNorm, RoPE or learned
+positions, SwiGLU or GELU MLP, grouped-query attention, optional biases, tied or untied embeddings.
+The same stack trains as a causal LM or, with `objective: mlm`, as a BERT-style masked LM
+(bidirectional attention; loss only on the masked positions). Parallelism is applied elsewhere
+(parallel/), never here.
+
+Parameter names follow the Hugging Face Llama layout, with two fusions for speed (one matmul instead
+of three, or two):
+    embed.weight, pos_embed.weight (learned positions), norm.weight, lm_head.weight
+    layers.{i}.attn_norm.weight        layers.{i}.mlp_norm.weight
+    layers.{i}.attn.qkv.weight         rows [q (n_heads*hd); k (n_kv*hd); v (n_kv*hd)]
+    layers.{i}.attn.o_proj.weight
+    layers.{i}.mlp.gate_up.weight      rows [gate; up] (swiglu)   or   layers.{i}.mlp.up.weight (gelu)
+    layers.{i}.mlp.down.weight
+RoPE uses the rotate-half convention of Hugging Face checkpoints, so their q/k weights map directly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatrain.config import ModelConfig, ffn_width, kv_heads
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [max_len, head_dim] for the rotate-half convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        hd = cfg.d_model // cfg.n_heads
+        shape = (batch, kv_heads(cfg), max_len, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.n_heads, kv_heads(cfg)
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.causal = cfg.objective == "causal"
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                     self.n_kv * self.head_dim], dim=-1)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = self.causal
+        if cache is not None:
+            cache.k[layer][:B, :, pos: pos + T] = k
+            cache.v[layer][:B, :, pos: pos + T] = v
+            k, v = cache.k[layer][:B, :, : pos + T], cache.v[layer][:B, :, : pos + T]
+            if pos > 0:
+                if T != 1:
+                    raise ValueError("with a KV cache, only the first call may pass more than one token")
+                causal = False  # one new query attends to every cached position
+        # NOTE: enable_gqa lets SDPA broadcast the kv heads instead of materialising repeated copies.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        ff = ffn_width(cfg)
+        if self.swiglu:
+            self.gate_up = nn.Linear(cfg.d_model, 2 * ff, bias=cfg.bias)
+        else:
+            self.up = nn.Linear(cfg.d_model, ff, bias=cfg.bias)
+        self.down = nn.Linear(ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = build_norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = build_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, pos))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (the trainer takes it from the tokenizer)")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = build_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)  # norm weights
+            elif name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]; with labels [B, T] -> mean cross-entropy over labels != -100."""
+        B, T = tokens.shape
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(pos, pos + T, device=tokens.device))
+        else:
+            rope = (self.rope_cos[pos: pos + T].to(x.dtype), self.rope_sin[pos: pos + T].to(x.dtype))
+        x = self.drop(x)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, cache, i, pos)
+        logits = self.lm_head(self.norm(x))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
+
+
+def mlm_mask(tokens: torch.Tensor, mask_id: int, vocab_size: int, prob: float, generator: torch.Generator,
+             special_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `prob` of the positions; of those 80% -> mask_id, 10% -> random id, 10% kept.
+    Returns (inputs, labels) with labels = -100 where nothing is predicted."""
+    inputs, labels = tokens.clone(), tokens.clone()
+    chosen = torch.rand(tokens.shape, generator=generator) < prob
+    for s in special_ids:
+        chosen &= tokens != s
+    labels[~chosen] = IGNORE_INDEX
+    r = torch.rand(tokens.shape, generator=generator)
+    inputs[chosen & (r < 0.8)] = mask_id
+    random_pos = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[random_pos] = torch.randint(0, vocab_size, tokens.shape, generator=generator)[random_pos]
+    return inputs, labels

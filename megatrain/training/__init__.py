@@ -1,0 +1,1 @@
+"""Training machinery: distributed setup, the DeepSpeed engine, checkpoints and metrics."""

@@ -1,0 +1,145 @@
+"""Checkpoints in DeepSpeed's native layout, directly in checkpoint.dir:
+
+    DIR/latest                     the newest *complete* tag (written last, atomically, by rank 0)
+    DIR/step00000100/              DeepSpeed's files (mp_rank_*_model_states.pt, zero shards, ...)
+    DIR/step00000100/megatrain.json  megatrain's config, step and samples consumed
+    DIR/step00000100/rng_rank{r}.pt  each rank's RNG states
+    DIR/zero_to_fp32.py            DeepSpeed's consolidation script
+
+so DeepSpeed's own `zero_to_fp32` and `get_fp32_state_dict_from_zero_checkpoint(DIR)` work on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatrain.config import Config, ConfigError, config_from_dict
+
+STATE_FILE = "megatrain.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def read_latest(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    if not os.path.isfile(os.path.join(ckpt_dir, tag, STATE_FILE)):
+        raise ConfigError(f"{path} names {tag!r}, which is incomplete or missing; point latest at a complete step folder")
+    return tag
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    py = tuple(int(x) for x in state["python"].tolist())
+    random.setstate((3, py, None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict) -> str:
+    """Save on every rank; `latest` moves to this tag only once every rank's files are on disk."""
+    ckpt_dir = cfg.checkpoint.dir
+    tag = tag_for(step)
+    state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), layout=layout)
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
+    rank = dist.get_rank()
+    torch.save(_rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(os.path.join(ckpt_dir, tag, STATE_FILE), json.dumps(state, indent=1))
+        _atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+        _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, t)))
+    for t in tags[:-keep_last]:
+        if t != keep:
+            shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+
+
+def check_compatible(cfg: Config, saved: dict, where: str) -> None:
+    """Resuming needs the same model and batch shape; name the first key that differs."""
+    saved_cfg = config_from_dict(saved["config"])
+    pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
+    for section, now, then in pairs:
+        for k, v in vars(now).items():
+            if k in ("path", "cache_dir"):
+                continue
+            if getattr(then, k) != v:
+                raise ConfigError(f"{where}: checkpoint has {section}.{k}={getattr(then, k)!r} but this run has {v!r}; "
+                                  f"use the same value, or a new checkpoint.dir")
+    if saved_cfg.train.global_batch_size != cfg.train.global_batch_size:
+        raise ConfigError(f"{where}: checkpoint has train.global_batch_size={saved_cfg.train.global_batch_size} but "
+                          f"this run has {cfg.train.global_batch_size}; use the same value to continue the same run")
+
+
+def resume(engine, cfg: Config) -> dict | None:
+    """Load checkpoint.dir/latest if there is one; returns megatrain's saved state (step, samples)."""
+    ckpt_dir = cfg.checkpoint.dir
+    if not cfg.checkpoint.resume:
+        return None
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
+        saved = json.load(f)
+    check_compatible(cfg, saved, os.path.join(ckpt_dir, tag))
+    path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
+    rng = os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")
+    if os.path.isfile(rng):
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return saved
+
+
+def load_consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> tuple[dict, dict]:
+    """Full fp32 weights and megatrain's saved state from a checkpoint of any ZeRO stage, in one process."""
+    tag = tag or read_latest(ckpt_dir)
+    if tag is None:
+        raise ConfigError(f"{ckpt_dir}: no checkpoint (no 'latest' file); train first or pass the step folder")
+    with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
+        saved = json.load(f)
+    stage = saved["config"]["parallel"]["zero_stage"]
+    if stage == 0:
+        states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        sd = {k: v.float() for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    return sd, saved

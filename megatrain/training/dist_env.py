@@ -1,0 +1,82 @@
+"""Where this process sits in the job, whichever launcher started it, and torch.distributed setup.
+
+Launchers set different variables: the DeepSpeed launcher and torchrun set RANK/WORLD_SIZE/LOCAL_RANK
+(+ MASTER_ADDR/PORT); `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; a plain `python` sets none.
+`discover()` reads whichever is there and fills in the standard variables so DeepSpeed finds them.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # deepspeed/torchrun | slurm | single
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """'node[003-005,009],gpu1' -> 'node003' (the first host of a Slurm node list)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" in head:
+        prefix, rng = head.split("[", 1)
+        first = rng.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def discover(env: dict | None = None) -> RankInfo:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed/torchrun"
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", 0))
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        launcher = "slurm"
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        port = int(env.get("MASTER_PORT", 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    else:
+        launcher = "single"
+        rank, world, local = 0, 1, 0
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0) or _free_port())
+    return RankInfo(rank, world, local, addr, port, launcher)
+
+
+def export(info: RankInfo) -> None:
+    """Write the standard variables that torch.distributed and DeepSpeed read."""
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+
+
+def init_distributed() -> RankInfo:
+    """Discover the rank, pick the accelerator's backend (nccl on GPU, gloo on CPU) and initialise."""
+    info = discover()
+    export(info)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
+                               verbose=False)
+    return info

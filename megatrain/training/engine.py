@@ -1,0 +1,125 @@
+"""The DeepSpeed engine: its JSON config filled from megatrain's, AdamW groups, the LR schedule.
+
+The ZeRO JSONs in ds_configs/ hold what is specific to each stage; every field that megatrain's config
+also decides (batch sizes, accumulation, clipping, precision) is overwritten from it here, so the two can
+never disagree.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from megatrain.config import Config, ConfigError, validate_world
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def find_shipped(folder: str, name: str) -> Path:
+    """A file from the repository's configs/ or ds_configs/ (editable install), or the installed share/."""
+    for base in (_REPO / folder, Path(sys.prefix) / "share" / "megatrain" / folder):
+        if (base / name).is_file():
+            return base / name
+    raise ConfigError(f"{folder}/{name} not found: reinstall megatrain (pip install -e .)")
+
+
+def resolve_precision(cfg: Config) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    p = cfg.parallel
+    name = "zero3_offload.json" if (p.zero_stage == 3 and (p.offload_params or p.offload_optimizer)) else f"zero{p.zero_stage}.json"
+    ds = json.loads(find_shipped("ds_configs", name).read_text())
+    grad_accum = validate_world(cfg, world_size)
+    precision = resolve_precision(cfg)
+    ds.update(
+        train_batch_size=cfg.train.global_batch_size,
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        gradient_clipping=cfg.train.grad_clip,
+    )
+    ds["bf16"]["enabled"] = precision == "bf16"
+    ds["fp16"]["enabled"] = precision == "fp16"
+    zero = ds["zero_optimization"]
+    if p.zero_stage in (1, 2) and p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if p.zero_stage == 3 and not p.offload_params:
+        zero.pop("offload_param", None)
+    if p.zero_stage == 3 and not p.offload_optimizer:
+        zero.pop("offload_optimizer", None)
+    for off in ("offload_param", "offload_optimizer"):
+        if off in zero:
+            zero[off]["pin_memory"] = torch.cuda.is_available()
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear weights); not norms, biases or embeddings (tied heads follow the embedding)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = name.endswith(("embed.weight", "pos_embed.weight"))
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: Config):
+    """Multiplier of train.lr at each optimizer step: linear warmup, then cosine/linear decay to min_lr."""
+    t = cfg.train
+    floor = t.min_lr / t.lr if t.lr > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return f
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    """deepspeed.initialize with a torch AdamW (no JIT-built op needed) and the LR schedule."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    return engine, optimizer, scheduler, ds_config
+
+
+def grad_norm(engine) -> float:
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return float("nan")
+    return float(g.item() if torch.is_tensor(g) else g)
+
+
+def rank_mean(value: float, device) -> float:
+    """Average a per-rank float over all ranks."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))

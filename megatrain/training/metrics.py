@@ -1,0 +1,126 @@
+"""What a researcher watches: FLOPs and MFU, console lines, metrics.jsonl, TensorBoard, wandb."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
+
+# Dense bf16 peak TFLOP/s per GPU (no sparsity), for MFU when logging.peak_tflops is 0.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
+
+
+def forward_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Forward-pass FLOPs per token (2 per multiply-add), embeddings lookups excluded.
+
+    Per layer: QKV projection (GQA: fewer K/V columns), attention scores QK^T and the weighted sum AV
+    over seq_len keys (halved when causal: on average a token attends to half the sequence), output
+    projection, and the MLP (three matrices for SwiGLU, two for GELU). Plus the LM head.
+    """
+    d, L, hd = m.d_model, m.n_layers, m.d_model // m.n_heads
+    q_dim, kv_dim = m.n_heads * hd, kv_heads(m) * hd
+    ff = ffn_width(m)
+    attn_proj = 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d
+    attn_mix = 2 * 2 * seq_len * q_dim * (0.5 if causal else 1.0)
+    mlp = 2 * d * ff * (3 if m.mlp == "swiglu" else 2)
+    head = 2 * d * m.vocab_size
+    return L * (attn_proj + attn_mix + mlp) + head
+
+
+def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Forward + backward (twice the forward): 3x."""
+    return 3 * forward_flops_per_token(m, seq_len, causal=m.objective == "causal")
+
+
+def measured_matmul_tflops(n: int = 1024, repeat: int = 5) -> float:
+    """This device's fp32 torch.mm throughput, the CPU's 'peak' for MFU."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        torch.mm(a, b)
+    return 2 * n**3 * repeat / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(cfg: Config) -> tuple[float, str]:
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops, "logging.peak_tflops"
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tf in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tf, f"{name} bf16 peak"
+        return 0.0, f"unknown GPU {name}: set logging.peak_tflops"
+    return measured_matmul_tflops(), "measured fp32 torch.mm"
+
+
+class MetricsLogger:
+    """Rank 0 only: a console line, metrics.jsonl, TensorBoard and wandb, every log_interval steps."""
+
+    def __init__(self, cfg: Config, run_dir: str, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.jsonl = self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode,
+                                    dir=run_dir, config=cfg.to_dict(), resume="allow")
+        show = cfg.logging.progress_bar
+        if show == "on" or (show == "auto" and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def log(self, row: dict, console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        step = row["step"]
+        prefix = "eval/" if row.get("kind") == "eval" else "train/"
+        scalars = {prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
+                   and not (isinstance(v, float) and math.isnan(v))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if console:
+            if self.bar is not None:
+                self.bar.write(console)
+            else:
+                print(console, flush=True)
+
+    def advance(self, steps: int = 1, postfix: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
