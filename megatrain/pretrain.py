@@ -34,7 +34,19 @@ def log0(*args) -> None:
         print(*args, flush=True)
 
 
-def setup_data(cfg: Config, dp: int):
+def check_data_path(cfg: Config) -> None:
+    from megatrain.data import parse_data_path
+    from megatrain.data.indexed import dataset_exists
+
+    if cfg.data.path in (None, "", []):
+        return
+    for _, prefix in parse_data_path(cfg.data.path):
+        if not dataset_exists(prefix):
+            raise ConfigError(f"config key data.path: {prefix}.bin/.idx: no such file; make it with "
+                              f"`megatrain preprocess --output-prefix {prefix} ...`, or unset data.path for the built-in corpus")
+
+
+def setup_data(cfg: Config):
     """The tokenizer and train/valid datasets; the built-in corpus when data.path is unset."""
     if cfg.data.path in (None, "", []):
         from megatrain.corpus import ensure_builtin_corpus
@@ -47,7 +59,7 @@ def setup_data(cfg: Config, dp: int):
         cfg.data.path, cfg.data.tokenizer = os.path.join(cache_root(), "stdlib"), os.path.join(cache_root(), "tokenizer")
     tok = build_tokenizer(cfg.data.tokenizer)
     t = cfg.train
-    n_valid = t.eval_iters * t.micro_batch_size * dp if t.eval_interval else 0
+    n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_len,
                                                [t.max_steps * t.global_batch_size, n_valid, 0], t.seed,
                                                cfg.data.cache_dir or None)
@@ -61,12 +73,13 @@ def run(cfg: Config) -> dict:
     from megatrain.training.loop import BatchMaker, TrainState, train
     from megatrain.training.metrics import peak_tflops, train_flops_per_token
 
+    check_data_path(cfg)  # fail in one line before any distributed setup
     info = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = world  # tensor/pipeline parallel ranks come with the model-parallel work
     grad_accum = validate_world(cfg, world)
     torch.manual_seed(cfg.train.seed)
-    tok, train_ds, valid_ds = setup_data(cfg, dp)
+    tok, train_ds, valid_ds = setup_data(cfg)
     if cfg.model.vocab_size == 0:
         m = cfg.model.pad_vocab_multiple
         cfg.model.vocab_size = -(-tok.vocab_size // m) * m

@@ -67,8 +67,12 @@ def init_distributed() -> RankInfo:
     """Discover the rank, pick the accelerator's backend (nccl on GPU, gloo on CPU) and initialise."""
     info = discover()
     export(info)
+    import warnings
+
     import torch
 
+    # DeepSpeed calls torch.distributed functions that torch 2.13 marks deprecated, once per call.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

@@ -86,15 +86,13 @@ def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -
 
 
 @torch.no_grad()
-def evaluate(engine, valid, cfg: Config, make: BatchMaker, dp: int, dp_rank: int) -> float:
+def evaluate(engine, valid, cfg: Config, make: BatchMaker, grad_accum: int, dp: int, dp_rank: int) -> float:
+    """Mean loss over the first train.eval_iters global batches of the validation set (the same
+    samples, in the same micro-batches, whatever the world size)."""
     engine.eval()
-    b = cfg.train.micro_batch_size
-    losses = []
-    n_batches = min(cfg.train.eval_iters, len(valid) // (b * dp))
-    for it in range(n_batches):
-        ids = np.arange(it * b * dp + dp_rank * b, it * b * dp + dp_rank * b + b)
-        inputs, labels = make(valid, ids, engine.device)
-        losses.append(float(engine(inputs, labels)))
+    n_iters = min(cfg.train.eval_iters, len(valid) // cfg.train.global_batch_size)
+    losses = [float(engine(*make(valid, micro_batch_ids(it, m, cfg, dp, dp_rank), engine.device)))
+              for it in range(n_iters) for m in range(grad_accum)]
     engine.train()
     return rank_mean(float(np.mean(losses)) if losses else float("nan"), engine.device)
 
@@ -138,7 +136,7 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                 logger.advance(0, f"loss {loss_avg:.3f}")
                 window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
-                vloss = evaluate(engine, valid_ds, cfg, make, dp, dp_rank)
+                vloss = evaluate(engine, valid_ds, cfg, make, grad_accum, dp, dp_rank)
                 logger.log(dict(step=state.step, kind="eval", val_loss=vloss, val_ppl=float(np.exp(min(vloss, 50)))),
                            f"step {state.step:>6} | validation loss {vloss:.4f} | perplexity {np.exp(min(vloss, 50)):.2f}")
                 window_t0 = time.perf_counter()  # don't count evaluation time as training throughput

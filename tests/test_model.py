@@ -1,0 +1,131 @@
+"""Tier 1: the model's options, KV cache, masking, init, and the FLOPs formula by hand."""
+import math
+
+import pytest
+import torch
+
+from megatrain.config import ModelConfig
+from megatrain.model import IGNORE_INDEX, KVCache, Transformer, mlm_mask
+from megatrain.training.metrics import forward_flops_per_token, train_flops_per_token
+
+VARIANTS = {
+    "llama": dict(),
+    "gqa": dict(n_kv_heads=2),
+    "mqa": dict(n_kv_heads=1),
+    "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+    "mlm": dict(objective="mlm"),
+}
+
+
+def small(**kw):
+    base = dict(vocab_size=97, n_layers=2, n_heads=4, d_model=32, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_backward_and_loss(name):
+    torch.manual_seed(0)
+    m = Transformer(small(**VARIANTS[name]))
+    x = torch.randint(0, 97, (3, 17))
+    logits = m(x[:, :-1])
+    assert logits.shape == (3, 16, 97)
+    loss = m(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - math.log(97)) < 0.5  # near uniform at init
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_causal_vs_bidirectional():
+    torch.manual_seed(0)
+    causal, mlm = Transformer(small()), Transformer(small(objective="mlm"))
+    mlm.load_state_dict(causal.state_dict())
+    x = torch.randint(0, 97, (1, 10))
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % 97  # change only the last token
+    assert torch.allclose(causal(x)[0, :-1], causal(y)[0, :-1])  # the past never sees the future
+    assert not torch.allclose(mlm(x)[0, 0], mlm(y)[0, 0])  # bidirectional: everyone sees it
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    gqa = Transformer(small(n_kv_heads=2))
+    mha = Transformer(small())
+    sd = gqa.state_dict()
+    hd, nh = 8, 4
+    for i in range(2):
+        w = sd[f"layers.{i}.attn.qkv.weight"]
+        q, k, v = w.split([nh * hd, 2 * hd, 2 * hd])
+        rep = lambda t: t.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(nh * hd, -1)
+        sd[f"layers.{i}.attn.qkv.weight"] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gqa", "gpt2"])
+def test_kv_cache_matches_full_forward(name):
+    torch.manual_seed(0)
+    cfg = small(**VARIANTS[name])
+    m = Transformer(cfg).eval()
+    x = torch.randint(0, 97, (2, 14))
+    full = m(x)
+    cache = KVCache(cfg, 2, 32, "cpu", torch.float32)
+    steps = [m(x[:, :6], cache=cache, pos=0)] + [m(x[:, t:t + 1], cache=cache, pos=t) for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_share_storage():
+    m = Transformer(small(tie_embeddings=True))
+    assert m.lm_head.weight is m.embed.weight
+
+
+def test_scaled_init():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=500, n_layers=8, n_heads=4, d_model=256))
+    assert abs(m.layers[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(m.layers[0].mlp.down.weight.std().item() - 0.02 / 4) < 0.0005  # 1/sqrt(2*8)
+    assert torch.all(m.layers[0].attn_norm.weight == 1)
+
+
+def test_mlm_masking_proportions():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(10, 1000, (200, 500))
+    tokens[:, 0] = 3  # a special id that is never masked
+    inputs, labels = mlm_mask(tokens, mask_id=1, vocab_size=1000, prob=0.15, generator=g, special_ids=(3,))
+    chosen = labels != IGNORE_INDEX
+    assert abs(chosen.float().mean().item() - 0.15) < 0.005
+    assert not chosen[:, 0].any()
+    assert torch.equal(labels[chosen], tokens[chosen])
+    masked = (inputs == 1) & chosen
+    kept = (inputs == tokens) & chosen
+    assert abs(masked.sum().item() / chosen.sum().item() - 0.8) < 0.01
+    assert abs(kept.sum().item() / chosen.sum().item() - 0.1 - 0.001) < 0.01  # 10% kept (+ random hits itself)
+    assert torch.equal(inputs[~chosen], tokens[~chosen])
+
+
+def test_flops_formula_by_hand():
+    """One small config counted matmul by matmul: d=64, 2 layers, 8 heads, 2 KV heads, ff=192, V=100, T=16."""
+    cfg = ModelConfig(vocab_size=100, n_layers=2, n_heads=8, n_kv_heads=2, d_model=64, d_ff=192, mlp="swiglu")
+    T = 16
+    hd = 8
+    q = 2 * 64 * (8 * hd)            # x @ Wq
+    kv = 2 * 2 * 64 * (2 * hd)       # x @ Wk, x @ Wv (2 KV heads)
+    scores = 2 * T * (8 * hd) / 2    # q . k over T keys, causal: half on average
+    mix = 2 * T * (8 * hd) / 2       # probs @ v
+    o = 2 * (8 * hd) * 64
+    mlp = 3 * 2 * 64 * 192           # gate, up, down
+    head = 2 * 64 * 100
+    per_token = 2 * (q + kv + scores + mix + o + mlp) + head
+    assert forward_flops_per_token(cfg, T) == per_token
+    assert train_flops_per_token(cfg, T) == 3 * per_token
+    gelu = ModelConfig(vocab_size=100, n_layers=1, n_heads=8, d_model=64, d_ff=256, mlp="gelu", objective="mlm")
+    assert forward_flops_per_token(gelu, T, causal=False) == (
+        2 * 64 * 3 * 64 + 2 * 2 * T * 64 + 2 * 64 * 64 + 2 * 2 * 64 * 256 + 2 * 64 * 100)
+
+
+def test_param_count_matches_formula():
+    cfg = ModelConfig(vocab_size=100, n_layers=2, n_heads=8, n_kv_heads=2, d_model=64, d_ff=192)
+    m = Transformer(cfg)
+    per_layer = 64 * (64 + 2 * 16) + 64 * 64 + 3 * 64 * 192 + 2 * 64
+    assert m.num_params() == 2 * per_layer + 2 * 100 * 64 + 64

@@ -1,0 +1,56 @@
+"""Shared by the training tests: a tiny byte-level dataset and a small, fast config."""
+import json
+import os
+
+import numpy as np
+
+from conftest import make_documents, write_jsonl
+
+
+def make_byte_dataset(tmp_path) -> str:
+    from megatrain.data.preprocess import preprocess
+
+    prefix = str(tmp_path / "data" / "tiny")
+    os.makedirs(tmp_path / "data", exist_ok=True)
+    preprocess([write_jsonl(tmp_path / "data" / "c.jsonl", make_documents(400, seed=1, max_words=80))], "byte", prefix,
+               append_eod=True)
+    return prefix
+
+
+def small_sets(data: str, ckpt: str, **over) -> list[str]:
+    sets = {
+        "data.path": data, "data.tokenizer": "byte", "data.seq_len": 32, "data.split": "95,5,0",
+        "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 64,
+        "train.max_steps": 6, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.lr": 1e-2,
+        "train.min_lr": 1e-3, "train.warmup_steps": 1, "train.log_interval": 1, "train.eval_interval": 3,
+        "train.eval_iters": 2, "checkpoint.dir": ckpt, "checkpoint.interval": 3, "logging.tensorboard": False,
+        "logging.peak_tflops": 1.0,
+    }
+    sets.update(over)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
+
+
+def losses(ckpt: str, kind: str = "train") -> dict[int, float]:
+    rows = [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
+    key = "loss" if kind == "train" else "val_loss"
+    out = {}
+    for r in rows:  # a resumed run appends: the later row for a step wins
+        if r.get("kind", "train") == kind and key in r:
+            out[r["step"]] = r[key]
+    return out
+
+
+def run_configs(rank, world, runs):
+    """In a spawned rank: train each (preset, sets) in turn in this one process group."""
+    from megatrain.config import load_config
+    from megatrain.pretrain import run
+
+    for sets in runs:
+        run(load_config("tiny", sets))
+
+
+def assert_close_curves(a: dict, b: dict, rtol: float, steps=None):
+    steps = steps or sorted(a)
+    got = np.array([b[s] for s in steps])
+    want = np.array([a[s] for s in steps])
+    np.testing.assert_allclose(got, want, rtol=rtol, err_msg=f"steps {steps}")
