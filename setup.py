@@ -3,6 +3,8 @@
 Install the CPU torch that lies on disk first (`pip install torch==2.13.0`), or keep your own CUDA
 torch: the range below is satisfied by both, so pip never replaces the torch you already have.
 """
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -30,5 +32,8 @@ setup(
         "ninja",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    # Presets and DeepSpeed JSONs, for non-editable installs (found under <prefix>/share/megatrain).
+    data_files=[("share/megatrain/configs", sorted(glob.glob("configs/*.yaml"))),
+                ("share/megatrain/ds_configs", sorted(glob.glob("ds_configs/*.json")))],
     entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},
 )

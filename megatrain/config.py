@@ -19,7 +19,11 @@ from typing import Any, Union
 
 import yaml
 
+import sys
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+if not PRESET_DIR.is_dir():  # a non-editable install: setup.py put the presets under <prefix>/share
+    PRESET_DIR = Path(sys.prefix) / "share" / "megatrain" / "configs"
 
 
 class ConfigError(ValueError):

@@ -89,10 +89,10 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters
     precision = resolve_precision(cfg)
     engine, _, _, _ = build_engine(cfg, model, world)
     layout = dict(world_size=world, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, zero_stage=cfg.parallel.zero_stage)
-    n_params = model.num_params()
     log0(f"megatrain pretrain | launcher {info.launcher} | world {world} (dp {dp}, tp 1, pp 1) | ZeRO-{cfg.parallel.zero_stage} | "
          f"{precision} | {n_params / 1e6:.2f}M parameters | grad accumulation {grad_accum} | data {cfg.data.path}")
     state = TrainState()

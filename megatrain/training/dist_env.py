@@ -84,3 +84,30 @@ def init_distributed() -> RankInfo:
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False)
     return info
+
+
+def prebuild_ops() -> None:
+    """Build (or load from cache) the C++ ops DeepSpeed JIT-compiles at start on this accelerator, once,
+    so that several ranks starting together never race on the same build."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        print("no DeepSpeed op to prebuild on this accelerator")
+        return
+    t0 = time.perf_counter()
+    builder.load(verbose=False)
+    print(f"DeepSpeed op {builder.NAME} ready ({time.perf_counter() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--prebuild" in sys.argv:
+        prebuild_ops()

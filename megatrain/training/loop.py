@@ -106,6 +106,7 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
     last_saved = state.step
+    stage0, norm0 = cfg.parallel.zero_stage == 0, float("nan")
     engine.train()
     try:
         while state.step < t.max_steps:
@@ -115,6 +116,9 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                 inputs, labels = make(train_ds, ids, engine.device)
                 loss = engine(inputs, labels)
                 engine.backward(loss)
+                if micro == grad_accum - 1 and stage0:
+                    # DeepSpeed keeps no grad norm without ZeRO: measure the (reduced) gradients before the step
+                    norm0 = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
                 engine.step()
                 step_loss += loss.detach().double().cpu()
             state.step += 1
@@ -127,7 +131,7 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                 loss_avg = rank_mean(window_loss / window_steps, engine.device)
                 tps = tokens_per_step * window_steps / secs
                 tflops = tps * flops_per_token / dist.get_world_size() / 1e12
-                row = dict(step=state.step, loss=loss_avg, lr=engine.get_lr()[0], grad_norm=grad_norm(engine),
+                row = dict(step=state.step, loss=loss_avg, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
                            tokens_per_s=tps, tflops_per_device=tflops, mfu=tflops / peak if peak else float("nan"),
                            consumed_samples=state.consumed_samples, seconds_per_step=secs / window_steps)
                 logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {loss_avg:.4f} | lr {row['lr']:.2e} | "
