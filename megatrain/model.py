@@ -82,8 +82,9 @@ class Attention(nn.Module):
         self.causal = cfg.objective == "causal"
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+        qkv = self.qkv(x)
+        B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                      self.n_kv * self.head_dim], dim=-1)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -154,6 +155,8 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # apply_tp swaps in a vocab-parallel loss; None: plain cross-entropy over full logits
+        self.loss_fn = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -187,6 +190,8 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, labels)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -94,7 +94,11 @@ def test_deepspeed_config_filled_from_ours():
 
 
 def test_cli_bad_config_is_one_line(tmp_path):
-    for args, msg in [(["--set", "train.max_steps=abc"], "expected an integer"),
+    from megatrain.data import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(str(tmp_path / "empty")):
+        pass  # a dataset with no documents
+    for args, msg in [(["--set", f"data.path={tmp_path / 'empty'}"], "holds no documents"),(["--set", "train.max_steps=abc"], "expected an integer"),
                       (["--set", "data.path=" + str(tmp_path / "nothing")], "no such file"),
                       (["--set", "train.mirco_batch_size=2"], "did you mean 'train.micro_batch_size'")]:
         r = subprocess.run([sys.executable, "-m", "megatrain", "pretrain", *args, "--set", f"checkpoint.dir={tmp_path}/run"],

@@ -1,0 +1,145 @@
+"""Parallelism applied in one place to the plain model: apply_tp, apply_activation_checkpointing.
+
+The model in model.py knows nothing of ranks. These functions rewrite it in place, slicing the weights
+of a fully initialised model so that a TP run starts from exactly the weights an unsplit run has.
+NOTE (order): apply_tp before apply_activation_checkpointing (checkpointing wraps the TP blocks), and
+both before deepspeed.initialize (ZeRO partitions whatever parameters exist at that point).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megatrain.config import kv_heads
+from megatrain.model import Transformer
+from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                vocab_parallel_cross_entropy)
+
+
+def _mine(t: torch.Tensor | None, tp: int, r: int, dim: int = 0) -> torch.Tensor | None:
+    return None if t is None else t.chunk(tp, dim=dim)[r]
+
+
+def _mine_parts(t: torch.Tensor | None, sizes: list[int], tp: int, r: int) -> torch.Tensor | None:
+    """Split fused rows (e.g. [q; k; v]) into parts, take this rank's slice of each, re-fuse."""
+    if t is None:
+        return None
+    return torch.cat([p.chunk(tp, dim=0)[r] for p in t.split(sizes, dim=0)], dim=0)
+
+
+class _SequenceShardPositions(nn.Module):
+    """Learned positions under sequence parallelism: only this rank's slice of the positions."""
+
+    def __init__(self, emb: nn.Embedding, group):
+        super().__init__()
+        self.weight, self.group = emb.weight, group
+        self.weight.sequence_parallel = True
+
+    def forward(self, positions):
+        n, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        return nn.functional.embedding(positions.chunk(n)[r], self.weight)
+
+
+def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Transformer:
+    """Split attention heads (GQA-aware), the MLP, the embedding and the LM head over the TP group."""
+    tp, r = dist.get_world_size(group), dist.get_rank(group)
+    if tp == 1:
+        return model
+    cfg = model.cfg
+    hd, nh, nkv = cfg.d_model // cfg.n_heads, cfg.n_heads, kv_heads(cfg)
+    if cfg.vocab_size % tp:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} must be divisible by tp={tp} (raise model.pad_vocab_multiple)")
+    sp = sequence_parallel
+    model.embed = VocabParallelEmbedding(_mine(model.embed.weight, tp, r), group, sp)
+    for block in model.layers:
+        a = block.attn
+        sizes = [nh * hd, nkv * hd, nkv * hd]
+        a.qkv = ColumnParallelLinear(_mine_parts(a.qkv.weight, sizes, tp, r), _mine_parts(a.qkv.bias, sizes, tp, r), group, sp)
+        a.o_proj = RowParallelLinear(_mine(a.o_proj.weight, tp, r, dim=1), a.o_proj.bias, group, sp)
+        a.n_heads, a.n_kv = nh // tp, nkv // tp
+        m = block.mlp
+        if m.swiglu:
+            ff = m.gate_up.weight.shape[0] // 2
+            m.gate_up = ColumnParallelLinear(_mine_parts(m.gate_up.weight, [ff, ff], tp, r),
+                                             _mine_parts(m.gate_up.bias, [ff, ff], tp, r), group, sp)
+        else:
+            m.up = ColumnParallelLinear(_mine(m.up.weight, tp, r), _mine(m.up.bias, tp, r), group, sp)
+        m.down = RowParallelLinear(_mine(m.down.weight, tp, r, dim=1), m.down.bias, group, sp)
+    head = ColumnParallelLinear(_mine(model.lm_head.weight, tp, r), None, group, sp)
+    if cfg.tie_embeddings:
+        head.weight = model.embed.weight
+    model.lm_head = head
+    model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
+    if sp:
+        if model.pos_embed is not None:
+            model.pos_embed = _SequenceShardPositions(model.pos_embed, group)
+        for mod in model.modules():  # norms see 1/tp of the tokens: their gradients are partial sums
+            if isinstance(mod, (nn.LayerNorm,)) or type(mod).__name__ == "RMSNorm":
+                for p in mod.parameters():
+                    p.sequence_parallel = True
+        _sum_sequence_parallel_grads(model, group)
+    return model
+
+
+def _sum_sequence_parallel_grads(model: nn.Module, group) -> None:
+    """Replicated parameters used on sequence shards get partial gradients: sum them over TP."""
+
+    def hook(g):
+        g = g.clone()
+        dist.all_reduce(g, group=group)
+        return g
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            p.register_hook(hook)
+
+
+def replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters every TP rank holds a full copy of (norms, row-parallel biases, positions)."""
+    return [(n, p) for n, p in model.named_parameters() if not getattr(p, "tensor_model_parallel", False)]
+
+
+def check_tp_drift(model: nn.Module, group, step: int) -> None:
+    """Compare cheap checksums of replicated parameters across the TP group; stop on a mismatch.
+    (BLOOM-176B once trained for weeks with silently drifted TP LayerNorm weights.)"""
+    if dist.get_world_size(group) == 1:
+        return
+    named = replicated_parameters(model)
+    if not named:
+        return
+    local = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for _, p in named])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    ref = gathered[0]
+    for r, other in enumerate(gathered[1:], 1):
+        bad = ((other - ref).abs() > 1e-6 * (1 + ref.abs())).any(dim=1)
+        if bad.any():
+            name = named[int(bad.nonzero()[0])][0]
+            raise RuntimeError(f"step {step}: TP replica drift: parameter {name!r} differs between TP rank 0 and "
+                               f"TP rank {r} (checksum {float(ref[int(bad.nonzero()[0]), 0]):.9g} vs "
+                               f"{float(other[int(bad.nonzero()[0]), 0]):.9g}); stopping before it spreads")
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> Transformer:
+    """Recompute each block's activations in backward (full), or only attention's (selective), through
+    deepspeed.checkpointing (which can partition the saved inputs across TP ranks)."""
+    if mode == "none":
+        return model
+    import deepspeed
+
+    ckpt = deepspeed.checkpointing.checkpoint
+    for block in model.layers:
+        target: nn.Module = block if mode == "full" else block.attn
+        fwd = target.forward
+
+        def checkpointed(*args, _fwd=fwd, **kwargs):
+            if not torch.is_grad_enabled() or kwargs.get("cache") is not None or (len(args) > 2 and args[2] is not None):
+                return _fwd(*args, **kwargs)
+            return ckpt(_fwd, *args)
+
+        target.forward = checkpointed
+    return model
+

@@ -1,0 +1,243 @@
+"""Megatron-style tensor-parallel layers, written out with explicit autograd.
+
+Column-parallel linear: each TP rank holds a slice of the output features; row-parallel linear: a slice
+of the input features, and the partial outputs are summed over the TP group. An MLP or attention block
+is column -> (local work) -> row, so it needs one all-reduce forward and one backward.
+
+With sequence parallelism the activations between those regions are split along the sequence (dim 1)
+instead of replicated: the all-reduce becomes reduce-scatter + all-gather, and norms/dropout run on
+1/tp of the tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -- collectives (gloo lacks reduce_scatter: fall back to all_reduce + slice) --------------------------
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _world(group) > 1:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _world(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _world(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _world(group)
+    if n == 1:
+        return x
+    if dist.get_backend(group) == "nccl":
+        out = torch.empty_like(x.chunk(n, dim=dim)[0])
+        dist.reduce_scatter(out, [c.contiguous() for c in x.chunk(n, dim=dim)], group=group)
+        return out
+    return _split(_all_reduce(x.clone(), group), dim, group)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward: identity. Backward: sum the gradient over the TP group (entering a column-parallel region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward: sum partial outputs over the TP group (leaving a row-parallel region). Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Sequence parallel, entering a TP region: all-gather along the sequence; backward reduce-scatters."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, 1, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """Sequence parallel, leaving a TP region: reduce-scatter along the sequence; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, 1, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Split a replicated activation along the sequence; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, 1, ctx.group), None
+
+
+def copy_to_tp(x, group):
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return _ReduceFromTP.apply(x, group)
+
+
+def gather_seq(x, group):
+    return _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_seq(x, group):
+    return _ReduceScatterSeq.apply(x, group)
+
+
+def scatter_seq(x, group):
+    return _ScatterSeq.apply(x, group)
+
+
+def mark_tp(p: nn.Parameter) -> nn.Parameter:
+    """Tell DeepSpeed (grad norm, clipping) this parameter is split across TP ranks, not replicated."""
+    p.tensor_model_parallel = True
+    p.model_parallel = True
+    return p
+
+
+# -- layers ------------------------------------------------------------------------------------------
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x @ W_r^T (+ b_r): this rank's slice of the output features. `weight` is [out/tp, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = mark_tp(nn.Parameter(weight.detach().clone()))
+        self.bias = mark_tp(nn.Parameter(bias.detach().clone())) if bias is not None else None
+
+    def forward(self, x):
+        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r @ W_r^T + b: this rank holds input-feature slice r; `weight` is [out, in/tp]. The bias
+    is replicated and added once, after the reduction."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = mark_tp(nn.Parameter(weight.detach().clone()))
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        if self.bias is not None and sequence_parallel:
+            self.bias.sequence_parallel = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank holds rows [start, start + V/tp) of the embedding; ids outside look up zeros and the
+    partial embeddings are summed over the TP group (reduce-scattered along the sequence with SP)."""
+
+    def __init__(self, weight: torch.Tensor, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = mark_tp(nn.Parameter(weight.detach().clone()))
+        self.start = dist.get_rank(group) * weight.shape[0]
+
+    def forward(self, ids):
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_scatter_seq(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split along the vocabulary, without gathering them: three all-reduces
+    of [tokens]-sized tensors (max, sum of exp, target logit). Backward: softmax - one_hot, locally."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, ignore_index):
+        logits = logits.float()
+        v_local = logits.shape[-1]
+        start = dist.get_rank(group) * v_local
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        local = labels - start
+        valid = labels != ignore_index
+        mine = (local >= 0) & (local < v_local) & valid
+        target = torch.zeros_like(row_max)
+        idx = local.clamp(0, v_local - 1)
+        target[mine] = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1)[mine]
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack([sum_exp, target])
+        dist.all_reduce(both, group=group)
+        sum_exp, target = both[0], both[1]
+        loss = (sum_exp.log() - target) * valid
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(exp, sum_exp, idx, mine, valid)
+        ctx.count = count
+        return loss.sum() / count
+
+    @staticmethod
+    def backward(ctx, g):
+        exp, sum_exp, idx, mine, valid = ctx.saved_tensors
+        grad = exp / sum_exp.unsqueeze(-1)  # softmax, this rank's slice of the vocabulary
+        grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
+        grad *= (valid.to(grad.dtype) * (g / ctx.count)).unsqueeze(-1)
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, labels, group, ignore_index: int = -100):
+    """Mean cross-entropy of [..., V/tp] logit shards against global labels."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, group, ignore_index)

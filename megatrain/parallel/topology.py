@@ -1,0 +1,65 @@
+"""TP x PP x DP process groups, and the `mpu` object DeepSpeed expects.
+
+Ranks are laid out as DeepSpeed's PipeModelDataParallelTopology does: axes (pipe, data, model), tensor
+parallel ('model') fastest, so the ranks of one TP group are adjacent (same node: the TP collectives
+are the chattiest). The PipelineParallelGrid built on it is the `mpu`: ZeRO shards over its data
+group and gradient norms combine over its model group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatrain.config import Config, ConfigError, kv_heads
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        tp_rank = rank % self.tp
+        dp_rank = (rank // self.tp) % self.dp
+        pp_rank = rank // (self.tp * self.dp)
+        return pp_rank, dp_rank, tp_rank
+
+    def __str__(self) -> str:
+        return f"tp {self.tp} x pp {self.pp} x dp {self.dp}"
+
+
+def check_layout(cfg: Config, world_size: int) -> Layout:
+    """Every invalid layout fails here, in one line, before any process group is made."""
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tp, p.pp
+    if world_size % (tp * pp):
+        raise ConfigError(f"config keys parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp} does not divide "
+                          f"the world size {world_size}")
+    if m.n_heads % tp:
+        raise ConfigError(f"config key parallel.tp: model.n_heads={m.n_heads} is not divisible by tp={tp}")
+    if kv_heads(m) % tp:
+        raise ConfigError(f"config key parallel.tp: the {kv_heads(m)} KV heads (model.n_kv_heads) are not divisible by "
+                          f"tp={tp}")
+    if m.n_layers < pp:
+        raise ConfigError(f"config key parallel.pp: {pp} pipeline stages but only {m.n_layers} layers (model.n_layers)")
+    if pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"config key parallel.zero_stage: ZeRO-{p.zero_stage} cannot be combined with pipeline "
+                          f"parallelism (parallel.pp={pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("config key parallel.sequence_parallel: needs parallel.tp > 1")
+    if p.sequence_parallel and cfg.data.seq_len % tp:
+        raise ConfigError(f"config key parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} is not divisible by tp={tp}")
+    return Layout(tp=tp, pp=pp, dp=world_size // (tp * pp))
+
+
+def build_grid(layout: Layout):
+    """DeepSpeed's PipelineParallelGrid over our layout (collective: every rank must call it)."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    return PipelineParallelGrid(topology=topo)
