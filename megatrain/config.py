@@ -84,6 +84,7 @@ class TrainConfig:
     log_interval: int = 10  # console/metrics line every this many steps
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     exit_duration_minutes: float = 0.0  # save and exit cleanly after this many minutes; 0: no limit
+    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute attention)
 
 
 @dataclass
@@ -91,8 +92,11 @@ class ParallelConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (stage >= 1)
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
-    tp: int = 1  # tensor-parallel ranks (1 until the model-parallel work lands)
-    pp: int = 1  # pipeline-parallel stages (1 until the model-parallel work lands)
+    tp: int = 1  # tensor-parallel ranks: attention heads, MLP, embedding and LM head split Megatron-style
+    pp: int = 1  # pipeline-parallel stages (DeepSpeed PipelineModule, 1F1B); needs zero_stage <= 1
+    sequence_parallel: bool = False  # with tp > 1: norms/dropout on sequence shards, reduce-scatter/all-gather
+    partition_activations: bool = False  # with activation checkpointing and tp > 1: split saved inputs over TP ranks
+    drift_check_interval: int = 100  # compare TP-replicated weights (norms, biases) across TP ranks every N steps; 0: off
 
 
 @dataclass
@@ -134,6 +138,7 @@ CHOICES = {
     "model.objective": ("causal", "mlm"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "logging.progress_bar": ("auto", "on", "off"),
 }
@@ -310,8 +315,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key parallel.offload_params: needs parallel.zero_stage=3")
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError("config key parallel.offload_optimizer: needs parallel.zero_stage >= 1")
-    if p.tp != 1 or p.pp != 1:
-        raise ConfigError("config keys parallel.tp/parallel.pp: only 1 is supported in this version")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"config key parallel.zero_stage: ZeRO-{p.zero_stage} cannot be combined with pipeline "
+                          f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("config key parallel.sequence_parallel: needs parallel.tp > 1")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"config key train.global_batch_size: {t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")

@@ -68,35 +68,43 @@ def setup_data(cfg: Config):
 
 def run(cfg: Config) -> dict:
     from megatrain.model import Transformer
+    from megatrain.parallel.parallelize import parallelize
+    from megatrain.parallel.topology import build_grid, check_layout
     from megatrain.training import checkpoint
+    from megatrain.training.dist_env import discover
     from megatrain.training.engine import build_engine, resolve_precision
     from megatrain.training.loop import BatchMaker, TrainState, train
     from megatrain.training.metrics import peak_tflops, train_flops_per_token
 
     check_data_path(cfg)  # fail in one line before any distributed setup
+    layout = check_layout(cfg, discover().world_size)  # likewise every invalid TP x PP x DP layout
     info = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = world  # tensor/pipeline parallel ranks come with the model-parallel work
     grad_accum = validate_world(cfg, world)
-    torch.manual_seed(cfg.train.seed)
+    grid = build_grid(layout)
+    _, dp_rank, _ = layout.coords(rank)
     tok, train_ds, valid_ds = setup_data(cfg)
     if cfg.model.vocab_size == 0:
-        m = cfg.model.pad_vocab_multiple
+        m = max(cfg.model.pad_vocab_multiple, cfg.parallel.tp)
         cfg.model.vocab_size = -(-tok.vocab_size // m) * m
     elif cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"config key model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same full model, then keeps its slice
     model = Transformer(cfg.model)
-    n_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    n_params = model.num_params()
+    module = parallelize(model, cfg, layout, grid)
+    local_params = sum(p.numel() for p in module.parameters())  # before ZeRO-3 partitions them
     precision = resolve_precision(cfg)
-    engine, _, _, _ = build_engine(cfg, model, world)
-    layout = dict(world_size=world, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, zero_stage=cfg.parallel.zero_stage)
-    log0(f"megatrain pretrain | launcher {info.launcher} | world {world} (dp {dp}, tp 1, pp 1) | ZeRO-{cfg.parallel.zero_stage} | "
+    engine, _, _, _ = build_engine(cfg, module, world, mpu=None if layout.pp > 1 else grid)
+    layout_rec = dict(world_size=world, dp=layout.dp, tp=layout.tp, pp=layout.pp, zero_stage=cfg.parallel.zero_stage,
+                      sequence_parallel=cfg.parallel.sequence_parallel)
+    log0(f"megatrain pretrain | launcher {info.launcher} | world {world} = {layout} | ZeRO-{cfg.parallel.zero_stage} | "
          f"{precision} | {n_params / 1e6:.2f}M parameters | grad accumulation {grad_accum} | data {cfg.data.path}")
+    log_rank_table(local_params, layout)
     state = TrainState()
-    saved = checkpoint.resume(engine, cfg)
+    saved = checkpoint.resume(engine, cfg, layout_rec)
     if saved:
         state = TrainState(saved["step"], saved["consumed_samples"])
         log0(f"resumed from {cfg.checkpoint.dir}/{checkpoint.tag_for(state.step)} at step {state.step} "
@@ -108,12 +116,27 @@ def run(cfg: Config) -> dict:
     make = BatchMaker(cfg.model.objective, cfg.train.seed, tok.mask_id, tok.vocab_size, cfg.data.mlm_probability,
                       tuple(i for i in (tok.eod_id, tok.pad_id, tok.bos_id) if i is not None))
     t0 = time.perf_counter()
-    state = train(cfg, engine, train_ds, valid_ds, make, state, grad_accum, dp, rank % dp,
-                  train_flops_per_token(cfg.model, cfg.data.seq_len), peak, layout)
+    state = train(cfg, engine, train_ds, valid_ds, make, state, grad_accum, layout, dp_rank, grid,
+                  train_flops_per_token(cfg.model, cfg.data.seq_len), peak, layout_rec)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")
-    if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps:
+    if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and layout.tp == layout.pp == 1:
         print_sample(engine, cfg, tok)
     return dict(step=state.step, consumed_samples=state.consumed_samples)
+
+
+def log_rank_table(local_params: int, layout) -> None:
+    """Each rank's place in the layout, its parameter count and its memory, printed by rank 0."""
+    import resource
+
+    if torch.cuda.is_available():
+        mem = f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB GPU"
+    else:
+        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (dist.get_rank(), local_params, mem))
+    for r, n, m in rows:
+        pp, dp, tp = layout.coords(r)
+        log0(f"  rank {r:>3}: pp {pp} dp {dp} tp {tp} | {n / 1e6:8.2f}M parameters | {m}")
 
 
 def print_sample(engine, cfg: Config, tok) -> None:

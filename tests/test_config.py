@@ -51,7 +51,8 @@ def test_overrides_and_types():
     (["parallel.offload_params=true"], r"needs parallel.zero_stage=3"),
     (["train.global_batch_size=20"], r"train.global_batch_size: 20 is not a multiple of train.micro_batch_size=8"),
     (["data.seq_len=1000"], r"data.seq_len: 1000 exceeds model.max_seq_len=256"),
-    (["parallel.tp=2"], r"parallel.tp/parallel.pp"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], r"ZeRO-2 cannot be combined with pipeline parallelism"),
+    (["parallel.sequence_parallel=true"], r"sequence_parallel: needs parallel.tp > 1"),
     (["oops"], r"expected section.key=value"),
 ])
 def test_bad_values_name_the_key(sets, match):

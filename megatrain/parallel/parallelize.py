@@ -123,13 +123,28 @@ def check_tp_drift(model: nn.Module, group, step: int) -> None:
                                f"{float(other[int(bad.nonzero()[0]), 0]):.9g}); stopping before it spreads")
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str) -> Transformer:
+def parallelize(model: Transformer, cfg, layout, grid):
+    """Everything, in order: TP split -> activation checkpointing -> pipeline stages. Returns the module to
+    hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
+    tp_group = grid.get_slice_parallel_group()
+    # NOTE: TP first: checkpointing must wrap the split blocks, and the pipeline cuts the final modules.
+    apply_tp(model, tp_group, cfg.parallel.sequence_parallel)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, grid, cfg.parallel.partition_activations)
+    if layout.pp == 1:
+        return model
+    from megatrain.parallel.pipeline import apply_pipeline
+
+    return apply_pipeline(model, grid.topology(), layout.tp if cfg.parallel.sequence_parallel else 1)
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, partition_activations: bool = False) -> Transformer:
     """Recompute each block's activations in backward (full), or only attention's (selective), through
     deepspeed.checkpointing (which can partition the saved inputs across TP ranks)."""
     if mode == "none":
         return model
     import deepspeed
 
+    deepspeed.checkpointing.configure(mpu, partition_activations=partition_activations)
     ckpt = deepspeed.checkpointing.checkpoint
     for block in model.layers:
         target: nn.Module = block if mode == "full" else block.attn

@@ -91,8 +91,13 @@ def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
 
 
-def check_compatible(cfg: Config, saved: dict, where: str) -> None:
-    """Resuming needs the same model and batch shape; name the first key that differs."""
+def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None = None) -> None:
+    """Resuming needs the same model, batch shape and parallel layout; name the first key that differs."""
+    if layout is not None and "layout" in saved:
+        for k in ("tp", "pp", "dp", "zero_stage"):
+            if k in saved["layout"] and saved["layout"][k] != layout[k]:
+                raise ConfigError(f"{where}: saved with {k}={saved['layout'][k]} ({_fmt(saved['layout'])}) but this run has "
+                                  f"{k}={layout[k]} ({_fmt(layout)}); resume with the saved layout")
     saved_cfg = config_from_dict(saved["config"])
     pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
     for section, now, then in pairs:
@@ -107,7 +112,11 @@ def check_compatible(cfg: Config, saved: dict, where: str) -> None:
                           f"this run has {cfg.train.global_batch_size}; use the same value to continue the same run")
 
 
-def resume(engine, cfg: Config) -> dict | None:
+def _fmt(layout: dict) -> str:
+    return f"tp {layout.get('tp')}, pp {layout.get('pp')}, dp {layout.get('dp')}, ZeRO-{layout.get('zero_stage')}"
+
+
+def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     """Load checkpoint.dir/latest if there is one; returns megatrain's saved state (step, samples)."""
     ckpt_dir = cfg.checkpoint.dir
     if not cfg.checkpoint.resume:
@@ -117,7 +126,7 @@ def resume(engine, cfg: Config) -> dict | None:
         return None
     with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
         saved = json.load(f)
-    check_compatible(cfg, saved, os.path.join(ckpt_dir, tag))
+    check_compatible(cfg, saved, os.path.join(ckpt_dir, tag), layout)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
@@ -134,6 +143,10 @@ def load_consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> tuple
         raise ConfigError(f"{ckpt_dir}: no checkpoint (no 'latest' file); train first or pass the step folder")
     with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
         saved = json.load(f)
+    lay = saved.get("layout", {})
+    if lay.get("tp", 1) > 1 or lay.get("pp", 1) > 1:
+        raise ConfigError(f"{ckpt_dir}/{tag}: saved with {_fmt(lay)}; consolidating tensor/pipeline-parallel "
+                          f"checkpoints into one model is not supported yet")
     stage = saved["config"]["parallel"]["zero_stage"]
     if stage == 0:
         states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)

@@ -37,7 +37,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     p = cfg.parallel
     name = "zero3_offload.json" if (p.zero_stage == 3 and (p.offload_params or p.offload_optimizer)) else f"zero{p.zero_stage}.json"
     ds = json.loads(find_shipped("ds_configs", name).read_text())
-    grad_accum = validate_world(cfg, world_size)
+    grad_accum = validate_world(cfg, world_size)  # data-parallel size = world / (tp x pp)
     precision = resolve_precision(cfg)
     ds.update(
         train_batch_size=cfg.train.global_batch_size,
@@ -90,7 +90,7 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
     """deepspeed.initialize with a torch AdamW (no JIT-built op needed) and the LR schedule."""
     import deepspeed
 
@@ -98,8 +98,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # a PipelineModule brings its own mpu (its grid); a plain module gets ours
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config)
+                                                           config=ds_config, mpu=mpu)
     return engine, optimizer, scheduler, ds_config
 
 

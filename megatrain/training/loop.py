@@ -88,18 +88,46 @@ def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -
 @torch.no_grad()
 def evaluate(engine, valid, cfg: Config, make: BatchMaker, grad_accum: int, dp: int, dp_rank: int) -> float:
     """Mean loss over the first train.eval_iters global batches of the validation set (the same
-    samples, in the same micro-batches, whatever the world size)."""
+    samples, in the same micro-batches, whatever the layout)."""
     engine.eval()
     n_iters = min(cfg.train.eval_iters, len(valid) // cfg.train.global_batch_size)
-    losses = [float(engine(*make(valid, micro_batch_ids(it, m, cfg, dp, dp_rank), engine.device)))
-              for it in range(n_iters) for m in range(grad_accum)]
+    if is_pipeline(engine):
+        losses = [float(engine.eval_batch(micro_batches(valid, it, cfg, make, grad_accum, dp, dp_rank, engine.device)))
+                  for it in range(n_iters)]
+    else:
+        losses = [float(engine(*make(valid, micro_batch_ids(it, m, cfg, dp, dp_rank), engine.device)))
+                  for it in range(n_iters) for m in range(grad_accum)]
     engine.train()
     return rank_mean(float(np.mean(losses)) if losses else float("nan"), engine.device)
 
 
+def is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def micro_batches(dataset, step: int, cfg: Config, make: BatchMaker, grad_accum: int, dp: int, dp_rank: int, device):
+    """The (inputs, labels) micro-batches of one step, as DeepSpeed's pipeline engine pulls them."""
+    for m in range(grad_accum):
+        yield make(dataset, micro_batch_ids(step, m, cfg, dp, dp_rank), device)
+
+
+def drift_check(engine, cfg: Config, grid, step: int) -> None:
+    import deepspeed
+
+    from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
+
+    params = [p for _, p in replicated_parameters(engine.module)]
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.parallel.zero_stage == 3):
+        check_tp_drift(engine.module, grid.get_slice_parallel_group(), step)
+
+
 def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: TrainState, grad_accum: int,
-          dp: int, dp_rank: int, flops_per_token: float, peak: float, layout: dict) -> TrainState:
+          layout, dp_rank: int, grid, flops_per_token: float, peak: float, layout_rec: dict) -> TrainState:
     rank0 = dist.get_rank() == 0
+    dp = layout.dp
+    pipeline = is_pipeline(engine)
     t = cfg.train
     logger = MetricsLogger(cfg, cfg.checkpoint.dir, t.max_steps, state.step, enabled=rank0)
     stop = StopRequest(t.exit_duration_minutes)
@@ -111,14 +139,18 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
     try:
         while state.step < t.max_steps:
             step_loss = torch.zeros((), dtype=torch.float64)
-            for micro in range(grad_accum):
+            if pipeline:  # 1F1B over this step's micro-batches; the loss comes back averaged
+                step_loss += float(engine.train_batch(micro_batches(train_ds, state.step, cfg, make, grad_accum, dp,
+                                                                     dp_rank, engine.device))) * grad_accum
+            for micro in range(0 if pipeline else grad_accum):
                 ids = micro_batch_ids(state.step, micro, cfg, dp, dp_rank)
                 inputs, labels = make(train_ds, ids, engine.device)
                 loss = engine(inputs, labels)
                 engine.backward(loss)
                 if micro == grad_accum - 1 and stage0:
                     # DeepSpeed keeps no grad norm without ZeRO: measure the (reduced) gradients before the step
-                    norm0 = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
+                    norm0 = float(torch.nn.utils.get_total_norm(
+                        [p.grad for p in engine.module.parameters() if p.grad is not None]))
                 engine.step()
                 step_loss += loss.detach().double().cpu()
             state.step += 1
@@ -126,6 +158,9 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
             window_loss += float(step_loss) / grad_accum
             window_steps += 1
             logger.advance()
+            every = cfg.parallel.drift_check_interval
+            if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
+                drift_check(engine, cfg, grid, state.step)
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
                 secs = time.perf_counter() - window_t0
                 loss_avg = rank_mean(window_loss / window_steps, engine.device)
@@ -146,18 +181,18 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                 window_t0 = time.perf_counter()  # don't count evaluation time as training throughput
             interval = cfg.checkpoint.interval
             if interval and state.step % interval == 0 and state.step < t.max_steps:
-                checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout)
+                checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
                 last_saved = state.step
                 window_t0 = time.perf_counter()
             why = stop.reason(engine.device)
             if why:
                 if last_saved != state.step:
-                    checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout)
+                    checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
                 return state
         if last_saved != state.step:
-            checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout)
+            checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
     finally:
         logger.close()
     return state

@@ -1,0 +1,98 @@
+"""apply_pipeline: the same Transformer as a deepspeed.pipe.PipelineModule (1F1B schedule).
+
+One list of layers — embedding, the blocks, final norm + LM head — cut into stages with equal numbers
+of blocks. Each layer takes and returns one tensor, as DeepSpeed's pipeline requires. With tied
+embeddings, the first stage's embedding and the last stage's head are one TiedLayerSpec: DeepSpeed
+keeps the two copies equal and sums their gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatrain.model import IGNORE_INDEX, Block, Transformer
+
+
+class EmbedPipe(nn.Module):
+    """tokens [B, T] -> hidden states (sequence-sharded under sequence parallelism)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.embed, self.pos_embed, self.drop = model.embed, model.pos_embed, model.drop
+        if model.cfg.tie_embeddings:
+            self.lm_head = model.lm_head  # its weight is the embedding's: used by the last stage's copy
+
+    @property
+    def weight(self):  # what TiedLayerSpec keeps in sync between the first and last stage
+        return self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+
+class BlockPipe(nn.Module):
+    def __init__(self, block: Block, model: Transformer, seq_shards: int):
+        super().__init__()
+        self.block, self.seq_shards = block, seq_shards
+        self.rope = model.pos_embed is None
+        if self.rope:
+            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x):
+        rope = None
+        if self.rope:
+            T = x.shape[1] * self.seq_shards  # sequence parallel: x holds 1/tp of the positions
+            rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
+        return self.block(x, rope, None, 0, 0)
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.norm = model.norm
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class HeadPipe(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.lm_head = model.lm_head
+
+    def forward(self, x):
+        return self.lm_head(x)
+
+
+def _tied_head_forward(embed_pipe: EmbedPipe, x):
+    return embed_pipe.lm_head(x)
+
+
+def apply_pipeline(model: Transformer, topology, seq_shards: int = 1):
+    """Wrap the (possibly TP-split, checkpointed) model as a PipelineModule over `topology`."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    cfg = model.cfg
+    loss_fn = model.loss_fn
+
+    def loss(logits, labels):
+        if loss_fn is not None:
+            return loss_fn(logits, labels)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    blocks = [LayerSpec(BlockPipe, b, model, seq_shards) for b in model.layers]
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", EmbedPipe, model, tied_weight_attr="weight")
+        last = [LayerSpec(FinalNormPipe, model),
+                TiedLayerSpec("embed", EmbedPipe, model, forward_fn=_tied_head_forward, tied_weight_attr="weight")]
+    else:
+        first = LayerSpec(EmbedPipe, model)
+        last = [LayerSpec(FinalNormPipe, model), LayerSpec(HeadPipe, model)]
+    return PipelineModule(layers=[first, *blocks, *last], loss_fn=loss, topology=topology,
+                          partition_method="type:BlockPipe")
+
