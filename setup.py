@@ -2,10 +2,43 @@
 
 Install the CPU torch that lies on disk first (`pip install torch==2.13.0`), or keep your own CUDA
 torch: the range below is satisfied by both, so pip never replaces the torch you already have.
+
+The fused kernels in csrc/ are compiled here, against the torch already installed, which is why the
+README installs with `--no-build-isolation` (an isolated build would have no torch, or download one).
+The CPU extension is always built; the CUDA sources too when torch has CUDA and nvcc is found.
+MEGATRAIN_BUILD_CUDA=0/1 forces the choice; MEGATRAIN_BUILD_KERNELS=0 skips the extension entirely.
 """
 import glob
+import os
+import sys
 
 from setuptools import find_packages, setup
+
+
+def kernel_extensions():
+    if os.environ.get("MEGATRAIN_BUILD_KERNELS", "1") == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("megatrain: torch is not importable in this build environment, so the fused kernels are not built "
+              "(the PyTorch reference runs instead); install torch first and use pip install --no-build-isolation",
+              file=sys.stderr)
+        return [], {}
+    force = os.environ.get("MEGATRAIN_BUILD_CUDA")
+    cuda = (force == "1") or (force is None and torch.version.cuda is not None and CUDA_HOME is not None)
+    cpp = ["csrc/registration.cpp", "csrc/cpu_kernels.cpp"]
+    cxx = ["-O3", "-fopenmp", "-DMEGATRAIN_CPU"]
+    if cuda:
+        ext = CUDAExtension("megatrain._C", cpp + ["csrc/cuda_kernels.cu"], extra_link_args=["-fopenmp"],
+                            extra_compile_args={"cxx": cxx + ["-DMEGATRAIN_CUDA"], "nvcc": ["-O3", "--use_fast_math"]})
+    else:
+        ext = CppExtension("megatrain._C", cpp, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = kernel_extensions()
 
 setup(
     name="megatrain",
@@ -13,6 +46,8 @@ setup(
     description="Pretrain and fine-tune model-parallel Transformer LMs on DeepSpeed",
     python_requires=">=3.10",
     packages=find_packages(include=["megatrain", "megatrain.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         # A range, not a pin: 2.13.0 (CPU, on disk here) and a user's own CUDA build both satisfy it.
         "torch>=2.4,<2.15",

@@ -1,0 +1,164 @@
+"""Parallel-layout benchmark: per-rank model-state memory against ZeRO theory, and step time per layout.
+
+    python bench/bench_parallel.py
+
+Each layout runs as its own `torchrun --nproc_per_node 2` job on a Llama-shaped model (fp32, torch
+AdamW). After a few steps every rank counts the bytes of every live tensor (parameters, gradients,
+optimizer states, DeepSpeed's flat buffers; each storage once) and the median step time. Printed side by
+side in one run:
+  * TP=1/TP=2 and ZeRO-1/2/3 at DP=2: measured model states per rank vs theory. With fp32 weights, grads
+    and two Adam moments a parameter costs 16 bytes (16 Psi in all); ZeRO-1 shards the 8 Psi of Adam
+    states, ZeRO-2 the gradients too, ZeRO-3 everything: 16 Psi / N (target: measured <= 1.1x theory);
+  * step time of each layout relative to TP=1 (pure data parallel).
+Results go to bench/results/bench_parallel.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+LAYOUTS = [  # name, overrides
+    ("dp2 ZeRO-1", {"parallel.zero_stage": 1}),
+    ("dp2 ZeRO-2", {"parallel.zero_stage": 2}),
+    ("dp2 ZeRO-3", {"parallel.zero_stage": 3}),
+    ("tp2 ZeRO-1", {"parallel.tp": 2, "parallel.zero_stage": 1}),
+    ("tp2 +SP ZeRO-1", {"parallel.tp": 2, "parallel.sequence_parallel": True, "parallel.zero_stage": 1}),
+    ("pp2 ZeRO-1", {"parallel.pp": 2, "parallel.zero_stage": 1}),
+]
+
+
+def theory_bytes(psi: int, stage: int, n: int, tp: int, pp: int) -> float:
+    """Model-state bytes per rank: params 4, grads 4, Adam 8 bytes per parameter of this rank's slice."""
+    local = psi / (tp * pp)
+    dp = n // (tp * pp)
+    if stage == 0:
+        return 16 * local
+    if stage == 1:
+        return 8 * local + 8 * local / dp
+    if stage == 2:
+        return 4 * local + 12 * local / dp
+    return 16 * local / dp
+
+
+def live_tensor_bytes() -> int:
+    import torch
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                ts = [obj]
+                if isinstance(obj, torch.nn.Parameter) and hasattr(obj, "ds_tensor"):
+                    ts.append(obj.ds_tensor)
+                for t in ts:
+                    st = t.untyped_storage()
+                    if st.data_ptr() and st.data_ptr() not in seen:
+                        seen.add(st.data_ptr())
+                        total += st.nbytes()
+        except Exception:
+            continue
+    return total
+
+
+def worker(args) -> None:
+    """One rank of one layout (under torchrun)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from megatrain.config import load_config
+    from megatrain.model import Transformer
+    from megatrain.parallel.parallelize import parallelize
+    from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.training.dist_env import init_distributed
+    from megatrain.training.engine import build_engine
+    from megatrain.training.loop import is_pipeline
+
+    sets = json.loads(args.sets)
+    cfg = load_config("tiny", [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    layout = check_layout(cfg, int(os.environ["WORLD_SIZE"]))
+    init_distributed()
+    grid = build_grid(layout)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    psi = model.num_params()
+    module = parallelize(model, cfg, layout, grid)
+    del model
+    engine, *_ = build_engine(cfg, module, dist.get_world_size(), mpu=None if layout.pp > 1 else grid)
+    B, T = cfg.train.micro_batch_size, cfg.data.seq_len
+    g = torch.Generator().manual_seed(1)
+    times = []
+    ga = cfg.train.global_batch_size // (B * layout.dp)
+    for step in range(args.steps):
+        batches = [(torch.randint(0, cfg.model.vocab_size, (B, T), generator=g),) * 2 for _ in range(ga)]
+        dist.barrier()
+        t0 = time.perf_counter()
+        if is_pipeline(engine):
+            engine.train_batch(iter(batches))
+        else:
+            for x, y in batches:
+                engine.backward(engine(x, y))
+                engine.step()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    mem = live_tensor_bytes()
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, mem)
+    if dist.get_rank() == 0:
+        with open(args.result, "w") as f:
+            json.dump(dict(psi=psi, bytes_per_rank=rows, step_s=float(np.median(times[1:]))), f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sets", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--result", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_parallel.json"))
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    base = {"model.n_layers": args.layers, "model.d_model": args.width, "model.n_heads": 8, "model.n_kv_heads": 8,
+            "model.vocab_size": 8192, "model.max_seq_len": 256, "data.seq_len": 256, "train.micro_batch_size": 4,
+            "train.global_batch_size": 16}
+    results = {}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for i, (name, over) in enumerate(LAYOUTS):
+        out = tempfile.mktemp(suffix=".json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29700 + i),
+               __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = json.load(open(out))
+        tp, pp = over.get("parallel.tp", 1), over.get("parallel.pp", 1)
+        r["theory_bytes"] = theory_bytes(r["psi"], over["parallel.zero_stage"], 2, tp, pp)
+        r["ratio_to_theory"] = max(r["bytes_per_rank"]) / r["theory_bytes"]
+        results[name] = r
+        print(f"{name:16s} done", flush=True)
+    t_ref = results["dp2 ZeRO-1"]["step_s"]
+    psi = results["dp2 ZeRO-1"]["psi"]
+    print(f"\n{args.layers} layers x width {args.width} ({psi / 1e6:.1f}M parameters, 16 Psi = {16 * psi / 2**20:.0f} MiB), "
+          f"2 ranks, fp32, micro batch 4 x seq 256, global batch 16")
+    print(f"{'layout':16s} {'model states/rank':>18s} {'theory':>10s} {'ratio':>6s} {'step':>8s} {'vs TP=1':>8s}")
+    for name, r in results.items():
+        print(f"{name:16s} {max(r['bytes_per_rank']) / 2**20:>14.1f} MiB {r['theory_bytes'] / 2**20:>6.1f} MiB "
+              f"{r['ratio_to_theory']:>5.2f}x {r['step_s'] * 1e3:>6.0f}ms {t_ref / r['step_s']:>7.2f}x")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

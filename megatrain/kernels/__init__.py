@@ -1,0 +1,57 @@
+"""Fused kernels: RMSNorm/LayerNorm, RoPE, SwiGLU, bias-GeLU, softmax cross-entropy (also vocab-parallel)
+and a chunked LM-head + cross-entropy.
+
+`megatrain._C` (built from csrc/ by setup.py) registers the ops under torch.ops.megatrain with a CPU and,
+when built with CUDA, a CUDA implementation. If it is missing, every op falls back to reference.py with
+a one-line notice. `python -m megatrain.kernels --check` says which implementation each op uses and why.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_LOAD_ERROR: str | None = None
+try:
+    import megatrain._C  # noqa: F401  (registers torch.ops.megatrain.*)
+except ImportError as e:  # not built (MEGATRAIN_BUILD_KERNELS=0, or an isolated pip build without torch)
+    _LOAD_ERROR = str(e).splitlines()[0]
+
+_NOTICE_SHOWN = False
+FUSED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float64),
+                "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+def built() -> bool:
+    return _LOAD_ERROR is None
+
+
+def cuda_built() -> bool:
+    return built() and torch._C._dispatch_has_kernel_for_dispatch_key("megatrain::rms_norm_fwd", "CUDA")
+
+
+def implementation(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """('cuda' | 'cpu' | 'reference', why) for tensors on `device` of `dtype`."""
+    kind = torch.device(device).type
+    if not built():
+        return "reference", f"megatrain._C is not built ({_LOAD_ERROR}); reinstall with pip install --no-build-isolation -e ."
+    if kind == "cuda" and not cuda_built():
+        return "reference", "megatrain._C was built without CUDA (no CUDA torch or nvcc at install time)"
+    if kind not in FUSED_DTYPES:
+        return "reference", f"no fused kernels for {kind} tensors"
+    if dtype not in FUSED_DTYPES[kind]:
+        return "reference", f"no fused {kind} kernel for {dtype}"
+    return kind, f"megatrain._C {kind} kernel"
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return implementation(x.device, x.dtype)[0] != "reference"
+
+
+def notice_if_missing(requested: bool) -> None:
+    """Called where fused kernels were asked for: one line if the reference will run instead."""
+    global _NOTICE_SHOWN
+    if requested and not built() and not _NOTICE_SHOWN:
+        _NOTICE_SHOWN = True
+        print(f"megatrain: fused kernels requested but not built ({_LOAD_ERROR}); using the PyTorch reference",
+              file=sys.stderr)

@@ -1,0 +1,213 @@
+"""Autograd wrappers around torch.ops.megatrain, each with the reference as its fallback.
+
+Every public function takes the same arguments as its twin in reference.py and returns the same thing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatrain.kernels import reference, use_fused
+
+IGNORE_INDEX = -100
+
+
+def _ops():
+    return torch.ops.megatrain
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _ops().rms_norm_fwd(_rows(x), weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _ops().rms_norm_bwd(_rows(dy), _rows(x), weight, rstd)
+        return dx.view_as(x), dw, None
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _ops().layer_norm_fwd(_rows(x), weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _ops().layer_norm_bwd(_rows(dy), _rows(x), weight, mean, rstd)
+        return dx.view_as(x), dw, (db if ctx.has_bias else None), None
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _ops().rope(x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _ops().rope(dy.contiguous(), cos, sin, True), None, None  # rotate back by -theta
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _ops().swiglu_fwd(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        return _ops().swiglu_bwd(dy, gate_up)
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return _ops().bias_gelu_fwd(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, db = _ops().bias_gelu_bwd(dy, x, bias)
+        return dx, db
+
+
+def rms_norm(x, weight, eps: float):
+    return _RMSNorm.apply(x, weight, eps) if use_fused(x) else reference.rms_norm(x, weight, eps)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    return _LayerNorm.apply(x, weight, bias, eps) if use_fused(x) else reference.layer_norm(x, weight, bias, eps)
+
+
+def rope(x, cos, sin):
+    """x [B, T, H, D] (last dim contiguous, e.g. a view of the fused QKV output) -> contiguous [B, T, H, D]."""
+    if not use_fused(x) or x.stride(-1) != 1:
+        return reference.rope(x, cos, sin)
+    return _Rope.apply(x, cos[: x.shape[1]], sin[: x.shape[1]])
+
+
+def swiglu(gate_up):
+    return _SwiGLU.apply(gate_up) if use_fused(gate_up) else reference.swiglu(gate_up)
+
+
+def bias_gelu(x, bias):
+    return _BiasGelu.apply(x, bias) if use_fused(x) else reference.bias_gelu(x, bias)
+
+
+# -- softmax cross-entropy: statistics forward, gradient written over the logits backward --------------
+
+
+def _combine_stats(logits, labels, vocab_start: int, ignore_index: int, group):
+    """Row log-sum-exp, target logit and logit sum over the whole (possibly TP-split) vocabulary."""
+    mx, sumexp, target, total = _ops().ce_stats(logits, labels, vocab_start, ignore_index)
+    if group is not None and dist.get_world_size(group) > 1:
+        gmax = mx.clone()
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        both = torch.stack([sumexp * torch.exp(mx - gmax), target, total])
+        dist.all_reduce(both, group=group)
+        sumexp, target, total, mx = both[0], both[1], both[2], gmax
+    return mx + torch.log(sumexp), target, total
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean over non-ignored rows of [rows, V_local] logits. Saves the logits and one number per row;
+    the backward writes d loss / d logits into the logits' own storage when it may (no probabilities
+    tensor is ever stored)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, smoothing, group, inplace):
+        V_local = logits.shape[-1]
+        n = dist.get_world_size(group) if group is not None else 1
+        start = dist.get_rank(group) * V_local if n > 1 else 0
+        lse, target, total = _combine_stats(logits, labels, start, ignore_index, group)
+        valid = labels != ignore_index
+        V = V_local * n
+        per_row = (1 - smoothing) * (lse - target) + smoothing * (lse - total / V)
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.meta = (start, ignore_index, smoothing, V, inplace, count)
+        return (per_row * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, labels, lse = ctx.saved_tensors
+        start, ignore_index, smoothing, V, inplace, count = ctx.meta
+        grad_rows = (g / count).expand(lse.shape).to(lse.dtype).contiguous()
+        d = _ops().ce_grad(logits, labels, lse, grad_rows, start, ignore_index, smoothing, V, inplace)
+        return d, None, None, None, None, None
+
+
+def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
+                  group=None, inplace_backward: bool = False):
+    """Fused softmax cross-entropy; with `group`, over logits split along the vocabulary across it.
+    inplace_backward=True lets the backward overwrite the logits (only when nothing else needs them)."""
+    rows = _rows(logits)
+    if not use_fused(logits) or not rows.is_contiguous():
+        if group is not None and dist.get_world_size(group) > 1:
+            from megatrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(logits, labels, group, ignore_index)
+        return reference.cross_entropy(logits, labels, ignore_index, label_smoothing)
+    return _CrossEntropy.apply(rows, labels.reshape(-1), ignore_index, label_smoothing, group, inplace_backward)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """LM head + cross-entropy over row chunks: each chunk's logits live only while that chunk's loss and
+    gradients are computed, so peak memory holds [chunk, vocab] logits instead of [tokens, vocab]. The
+    gradients w.r.t. hidden and weight are computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, smoothing, chunk):
+        N, V = hidden.shape[0], weight.shape[0]
+        valid = labels != ignore_index
+        count = valid.sum().clamp(min=1)
+        d_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk):
+            h, y = hidden[s: s + chunk], labels[s: s + chunk]
+            logits = h @ weight.t()
+            lse, target, total = _combine_stats(logits, y, 0, ignore_index, None)
+            v = y != ignore_index
+            loss += (((1 - smoothing) * (lse - target) + smoothing * (lse - total / V)) * v).sum()
+            ones = torch.full(lse.shape, 1.0, dtype=lse.dtype, device=lse.device)
+            d_logits = _ops().ce_grad(logits, y, lse, ones, 0, ignore_index, smoothing, V, True)  # in place
+            if d_hidden is not None:
+                torch.mm(d_logits, weight, out=d_hidden[s: s + chunk])
+            if d_weight is not None:
+                d_weight.addmm_(d_logits.t().to(torch.float32), h.to(torch.float32))
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.count, ctx.w_dtype = count, weight.dtype
+        ctx.has = (d_hidden is not None, d_weight is not None)
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, g):
+        d_hidden, d_weight = ctx.saved_tensors
+        scale = g / ctx.count
+        dh = d_hidden * scale.to(d_hidden.dtype) if ctx.has[0] else None
+        dw = (d_weight * scale).to(ctx.w_dtype) if ctx.has[1] else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
+                         chunk: int = 1024):
+    """Cross-entropy of hidden @ weight.T against labels without materialising the full logits."""
+    if not use_fused(hidden):
+        return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, label_smoothing)
+    return _LinearCrossEntropy.apply(_rows(hidden), weight, labels.reshape(-1), ignore_index, label_smoothing, chunk)
