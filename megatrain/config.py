@@ -51,7 +51,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on attention probabilities, residual branches and embeddings
     init_std: float = 0.02  # std of the normal init; residual output projections get init_std/sqrt(2*n_layers)
     objective: str = "causal"  # causal (GPT next-token) | mlm (BERT-style masked LM, bidirectional)
-    fused_kernels: bool = False  # use megatrain's fused kernels when they are built
+    fused_kernels: str = "auto"  # auto (fused ops when megatrain._C is built) | on | off (plain PyTorch)
 
 
 @dataclass
@@ -136,6 +136,7 @@ CHOICES = {
     "model.position": ("rope", "learned"),
     "model.mlp": ("swiglu", "gelu"),
     "model.objective": ("causal", "mlm"),
+    "model.fused_kernels": ("auto", "on", "off"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.activation_checkpointing": ("none", "full", "selective"),
@@ -181,6 +182,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in CHOICES and "on" in CHOICES[key]:
+            return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. data.split: 1 in YAML
         raise ConfigError(f"config key {key}: expected a string, got {value!r}")

@@ -12,7 +12,7 @@ of three, or two):
     layers.{i}.attn_norm.weight        layers.{i}.mlp_norm.weight
     layers.{i}.attn.qkv.weight         rows [q (n_heads*hd); k (n_kv*hd); v (n_kv*hd)]
     layers.{i}.attn.o_proj.weight
-    layers.{i}.mlp.gate_up.weight      rows [gate; up] (swiglu)   or   layers.{i}.mlp.up.weight (gelu)
+    layers.{i}.mlp.gate_up.weight      rows [gate; up] (swiglu)   or   layers.{i}.mlp.up.weight, .up_bias (gelu)
     layers.{i}.mlp.down.weight
 RoPE uses the rotate-half convention of Hugging Face checkpoints, so their q/k weights map directly.
 """
@@ -25,25 +25,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain.config import ModelConfig, ffn_width, kv_heads
+from megatrain.kernels import ops, reference
 
 IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (ops if self.fused else reference).rms_norm(x, self.weight, self.eps)
 
 
-def build_norm(cfg: ModelConfig) -> nn.Module:
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, bias: bool, fused: bool = False):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (ops if self.fused else reference).layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def build_norm(cfg: ModelConfig, fused: bool = False) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, fused)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias, fused)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +65,14 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; cos/sin: [T, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def fused_kernels_enabled(setting: str) -> bool:
+    """model.fused_kernels: auto (on when megatrain._C is built) | on | off."""
+    from megatrain import kernels
+
+    if setting == "off":
+        return False
+    kernels.notice_if_missing(setting == "on")
+    return kernels.built()
 
 
 class KVCache:
@@ -72,8 +86,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.n_heads, self.n_kv = cfg.n_heads, kv_heads(cfg)
         self.head_dim = cfg.d_model // cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
@@ -86,12 +101,11 @@ class Attention(nn.Module):
         B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                      self.n_kv * self.head_dim], dim=-1)
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # [B, T, heads, head_dim]
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            rotate = (ops if self.fused else reference).rope
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim] for SDPA
         causal = self.causal
         if cache is not None:
             cache.k[layer][:B, :, pos: pos + T] = k
@@ -108,28 +122,33 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.swiglu = cfg.mlp == "swiglu"
         ff = ffn_width(cfg)
         if self.swiglu:
             self.gate_up = nn.Linear(cfg.d_model, 2 * ff, bias=cfg.bias)
         else:
-            self.up = nn.Linear(cfg.d_model, ff, bias=cfg.bias)
+            # the bias is kept apart so that it can be fused into the GeLU (Megatron's skip_bias_add)
+            self.up = nn.Linear(cfg.d_model, ff, bias=False)
+            self.up_bias = nn.Parameter(torch.zeros(ff)) if cfg.bias else None
         self.down = nn.Linear(ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
+        k = ops if self.fused else reference
         if self.swiglu:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
+            return self.down(k.swiglu(self.gate_up(x)))
+        if self.up_bias is not None:
+            return self.down(k.bias_gelu(self.up(x), self.up_bias))
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused: bool = False):
         super().__init__()
-        self.attn_norm, self.attn = build_norm(cfg), Attention(cfg)
-        self.mlp_norm, self.mlp = build_norm(cfg), MLP(cfg)
+        self.attn_norm, self.attn = build_norm(cfg, fused), Attention(cfg, fused)
+        self.mlp_norm, self.mlp = build_norm(cfg, fused), MLP(cfg, fused)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, layer=0, pos=0):
@@ -143,11 +162,12 @@ class Transformer(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer takes it from the tokenizer)")
         self.cfg = cfg
+        self.fused = fused_kernels_enabled(cfg.fused_kernels)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = build_norm(cfg)
+        self.layers = nn.ModuleList(Block(cfg, self.fused) for _ in range(cfg.n_layers))
+        self.norm = build_norm(cfg, self.fused)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -187,7 +207,11 @@ class Transformer(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache, i, pos)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if labels is not None and self.fused and self.loss_fn is None:
+            # LM head + loss in chunks: the [tokens, vocab] logits never exist at once
+            return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, labels.reshape(-1))
+        logits = self.lm_head(x)
         if labels is None:
             return logits
         if self.loss_fn is not None:

@@ -7,15 +7,19 @@ a one-line notice. `python -m megatrain.kernels --check` says which implementati
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 _LOAD_ERROR: str | None = None
-try:
-    import megatrain._C  # noqa: F401  (registers torch.ops.megatrain.*)
-except ImportError as e:  # not built (MEGATRAIN_BUILD_KERNELS=0, or an isolated pip build without torch)
-    _LOAD_ERROR = str(e).splitlines()[0]
+if os.environ.get("MEGATRAIN_DISABLE_KERNELS", "") not in ("", "0"):
+    _LOAD_ERROR = "disabled by MEGATRAIN_DISABLE_KERNELS"
+else:
+    try:
+        import megatrain._C  # noqa: F401  (registers torch.ops.megatrain.*)
+    except ImportError as e:  # not built (MEGATRAIN_BUILD_KERNELS=0, or an isolated pip build without torch)
+        _LOAD_ERROR = str(e).splitlines()[0]
 
 _NOTICE_SHOWN = False
 FUSED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float64),

@@ -176,9 +176,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1)
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         d_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        d_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        d_weight = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, N, chunk):
             h, y = hidden[s: s + chunk], labels[s: s + chunk]
             logits = h @ weight.t()
@@ -190,7 +191,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if d_hidden is not None:
                 torch.mm(d_logits, weight, out=d_hidden[s: s + chunk])
             if d_weight is not None:
-                d_weight.addmm_(d_logits.t().to(torch.float32), h.to(torch.float32))
+                d_weight.addmm_(d_logits.t().to(acc), h.to(acc))
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.count, ctx.w_dtype = count, weight.dtype
         ctx.has = (d_hidden is not None, d_weight is not None)

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megatrain.config import kv_heads
-from megatrain.model import Transformer
+from megatrain.model import LayerNorm, RMSNorm, Transformer
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                                vocab_parallel_cross_entropy)
+                                                mark_tp, vocab_parallel_cross_entropy)
 
 
 def _mine(t: torch.Tensor | None, tp: int, r: int, dim: int = 0) -> torch.Tensor | None:
@@ -66,18 +66,25 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
             m.gate_up = ColumnParallelLinear(_mine_parts(m.gate_up.weight, [ff, ff], tp, r),
                                              _mine_parts(m.gate_up.bias, [ff, ff], tp, r), group, sp)
         else:
-            m.up = ColumnParallelLinear(_mine(m.up.weight, tp, r), _mine(m.up.bias, tp, r), group, sp)
+            m.up = ColumnParallelLinear(_mine(m.up.weight, tp, r), None, group, sp)
+            if m.up_bias is not None:
+                m.up_bias = mark_tp(nn.Parameter(_mine(m.up_bias, tp, r).detach().clone()))
         m.down = RowParallelLinear(_mine(m.down.weight, tp, r, dim=1), m.down.bias, group, sp)
     head = ColumnParallelLinear(_mine(model.lm_head.weight, tp, r), None, group, sp)
     if cfg.tie_embeddings:
         head.weight = model.embed.weight
     model.lm_head = head
-    model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
+    if model.fused:
+        from megatrain.kernels import ops
+
+        model.loss_fn = functools.partial(ops.cross_entropy, group=group)
+    else:
+        model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
     if sp:
         if model.pos_embed is not None:
             model.pos_embed = _SequenceShardPositions(model.pos_embed, group)
         for mod in model.modules():  # norms see 1/tp of the tokens: their gradients are partial sums
-            if isinstance(mod, (nn.LayerNorm,)) or type(mod).__name__ == "RMSNorm":
+            if isinstance(mod, (LayerNorm, RMSNorm)):
                 for p in mod.parameters():
                     p.sequence_parallel = True
         _sum_sequence_parallel_grads(model, group)

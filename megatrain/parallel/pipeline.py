@@ -83,6 +83,10 @@ def apply_pipeline(model: Transformer, topology, seq_shards: int = 1):
     def loss(logits, labels):
         if loss_fn is not None:
             return loss_fn(logits, labels)
+        if model.fused:
+            from megatrain.kernels import ops
+
+            return ops.cross_entropy(logits, labels)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
     blocks = [LayerSpec(BlockPipe, b, model, seq_shards) for b in model.layers]

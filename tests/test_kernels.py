@@ -1,0 +1,220 @@
+"""Fused kernels against the PyTorch reference: odd shapes, dtypes, gradcheck, ignore-index, TP, training."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatrain import kernels
+from megatrain.kernels import ops, reference
+
+pytestmark = pytest.mark.skipif(not kernels.built(), reason="megatrain._C not built: fused kernels fall back to the reference")
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA kernel parity runs on a GPU machine")
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+       torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def _run(fn, inputs, up=False):
+    """Output and input gradients of fn (inputs cloned; floated when up)."""
+    xs = []
+    for x in inputs:
+        if torch.is_tensor(x) and x.is_floating_point():
+            y = x.detach().clone()
+            xs.append((y.float() if up else y).requires_grad_(x.requires_grad))
+        else:
+            xs.append(x)
+    y = fn(*xs)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    (y.float() * w).sum().backward()
+    return [y.float()] + [x.grad.float() for x in xs if torch.is_tensor(x) and x.requires_grad]
+
+
+def _compare(fused, ref, inputs, dtype):
+    """Fused op vs the reference, forward and input gradients. In bf16/fp16 both are measured against the
+    reference run in float32 on the same inputs: the fused op may be off by at most twice PyTorch's own
+    low-precision error (plus a little)."""
+    got, want = _run(fused, inputs), _run(ref, inputs)
+    if dtype not in (torch.bfloat16, torch.float16):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL[dtype])
+        return
+    exact = _run(ref, inputs, up=True)
+    for g, w, e in zip(got, want, exact):
+        assert (g - e).abs().max() <= 2 * (w - e).abs().max() + 1e-2 * e.abs().max().clamp(min=1e-3), (g - e).abs().max()
+
+
+def _t(*shape, dtype=torch.float32, device="cpu", scale=1.0, grad=True):
+    return (torch.randn(*shape) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+
+
+SHAPES = [(1, 1), (1, 7), (3, 37), (64, 128), (5, 1000)]
+
+
+def _norm_rope_cases(dtype, device):
+    out = []
+    for rows, D in SHAPES:
+        out.append(("rms_norm", ops.rms_norm, reference.rms_norm, (_t(rows, D, dtype=dtype, device=device), _t(D, dtype=dtype, device=device), 1e-5)))
+        if D == 1:  # LayerNorm of one feature is 0 by definition; PyTorch's own kernel rounds to ~1e-5 there
+            continue
+        out.append(("layer_norm", ops.layer_norm, reference.layer_norm,
+                    (_t(rows, D, dtype=dtype, device=device), _t(D, dtype=dtype, device=device), _t(D, dtype=dtype, device=device), 1e-5)))
+        out.append(("layer_norm_nobias", ops.layer_norm, reference.layer_norm,
+                    (_t(rows, D, dtype=dtype, device=device), _t(D, dtype=dtype, device=device), None, 1e-5)))
+    for rows, D in SHAPES:
+        out.append(("swiglu", ops.swiglu, reference.swiglu, (_t(rows, 2 * D, dtype=dtype, device=device),)))
+        out.append(("bias_gelu", ops.bias_gelu, reference.bias_gelu, (_t(rows, D, dtype=dtype, device=device), _t(D, dtype=dtype, device=device))))
+    from megatrain.model import rope_tables
+
+    for B, T, H, D in [(1, 1, 1, 2), (2, 5, 3, 10), (2, 9, 4, 64)]:
+        cos, sin = (t.to(device) for t in rope_tables(D, 16, 10000.0))
+        out.append(("rope", ops.rope, reference.rope, (_t(B, T, H, D, dtype=dtype, device=device), cos, sin)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_parity_forward_backward(dtype):
+    torch.manual_seed(0)
+    for name, fused, ref, inputs in _norm_rope_cases(dtype, "cpu"):
+        _compare(fused, ref, inputs, dtype)
+
+
+def test_rope_on_strided_qkv_view():
+    """The model applies RoPE to views of the fused QKV output: non-contiguous batch/time strides."""
+    from megatrain.model import rope_tables
+
+    qkv = _t(2, 6, 3 * 4 * 8, grad=False)
+    q = qkv[..., : 4 * 8].view(2, 6, 4, 8).requires_grad_()  # a non-leaf view would do too
+    cos, sin = rope_tables(8, 6, 10000.0)
+    _compare(ops.rope, reference.rope, (q, cos, sin), torch.float32)
+
+
+@pytest.mark.parametrize("V", [1, 5, 301, 50257])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_parity(V, smoothing):
+    torch.manual_seed(0)
+    N = 13
+    logits = _t(N, V, scale=4.0)
+    labels = torch.randint(0, V, (N,))
+    labels[[0, 5]] = -100  # ignored rows
+    f = lambda x, y: ops.cross_entropy(x, y, label_smoothing=smoothing)
+    r = lambda x, y: reference.cross_entropy(x, y, label_smoothing=smoothing)
+    _compare(f, r, (logits, labels), torch.float32)
+    # every row ignored: zero loss, zero gradient, no NaN
+    x = logits.detach().clone().requires_grad_()
+    loss = ops.cross_entropy(x, torch.full((N,), -100))
+    loss.backward()
+    assert loss.item() == 0 and torch.all(x.grad == 0)
+
+
+def test_cross_entropy_in_place_backward_reuses_the_logits():
+    logits = _t(4, 50, scale=2.0, grad=False)
+    h = logits.clone().requires_grad_()
+    z = h * 1.0  # the logits tensor the loss sees
+    loss = ops.cross_entropy(z, torch.tensor([1, 2, 3, -100]), inplace_backward=True)
+    loss.backward()
+    ref = logits.clone().requires_grad_()
+    reference.cross_entropy(ref, torch.tensor([1, 2, 3, -100])).backward()
+    torch.testing.assert_close(h.grad, ref.grad)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_linear_cross_entropy_parity(chunk):
+    torch.manual_seed(0)
+    h, w = _t(37, 24), _t(513, 24, scale=0.3)
+    y = torch.randint(0, 513, (37,))
+    y[3] = -100
+    _compare(lambda a, b, c: ops.linear_cross_entropy(a, b, c, chunk=chunk), reference.linear_cross_entropy, (h, w, y), torch.float32)
+
+
+def test_gradcheck_float64():
+    from megatrain.model import rope_tables
+
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    cos, sin = (t.double() for t in rope_tables(4, 3, 10000.0))
+    checks = [
+        (ops.rms_norm, (_t(3, 5, **d), _t(5, **d), 1e-5)),
+        (ops.layer_norm, (_t(3, 5, **d), _t(5, **d), _t(5, **d), 1e-5)),
+        (ops.rope, (_t(1, 3, 2, 4, **d), cos, sin)),
+        (ops.swiglu, (_t(2, 6, **d),)),
+        (ops.bias_gelu, (_t(2, 5, **d), _t(5, **d))),
+        (lambda x: ops.cross_entropy(x, torch.tensor([0, 3, -100, 6]), label_smoothing=0.1), (_t(4, 7, **d),)),
+        (lambda h, w: ops.linear_cross_entropy(h, w, torch.tensor([0, 3, -100, 6]), chunk=3), (_t(4, 5, **d), _t(7, 5, **d))),
+    ]
+    for fn, inputs in checks:
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_memory_is_chunked():
+    """The chunked op never holds [tokens, vocab] logits: its saved state is hidden- and weight-sized."""
+    h, w = _t(512, 16), _t(4096, 16)
+    y = torch.randint(0, 4096, (512,))
+    loss = ops.linear_cross_entropy(h, w, y, chunk=64)
+    saved = [t.numel() for t in loss.grad_fn.saved_tensors]
+    assert max(saved) <= 4096 * 16 and sum(saved) < 512 * 4096 / 8
+
+
+def _vocab_parallel(rank, world):
+    import torch.distributed as dist
+
+    g = dist.new_group(list(range(world)))
+    torch.manual_seed(0)
+    logits, labels = torch.randn(11, 64) * 3, torch.randint(0, 64, (11,))
+    labels[4] = -100
+    for smoothing in (0.0, 0.1):
+        shard = logits.chunk(world, -1)[rank].clone().requires_grad_()
+        loss = ops.cross_entropy(shard, labels, label_smoothing=smoothing, group=g)
+        full = logits.clone().requires_grad_()
+        ref = reference.cross_entropy(full, labels, label_smoothing=smoothing)
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(shard.grad, full.grad.chunk(world, -1)[rank], rtol=1e-5, atol=1e-7)
+
+
+def test_vocab_parallel_fused_cross_entropy():
+    from distributed import run_distributed
+
+    run_distributed(_vocab_parallel, 2, timeout=120)
+
+
+def test_training_losses_equal_with_fused_kernels_on_and_off(tmp_path):
+    from distributed import run_distributed
+    from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
+
+    data = make_byte_dataset(tmp_path)
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    common = {"train.max_steps": 5, "checkpoint.interval": 0, "train.eval_interval": 5}
+    run_distributed(run_configs, 1, [small_sets(data, on, **common, **{"model.fused_kernels": "on"}),
+                                     small_sets(data, off, **common, **{"model.fused_kernels": "off"})], timeout=300)
+    assert_close_curves(losses(off), losses(on), rtol=1e-5)
+
+
+def test_check_cli_and_reference_fallback():
+    r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cpu: implementation cpu" in r.stdout and r.stdout.count("parity ok") == 7
+    env = {**os.environ, "MEGATRAIN_DISABLE_KERNELS": "1"}
+    r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "implementation reference (" in r.stdout and "MEGATRAIN_DISABLE_KERNELS" in r.stdout
+    code = ("import torch; from megatrain.config import ModelConfig; from megatrain.model import Transformer; "
+            "m = Transformer(ModelConfig(vocab_size=50, fused_kernels='on')); x = torch.randint(0, 50, (2, 9)); "
+            "l = m(x[:, :-1], x[:, 1:]); l.backward(); print('trained', m.fused, round(l.item(), 3))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "trained False" in r.stdout, r.stderr
+    assert r.stderr.count("fused kernels requested but not built") == 1
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_parity(dtype):
+    assert kernels.implementation("cuda", dtype)[0] == "cuda", kernels.implementation("cuda", dtype)[1]
+    torch.manual_seed(0)
+    for name, fused, ref, inputs in _norm_rope_cases(dtype, "cuda"):
+        _compare(fused, ref, inputs, dtype)
+    logits, labels = _t(33, 50257, device="cuda", dtype=dtype, scale=3.0), torch.randint(0, 50257, (33,), device="cuda")
+    labels[2] = -100
+    _compare(ops.cross_entropy, reference.cross_entropy, (logits, labels), dtype)
