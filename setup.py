@@ -15,6 +15,20 @@ import sys
 from setuptools import find_packages, setup
 
 
+def cpu_arch_flags() -> list[str]:
+    """Vector width for the CPU kernels: MEGATRAIN_CPU_ARCH (e.g. native, x86-64-v3), else AVX2+FMA
+    (x86-64-v3) when the build machine has it, else the compiler's baseline. Build on the CPU type the
+    job runs on: a v3 build stops with an illegal instruction on a CPU without AVX2."""
+    arch = os.environ.get("MEGATRAIN_CPU_ARCH")
+    if arch:
+        return [f"-march={arch}"]
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return []
+    return ["-march=x86-64-v3"] if (" avx2" in flags and " fma" in flags and " bmi2" in flags) else []
+
+
 def kernel_extensions():
     if os.environ.get("MEGATRAIN_BUILD_KERNELS", "1") == "0":
         return [], {}
@@ -29,7 +43,7 @@ def kernel_extensions():
     force = os.environ.get("MEGATRAIN_BUILD_CUDA")
     cuda = (force == "1") or (force is None and torch.version.cuda is not None and CUDA_HOME is not None)
     cpp = ["csrc/registration.cpp", "csrc/cpu_kernels.cpp"]
-    cxx = ["-O3", "-fopenmp", "-DMEGATRAIN_CPU"]
+    cxx = ["-O3", "-fopenmp", "-DMEGATRAIN_CPU"] + cpu_arch_flags()
     if cuda:
         ext = CUDAExtension("megatrain._C", cpp + ["csrc/cuda_kernels.cu"], extra_link_args=["-fopenmp"],
                             extra_compile_args={"cxx": cxx + ["-DMEGATRAIN_CUDA"], "nvcc": ["-O3", "--use_fast_math"]})

@@ -4,11 +4,39 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "ops.h"
 
 namespace megatrain {
 namespace {
+
+// exp that the compiler can vectorise (std::exp is an opaque libm call): Cephes' expf, range reduction
+// by ln 2 then a degree-6 polynomial, ~1 ulp. Doubles keep std::exp.
+template <typename T>
+inline T vexp(T x) { return std::exp(x); }
+template <>
+inline float vexp<float>(float x) {
+  x = std::min(std::max(x, -87.33654f), 88.72283f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+template <typename T>
+inline T vtanh(T x) { return T(1) - T(2) / (vexp(T(2) * x) + T(1)); }
+template <typename T>
+inline T vsigmoid(T x) { return T(1) / (T(1) + vexp(-x)); }
 
 constexpr int64_t kGrain = 16;  // rows per parallel task, at least
 
@@ -41,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x_, const 
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * D;
         acc_t ss = 0;
+_Pragma("omp simd reduction(+ : ss)")
         for (int64_t i = 0; i < D; ++i) ss += acc_t(xr[i]) * acc_t(xr[i]);
         const acc_t inv = acc_t(1) / std::sqrt(ss / acc_t(D) + acc_t(eps));
         rp[r] = inv;
@@ -71,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_, const
         const scalar_t *xr = xp + r * D, *dyr = dyp + r * D;
         const acc_t inv = rp[r];
         acc_t dot = 0;  // sum(dy * w * xhat)
+_Pragma("omp simd reduction(+ : dot)")
         for (int64_t i = 0; i < D; ++i) {
           const acc_t xhat = acc_t(xr[i]) * inv;
           dot += acc_t(dyr[i]) * acc_t(wp[i]) * xhat;
@@ -107,9 +137,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * D;
         acc_t s = 0;
+_Pragma("omp simd reduction(+ : s)")
         for (int64_t i = 0; i < D; ++i) s += acc_t(xr[i]);
         const acc_t mu = s / acc_t(D);
         acc_t v = 0;
+_Pragma("omp simd reduction(+ : v)")
         for (int64_t i = 0; i < D; ++i) {
           const acc_t d = acc_t(xr[i]) - mu;
           v += d * d;
@@ -149,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
         const scalar_t *xr = xp + r * D, *dyr = dyp + r * D;
         const acc_t mu = mp[r], inv = rp[r];
         acc_t sum_g = 0, sum_gx = 0;  // g = dy * w
+_Pragma("omp simd reduction(+ : sum_g, sum_gx)")
         for (int64_t i = 0; i < D; ++i) {
           const acc_t xhat = (acc_t(xr[i]) - mu) * inv;
           const acc_t g = acc_t(dyr[i]) * acc_t(wp[i]);
@@ -216,7 +249,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gu_) {
         scalar_t* yr = yp + r * F;
         for (int64_t i = 0; i < F; ++i) {
           const acc_t a = acc_t(g[i]);
-          yr[i] = scalar_t(a / (acc_t(1) + std::exp(-a)) * acc_t(u[i]));
+          yr[i] = scalar_t(a * vsigmoid(a) * acc_t(u[i]));
         }
       }
     });
@@ -237,7 +270,7 @@ at::Tensor swiglu_bwd_cpu(const at::Tensor& dy_, const at::Tensor& gu_) {
         const scalar_t *g = gp + r * 2 * F, *u = g + F, *d = dyp + r * F;
         scalar_t *dg = dp + r * 2 * F, *du = dg + F;
         for (int64_t i = 0; i < F; ++i) {
-          const acc_t a = acc_t(g[i]), s = acc_t(1) / (acc_t(1) + std::exp(-a));
+          const acc_t a = acc_t(g[i]), s = vsigmoid(a);
           dg[i] = scalar_t(acc_t(d[i]) * acc_t(u[i]) * s * (acc_t(1) + a * (acc_t(1) - s)));
           du[i] = scalar_t(acc_t(d[i]) * a * s);
         }
@@ -252,7 +285,7 @@ template <typename acc_t>
 inline void gelu_tanh(acc_t h, acc_t* out, acc_t* grad) {
   const acc_t k0 = acc_t(0.7978845608028654), k1 = acc_t(0.044715);
   const acc_t inner = k0 * (h + k1 * h * h * h);
-  const acc_t t = std::tanh(inner);
+  const acc_t t = vtanh(inner);
   if (out) *out = acc_t(0.5) * h * (acc_t(1) + t);
   if (grad) *grad = acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * h * (acc_t(1) - t * t) * k0 * (acc_t(1) + acc_t(3) * k1 * h * h);
 }
@@ -322,12 +355,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_stats_cpu(const at
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* l = lp + r * V;
         acc_t m = -std::numeric_limits<acc_t>::infinity(), all = 0;
+_Pragma("omp simd reduction(max : m) reduction(+ : all)")
         for (int64_t i = 0; i < V; ++i) {
           m = std::max(m, acc_t(l[i]));
           all += acc_t(l[i]);
         }
         acc_t s = 0;
-        for (int64_t i = 0; i < V; ++i) s += std::exp(acc_t(l[i]) - m);
+_Pragma("omp simd reduction(+ : s)")
+        for (int64_t i = 0; i < V; ++i) s += vexp(acc_t(l[i]) - m);
         const int64_t local = yp[r] - vocab_start;
         mp[r] = m;
         sp[r] = s;
@@ -364,7 +399,7 @@ at::Tensor ce_grad_cpu(const at::Tensor& logits_, const at::Tensor& labels_, con
           continue;
         }
         const acc_t z = zp[r], g = gp[r];
-        for (int64_t i = 0; i < V; ++i) o[i] = scalar_t(g * (std::exp(acc_t(l[i]) - z) - uniform));
+        for (int64_t i = 0; i < V; ++i) o[i] = scalar_t(g * (vexp(acc_t(l[i]) - z) - uniform));
         const int64_t local = yp[r] - vocab_start;
         if (local >= 0 && local < V) o[local] = scalar_t(acc_t(o[local]) - g * (acc_t(1) - eps));
       }

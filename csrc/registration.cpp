@@ -1,5 +1,6 @@
 // The op schemas (one TORCH_LIBRARY for every backend) and the CPU implementations behind them.
 // The CUDA implementations register themselves in cuda_kernels.cu when the extension is built with CUDA.
+#include <Python.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -33,5 +34,9 @@ TORCH_LIBRARY_IMPL(megatrain, CPU, m) {
   m.impl("ce_grad", &megatrain::ce_grad_cpu);
 }
 
-// A Python module named megatrain._C, so `import megatrain._C` loads the library and its registrations.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "megatrain fused ops (see torch.ops.megatrain)"; }
+// An empty Python module named megatrain._C: importing it loads this library and runs the registrations
+// above (plain C API: no pybind11/torch/extension.h, which would double the build time).
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "megatrain fused ops (see torch.ops.megatrain)", -1, nullptr};
+  return PyModule_Create(&def);
+}
