@@ -29,6 +29,17 @@ def cpu_arch_flags() -> list[str]:
     return ["-march=x86-64-v3"] if (" avx2" in flags and " fma" in flags and " bmi2" in flags) else []
 
 
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers of the nvidia-* pip wheels a CUDA torch depends on (cuSPARSE, cuBLAS, ...): a CUDA toolkit
+    without them (only nvcc and the runtime) still builds against torch's headers."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    roots = list(getattr(nvidia, "__path__", []))
+    return sorted(d for r in roots for d in glob.glob(os.path.join(r, "*", "include")) if os.path.isdir(d))
+
+
 def kernel_extensions():
     if os.environ.get("MEGATRAIN_BUILD_KERNELS", "1") == "0":
         return [], {}
@@ -46,6 +57,7 @@ def kernel_extensions():
     cxx = ["-O3", "-fopenmp", "-DMEGATRAIN_CPU"] + cpu_arch_flags()
     if cuda:
         ext = CUDAExtension("megatrain._C", cpp + ["csrc/cuda_kernels.cu"], extra_link_args=["-fopenmp"],
+                            include_dirs=pip_cuda_include_dirs(),
                             extra_compile_args={"cxx": cxx + ["-DMEGATRAIN_CUDA"], "nvcc": ["-O3", "--use_fast_math"]})
     else:
         ext = CppExtension("megatrain._C", cpp, extra_compile_args=cxx, extra_link_args=["-fopenmp"])

@@ -40,6 +40,10 @@ LAYOUTS = {  # name: (world, overrides)
     "pp2": (2, {"parallel.pp": 2}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
     "tp2_dp2_zero3": (4, {"parallel.tp": 2, "parallel.zero_stage": 3}),
+    # activation checkpointing recomputes, it must not change a single loss
+    "tp2_full_ckpt_partitioned": (2, {"parallel.tp": 2, "train.activation_checkpointing": "full",
+                                      "parallel.partition_activations": True}),
+    "pp2_selective_ckpt": (2, {"parallel.pp": 2, "train.activation_checkpointing": "selective"}),
 }
 
 

@@ -157,10 +157,11 @@ def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, part
         target: nn.Module = block if mode == "full" else block.attn
         fwd = target.forward
 
-        def checkpointed(*args, _fwd=fwd, **kwargs):
-            if not torch.is_grad_enabled() or kwargs.get("cache") is not None or (len(args) > 2 and args[2] is not None):
-                return _fwd(*args, **kwargs)
-            return ckpt(_fwd, *args)
+        def checkpointed(x, rope=None, cache=None, layer=0, pos=0, _fwd=fwd):
+            if not torch.is_grad_enabled() or cache is not None:  # inference / KV-cache decoding
+                return _fwd(x, rope, cache, layer, pos)
+            # only the activation goes through the checkpoint; the rest is closed over (no gradients)
+            return ckpt(lambda h: _fwd(h, rope, None, layer, pos), x)
 
         target.forward = checkpointed
     return model

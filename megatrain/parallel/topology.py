@@ -61,5 +61,11 @@ def build_grid(layout: Layout):
     """DeepSpeed's PipelineParallelGrid over our layout (collective: every rank must call it)."""
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
+    class Grid(PipelineParallelGrid):
+        """DeepSpeed's grid, plus the Megatron-style name deepspeed.checkpointing asks the mpu for."""
+
+        def get_tensor_model_parallel_group(self):
+            return self.get_slice_parallel_group()
+
     topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
-    return PipelineParallelGrid(topology=topo)
+    return Grid(topology=topo)
