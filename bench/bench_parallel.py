@@ -8,7 +8,8 @@ optimizer states, DeepSpeed's flat buffers; each storage once) and the median st
 side in one run:
   * TP=1/TP=2 and ZeRO-1/2/3 at DP=2: measured model states per rank vs theory. With fp32 weights, grads
     and two Adam moments a parameter costs 16 bytes (16 Psi in all); ZeRO-1 shards the 8 Psi of Adam
-    states, ZeRO-2 the gradients too, ZeRO-3 everything: 16 Psi / N (target: measured <= 1.1x theory);
+    states, ZeRO-2 the gradients too, ZeRO-3 everything: 16 Psi / N (target: measured <= 1.1x theory).
+    Measured after an optimizer step, so gradients ZeRO has already released are not counted;
   * step time of each layout relative to TP=1 (pure data parallel).
 Results go to bench/results/bench_parallel.json.
 """
@@ -33,6 +34,15 @@ LAYOUTS = [  # name, overrides
     ("tp2 +SP ZeRO-1", {"parallel.tp": 2, "parallel.sequence_parallel": True, "parallel.zero_stage": 1}),
     ("pp2 ZeRO-1", {"parallel.pp": 2, "parallel.zero_stage": 1}),
 ]
+ONLY = os.environ.get("BENCH_ONLY")  # e.g. "pp2" to rerun one layout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def theory_bytes(psi: int, stage: int, n: int, tp: int, pp: int) -> float:
@@ -136,8 +146,10 @@ def main() -> None:
     results = {}
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for i, (name, over) in enumerate(LAYOUTS):
+        if ONLY and ONLY not in name and name != "dp2 ZeRO-1":
+            continue
         out = tempfile.mktemp(suffix=".json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29700 + i),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = json.load(open(out))

@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--skip", choices=["part1", "part2"], action="append", default=[])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_train.json"))
     args = ap.parse_args()
-    res = {}
+    res = json.load(open(args.out)) if os.path.isfile(args.out) else {}  # a skipped part keeps its last figures
     if "part2" not in args.skip:
         res["baby_gpt"] = part2(args)  # first: its own process, before this one holds DeepSpeed state
     if "part1" not in args.skip:

@@ -97,6 +97,13 @@ def apply_pipeline(model: Transformer, topology, seq_shards: int = 1):
     else:
         first = LayerSpec(EmbedPipe, model)
         last = [LayerSpec(FinalNormPipe, model), LayerSpec(HeadPipe, model)]
-    return PipelineModule(layers=[first, *blocks, *last], loss_fn=loss, topology=topology,
-                          partition_method="type:BlockPipe")
+    module = PipelineModule(layers=[first, *blocks, *last], loss_fn=loss, topology=topology,
+                            partition_method="type:BlockPipe")
+    # Every rank built the whole model; keep only this stage's weights in memory (the layer specs still
+    # reference the other stages' modules, so release their storage explicitly).
+    mine = {id(p) for p in module.parameters()}
+    for p in model.parameters():
+        if id(p) not in mine:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return module
 
