@@ -1,0 +1,28 @@
+"""Tier 1: rank discovery from whichever launcher started the process."""
+from megatrain.training.dist_env import _first_slurm_host, discover
+
+
+def test_deepspeed_or_torchrun_env():
+    info = discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"})
+    assert (info.rank, info.world_size, info.local_rank, info.master_addr, info.master_port) == (3, 8, 1, "10.0.0.1", 6000)
+    assert info.launcher == "deepspeed/torchrun"
+
+
+def test_slurm_srun_env():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-006,010]",
+           "SLURM_JOB_ID": "4242"}
+    info = discover(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (5, 8, 1, "slurm")
+    assert info.master_addr == "gpu003" and info.master_port == 29500 + 4242 % 1000
+
+
+def test_single_process_picks_a_free_port():
+    info = discover({})
+    assert (info.rank, info.world_size, info.launcher) == (0, 1, "single") and info.master_port > 0
+
+
+def test_slurm_nodelists():
+    assert _first_slurm_host("node[003-005,009],gpu1") == "node003"
+    assert _first_slurm_host("gpu1,gpu2") == "gpu1"
+    assert _first_slurm_host("a-[1-2]") == "a-1"
+    assert _first_slurm_host("single") == "single"
