@@ -140,19 +140,26 @@ def log_rank_table(local_params: int, layout) -> None:
 
 
 def print_sample(engine, cfg: Config, tok) -> None:
-    """A short generation from the trained model (ZeRO-3 weights are gathered for it)."""
+    """A short generation from the trained model, on rank 0, from a plain copy of the weights (ZeRO-3
+    weights are gathered for the copy; the engine's module keeps DeepSpeed hooks that expect every rank)."""
     import deepspeed
 
     from megatrain.generate import generate
+    from megatrain.model import Transformer
 
-    model = engine.module
+    model, state = engine.module, None
     with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.parallel.zero_stage == 3):
         if dist.get_rank() == 0:
-            prompt = "def " if cfg.data.tokenizer and "stdlib" in str(cfg.data.path) else ""
-            ids = tok.encode(prompt) if prompt else [tok.eod_id]
-            out = generate(model, torch.tensor([ids], device=engine.device), max_new_tokens=80, temperature=0.8,
-                           top_k=40, seed=cfg.train.seed)
-            print("sample:\n" + tok.decode(out[0].tolist()), flush=True)
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if dist.get_rank() != 0:
+        return
+    plain = Transformer(cfg.model).to(engine.device)
+    plain.load_state_dict(state)
+    prompt = "def " if "stdlib" in str(cfg.data.path) else ""
+    ids = tok.encode(prompt) if prompt else [tok.eod_id]
+    out = generate(plain, torch.tensor([ids], device=engine.device), max_new_tokens=80, temperature=0.8, top_k=40,
+                   seed=cfg.train.seed)
+    print("sample:\n" + tok.decode(out[0].tolist()), flush=True)
 
 
 def command(args: argparse.Namespace) -> int:
