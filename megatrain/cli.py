@@ -16,6 +16,7 @@ COMMANDS = {
     "data-info": ("megatrain.data.info", "describe a P.bin + P.idx dataset and decode a sample"),
     "pretrain": ("megatrain.pretrain", "pretrain a Transformer LM with DeepSpeed (one process; see README for many)"),
     "generate": ("megatrain.generate", "sample text from a checkpoint (any ZeRO stage) with a KV cache"),
+    "hostfile": ("megatrain.launch.hostfile", "write a DeepSpeed hostfile from SLURM_JOB_NODELIST or a host list"),
 }
 
 
@@ -23,8 +24,9 @@ def user_error_types() -> tuple[type, ...]:
     """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
     from megatrain.config import ConfigError
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
+    from megatrain.launch.hostfile import NodeListError
 
-    return (ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+    return (NodeListError, ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,12 +29,9 @@ def _free_port() -> int:
 
 def _first_slurm_host(nodelist: str) -> str:
     """'node[003-005,009],gpu1' -> 'node003' (the first host of a Slurm node list)."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" in head:
-        prefix, rng = head.split("[", 1)
-        first = rng.rstrip("]").split(",")[0].split("-")[0]
-        return prefix + first
-    return head
+    from megatrain.launch.hostfile import expand_nodelist
+
+    return expand_nodelist(nodelist)[0]
 
 
 def discover(env: dict | None = None) -> RankInfo:

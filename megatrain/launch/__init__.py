@@ -1,0 +1,1 @@
+"""Helpers for launching on clusters: Slurm node lists, DeepSpeed hostfiles."""

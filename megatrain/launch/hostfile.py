@@ -1,0 +1,97 @@
+"""`megatrain hostfile`: turn SLURM_JOB_NODELIST (or a list of hosts) into a DeepSpeed hostfile.
+
+    megatrain hostfile --slots 8 > hostfile                 # inside a Slurm allocation
+    megatrain hostfile --nodes "gpu[01-04,09]" --slots 8 --output hostfile
+
+A DeepSpeed hostfile has one line per node, `HOST slots=N` (N = processes, usually GPUs, on that node).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+
+class NodeListError(ValueError):
+    pass
+
+
+def _split_top_level(s: str) -> list[str]:
+    """Split on commas that are not inside brackets: 'a[1,2],b' -> ['a[1,2]', 'b']."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise NodeListError(f"node list {s!r}: unbalanced ']'")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise NodeListError(f"node list {s!r}: unbalanced '['")
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_one(pattern: str) -> list[str]:
+    m = re.search(r"\[([^\[\]]*)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    out = []
+    for item in m.group(1).split(","):
+        item = item.strip()
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise NodeListError(f"node list {pattern!r}: bad range {item!r}")
+            width = len(lo)  # keep zero padding: 001-010
+            values = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
+        elif item.isdigit():
+            values = [item]
+        else:
+            raise NodeListError(f"node list {pattern!r}: bad item {item!r}")
+        for v in values:
+            out.extend(_expand_one(head + v + tail))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """'gpu[01-03,07],login1' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'login1'] (Slurm's hostlist syntax)."""
+    hosts = [h for part in _split_top_level(nodelist) for h in _expand_one(part)]
+    if not hosts:
+        raise NodeListError(f"node list {nodelist!r} names no host")
+    return hosts
+
+
+def hostfile_text(hosts: list[str], slots: int) -> str:
+    if slots < 1:
+        raise NodeListError(f"--slots must be at least 1, got {slots}")
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", default=None, help="a Slurm node list or comma-separated hosts (default: $SLURM_JOB_NODELIST)")
+    p.add_argument("--slots", type=int, default=None, help="processes per node (default: $SLURM_GPUS_ON_NODE, else 1)")
+    p.add_argument("--output", default="-", help="file to write (default: standard output)")
+
+
+def command(args: argparse.Namespace) -> int:
+    nodes = args.nodes or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        raise NodeListError("no node list: pass --nodes, or run inside a Slurm allocation (SLURM_JOB_NODELIST)")
+    slots = args.slots if args.slots is not None else int(os.environ.get("SLURM_GPUS_ON_NODE", "1") or 1)
+    text = hostfile_text(expand_nodelist(nodes), slots)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        tmp = f"{args.output}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+    return 0
