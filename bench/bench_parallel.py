@@ -37,14 +37,6 @@ LAYOUTS = [  # name, overrides
 ONLY = os.environ.get("BENCH_ONLY")  # e.g. "pp2" to rerun one layout
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def theory_bytes(psi: int, stage: int, n: int, tp: int, pp: int) -> float:
     """Model-state bytes per rank: params 4, grads 4, Adam 8 bytes per parameter of this rank's slice."""
     local = psi / (tp * pp)
@@ -149,6 +141,8 @@ def main() -> None:
         if ONLY and ONLY not in name and name != "dp2 ZeRO-1":
             continue
         out = tempfile.mktemp(suffix=".json")
+        from megatrain.training.dist_env import free_port
+
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

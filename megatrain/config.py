@@ -342,10 +342,3 @@ def validate_world(cfg: Config, world_size: int) -> int:
             f"micro_batch_size x data-parallel ranks = {cfg.train.micro_batch_size} x {dp} = {per_step}")
     return cfg.train.global_batch_size // per_step
 
-
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

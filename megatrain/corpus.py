@@ -34,10 +34,16 @@ def source_files() -> list[str]:
     return files
 
 
+def builtin_corpus_paths() -> tuple[str, str]:
+    """(dataset prefix, tokenizer spec) of the standard-library corpus in the cache."""
+    root = cache_root()
+    return os.path.join(root, "stdlib"), os.path.join(root, "tokenizer")
+
+
 def ensure_builtin_corpus(log=print) -> tuple[str, str]:
     """Build (once) and return (dataset prefix, tokenizer spec) of the standard-library corpus."""
     root = cache_root()
-    prefix, tok_dir = os.path.join(root, "stdlib"), os.path.join(root, "tokenizer")
+    prefix, tok_dir = builtin_corpus_paths()
     if dataset_exists(prefix) and os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
         return prefix, tok_dir
     os.makedirs(root, exist_ok=True)

@@ -49,14 +49,12 @@ def check_data_path(cfg: Config) -> None:
 def setup_data(cfg: Config):
     """The tokenizer and train/valid datasets; the built-in corpus when data.path is unset."""
     if cfg.data.path in (None, "", []):
-        from megatrain.corpus import ensure_builtin_corpus
+        from megatrain.corpus import builtin_corpus_paths, ensure_builtin_corpus
 
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            cfg.data.path, cfg.data.tokenizer = ensure_builtin_corpus(log0)
+            ensure_builtin_corpus(log0)  # one builder per node; the others wait at the barrier
         dist.barrier()
-        from megatrain.corpus import cache_root
-
-        cfg.data.path, cfg.data.tokenizer = os.path.join(cache_root(), "stdlib"), os.path.join(cache_root(), "tokenizer")
+        cfg.data.path, cfg.data.tokenizer = builtin_corpus_paths()
     tok = build_tokenizer(cfg.data.tokenizer)
     t = cfg.train
     n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0

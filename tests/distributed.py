@@ -1,14 +1,9 @@
 """Run a function in several gloo processes, with a hard timeout and cleanup (tests' tier 3)."""
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatrain.training.dist_env import free_port
 
 
 def _entry(fn, rank, world, port, args, errors):

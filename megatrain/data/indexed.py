@@ -157,13 +157,18 @@ class IndexedDatasetWriter:
                 pass
 
 
+def token_offsets(sizes: np.ndarray) -> np.ndarray:
+    """Where each sequence starts, in tokens, plus the total: int64[len(sizes) + 1]."""
+    out = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, dtype=np.int64, out=out[1:])
+    return out
+
+
 def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
     """Write an MMIDIDX `.idx` file; byte pointers are derived from the sizes."""
     dtype = np.dtype(dtype)
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    if len(sizes) > 1:
-        np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    pointers = token_offsets(sizes)[:-1] * dtype.itemsize
     doc_idx = np.ascontiguousarray(doc_idx, dtype=np.int64)
     with open(path, "wb") as f:
         f.write(MAGIC)
@@ -222,11 +227,11 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{ipath}: doc_idx must rise from 0 to {n} (corrupted index); rebuild it")
         if n and np.any(self.sizes < 0):
             raise IndexedDatasetError(f"{ipath}: negative sequence size (corrupted index); rebuild it")
-        nbytes = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
+        # kept: samples.py reads tokens by these offsets instead of re-deriving them
+        self.offsets = token_offsets(self.sizes)
+        nbytes = int(self.offsets[-1]) * self.dtype.itemsize
         if n:
-            expect = np.zeros(n, np.int64)
-            np.cumsum(self.sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=expect[1:])
-            if not np.array_equal(expect, self.pointers):
+            if not np.array_equal(self.offsets[:-1] * self.dtype.itemsize, self.pointers):
                 raise IndexedDatasetError(f"{ipath}: pointers disagree with sizes (corrupted index); rebuild it")
         actual = os.path.getsize(bpath)
         if actual != nbytes:
@@ -261,14 +266,13 @@ class IndexedDataset:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.sizes.sum(dtype=np.int64))
+        return int(self.offsets[-1])
 
     def document_sizes(self) -> np.ndarray:
         """Tokens per document (sums of its sequences); equals `sizes` when each doc is one sequence."""
         if len(self.doc_idx) - 1 == len(self.sizes):
             return self.sizes
-        csum = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
-        return (csum[self.doc_idx[1:]] - csum[self.doc_idx[:-1]]).astype(np.int64)
+        return self.offsets[self.doc_idx[1:]] - self.offsets[self.doc_idx[:-1]]
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}, sequences={len(self)}, documents={self.num_documents}, dtype={self.dtype})"

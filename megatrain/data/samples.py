@@ -105,15 +105,13 @@ class GPTSampleDataset:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         base = cache_dir or os.path.dirname(os.path.abspath(indexed.prefix))
         self.cache_prefix = os.path.join(base, f"{os.path.basename(indexed.prefix)}.{split_name}.{digest}")
-        self.built_now = False
-        index = _load_or_build(self.cache_prefix, key, lambda: build_sample_index(
+        index, self.built_now = _load_or_build(self.cache_prefix, key, lambda: build_sample_index(
             indexed.sizes, np.arange(start, stop), seq_len, num_samples, seed))
-        self.built_now = index is not None and getattr(index, "_built", False)
         self.doc_order, self.sample_idx, self.shuffle_idx = index.doc_order, index.sample_idx, index.shuffle_idx
         self.epochs = index.epochs
         # Every token of the dataset as one flat array, and where each sequence starts in it.
         self._tokens = np.frombuffer(indexed._bin, indexed.dtype) if len(indexed._bin) else np.zeros(0, indexed.dtype)
-        self._start = np.concatenate([[0], np.cumsum(indexed.sizes, dtype=np.int64)])
+        self._start = indexed.offsets
 
     def __len__(self) -> int:
         return self.num_samples
@@ -158,7 +156,7 @@ class GPTSampleDataset:
         return out
 
 
-def _load_or_build(cache_prefix: str, key: dict, build) -> SampleIndex:
+def _load_or_build(cache_prefix: str, key: dict, build) -> tuple[SampleIndex, bool]:
     """Local rank 0 of each node builds and saves (atomically: safe on a shared or a node-local file
     system); every rank waits at a barrier, then memory-maps the saved arrays."""
     torch = sys.modules.get("torch")  # not initialised if torch was never imported: don't import it
@@ -187,9 +185,7 @@ def _load_or_build(cache_prefix: str, key: dict, build) -> SampleIndex:
         epochs = json.load(f)["epochs"]
     # Plain ndarray views of the mapped files: np.memmap's Python-level __getitem__ is ~10x slower.
     arrays = {n: np.load(paths[n], mmap_mode="r").view(np.ndarray) for n in names}
-    out = SampleIndex(arrays["doc_order"], arrays["sample_idx"], arrays["shuffle_idx"], epochs)
-    out._built = built
-    return out
+    return SampleIndex(arrays["doc_order"], arrays["sample_idx"], arrays["shuffle_idx"], epochs), built
 
 
 class BlendedDataset:
@@ -205,7 +201,7 @@ class BlendedDataset:
             raise SampleIndexError(f"blending needs one non-negative weight per dataset, got {list(weights)}")
         w = w / w.sum()
         self.datasets, self.weights, self.num_samples = list(datasets), w, num_samples
-        counts = np.ceil(w * num_samples).astype(np.int64) + 1
+        counts = np.asarray(self.samples_per_dataset(w, num_samples), dtype=np.int64)
         ds_ids = np.repeat(np.arange(len(w)), counts)
         ks = np.concatenate([np.arange(c) for c in counts])
         with np.errstate(divide="ignore"):

@@ -7,6 +7,7 @@ a one-line notice. `python -m megatrain.kernels --check` says which implementati
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -36,7 +37,11 @@ def cuda_built() -> bool:
 
 def implementation(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
     """('cuda' | 'cpu' | 'reference', why) for tensors on `device` of `dtype`."""
-    kind = torch.device(device).type
+    return _implementation(torch.device(device).type, dtype)
+
+
+@functools.lru_cache(maxsize=None)  # asked on every fused-op call: the answer never changes in a process
+def _implementation(kind: str, dtype: torch.dtype) -> tuple[str, str]:
     if not built():
         return "reference", f"megatrain._C is not built ({_LOAD_ERROR}); reinstall with pip install --no-build-isolation -e ."
     if kind == "cuda" and not cuda_built():

@@ -21,7 +21,8 @@ class RankInfo:
     launcher: str  # deepspeed/torchrun | slurm | single
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def discover(env: dict | None = None) -> RankInfo:
     else:
         launcher = "single"
         rank, world, local = 0, 1, 0
-        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0) or _free_port())
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0) or free_port())
     return RankInfo(rank, world, local, addr, port, launcher)
 
 

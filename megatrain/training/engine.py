@@ -121,6 +121,3 @@ def rank_mean(value: float, device) -> float:
         t /= dist.get_world_size()
     return float(t.item())
 
-
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
