@@ -17,6 +17,7 @@ COMMANDS = {
     "pretrain": ("megatrain.pretrain", "pretrain a Transformer LM with DeepSpeed (one process; see README for many)"),
     "generate": ("megatrain.generate", "sample text from a checkpoint (any ZeRO stage) with a KV cache"),
     "hostfile": ("megatrain.launch.hostfile", "write a DeepSpeed hostfile from SLURM_JOB_NODELIST or a host list"),
+    "launch": ("megatrain.launch.multinode", "preflight-check every host, then `deepspeed --hostfile` over pdsh + ssh"),
 }
 
 
@@ -25,8 +26,9 @@ def user_error_types() -> tuple[type, ...]:
     from megatrain.config import ConfigError
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
     from megatrain.launch.hostfile import NodeListError
+    from megatrain.launch.multinode import LaunchError
 
-    return (NodeListError, ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+    return (LaunchError, NodeListError, ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,95 @@
+"""`megatrain launch` for real: DeepSpeed's pdsh + ssh launcher across two "nodes" (127.0.0.1, 127.0.0.2).
+
+Marked `multinode`: needs root and apt (the fixture installs openssh-server and pdsh), ~1.5 minutes.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cluster import ssh_nodes
+from training_utils import assert_close_curves, losses, make_byte_dataset, small_sets
+
+pytestmark = pytest.mark.multinode
+
+RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd: list[str], cwd, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; on timeout kill it and every rank it started."""
+    env = dict(os.environ, **RANK_ENV, **(env or {}))
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        raise AssertionError(f"{cmd[:4]} ran past {timeout} s:\n{out[-4000:]}")
+    finally:
+        # Ranks started over ssh are not in our process group: anything still naming this test's dir goes.
+        subprocess.run(["pkill", "-9", "-f", str(cwd)], capture_output=True)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, "")
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    with ssh_nodes() as n:
+        yield n
+
+
+def sets_for(tmp_path, data, name):
+    return [a for s in small_sets(data, str(tmp_path / name), **{"train.max_steps": 6}) for a in ("--set", s)]
+
+
+def test_two_node_hostfile_launch_equals_single_node(nodes, tmp_path):
+    from megatrain.training.dist_env import free_port
+
+    data = make_byte_dataset(tmp_path)
+    single = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                  str(free_port()), "--module", "megatrain.pretrain", "--config", "tiny",
+                  *sets_for(tmp_path, data, "single")], tmp_path)
+    assert single.returncode == 0, single.stdout[-4000:]
+
+    (tmp_path / "hostfile").write_text("".join(f"{h} slots=1\n" for h in nodes.nodes))
+    multi = run([sys.executable, "-m", "megatrain.cli", "launch", "--hostfile", "hostfile", "--master-port",
+                 str(free_port()), "pretrain", "--config", "tiny", *sets_for(tmp_path, data, "multi")], tmp_path)
+    assert multi.returncode == 0, multi.stdout[-4000:]
+    assert "preflight: 2 host(s) ready" in multi.stdout
+    # pdsh prefixes each line with the host it came from: both nodes ran a rank of the one job.
+    for host in nodes.nodes:
+        assert f"{host}: " in multi.stdout and "nnodes=2" in multi.stdout, multi.stdout[-4000:]
+    env_file = (tmp_path / ".deepspeed_env").read_text().splitlines()
+    assert "DS_ACCELERATOR=cpu" in env_file and "OMP_NUM_THREADS=1" in env_file
+    assert all(line and not line.startswith("#") for line in env_file)
+
+    want, got = losses(str(tmp_path / "single")), losses(str(tmp_path / "multi"))
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    assert_close_curves(want, got, rtol=1e-6)
+    assert_close_curves(losses(str(tmp_path / "single"), "eval"), losses(str(tmp_path / "multi"), "eval"), rtol=1e-6)
+
+
+def test_preflight_names_each_bad_host_in_one_line(nodes, tmp_path):
+    data = make_byte_dataset(tmp_path)
+    hosts = [nodes.nodes[0], nodes.no_venv, nodes.unreachable]
+    (tmp_path / "hostfile").write_text("".join(f"{h} slots=1\n" for h in hosts))
+    with socket.socket() as busy:  # the master port, taken on the first host
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run([sys.executable, "-m", "megatrain.cli", "launch", "--hostfile", "hostfile", "--master-port", str(port),
+                 "pretrain", "--config", "tiny", *sets_for(tmp_path, data, "ckpt"), "--set",
+                 f"data.path={tmp_path}/nowhere"], tmp_path, timeout=120)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 1, r.stdout
+    assert len(lines) == 5, r.stdout
+    assert all(line.startswith("preflight: ") for line in lines), r.stdout
+    by_host = {h: [line for line in lines if line.startswith(f"preflight: {h}: ")] for h in hosts}
+    assert any("no venv at" in line for line in by_host[nodes.no_venv]), r.stdout
+    assert any("not reachable over ssh" in line for line in by_host[nodes.unreachable]), r.stdout
+    first = " ".join(by_host[nodes.nodes[0]])
+    assert f"master port {port} is taken" in first and f"{tmp_path}/nowhere.bin not found" in first, r.stdout
+    assert not (tmp_path / ".deepspeed_env").exists()  # nothing launched, nothing written
