@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,36 @@ def ensure_packages(kind: str) -> None:
                        env=env, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"apt-get install failed: {r.stderr[-2000:]}")
+
+
+RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MEGATRAIN_VENV": sys.prefix}
+
+
+def launch(cmd: list[str], cwd, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group, output captured; on timeout kill it and every rank it started."""
+    env = {**os.environ, **RANK_ENV, **(env or {})}
+    env["PATH"] = f"{sys.prefix}/bin:{env['PATH']}"
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        raise AssertionError(f"{cmd[:4]} ran past {timeout} s:\n{out[-4000:]}") from None
+    finally:
+        # Ranks started over ssh are not in our process group: anything still naming this test's dir goes.
+        subprocess.run(["pkill", "-9", "-f", str(cwd)], capture_output=True)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, "")
+
+
+def single_node_run(cwd, args: list[str]) -> None:
+    """The reference: `deepspeed --num_gpus 2 --module megatrain.pretrain ARGS` on this one machine."""
+    from megatrain.training.dist_env import free_port
+
+    r = launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(free_port()), "--module", "megatrain.pretrain", "--config", "tiny", *args], cwd)
+    assert r.returncode == 0, r.stdout[-4000:]
 
 
 def kill_pidfile(path: str) -> None:
@@ -146,4 +177,106 @@ def ssh_nodes(venv: str = sys.prefix):
     finally:
         kill_pidfile(f"{d}/main.pid")
         kill_pidfile(f"{d}/novenv.pid")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class SlurmCluster:
+    conf: str            # slurm.conf, found by the client commands through SLURM_CONF
+    nodes: dict          # name -> address
+    gloo_ifname: str     # the node-side interface name (the same in every namespace)
+    dir: str
+
+    def env(self) -> dict:
+        return dict(os.environ, SLURM_CONF=self.conf, GLOO_SOCKET_IFNAME=self.gloo_ifname)
+
+    def run(self, cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, shell=True, check=check, text=True, capture_output=True, env=self.env())
+
+    def logs(self, lines: int = 15) -> str:
+        """The tail of every daemon log, for a failure message."""
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".log"):
+                tail = open(os.path.join(self.dir, name), errors="replace").read().splitlines()[-lines:]
+                out.append(f"--- {name}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def job(self, job_id: str) -> dict:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
+        out = self.run(f"scontrol show job {job_id} -o", check=False).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+NET = "10.199.1"  # the test network: the bridge is .1, node i is .1i
+
+
+def _slurm_conf(d: str, nodes: dict, munge_socket: str) -> str:
+    from megatrain.training.dist_env import free_port
+
+    lines = [
+        "ClusterName=megatrain-test", f"SlurmctldHost={socket.gethostname()}({NET}.1)", f"SlurmctldPort={free_port()}",
+        f"SlurmdPort={free_port()}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
+        f"AuthInfo=socket={munge_socket}", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "AccountingStorageType=accounting_storage/none",
+        "JobCompType=jobcomp/none", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1", "KillWait=20",
+        "MinJobAge=600", "SlurmdTimeout=60", "InactiveLimit=0", "SchedulerParameters=sched_interval=2",
+        f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n", f"SlurmctldPidFile={d}/slurmctld.pid",
+        f"SlurmdPidFile={d}/slurmd-%n.pid", f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd-%n.log",
+        *(f"NodeName={n} NodeAddr={a} CPUs=2 RealMemory=4000 State=UNKNOWN" for n, a in nodes.items()),
+        f"PartitionName=test Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2",
+    ]
+    path = os.path.join(d, "slurm.conf")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def slurm_cluster(n_nodes: int = 2):
+    """munged + slurmctld on a bridge, one slurmd per network namespace (node n1 at 10.199.1.11, ...)."""
+    ensure_packages("slurm")
+    if not which("ip") or not which("nsenter"):
+        pytest.skip("the Slurm cluster test needs iproute2 (ip) and util-linux (nsenter)")
+    d = tempfile.mkdtemp(prefix="megatrain-slurm-")
+    os.chmod(d, 0o755)
+    tag = f"mt{os.getpid() % 10000}"
+    bridge, nodes = f"{tag}br", {f"n{i}": f"{NET}.{10 + i}" for i in range(1, n_nodes + 1)}
+    munge_dir = os.path.join(d, "munge")
+    os.makedirs(munge_dir, mode=0o755)
+    for sub in ["state", *(f"spool/{n}" for n in nodes)]:
+        os.makedirs(os.path.join(d, sub))
+    try:
+        sh(f"ip link add {bridge} type bridge && ip addr add {NET}.1/24 dev {bridge} && ip link set {bridge} up")
+        for n, addr in nodes.items():
+            ns = f"{tag}-{n}"
+            sh(f"ip netns add {ns} && ip link add {ns}h type veth peer name eth0 netns {ns} && "
+               f"ip link set {ns}h master {bridge} up && ip -n {ns} addr add {addr}/24 dev eth0 && "
+               f"ip -n {ns} link set eth0 up && ip -n {ns} link set lo up")
+        socket_path = f"{munge_dir}/munge.socket"
+        sh(f"mungekey --create --keyfile={d}/munge.key && chmod 600 {d}/munge.key && munged --force "
+           f"--key-file={d}/munge.key --socket={socket_path} --pid-file={d}/munged.pid --log-file={d}/munged.log "
+           f"--seed-file={d}/munge.seed")
+        conf = _slurm_conf(d, nodes, socket_path)
+        env = f"SLURM_CONF={conf}"
+        sh(f"{env} slurmctld -f {conf} -i")
+        for n in nodes:
+            sh(f"{env} nsenter --net=/run/netns/{tag}-{n} slurmd -f {conf} -N {n}")
+        cluster = SlurmCluster(conf, nodes, "eth0", d)
+        try:
+            wait_for(lambda: cluster.run("sinfo -h -o '%t %D'", check=False).stdout.split() == ["idle", str(n_nodes)],
+                     60, "slurm nodes idle")
+        except TimeoutError as e:
+            raise RuntimeError(f"{e}; sinfo: {cluster.run('sinfo', check=False).stdout}\n{cluster.logs()}") from None
+        yield cluster
+    finally:
+        for pidfile in [f"{d}/slurmd-{n}.pid" for n in nodes] + [f"{d}/slurmctld.pid", f"{d}/munged.pid"]:
+            kill_pidfile(pidfile)
+        for n in nodes:  # a job step still running in a namespace goes with it
+            pids = sh(f"ip netns pids {tag}-{n}", check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh(f"ip netns del {tag}-{n}", check=False)
+        sh(f"ip link del {bridge}", check=False)
         shutil.rmtree(d, ignore_errors=True)

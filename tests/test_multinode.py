@@ -2,37 +2,16 @@
 
 Marked `multinode`: needs root and apt (the fixture installs openssh-server and pdsh), ~1.5 minutes.
 """
-import os
-import signal
 import socket
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
-from cluster import ssh_nodes
+from cluster import launch, single_node_run, ssh_nodes
 from training_utils import assert_close_curves, losses, make_byte_dataset, small_sets
 
 pytestmark = pytest.mark.multinode
-
-RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run(cmd: list[str], cwd, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group; on timeout kill it and every rank it started."""
-    env = dict(os.environ, **RANK_ENV, **(env or {}))
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        raise AssertionError(f"{cmd[:4]} ran past {timeout} s:\n{out[-4000:]}")
-    finally:
-        # Ranks started over ssh are not in our process group: anything still naming this test's dir goes.
-        subprocess.run(["pkill", "-9", "-f", str(cwd)], capture_output=True)
-    return subprocess.CompletedProcess(cmd, p.returncode, out, "")
+LAUNCHERS = Path(__file__).resolve().parent.parent / "launchers"
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +28,10 @@ def test_two_node_hostfile_launch_equals_single_node(nodes, tmp_path):
     from megatrain.training.dist_env import free_port
 
     data = make_byte_dataset(tmp_path)
-    single = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                  str(free_port()), "--module", "megatrain.pretrain", "--config", "tiny",
-                  *sets_for(tmp_path, data, "single")], tmp_path)
-    assert single.returncode == 0, single.stdout[-4000:]
-
+    single_node_run(tmp_path, sets_for(tmp_path, data, "single"))
     (tmp_path / "hostfile").write_text("".join(f"{h} slots=1\n" for h in nodes.nodes))
-    multi = run([sys.executable, "-m", "megatrain.cli", "launch", "--hostfile", "hostfile", "--master-port",
-                 str(free_port()), "pretrain", "--config", "tiny", *sets_for(tmp_path, data, "multi")], tmp_path)
+    multi = launch([str(LAUNCHERS / "hostfile_launch.sh"), "hostfile", "pretrain", "--config", "tiny",
+                    *sets_for(tmp_path, data, "multi")], tmp_path, env={"MASTER_PORT": str(free_port())})
     assert multi.returncode == 0, multi.stdout[-4000:]
     assert "preflight: 2 host(s) ready" in multi.stdout
     # pdsh prefixes each line with the host it came from: both nodes ran a rank of the one job.
@@ -80,9 +55,9 @@ def test_preflight_names_each_bad_host_in_one_line(nodes, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = run([sys.executable, "-m", "megatrain.cli", "launch", "--hostfile", "hostfile", "--master-port", str(port),
-                 "pretrain", "--config", "tiny", *sets_for(tmp_path, data, "ckpt"), "--set",
-                 f"data.path={tmp_path}/nowhere"], tmp_path, timeout=120)
+        r = launch([str(LAUNCHERS / "hostfile_launch.sh"), "hostfile", "pretrain", "--config", "tiny",
+                    *sets_for(tmp_path, data, "ckpt"), "--set", f"data.path={tmp_path}/nowhere"], tmp_path, timeout=120,
+                   env={"MASTER_PORT": str(port)})
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 1, r.stdout
     assert len(lines) == 5, r.stdout

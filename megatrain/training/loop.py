@@ -7,6 +7,7 @@ a resumed run continues from `consumed_samples`.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ class StopRequest:
         if flag.item() > 0:
             return local or "stop requested on another rank"
         return None
+
+
+def note_stop(why: str, step: int, enabled: bool) -> None:
+    """Tell the job script that this run stopped before max_steps (it requeues the job): MEGATRAIN_STOP_FILE."""
+    path = os.environ.get("MEGATRAIN_STOP_FILE")
+    if enabled and path:
+        with open(path, "w") as f:
+            f.write(f"{why} at step {step}\n")
 
 
 def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -> np.ndarray:
@@ -190,6 +199,7 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                     checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
+                note_stop(why, state.step, enabled=rank0)
                 return state
         if last_saved != state.step:
             checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)

@@ -1,0 +1,95 @@
+"""launchers/slurm/pretrain.sbatch for real, on a two-node Slurm cluster made on this machine.
+
+Each of the three launch modes runs a job that is signalled (USR1, as `#SBATCH --signal=USR1@120` sends
+it) mid-run: megatrain saves and exits 0, the script requeues the job, and the rerun resumes at the step
+after the checkpoint and completes. The losses of the two runs together equal an uninterrupted 2-process
+single-node run's. Marked `slurm`: needs root and apt (the fixture installs slurm and munge), ~3 minutes.
+"""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import RANK_ENV, single_node_run, slurm_cluster
+from training_utils import assert_close_curves, losses, make_byte_dataset, small_sets
+
+pytestmark = pytest.mark.slurm
+SBATCH = Path(__file__).resolve().parent.parent / "launchers" / "slurm" / "pretrain.sbatch"
+STEPS = 150
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def run_args(data: str, ckpt: str) -> list[str]:
+    sets = small_sets(data, ckpt, **{"train.max_steps": STEPS, "train.eval_interval": 50, "checkpoint.interval": 0})
+    return ["--config", "tiny", *(a for s in sets for a in ("--set", s))]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with slurm_cluster(n_nodes=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(dataset, per-step train losses, eval losses) of the uninterrupted single-node 2-process run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    data = make_byte_dataset(tmp)
+    single_node_run(tmp, run_args(data, str(tmp / "ckpt"))[2:])
+    return data, losses(str(tmp / "ckpt")), losses(str(tmp / "ckpt"), "eval")
+
+
+def wait_until(predicate, timeout: float, what: str, context=lambda: ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not after {timeout:.0f} s\n{context()}")
+
+
+@pytest.mark.parametrize("mode", ["srun", "deepspeed-slurm", "deepspeed-nossh"])
+def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, reference, tmp_path, mode):
+    data, want, want_eval = reference
+    ckpt, log = tmp_path / "ckpt", tmp_path / "job.out"
+    env = {**cluster.env(), **RANK_ENV, "MEGATRAIN_LAUNCHERS": str(SBATCH.parent.parent), "MEGATRAIN_LAUNCH_MODE": mode}
+    # The script asks for 8 GPUs and 8 tasks a node: this cluster's nodes have 2 CPUs and no GPU.
+    sub = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                          "--cpus-per-task=1", "--time=10", f"--output={log}", str(SBATCH), *run_args(data, str(ckpt))],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    context = lambda: (log.read_text()[-3000:] if log.exists() else "(no job output)") + "\n" + cluster.logs()  # noqa: E731
+    try:
+        metrics = ckpt / "metrics.jsonl"
+        wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180, "3 steps logged", context)
+        cluster.run(f"scancel --signal=USR1 {job}")  # what --signal=USR1@120 does 2 minutes before the limit
+        # Slurm makes a requeued job wait ~2 minutes before it may start again; let it start now.
+        wait_until(lambda: cluster.job(job).get("Restarts") == "1", 120, "job requeued", context)
+        cluster.run(f"scontrol update JobId={job} StartTime=now", check=False)
+        state = wait_until(lambda: cluster.job(job).get("JobState") in DONE and cluster.job(job), 240, "job done", context)
+    finally:
+        cluster.run(f"scancel {job}", check=False)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", context()
+
+    text = log.read_text()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stops = [r for r in rows if r.get("kind") == "stop"]
+    assert len(stops) == 1 and stops[0]["reason"] == "SIGUSR1", rows[-3:]
+    stopped_at = stops[0]["step"]
+    assert 3 <= stopped_at < STEPS
+    assert f"stopping at step {stopped_at}: SIGUSR1; checkpoint saved" in text
+    assert "requeueing job" in text and "(restart 1)" in text
+    assert f"resumed from {ckpt}/step{stopped_at:08d} at step {stopped_at}" in text, context()
+    first_run = [r["step"] for r in rows[: rows.index(stops[0])] if "loss" in r]
+    second_run = [r["step"] for r in rows[rows.index(stops[0]) + 1:] if "loss" in r]
+    assert first_run == list(range(1, stopped_at + 1))
+    assert second_run == list(range(stopped_at + 1, STEPS + 1))  # the step after the checkpoint, then on to the end
+
+    got = losses(str(ckpt))
+    assert got[STEPS] < got[1] - 1.0  # the loss falls
+    assert_close_curves(want, got, rtol=1e-6)
+    assert_close_curves(want_eval, losses(str(ckpt), "eval"), rtol=1e-6)
