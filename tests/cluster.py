@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import pytest
 
 APT_PACKAGES = {"ssh": ["openssh-server", "openssh-client", "pdsh"],
-                "slurm": ["slurmctld", "slurmd", "slurm-client", "munge"]}
+                "slurm": ["slurmctld", "slurmd", "slurm-client", "munge", "iproute2"]}
 NEEDED_BINARIES = {"ssh": ["sshd", "ssh", "ssh-keygen", "pdsh"],
-                   "slurm": ["slurmctld", "slurmd", "sbatch", "munged", "mungekey"]}
+                   "slurm": ["slurmctld", "slurmd", "sbatch", "munged", "mungekey", "ip", "nsenter"]}
 
 
 def sh(cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -236,8 +236,6 @@ def _slurm_conf(d: str, nodes: dict, munge_socket: str) -> str:
 def slurm_cluster(n_nodes: int = 2):
     """munged + slurmctld on a bridge, one slurmd per network namespace (node n1 at 10.199.1.11, ...)."""
     ensure_packages("slurm")
-    if not which("ip") or not which("nsenter"):
-        pytest.skip("the Slurm cluster test needs iproute2 (ip) and util-linux (nsenter)")
     d = tempfile.mkdtemp(prefix="megatrain-slurm-")
     os.chmod(d, 0o755)
     tag = f"mt{os.getpid() % 10000}"
