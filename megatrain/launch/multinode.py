@@ -157,8 +157,11 @@ def entrypoint_paths(entrypoint: str, args: list[str]) -> tuple[list[str], str]:
     if cfg.data.path not in (None, "", []):
         for _, prefix in parse_data_path(cfg.data.path):
             paths += [prefix + ".bin", prefix + ".idx"]
-    if cfg.data.tokenizer and os.path.sep in cfg.data.tokenizer:
-        paths.append(cfg.data.tokenizer)
+    tok = str(cfg.data.tokenizer or "")
+    kind, _, rest = tok.partition(":")
+    tok_path = rest if kind in ("sentencepiece", "sp", "hf") and rest else tok  # see megatrain.data.tokenizer
+    if tok_path and tok_path != "byte":
+        paths.append(tok_path)
     return paths, cfg.checkpoint.dir
 
 
