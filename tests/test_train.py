@@ -42,6 +42,21 @@ def test_single_rank_trains_saves_resumes_and_generates(tmp_path):
     assert torch.equal(x, out)
 
 
+def test_time_limit_saves_exits_and_leaves_the_stop_note(tmp_path, monkeypatch):
+    """train.exit_duration_minutes: save, exit cleanly, tell a job script (MEGATRAIN_STOP_FILE); the rerun resumes."""
+    data = make_byte_dataset(tmp_path)
+    ck, note = str(tmp_path / "ck"), tmp_path / "stopped"
+    monkeypatch.setenv("MEGATRAIN_STOP_FILE", str(note))  # the spawned rank inherits it
+    run_distributed(run_configs, 1, [small_sets(data, ck, **{"train.exit_duration_minutes": 1e-6,
+                                                             "checkpoint.interval": 0})], timeout=300)
+    assert note.read_text() == "time limit (train.exit_duration_minutes) at step 1\n"
+    assert open(os.path.join(ck, "latest")).read() == "step00000001"
+    note.unlink()
+    run_distributed(run_configs, 1, [small_sets(data, ck, **{"checkpoint.interval": 0})], timeout=300)
+    assert sorted(losses(ck)) == [1, 2, 3, 4, 5, 6] and not note.exists()
+    assert open(os.path.join(ck, "latest")).read() == "step00000006"
+
+
 def test_mlm_objective_trains_and_logs_everywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     data = make_byte_dataset(tmp_path)
