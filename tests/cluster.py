@@ -195,6 +195,11 @@ class SlurmCluster:
     def run(self, cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, shell=True, check=check, text=True, capture_output=True, env=self.env())
 
+    def nodes_idle(self) -> bool:
+        """Every node idle: no job on it, none completing."""
+        states = self.run("sinfo -h -N -o %T", check=False).stdout.split()
+        return len(states) == len(self.nodes) and all(s == "idle" for s in states)
+
     def logs(self, lines: int = 15) -> str:
         """The tail of every daemon log, for a failure message."""
         out = []
@@ -264,8 +269,7 @@ def slurm_cluster(n_nodes: int = 2):
             sh(f"{env} nsenter --net=/run/netns/{tag}-{n} slurmd -f {conf} -N {n}")
         cluster = SlurmCluster(conf, nodes, "eth0", d)
         try:
-            wait_for(lambda: cluster.run("sinfo -h -o '%t %D'", check=False).stdout.split() == ["idle", str(n_nodes)],
-                     60, "slurm nodes idle")
+            wait_for(cluster.nodes_idle, 60, "slurm nodes idle")
         except TimeoutError as e:
             raise RuntimeError(f"{e}; sinfo: {cluster.run('sinfo', check=False).stdout}\n{cluster.logs()}") from None
         yield cluster

@@ -42,6 +42,8 @@ def test_two_node_hostfile_launch_equals_single_node(nodes, tmp_path):
     assert all(line and not line.startswith("#") for line in env_file)
 
     want, got = losses(str(tmp_path / "single")), losses(str(tmp_path / "multi"))
+    print(f"\n2 nodes vs 1 node: losses {[round(got[s], 4) for s in sorted(got)]}, "
+          f"max |difference| {max(abs(got[s] - want[s]) for s in want):.2e}")
     assert sorted(got) == sorted(want) == list(range(1, 7))
     assert_close_curves(want, got, rtol=1e-6)
     assert_close_curves(losses(str(tmp_path / "single"), "eval"), losses(str(tmp_path / "multi"), "eval"), rtol=1e-6)

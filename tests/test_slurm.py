@@ -51,6 +51,14 @@ def wait_until(predicate, timeout: float, what: str, context=lambda: ""):
     raise AssertionError(f"{what}: not after {timeout:.0f} s\n{context()}")
 
 
+def requeued(job: dict) -> bool:
+    return job.get("Restarts") == "1" and job.get("JobState") == "PENDING"
+
+
+def finished(job: dict) -> dict | None:
+    return job if job.get("JobState") in DONE else None
+
+
 @pytest.mark.parametrize("mode", ["srun", "deepspeed-slurm", "deepspeed-nossh"])
 def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, reference, tmp_path, mode):
     data, want, want_eval = reference
@@ -62,15 +70,18 @@ def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, referen
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    context = lambda: (log.read_text()[-3000:] if log.exists() else "(no job output)") + "\n" + cluster.logs()  # noqa: E731
+    context = lambda: (f"job: {cluster.job(job)}\n" + (log.read_text()[-3000:] if log.exists() else "(no job output)")  # noqa: E731
+                       + "\n" + cluster.logs())
     try:
         metrics = ckpt / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180, "3 steps logged", context)
         cluster.run(f"scancel --signal=USR1 {job}")  # what --signal=USR1@120 does 2 minutes before the limit
-        # Slurm makes a requeued job wait ~2 minutes before it may start again; let it start now.
-        wait_until(lambda: cluster.job(job).get("Restarts") == "1", 120, "job requeued", context)
+        # Slurm holds a requeued job ~2 minutes, time for the first run to be torn down on every node (the job
+        # keeps its id; a node still completing it fails the rerun at once). Wait for exactly that, then release it.
+        wait_until(lambda: requeued(cluster.job(job)) and cluster.nodes_idle(), 120, "job requeued, nodes idle", context)
         cluster.run(f"scontrol update JobId={job} StartTime=now", check=False)
-        state = wait_until(lambda: cluster.job(job).get("JobState") in DONE and cluster.job(job), 240, "job done", context)
+        state = wait_until(lambda: "(restart 1)" in log.read_text() and finished(cluster.job(job)), 240, "rerun done",
+                           context)
     finally:
         cluster.run(f"scancel {job}", check=False)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", context()
@@ -90,6 +101,8 @@ def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, referen
     assert second_run == list(range(stopped_at + 1, STEPS + 1))  # the step after the checkpoint, then on to the end
 
     got = losses(str(ckpt))
+    print(f"\n{mode}: stopped at step {stopped_at}, resumed at step {second_run[0]}, loss {got[1]:.4f} -> "
+          f"{got[STEPS]:.4f}, max |loss - single node| {max(abs(got[s] - want[s]) for s in want):.2e}")
     assert got[STEPS] < got[1] - 1.0  # the loss falls
     assert_close_curves(want, got, rtol=1e-6)
     assert_close_curves(want_eval, losses(str(ckpt), "eval"), rtol=1e-6)
