@@ -27,6 +27,7 @@ from megatrain.data import GPTSampleDataset, IndexedDataset  # noqa: E402
 from megatrain.data.preprocess import preprocess  # noqa: E402
 from megatrain.data.samples import build_sample_index  # noqa: E402
 from megatrain.data.train_tokenizer import train_tokenizer  # noqa: E402
+from megatrain.fileio import write_atomic  # noqa: E402
 
 
 def make_corpus(path: str, n_bytes: int, seed: int = 0) -> None:
@@ -137,9 +138,7 @@ def main() -> None:
                         bare_ndarray_reads_per_s=bare_best, ratio_vs_memmap=ours_best / raw_best,
                         ratio_vs_bare=ours_best / bare_best, share_spanning_documents=float(crossing))
     res["index_build"] = dict(seconds=build_s, tokens=ds.num_tokens, documents=ds.num_documents, samples=n_samples)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_atomic(args.out, json.dumps(res, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatrain import kernels  # noqa: E402
+from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.kernels import ops, reference  # noqa: E402
 from megatrain.model import rope_tables  # noqa: E402
 
@@ -199,9 +200,7 @@ def main() -> None:
           f"-> {on / off:.2f}x")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    "bench_kernels.json" if device == "cpu" else "bench_kernels_cuda.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_atomic(out, json.dumps(res, indent=2))
     print(f"wrote {out}")
 
 

@@ -26,6 +26,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from megatrain.fileio import write_atomic  # noqa: E402
+
 LAYOUTS = [  # name, overrides
     ("dp2 ZeRO-1", {"parallel.zero_stage": 1}),
     ("dp2 ZeRO-2", {"parallel.zero_stage": 2}),
@@ -160,9 +162,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:16s} {max(r['bytes_per_rank']) / 2**20:>14.1f} MiB {r['theory_bytes'] / 2**20:>6.1f} MiB "
               f"{r['ratio_to_theory']:>5.2f}x {r['step_s'] * 1e3:>6.0f}ms {t_ref / r['step_s']:>7.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_atomic(args.out, json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 
 

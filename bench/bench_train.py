@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from megatrain.config import ModelConfig, ffn_width  # noqa: E402
+from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.training.metrics import measured_matmul_tflops, train_flops_per_token  # noqa: E402
 
 
@@ -157,9 +158,7 @@ def main() -> None:
         res["baby_gpt"] = part2(args)  # first: its own process, before this one holds DeepSpeed state
     if "part1" not in args.skip:
         res["vs_hf_llama"] = part1(args)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_atomic(args.out, json.dumps(res, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from megatrain.data.indexed import IndexedDataset
+from megatrain.fileio import write_atomic
 
 INDEX_VERSION = 1  # bump when the index construction changes, to invalidate old caches
 
@@ -174,10 +175,7 @@ def _load_or_build(cache_prefix: str, key: dict, build) -> tuple[SampleIndex, bo
                 tmp = f"{paths[n]}.tmp{os.getpid()}.npy"
                 np.save(tmp, getattr(index, n))
                 os.replace(tmp, paths[n])
-            tmp = f"{meta_path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(dict(key, epochs=index.epochs), f, indent=1)
-            os.replace(tmp, meta_path)
+            write_atomic(meta_path, json.dumps(dict(key, epochs=index.epochs), indent=1))
             built = True
     if distributed:
         dist.barrier()

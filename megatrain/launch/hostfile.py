@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+from megatrain.fileio import write_atomic
+
 
 class NodeListError(ValueError):
     pass
@@ -90,8 +92,5 @@ def command(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.output)
+        write_atomic(args.output, text)
     return 0

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from megatrain.fileio import write_atomic
+
 ENTRYPOINTS = ("pretrain", "finetune")  # megatrain.<name>, a module that runs under DeepSpeed's launcher
 
 # Variables the ranks need that pdsh would not carry (DeepSpeed forwards only PYTHON*, MLFLOW*, MV2*, UCX*).
@@ -101,11 +103,7 @@ def write_deepspeed_env(path: str, variables: dict[str, str]) -> list[str]:
             else:
                 dropped += 1
     kept.update(variables)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(f"{k}={v}\n" for k, v in kept.items())
-    os.chmod(tmp, 0o600)  # it may hold WANDB_API_KEY
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{k}={v}\n" for k, v in kept.items()), mode=0o600)  # it may hold WANDB_API_KEY
     return [f"dropped {dropped} blank/comment line(s) from {path} (DeepSpeed cannot parse them)"] if dropped else []
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, config_from_dict
+from megatrain.fileio import write_atomic
 
 STATE_FILE = "megatrain.json"
 
@@ -36,15 +37,6 @@ def read_latest(ckpt_dir: str) -> str | None:
     if not os.path.isfile(os.path.join(ckpt_dir, tag, STATE_FILE)):
         raise ConfigError(f"{path} names {tag!r}, which is incomplete or missing; point latest at a complete step folder")
     return tag
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -75,8 +67,8 @@ def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict) ->
     torch.save(_rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
-        _atomic_write(os.path.join(ckpt_dir, tag, STATE_FILE), json.dumps(state, indent=1))
-        _atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+        write_atomic(os.path.join(ckpt_dir, tag, STATE_FILE), json.dumps(state, indent=1))
+        write_atomic(os.path.join(ckpt_dir, "latest"), tag)
         _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
     dist.barrier()
     return tag
