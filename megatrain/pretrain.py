@@ -110,12 +110,13 @@ def run(cfg: Config) -> dict:
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")
     peak, peak_src = peak_tflops(cfg)
-    log0(f"FLOPs/token (train) {train_flops_per_token(cfg.model, cfg.data.seq_len):,.0f} | MFU peak {peak:.2f} TFLOP/s ({peak_src})")
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    log0(f"FLOPs/token (train) {flops_per_token:,.0f} | MFU peak {peak:.2f} TFLOP/s ({peak_src})")
     make = BatchMaker(cfg.model.objective, cfg.train.seed, tok.mask_id, tok.vocab_size, cfg.data.mlm_probability,
                       tuple(i for i in (tok.eod_id, tok.pad_id, tok.bos_id) if i is not None))
     t0 = time.perf_counter()
-    state = train(cfg, engine, train_ds, valid_ds, make, state, grad_accum, layout, dp_rank, grid,
-                  train_flops_per_token(cfg.model, cfg.data.seq_len), peak, layout_rec)
+    state = train(cfg, engine, train_ds, valid_ds, make, state, grad_accum, layout, dp_rank, grid, flops_per_token,
+                  peak, layout_rec)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")
     if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and layout.tp == layout.pp == 1:
         print_sample(engine, cfg, tok)

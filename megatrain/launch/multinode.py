@@ -12,6 +12,7 @@ WANDB_* ... go through that file) and hands over to DeepSpeed's runner with `--v
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -145,16 +146,16 @@ def entrypoint_paths(entrypoint: str, args: list[str]) -> tuple[list[str], str]:
     """(files every host must see, checkpoint dir) from the entrypoint's --config/--set arguments."""
     from megatrain.config import load_config
     from megatrain.data import parse_data_path
+    from megatrain.data.indexed import bin_path, idx_path
 
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--set", action="append", default=[])
+    importlib.import_module(f"megatrain.{entrypoint}").add_arguments(p)  # the entrypoint's own --config/--set
     known, _ = p.parse_known_args(args)
     cfg = load_config(known.config, known.set)
     paths = [known.config] if os.path.sep in known.config or known.config.endswith((".yaml", ".yml")) else []
     if cfg.data.path not in (None, "", []):
         for _, prefix in parse_data_path(cfg.data.path):
-            paths += [prefix + ".bin", prefix + ".idx"]
+            paths += [bin_path(prefix), idx_path(prefix)]
     tok = str(cfg.data.tokenizer or "")
     kind, _, rest = tok.partition(":")
     tok_path = rest if kind in ("sentencepiece", "sp", "hf") and rest else tok  # see megatrain.data.tokenizer
