@@ -93,14 +93,15 @@ def kill_pidfile(path: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+def wait_for(predicate, timeout: float, what: str, context=lambda: "", interval: float = 0.1):
+    """predicate()'s first true value; after `timeout` s, TimeoutError naming `what`, with context() for the log."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s\n{context()}")
 
 
 @contextlib.contextmanager
@@ -268,10 +269,8 @@ def slurm_cluster(n_nodes: int = 2):
         for n in nodes:
             sh(f"{env} nsenter --net=/run/netns/{tag}-{n} slurmd -f {conf} -N {n}")
         cluster = SlurmCluster(conf, nodes, "eth0", d)
-        try:
-            wait_for(cluster.nodes_idle, 60, "slurm nodes idle")
-        except TimeoutError as e:
-            raise RuntimeError(f"{e}; sinfo: {cluster.run('sinfo', check=False).stdout}\n{cluster.logs()}") from None
+        wait_for(cluster.nodes_idle, 60, "slurm nodes idle",
+                 lambda: f"sinfo: {cluster.run('sinfo', check=False).stdout}\n{cluster.logs()}")
         yield cluster
     finally:
         for pidfile in [f"{d}/slurmd-{n}.pid" for n in nodes] + [f"{d}/slurmctld.pid", f"{d}/munged.pid"]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster import launch, single_node_run, ssh_nodes
-from training_utils import assert_close_curves, losses, make_byte_dataset, small_sets
+from training_utils import assert_close_curves, losses, make_byte_dataset, set_args, small_sets
 
 pytestmark = pytest.mark.multinode
 LAUNCHERS = Path(__file__).resolve().parent.parent / "launchers"
@@ -21,7 +21,7 @@ def nodes():
 
 
 def sets_for(tmp_path, data, name):
-    return [a for s in small_sets(data, str(tmp_path / name), **{"train.max_steps": 6}) for a in ("--set", s)]
+    return set_args(small_sets(data, str(tmp_path / name), **{"train.max_steps": 6}))
 
 
 def test_two_node_hostfile_launch_equals_single_node(nodes, tmp_path):

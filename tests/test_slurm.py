@@ -7,13 +7,12 @@ single-node run's. Marked `slurm`: needs root and apt (the fixture installs slur
 """
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from cluster import RANK_ENV, single_node_run, slurm_cluster
-from training_utils import assert_close_curves, losses, make_byte_dataset, small_sets
+from cluster import RANK_ENV, single_node_run, slurm_cluster, wait_for
+from training_utils import assert_close_curves, losses, make_byte_dataset, set_args, small_sets
 
 pytestmark = pytest.mark.slurm
 SBATCH = Path(__file__).resolve().parent.parent / "launchers" / "slurm" / "pretrain.sbatch"
@@ -22,8 +21,9 @@ DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 
 def run_args(data: str, ckpt: str) -> list[str]:
-    sets = small_sets(data, ckpt, **{"train.max_steps": STEPS, "train.eval_interval": 50, "checkpoint.interval": 0})
-    return ["--config", "tiny", *(a for s in sets for a in ("--set", s))]
+    """`--set` arguments after `--config tiny`: STEPS steps, no periodic checkpoint (only the stop saves)."""
+    return set_args(small_sets(data, ckpt, **{"train.max_steps": STEPS, "train.eval_interval": 50,
+                                              "checkpoint.interval": 0}))
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,8 @@ def reference(tmp_path_factory):
     """(dataset, per-step train losses, eval losses) of the uninterrupted single-node 2-process run."""
     tmp = tmp_path_factory.mktemp("reference")
     data = make_byte_dataset(tmp)
-    single_node_run(tmp, run_args(data, str(tmp / "ckpt"))[2:])
+    single_node_run(tmp, run_args(data, str(tmp / "ckpt")))
     return data, losses(str(tmp / "ckpt")), losses(str(tmp / "ckpt"), "eval")
-
-
-def wait_until(predicate, timeout: float, what: str, context=lambda: ""):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not after {timeout:.0f} s\n{context()}")
 
 
 def requeued(job: dict) -> bool:
@@ -66,7 +56,8 @@ def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, referen
     env = {**cluster.env(), **RANK_ENV, "MEGATRAIN_LAUNCHERS": str(SBATCH.parent.parent), "MEGATRAIN_LAUNCH_MODE": mode}
     # The script asks for 8 GPUs and 8 tasks a node: this cluster's nodes have 2 CPUs and no GPU.
     sub = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
-                          "--cpus-per-task=1", "--time=10", f"--output={log}", str(SBATCH), *run_args(data, str(ckpt))],
+                          "--cpus-per-task=1", "--time=10", f"--output={log}", str(SBATCH), "--config", "tiny",
+                          *run_args(data, str(ckpt))],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
@@ -74,13 +65,13 @@ def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, referen
                        + "\n" + cluster.logs())
     try:
         metrics = ckpt / "metrics.jsonl"
-        wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180, "3 steps logged", context)
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180, "3 steps logged", context)
         cluster.run(f"scancel --signal=USR1 {job}")  # what --signal=USR1@120 does 2 minutes before the limit
         # Slurm holds a requeued job ~2 minutes, time for the first run to be torn down on every node (the job
         # keeps its id; a node still completing it fails the rerun at once). Wait for exactly that, then release it.
-        wait_until(lambda: requeued(cluster.job(job)) and cluster.nodes_idle(), 120, "job requeued, nodes idle", context)
+        wait_for(lambda: requeued(cluster.job(job)) and cluster.nodes_idle(), 120, "job requeued, nodes idle", context)
         cluster.run(f"scontrol update JobId={job} StartTime=now", check=False)
-        state = wait_until(lambda: "(restart 1)" in log.read_text() and finished(cluster.job(job)), 240, "rerun done",
+        state = wait_for(lambda: "(restart 1)" in log.read_text() and finished(cluster.job(job)), 240, "rerun done",
                            context)
     finally:
         cluster.run(f"scancel {job}", check=False)

@@ -30,6 +30,11 @@ def small_sets(data: str, ckpt: str, **over) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
 
 
+def set_args(sets: list[str]) -> list[str]:
+    """small_sets() as command-line arguments: ['a.b=1', ...] -> ['--set', 'a.b=1', ...]."""
+    return [arg for s in sets for arg in ("--set", s)]
+
+
 def losses(ckpt: str, kind: str = "train") -> dict[int, float]:
     rows = [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
     key = "loss" if kind == "train" else "val_loss"
