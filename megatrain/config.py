@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +19,15 @@ from typing import Any, Union
 
 import yaml
 
-import sys
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-if not PRESET_DIR.is_dir():  # a non-editable install: setup.py put the presets under <prefix>/share
-    PRESET_DIR = Path(sys.prefix) / "share" / "megatrain" / "configs"
+def shipped_dir(folder: str) -> Path:
+    """configs/ or ds_configs/: in the repository (editable install), else where setup.py put them
+    for a regular install, <prefix>/share/megatrain/."""
+    in_repo = Path(__file__).resolve().parent.parent / folder
+    return in_repo if in_repo.is_dir() else Path(sys.prefix) / "share" / "megatrain" / folder
+
+
+PRESET_DIR = shipped_dir("configs")
 
 
 class ConfigError(ValueError):

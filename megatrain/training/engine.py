@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from megatrain.config import Config, ConfigError, validate_world
-
-_REPO = Path(__file__).resolve().parents[2]
+from megatrain.config import Config, ConfigError, shipped_dir, validate_world
 
 
 def find_shipped(folder: str, name: str) -> Path:
-    """A file from the repository's configs/ or ds_configs/ (editable install), or the installed share/."""
-    for base in (_REPO / folder, Path(sys.prefix) / "share" / "megatrain" / folder):
-        if (base / name).is_file():
-            return base / name
-    raise ConfigError(f"{folder}/{name} not found: reinstall megatrain (pip install -e .)")
+    """A file from ds_configs/ (or configs/), wherever this install keeps them."""
+    path = shipped_dir(folder) / name
+    if not path.is_file():
+        raise ConfigError(f"{folder}/{name} not found: reinstall megatrain (pip install -e .)")
+    return path
 
 
 def resolve_precision(cfg: Config) -> str:
