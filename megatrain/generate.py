@@ -6,10 +6,12 @@ own zero_to_fp32 reader), so generation needs neither DeepSpeed's engine nor the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
 
+from megatrain.config import ConfigError
 from megatrain.model import KVCache, Transformer
 
 
@@ -50,8 +52,6 @@ def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict
     from megatrain.config import config_from_dict
     from megatrain.training.checkpoint import load_consolidated_state_dict
 
-    import contextlib
-
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's reader prints progress to stdout
         sd, saved = load_consolidated_state_dict(ckpt_dir, tag)
     cfg = config_from_dict(saved["config"])
@@ -59,7 +59,7 @@ def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{ckpt_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(f"{ckpt_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model, saved
 
 
@@ -80,9 +80,12 @@ def command(args: argparse.Namespace) -> int:
 
     model, saved = load_model(args.checkpoint, args.tag)
     if model.cfg.objective != "causal":
-        raise ValueError("generate needs a causal LM checkpoint (this one was trained with objective=mlm)")
+        raise ConfigError("generate needs a causal LM checkpoint (this one was trained with objective=mlm)")
     tok = build_tokenizer(args.tokenizer or saved["config"]["data"]["tokenizer"])
     ids = tok.encode(args.prompt) if args.prompt else [tok.eod_id]
+    if len(ids) >= model.cfg.max_seq_len:
+        raise ConfigError(f"--prompt is {len(ids)} tokens; this model reads at most model.max_seq_len="
+                          f"{model.cfg.max_seq_len}, with room left to generate: shorten it")
     prompt = torch.tensor([ids] * args.num_samples)
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(f"# {args.checkpoint} step {saved['step']}", file=sys.stderr)

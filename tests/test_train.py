@@ -1,6 +1,8 @@
 """Training through real DeepSpeed over gloo: one rank (default tier) and several (slow tier)."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +10,10 @@ import torch
 
 from distributed import run_distributed
 from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
+
+
+def megatrain_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatrain.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def _rewind_latest(ckpt: str, step: int) -> None:
@@ -40,6 +46,12 @@ def test_single_rank_trains_saves_resumes_and_generates(tmp_path):
     for _ in range(10):
         x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
     assert torch.equal(x, out)
+    # the command line: text out; a prompt longer than the model reads is one error line
+    r = megatrain_cli("generate", "--checkpoint", a, "--prompt", "He", "--max-new-tokens", "5")
+    assert r.returncode == 0 and r.stdout.startswith("He"), r.stderr
+    r = megatrain_cli("generate", "--checkpoint", a, "--prompt", "x" * 64)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("megatrain generate: error: --prompt is 64 "
+                                                                               "tokens"), r.stderr
 
 
 def test_time_limit_saves_exits_and_leaves_the_stop_note(tmp_path, monkeypatch):
@@ -71,6 +83,8 @@ def test_mlm_objective_trains_and_logs_everywhere(tmp_path, monkeypatch):
     assert all(np.isfinite(r["grad_norm"]) for r in rows if "grad_norm" in r)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(ck, "tensorboard")))
     assert os.path.isdir(os.path.join(ck, "wandb"))
+    r = megatrain_cli("generate", "--checkpoint", ck)
+    assert r.returncode == 1 and "generate needs a causal LM checkpoint" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 @pytest.mark.slow
