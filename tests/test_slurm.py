@@ -7,6 +7,7 @@ single-node run's. Marked `slurm`: needs root and apt (the fixture installs slur
 """
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,9 @@ def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, referen
         # Slurm holds a requeued job ~2 minutes, time for the first run to be torn down on every node (the job
         # keeps its id; a node still completing it fails the rerun at once). Wait for exactly that, then release it.
         wait_for(lambda: requeued(cluster.job(job)) and cluster.nodes_idle(), 120, "job requeued, nodes idle", context)
+        # NOTE: slurmd revoked the first run's credential at a whole-second time and refuses a batch launch whose
+        # credential was made in that same second or before ("Job N already killed, do not launch batch job").
+        time.sleep(2)
         cluster.run(f"scontrol update JobId={job} StartTime=now", check=False)
         state = wait_for(lambda: "(restart 1)" in log.read_text() and finished(cluster.job(job)), 240, "rerun done",
                            context)
