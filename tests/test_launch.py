@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from megatrain.launch.multinode import (LaunchError, collect_env, deepspeed_command, parse_hostfile,
-                                        write_deepspeed_env)
+from megatrain.launch.multinode import (LaunchError, collect_env, deepspeed_command, entrypoint_paths,
+                                        parse_hostfile, write_deepspeed_env)
 
 
 def test_hostfile_parsing(tmp_path):
@@ -54,6 +54,16 @@ def test_deepspeed_env_file_merges_and_drops_lines_deepspeed_cannot_parse(tmp_pa
     for line in lines:  # DeepSpeed's runner reads each line as `key, val = line.split('=', maxsplit=1)`
         key, val = line.split("=", maxsplit=1)
         assert key and val
+
+
+@pytest.mark.parametrize("tokenizer,path", [("byte", None), ("sp:/shared/tok.model", "/shared/tok.model"),
+                                             ("hf:/shared/hf-tok", "/shared/hf-tok"), ("/shared/tok", "/shared/tok")])
+def test_preflight_checks_the_files_the_run_reads(tokenizer, path):
+    """The data files and the tokenizer the entrypoint's --config/--set name (the tokenizer's path without its
+    `kind:` prefix), and the checkpoint dir."""
+    paths, ckpt = entrypoint_paths("pretrain", ["--config", "tiny", "--set", "data.path=/shared/corpus",
+                                                "--set", f"data.tokenizer={tokenizer}", "--set", "checkpoint.dir=/ck"])
+    assert paths == ["/shared/corpus.bin", "/shared/corpus.idx"] + ([path] if path else []) and ckpt == "/ck"
 
 
 def test_deepspeed_command():

@@ -159,17 +159,30 @@ class HFTokenizer(Tokenizer):
         return f"hf:{self.path}"
 
 
+def parse_spec(spec: str) -> tuple[str | None, str | None]:
+    """(kind, path) of a spec: ('byte', None); ('sentencepiece' | 'hf', PATH) for a `kind:PATH` spec;
+    (None, PATH) when the kind is read off what PATH holds."""
+    spec = str(spec).strip()
+    if spec == "byte":
+        return "byte", None
+    kind, _, rest = spec.partition(":")
+    if kind in ("sentencepiece", "sp") and rest:
+        return "sentencepiece", rest
+    if kind == "hf" and rest:
+        return "hf", rest
+    return None, spec
+
+
 def build_tokenizer(spec: str) -> Tokenizer:
     """Build a tokenizer from a spec string (see the module doc); unknown specs raise TokenizerError."""
     spec = str(spec).strip()
-    if spec == "byte":
+    kind, path = parse_spec(spec)
+    if kind == "byte":
         return ByteTokenizer()
-    kind, _, rest = spec.partition(":")
-    if kind in ("sentencepiece", "sp") and rest:
-        return SentencePieceTokenizer(_existing(rest, spec))
-    if kind == "hf" and rest:
-        return HFTokenizer(_existing(rest, spec))
-    path = spec
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(_existing(path, spec))
+    if kind == "hf":
+        return HFTokenizer(_existing(path, spec))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             return HFTokenizer(path)

@@ -147,6 +147,7 @@ def entrypoint_paths(entrypoint: str, args: list[str]) -> tuple[list[str], str]:
     from megatrain.config import load_config
     from megatrain.data import parse_data_path
     from megatrain.data.indexed import bin_path, idx_path
+    from megatrain.data.tokenizer import parse_spec
 
     p = argparse.ArgumentParser(add_help=False)
     importlib.import_module(f"megatrain.{entrypoint}").add_arguments(p)  # the entrypoint's own --config/--set
@@ -156,10 +157,8 @@ def entrypoint_paths(entrypoint: str, args: list[str]) -> tuple[list[str], str]:
     if cfg.data.path not in (None, "", []):
         for _, prefix in parse_data_path(cfg.data.path):
             paths += [bin_path(prefix), idx_path(prefix)]
-    tok = str(cfg.data.tokenizer or "")
-    kind, _, rest = tok.partition(":")
-    tok_path = rest if kind in ("sentencepiece", "sp", "hf") and rest else tok  # see megatrain.data.tokenizer
-    if tok_path and tok_path != "byte":
+    _, tok_path = parse_spec(cfg.data.tokenizer or "")
+    if tok_path:
         paths.append(tok_path)
     return paths, cfg.checkpoint.dir
 
