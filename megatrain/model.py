@@ -71,7 +71,7 @@ def fused_kernels_enabled(setting: str) -> bool:
 
     if setting == "off":
         return False
-    kernels.notice_if_missing(True)  # auto or on without the extension: say once that the reference runs
+    kernels.notice_if_missing()  # auto or on without the extension: say once that the reference runs
     return kernels.built()
 
 

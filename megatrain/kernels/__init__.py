@@ -57,10 +57,10 @@ def use_fused(x: torch.Tensor) -> bool:
     return implementation(x.device, x.dtype)[0] != "reference"
 
 
-def notice_if_missing(requested: bool) -> None:
-    """Called where fused kernels were asked for: one line if the reference will run instead."""
+def notice_if_missing() -> None:
+    """Called where fused kernels were asked for: one line, once, if the reference will run instead."""
     global _NOTICE_SHOWN
-    if requested and not built() and not _NOTICE_SHOWN:
+    if not built() and not _NOTICE_SHOWN:
         _NOTICE_SHOWN = True
         print(f"megatrain: fused kernels requested but not built ({_LOAD_ERROR}); using the PyTorch reference",
               file=sys.stderr)

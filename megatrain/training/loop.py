@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config
+from megatrain.fileio import write_atomic
 from megatrain.model import mlm_mask
 from megatrain.training import checkpoint
 from megatrain.training.engine import grad_norm, rank_mean
@@ -80,12 +81,11 @@ class StopRequest:
         return None
 
 
-def note_stop(why: str, step: int, enabled: bool) -> None:
+def note_stop(why: str, step: int) -> None:
     """Tell the job script that this run stopped before max_steps (it requeues the job): MEGATRAIN_STOP_FILE."""
     path = os.environ.get("MEGATRAIN_STOP_FILE")
-    if enabled and path:
-        with open(path, "w") as f:
-            f.write(f"{why} at step {step}\n")
+    if path:
+        write_atomic(path, f"{why} at step {step}\n")
 
 
 def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -> np.ndarray:
@@ -199,7 +199,8 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                     checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
-                note_stop(why, state.step, enabled=rank0)
+                if rank0:
+                    note_stop(why, state.step)
                 return state
         if last_saved != state.step:
             checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
