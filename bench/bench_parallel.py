@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatrain.fileio import write_atomic  # noqa: E402
+from megatrain.training.dist_env import free_port  # noqa: E402
 
 LAYOUTS = [  # name, overrides
     ("dp2 ZeRO-1", {"parallel.zero_stage": 1}),
@@ -143,8 +144,6 @@ def main() -> None:
         if ONLY and ONLY not in name and name != "dp2 ZeRO-1":
             continue
         out = tempfile.mktemp(suffix=".json")
-        from megatrain.training.dist_env import free_port
-
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from megatrain.training.dist_env import free_port
+
 APT_PACKAGES = {"ssh": ["openssh-server", "openssh-client", "pdsh"],
                 "slurm": ["slurmctld", "slurmd", "slurm-client", "munge", "iproute2"]}
 NEEDED_BINARIES = {"ssh": ["sshd", "ssh", "ssh-keygen", "pdsh"],
@@ -76,8 +78,6 @@ def launch(cmd: list[str], cwd, timeout: int = 300, env: dict | None = None) -> 
 
 def single_node_run(cwd, args: list[str]) -> None:
     """The reference: `deepspeed --num_gpus 2 --module megatrain.pretrain ARGS` on this one machine."""
-    from megatrain.training.dist_env import free_port
-
     r = launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                 str(free_port()), "--module", "megatrain.pretrain", "--config", "tiny", *args], cwd)
     assert r.returncode == 0, r.stdout[-4000:]
@@ -155,8 +155,6 @@ def ssh_nodes(venv: str = sys.prefix):
     if os.path.realpath(venv) == os.path.realpath(sys.base_prefix):
         pytest.skip("the multinode tests hide the venv from one node: run them from a venv")
     ensure_packages("ssh")
-    from megatrain.training.dist_env import free_port
-
     d = tempfile.mkdtemp(prefix="megatrain-sshd-")
     port = free_port()
     sh(f"ssh-keygen -q -t ed25519 -N '' -f {d}/host_key && ssh-keygen -q -t ed25519 -N '' -f {d}/id_ed25519 "
@@ -220,8 +218,6 @@ NET = "10.199.1"  # the test network: the bridge is .1, node i is .1i
 
 
 def _slurm_conf(d: str, nodes: dict, munge_socket: str) -> str:
-    from megatrain.training.dist_env import free_port
-
     lines = [
         "ClusterName=megatrain-test", f"SlurmctldHost={socket.gethostname()}({NET}.1)", f"SlurmctldPort={free_port()}",
         f"SlurmdPort={free_port()}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",

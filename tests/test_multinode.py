@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from megatrain.launch.hostfile import hostfile_text
+from megatrain.training.dist_env import free_port
+
 from cluster import launch, single_node_run, ssh_nodes
 from training_utils import assert_close_curves, losses, make_byte_dataset, set_args, small_sets
 
@@ -25,11 +28,9 @@ def sets_for(tmp_path, data, name):
 
 
 def test_two_node_hostfile_launch_equals_single_node(nodes, tmp_path):
-    from megatrain.training.dist_env import free_port
-
     data = make_byte_dataset(tmp_path)
     single_node_run(tmp_path, sets_for(tmp_path, data, "single"))
-    (tmp_path / "hostfile").write_text("".join(f"{h} slots=1\n" for h in nodes.nodes))
+    (tmp_path / "hostfile").write_text(hostfile_text(nodes.nodes, 1))
     multi = launch([str(LAUNCHERS / "hostfile_launch.sh"), "hostfile", "pretrain", "--config", "tiny",
                     *sets_for(tmp_path, data, "multi")], tmp_path, env={"MASTER_PORT": str(free_port())})
     assert multi.returncode == 0, multi.stdout[-4000:]
@@ -52,7 +53,7 @@ def test_two_node_hostfile_launch_equals_single_node(nodes, tmp_path):
 def test_preflight_names_each_bad_host_in_one_line(nodes, tmp_path):
     data = make_byte_dataset(tmp_path)
     hosts = [nodes.nodes[0], nodes.no_venv, nodes.unreachable]
-    (tmp_path / "hostfile").write_text("".join(f"{h} slots=1\n" for h in hosts))
+    (tmp_path / "hostfile").write_text(hostfile_text(hosts, 1))
     with socket.socket() as busy:  # the master port, taken on the first host
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -201,7 +201,7 @@ def preflight(hosts: list[str], venv: str, entrypoint: str, paths: list[str], ch
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         answers = list(pool.map(lambda ih: probe_host(ih[1], script(ih[0] == 0), ssh_port, timeout), enumerate(hosts)))
     problems = []
-    for i, (host, a) in enumerate(answers):
+    for host, a in answers:
         say = lambda what: problems.append(f"preflight: {host}: {what}")  # noqa: E731
         if a == "cwd":
             say(f"launch directory {cwd} does not exist there (DeepSpeed runs every rank from it: use a shared filesystem)")
@@ -260,7 +260,8 @@ def command(args: argparse.Namespace) -> int:
     entry_args = args.args[1:] if args.args[:1] == ["--"] else args.args
     if importlib.util.find_spec(f"megatrain.{args.entrypoint}") is None:
         raise LaunchError(f"this megatrain has no megatrain.{args.entrypoint} entrypoint")
-    master_addr = args.master_addr or next(iter(hosts))
+    first_host = next(iter(hosts))
+    master_addr = args.master_addr or first_host
     if not args.skip_preflight:
         paths, ckpt = entrypoint_paths(args.entrypoint, entry_args)
         problems = preflight(list(hosts), venv, args.entrypoint, paths, ckpt, args.master_port, args.ssh_port)
@@ -268,7 +269,7 @@ def command(args: argparse.Namespace) -> int:
             print("\n".join(problems), file=sys.stderr)
             return 1
         print(f"preflight: {len(hosts)} host(s) ready ({', '.join(hosts)}): megatrain from {venv}, "
-              f"paths visible, port {args.master_port} free on {next(iter(hosts))}", flush=True)
+              f"paths visible, port {args.master_port} free on {first_host}", flush=True)
     variables, notices = collect_env(os.environ, args.env)
     cmd = deepspeed_command(os.path.abspath(args.hostfile), venv, master_addr, args.master_port, args.ssh_port,
                             args.entrypoint, entry_args)
