@@ -160,15 +160,18 @@ _Pragma("omp simd")
   }
 }
 
+// GeLU, tanh form: gelu(h) = 0.5 h (1 + tanh(k0 (h + k1 h^3))); gelu_tanh_t is that tanh.
 constexpr double kGeluK0 = 0.7978845608028654, kGeluK1 = 0.044715;  // sqrt(2 / pi), and the cubic term
+
+template <typename acc_t>
+inline acc_t gelu_tanh_t(acc_t h) { return vtanh(acc_t(kGeluK0) * (h + acc_t(kGeluK1) * h * h * h)); }
 
 template <typename scalar_t, typename acc_t>
 inline void bias_gelu_fwd_row(const scalar_t* x, const scalar_t* b, int64_t F, scalar_t* y) {
-  const acc_t k0 = acc_t(kGeluK0), k1 = acc_t(kGeluK1);
 _Pragma("omp simd")
   for (int64_t i = 0; i < F; ++i) {
     const acc_t h = acc_t(x[i]) + acc_t(b[i]);
-    y[i] = scalar_t(acc_t(0.5) * h * (acc_t(1) + vtanh(k0 * (h + k1 * h * h * h))));
+    y[i] = scalar_t(acc_t(0.5) * h * (acc_t(1) + gelu_tanh_t(h)));
   }
 }
 
@@ -179,7 +182,7 @@ inline void bias_gelu_bwd_row(const scalar_t* x, const scalar_t* b, const scalar
 _Pragma("omp simd")
   for (int64_t i = 0; i < F; ++i) {
     const acc_t h = acc_t(x[i]) + acc_t(b[i]);
-    const acc_t t = vtanh(k0 * (h + k1 * h * h * h));
+    const acc_t t = gelu_tanh_t(h);
     const acc_t grad = acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * h * (acc_t(1) - t * t) * k0 * (acc_t(1) + acc_t(3) * k1 * h * h);
     const acc_t d = acc_t(dy[i]) * grad;
     dx[i] = scalar_t(d);
