@@ -69,6 +69,25 @@ def test_time_limit_saves_exits_and_leaves_the_stop_note(tmp_path, monkeypatch):
     assert open(os.path.join(ck, "latest")).read() == "step00000006"
 
 
+def _stop_reasons(rank, world):
+    import signal
+
+    from megatrain.training.loop import StopRequest
+
+    stop = StopRequest(0)
+    assert stop.reason("cpu") is None
+    if rank == 1:  # srun signals each task itself: one rank may see USR1 a step before the others
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert stop.reason("cpu") == "SIGUSR1"
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.reason("cpu") == "SIGTERM"  # disagreeing ranks: the later entry of StopRequest.REASONS wins
+
+
+def test_every_rank_records_the_stop_reason_of_the_rank_that_was_signalled():
+    run_distributed(_stop_reasons, 2, timeout=120)
+
+
 def test_mlm_objective_trains_and_logs_everywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     data = make_byte_dataset(tmp_path)

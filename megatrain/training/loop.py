@@ -58,6 +58,9 @@ class BatchMaker:
 class StopRequest:
     """SIGUSR1/SIGTERM (e.g. Slurm's --signal=USR1@120) or a time limit -> save and exit cleanly."""
 
+    # What a stop can be, in the order that wins when ranks disagree; ranks all-reduce the index (MAX).
+    REASONS = (None, "time limit (train.exit_duration_minutes)", "SIGUSR1", "SIGTERM")
+
     def __init__(self, minutes: float):
         self.deadline = time.time() + minutes * 60 if minutes > 0 else None
         self.signalled = None
@@ -71,14 +74,12 @@ class StopRequest:
         self.signalled = signal.Signals(signum).name
 
     def reason(self, device) -> str | None:
-        """Agreed by all ranks (one may get the signal before the others)."""
-        local = self.signalled or ("time limit (train.exit_duration_minutes)" if self.deadline and time.time() > self.deadline else None)
-        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        """The same on every rank, though one may get the signal before the others (srun signals each task)."""
+        local = self.signalled or (self.REASONS[1] if self.deadline and time.time() > self.deadline else None)
+        code = torch.tensor([self.REASONS.index(local)], dtype=torch.int64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            return local or "stop requested on another rank"
-        return None
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return self.REASONS[int(code.item())]
 
 
 def note_stop(why: str, step: int) -> None:
