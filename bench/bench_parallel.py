@@ -146,7 +146,10 @@ def main() -> None:
         out = tempfile.mktemp(suffix=".json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{run.stdout[-3000:]}{run.stderr[-3000:]}\nbench_parallel: layout {name!r} failed "
+                     f"(exit {run.returncode}); its ranks' last output is above")
         r = json.load(open(out))
         tp, pp = over.get("parallel.tp", 1), over.get("parallel.pp", 1)
         r["theory_bytes"] = theory_bytes(r["psi"], over["parallel.zero_stage"], 2, tp, pp)

@@ -86,11 +86,21 @@ def lr_lambda(cfg: Config):
     return f
 
 
+def cap_reduce_bucket(ds_config: dict, local_params: int) -> None:
+    """ZeRO allocates its gradient buckets whole, reduce_bucket_size elements each (ZeRO-3 one for the whole run,
+    ZeRO-1/2 two during every backward): a bucket larger than all of this rank's gradients together is memory
+    that is never filled (190 MiB in fp32 at the shipped 5e7 for a 21M-parameter model)."""
+    zero = ds_config["zero_optimization"]
+    if "reduce_bucket_size" in zero:
+        zero["reduce_bucket_size"] = min(int(zero["reduce_bucket_size"]), local_params)
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
     """deepspeed.initialize with a torch AdamW (no JIT-built op needed) and the LR schedule."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size)
+    cap_reduce_bucket(ds_config, sum(p.numel() for p in model.parameters()))
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
