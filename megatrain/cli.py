@@ -25,10 +25,10 @@ def user_error_types() -> tuple[type, ...]:
     """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
     from megatrain.config import ConfigError
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
-    from megatrain.launch.hostfile import NodeListError
+    from megatrain.launch.hostfile import HostfileError
     from megatrain.launch.multinode import LaunchError
 
-    return (LaunchError, NodeListError, ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+    return (LaunchError, HostfileError, ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Tier 1: `megatrain launch` pieces that need no ssh: hostfile parsing, .deepspeed_env, the command.
+"""Tier 1: `megatrain launch` pieces that need no ssh: .deepspeed_env, the command, the preflight's paths.
 
 The preflight over ssh and the launch itself run for real in tests/test_multinode.py (marker multinode).
 """
@@ -8,27 +8,7 @@ import sys
 
 import pytest
 
-from megatrain.launch.multinode import (LaunchError, collect_env, deepspeed_command, entrypoint_paths,
-                                        parse_hostfile, write_deepspeed_env)
-
-
-def test_hostfile_parsing(tmp_path):
-    f = tmp_path / "hostfile"
-    f.write_text("# two nodes\nnode1 slots=8\n\n  node2   slots=4  \n")
-    assert parse_hostfile(str(f)) == {"node1": 8, "node2": 4}
-
-
-@pytest.mark.parametrize("text,needle", [
-    ("node1 slots=8\nnode2\n", "line 2: 'node2' is not `HOST slots=N`"),
-    ("node1 slots=0\n", "line 1"),
-    ("node1 slots=8\nnode1 slots=8\n", "line 2: host node1 is listed twice"),
-    ("# nothing\n\n", "names no host"),
-])
-def test_bad_hostfiles_say_which_line(tmp_path, text, needle):
-    f = tmp_path / "hostfile"
-    f.write_text(text)
-    with pytest.raises(LaunchError, match=needle.replace("(", r"\(").replace("*", r"\*")):
-        parse_hostfile(str(f))
+from megatrain.launch.multinode import LaunchError, collect_env, deepspeed_command, entrypoint_paths, write_deepspeed_env
 
 
 def test_forwarded_variables():

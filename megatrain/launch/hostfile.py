@@ -1,4 +1,5 @@
-"""`megatrain hostfile`: turn SLURM_JOB_NODELIST (or a list of hosts) into a DeepSpeed hostfile.
+"""DeepSpeed hostfiles: `megatrain hostfile` writes one from SLURM_JOB_NODELIST (or a list of hosts);
+`megatrain launch` reads one (parse_hostfile).
 
     megatrain hostfile --slots 8 > hostfile                 # inside a Slurm allocation
     megatrain hostfile --nodes "gpu[01-04,09]" --slots 8 --output hostfile
@@ -15,7 +16,7 @@ import sys
 from megatrain.fileio import write_atomic
 
 
-class NodeListError(ValueError):
+class HostfileError(ValueError):
     pass
 
 
@@ -28,14 +29,14 @@ def _split_top_level(s: str) -> list[str]:
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise NodeListError(f"node list {s!r}: unbalanced ']'")
+                raise HostfileError(f"node list {s!r}: unbalanced ']'")
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""
         else:
             cur += ch
     if depth:
-        raise NodeListError(f"node list {s!r}: unbalanced '['")
+        raise HostfileError(f"node list {s!r}: unbalanced '['")
     parts.append(cur)
     return [p.strip() for p in parts if p.strip()]
 
@@ -51,13 +52,13 @@ def _expand_one(pattern: str) -> list[str]:
         if "-" in item:
             lo, hi = item.split("-", 1)
             if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise NodeListError(f"node list {pattern!r}: bad range {item!r}")
+                raise HostfileError(f"node list {pattern!r}: bad range {item!r}")
             width = len(lo)  # keep zero padding: 001-010
             values = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
         elif item.isdigit():
             values = [item]
         else:
-            raise NodeListError(f"node list {pattern!r}: bad item {item!r}")
+            raise HostfileError(f"node list {pattern!r}: bad item {item!r}")
         for v in values:
             out.extend(_expand_one(head + v + tail))
     return out
@@ -67,14 +68,37 @@ def expand_nodelist(nodelist: str) -> list[str]:
     """'gpu[01-03,07],login1' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'login1'] (Slurm's hostlist syntax)."""
     hosts = [h for part in _split_top_level(nodelist) for h in _expand_one(part)]
     if not hosts:
-        raise NodeListError(f"node list {nodelist!r} names no host")
+        raise HostfileError(f"node list {nodelist!r} names no host")
     return hosts
 
 
 def hostfile_text(hosts: list[str], slots: int) -> str:
     if slots < 1:
-        raise NodeListError(f"--slots must be at least 1, got {slots}")
+        raise HostfileError(f"--slots must be at least 1, got {slots}")
     return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def parse_hostfile(path: str) -> dict[str, int]:
+    """`HOST slots=N` lines (blank lines and # comments allowed) -> {host: slots}, in file order."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise HostfileError(f"hostfile {path}: {e.strerror}; write one `HOST slots=N` line per node "
+                            f"(`megatrain hostfile` makes one from a Slurm node list)") from None
+    hosts: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not m or int(m.group(2)) < 1:
+            raise HostfileError(f"hostfile {path} line {n}: {line!r} is not `HOST slots=N` (N >= 1)")
+        if m.group(1) in hosts:
+            raise HostfileError(f"hostfile {path} line {n}: host {m.group(1)} is listed twice")
+        hosts[m.group(1)] = int(m.group(2))
+    if not hosts:
+        raise HostfileError(f"hostfile {path} names no host; write one `HOST slots=N` line per node")
+    return hosts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     nodes = args.nodes or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes:
-        raise NodeListError("no node list: pass --nodes, or run inside a Slurm allocation (SLURM_JOB_NODELIST)")
+        raise HostfileError("no node list: pass --nodes, or run inside a Slurm allocation (SLURM_JOB_NODELIST)")
     slots = args.slots if args.slots is not None else int(os.environ.get("SLURM_GPUS_ON_NODE", "1") or 1)
     text = hostfile_text(expand_nodelist(nodes), slots)
     if args.output == "-":

@@ -23,6 +23,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from megatrain.fileio import write_atomic
+from megatrain.launch.hostfile import parse_hostfile
 
 ENTRYPOINTS = ("pretrain", "finetune")  # megatrain.<name>, a module that runs under DeepSpeed's launcher
 
@@ -37,29 +38,6 @@ UNSAFE_VALUE = re.compile(r'["$`\\\n\r]')
 
 class LaunchError(ValueError):
     pass
-
-
-def parse_hostfile(path: str) -> dict[str, int]:
-    """`HOST slots=N` lines (blank lines and # comments allowed) -> {host: slots}, in file order."""
-    try:
-        lines = open(path).read().splitlines()
-    except OSError as e:
-        raise LaunchError(f"hostfile {path}: {e.strerror}; write one `HOST slots=N` line per node "
-                          f"(`megatrain hostfile` makes one from a Slurm node list)") from None
-    hosts: dict[str, int] = {}
-    for n, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
-        if not m or int(m.group(2)) < 1:
-            raise LaunchError(f"hostfile {path} line {n}: {line!r} is not `HOST slots=N` (N >= 1)")
-        if m.group(1) in hosts:
-            raise LaunchError(f"hostfile {path} line {n}: host {m.group(1)} is listed twice")
-        hosts[m.group(1)] = int(m.group(2))
-    if not hosts:
-        raise LaunchError(f"hostfile {path} names no host; write one `HOST slots=N` line per node")
-    return hosts
 
 
 def default_venv() -> str:
