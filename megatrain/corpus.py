@@ -15,6 +15,7 @@ import sysconfig
 from megatrain.data.indexed import dataset_exists
 from megatrain.data.preprocess import preprocess
 from megatrain.data.train_tokenizer import train_tokenizer
+from megatrain.fileio import atomic_path
 
 VOCAB_SIZE = 2048  # small: the tiny model's embedding stays cheap and each piece is seen often
 
@@ -49,14 +50,12 @@ def ensure_builtin_corpus(log=print) -> tuple[str, str]:
     os.makedirs(root, exist_ok=True)
     files = source_files()
     jsonl = os.path.join(root, "sources.jsonl")
-    tmp = f"{jsonl}.tmp{os.getpid()}"
-    with open(tmp, "w") as out:
+    with atomic_path(jsonl) as tmp, open(tmp, "w") as out:  # the file closes, then the rename
         for path in files:
             with open(path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
             if text.strip():
                 out.write(json.dumps({"text": text}) + "\n")
-    os.replace(tmp, jsonl)
     log(f"built-in corpus: {len(files)} Python standard-library files -> {jsonl}; training a {VOCAB_SIZE}-piece tokenizer ...")
     train_tokenizer([jsonl], tok_dir, vocab_size=VOCAB_SIZE, model_type="bpe", max_sentences=300_000)
     stats = preprocess([jsonl], tok_dir, prefix, workers=max(1, min(4, os.cpu_count() or 1)), append_eod=True, progress=False)

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from megatrain.data.indexed import IndexedDataset
-from megatrain.fileio import write_atomic
+from megatrain.fileio import atomic_path, write_atomic
 
 INDEX_VERSION = 1  # bump when the index construction changes, to invalidate old caches
 
@@ -170,11 +170,9 @@ def _load_or_build(cache_prefix: str, key: dict, build) -> tuple[SampleIndex, bo
     if not distributed or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
         if not os.path.isfile(meta_path):  # the .json is written last: its presence means complete
             index = build()
-            os.makedirs(os.path.dirname(cache_prefix), exist_ok=True)
             for n in names:
-                tmp = f"{paths[n]}.tmp{os.getpid()}.npy"
-                np.save(tmp, getattr(index, n))
-                os.replace(tmp, paths[n])
+                with atomic_path(paths[n], suffix=".npy") as tmp:
+                    np.save(tmp, getattr(index, n))
             write_atomic(meta_path, json.dumps(dict(key, epochs=index.epochs), indent=1))
             built = True
     if distributed:
