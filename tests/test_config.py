@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from megatrain.config import PRESET_DIR, Config, ConfigError, ffn_width, load_config, validate_world
-from megatrain.training.engine import cap_reduce_bucket, deepspeed_config, lr_lambda
+from megatrain.training.engine import deepspeed_config, lr_lambda
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -93,10 +93,8 @@ def test_deepspeed_config_filled_from_ours():
     assert "offload_param" not in ds["zero_optimization"]
     json.dumps(ds)
     # ZeRO's gradient buckets are allocated whole: never larger than all of this rank's gradients
-    cap_reduce_bucket(ds, 1234)
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 1234
-    ds = deepspeed_config(load_config("tiny", ["parallel.zero_stage=2"]), 2)
-    cap_reduce_bucket(ds, 10**12)
+    assert deepspeed_config(cfg, 2, local_params=1234)["zero_optimization"]["reduce_bucket_size"] == 1234
+    ds = deepspeed_config(load_config("tiny", ["parallel.zero_stage=2"]), 2, local_params=10**12)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
 
 

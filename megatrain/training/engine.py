@@ -29,7 +29,9 @@ def resolve_precision(cfg: Config) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = None) -> dict:
+    """The DeepSpeed JSON for this run; `local_params` (the parameters on this rank, once the model exists) caps
+    ZeRO's gradient bucket."""
     p = cfg.parallel
     name = "zero3_offload.json" if (p.zero_stage == 3 and (p.offload_params or p.offload_optimizer)) else f"zero{p.zero_stage}.json"
     ds = json.loads(find_shipped("ds_configs", name).read_text())
@@ -44,6 +46,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     ds["bf16"]["enabled"] = precision == "bf16"
     ds["fp16"]["enabled"] = precision == "fp16"
     zero = ds["zero_optimization"]
+    if local_params is not None and "reduce_bucket_size" in zero:
+        # DeepSpeed allocates the bucket whole, reduce_bucket_size elements (ZeRO-3 one for the whole run, ZeRO-1/2
+        # two during every backward): more than all of this rank's gradients is memory never filled.
+        zero["reduce_bucket_size"] = min(int(zero["reduce_bucket_size"]), local_params)
     if p.zero_stage in (1, 2) and p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         ds["zero_force_ds_cpu_optimizer"] = False
@@ -86,21 +92,11 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def cap_reduce_bucket(ds_config: dict, local_params: int) -> None:
-    """ZeRO allocates its gradient buckets whole, reduce_bucket_size elements each (ZeRO-3 one for the whole run,
-    ZeRO-1/2 two during every backward): a bucket larger than all of this rank's gradients together is memory
-    that is never filled (190 MiB in fp32 at the shipped 5e7 for a 21M-parameter model)."""
-    zero = ds_config["zero_optimization"]
-    if "reduce_bucket_size" in zero:
-        zero["reduce_bucket_size"] = min(int(zero["reduce_bucket_size"]), local_params)
-
-
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
     """deepspeed.initialize with a torch AdamW (no JIT-built op needed) and the LR schedule."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, world_size)
-    cap_reduce_bucket(ds_config, sum(p.numel() for p in model.parameters()))
+    ds_config = deepspeed_config(cfg, world_size, local_params=sum(p.numel() for p in model.parameters()))
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
