@@ -58,8 +58,9 @@ class BatchMaker:
 class StopRequest:
     """SIGUSR1/SIGTERM (e.g. Slurm's --signal=USR1@120) or a time limit -> save and exit cleanly."""
 
+    TIME_LIMIT = "time limit (train.exit_duration_minutes)"
     # What a stop can be, in the order that wins when ranks disagree; ranks all-reduce the index (MAX).
-    REASONS = (None, "time limit (train.exit_duration_minutes)", "SIGUSR1", "SIGTERM")
+    REASONS = (None, TIME_LIMIT, "SIGUSR1", "SIGTERM")
 
     def __init__(self, minutes: float):
         self.deadline = time.time() + minutes * 60 if minutes > 0 else None
@@ -75,7 +76,7 @@ class StopRequest:
 
     def reason(self, device) -> str | None:
         """The same on every rank, though one may get the signal before the others (srun signals each task)."""
-        local = self.signalled or (self.REASONS[1] if self.deadline and time.time() > self.deadline else None)
+        local = self.signalled or (self.TIME_LIMIT if self.deadline and time.time() > self.deadline else None)
         code = torch.tensor([self.REASONS.index(local)], dtype=torch.int64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
