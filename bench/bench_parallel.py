@@ -140,22 +140,23 @@ def main() -> None:
             "train.global_batch_size": 16}
     results = {}
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for i, (name, over) in enumerate(LAYOUTS):
-        if ONLY and ONLY not in name and name != "dp2 ZeRO-1":
-            continue
-        out = tempfile.mktemp(suffix=".json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"{run.stdout[-3000:]}{run.stderr[-3000:]}\nbench_parallel: layout {name!r} failed "
-                     f"(exit {run.returncode}); its ranks' last output is above")
-        r = json.load(open(out))
-        tp, pp = over.get("parallel.tp", 1), over.get("parallel.pp", 1)
-        r["theory_bytes"] = theory_bytes(r["psi"], over["parallel.zero_stage"], 2, tp, pp)
-        r["ratio_to_theory"] = max(r["bytes_per_rank"]) / r["theory_bytes"]
-        results[name] = r
-        print(f"{name:16s} done", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:  # the ranks' result files
+        for name, over in LAYOUTS:
+            if ONLY and ONLY not in name and name != "dp2 ZeRO-1":
+                continue
+            out = os.path.join(scratch, f"{len(results)}.json")  # one per layout: none is read stale
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                   __file__, "--worker", "--sets", json.dumps({**base, **over}), "--result", out, "--steps", str(args.steps)]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"{run.stdout[-3000:]}{run.stderr[-3000:]}\nbench_parallel: layout {name!r} failed "
+                         f"(exit {run.returncode}); its ranks' last output is above")
+            r = json.load(open(out))
+            tp, pp = over.get("parallel.tp", 1), over.get("parallel.pp", 1)
+            r["theory_bytes"] = theory_bytes(r["psi"], over["parallel.zero_stage"], 2, tp, pp)
+            r["ratio_to_theory"] = max(r["bytes_per_rank"]) / r["theory_bytes"]
+            results[name] = r
+            print(f"{name:16s} done", flush=True)
     t_ref = results["dp2 ZeRO-1"]["step_s"]
     psi = results["dp2 ZeRO-1"]["psi"]
     print(f"\n{args.layers} layers x width {args.width} ({psi / 1e6:.1f}M parameters, 16 Psi = {16 * psi / 2**20:.0f} MiB), "
