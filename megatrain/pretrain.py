@@ -17,9 +17,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, load_config, validate_world
+from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import build_gpt_datasets, build_tokenizer
-from megatrain.training.dist_env import init_distributed
+from megatrain.training.runtime import log0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.max_steps=100")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-
-
-def log0(*args) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
 
 
 def check_data_path(cfg: Config) -> None:
@@ -66,47 +61,21 @@ def setup_data(cfg: Config):
 
 def run(cfg: Config) -> dict:
     from megatrain.model import Transformer
-    from megatrain.parallel.parallelize import parallelize
-    from megatrain.parallel.topology import build_grid, check_layout
-    from megatrain.training import checkpoint
-    from megatrain.training.dist_env import discover
-    from megatrain.training.engine import build_engine, resolve_precision
-    from megatrain.training.loop import BatchMaker, TrainState, train
+    from megatrain.training.loop import BatchMaker, train
     from megatrain.training.metrics import peak_tflops, train_flops_per_token
+    from megatrain.training.runtime import Run, resolve_vocab
 
     check_data_path(cfg)  # fail in one line before any distributed setup
-    layout = check_layout(cfg, discover().world_size)  # likewise every invalid TP x PP x DP layout
-    info = init_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    grad_accum = validate_world(cfg, world)
-    grid = build_grid(layout)
-    _, dp_rank, _ = layout.coords(rank)
+    run = Run.start(cfg)  # likewise every invalid TP x PP x DP layout, then the process groups
     tok, train_ds, valid_ds = setup_data(cfg)
-    if cfg.model.vocab_size == 0:
-        m = max(cfg.model.pad_vocab_multiple, cfg.parallel.tp)
-        cfg.model.vocab_size = -(-tok.vocab_size // m) * m
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"config key model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    resolve_vocab(cfg, tok)
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
     torch.manual_seed(cfg.train.seed)  # every rank builds the same full model, then keeps its slice
     model = Transformer(cfg.model)
-    n_params = model.num_params()
-    module = parallelize(model, cfg, layout, grid)
-    local_params = sum(p.numel() for p in module.parameters())  # before ZeRO-3 partitions them
-    precision = resolve_precision(cfg)
-    engine, _, _, _ = build_engine(cfg, module, world, mpu=None if layout.pp > 1 else grid)
-    layout_rec = dict(world_size=world, dp=layout.dp, tp=layout.tp, pp=layout.pp, zero_stage=cfg.parallel.zero_stage,
-                      sequence_parallel=cfg.parallel.sequence_parallel)
-    log0(f"megatrain pretrain | launcher {info.launcher} | world {world} = {layout} | ZeRO-{cfg.parallel.zero_stage} | "
-         f"{precision} | {n_params / 1e6:.2f}M parameters | grad accumulation {grad_accum} | data {cfg.data.path}")
-    log_rank_table(local_params, layout)
-    state = TrainState()
-    saved = checkpoint.resume(engine, cfg, layout_rec)
-    if saved:
-        state = TrainState(saved["step"], saved["consumed_samples"])
-        log0(f"resumed from {cfg.checkpoint.dir}/{checkpoint.tag_for(state.step)} at step {state.step} "
-             f"({state.consumed_samples:,} samples consumed)")
+    log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
+    engine = run.engine(model)
+    state = run.resume(engine)
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")
     peak, peak_src = peak_tflops(cfg)
@@ -115,27 +84,11 @@ def run(cfg: Config) -> dict:
     make = BatchMaker(cfg.model.objective, cfg.train.seed, tok.mask_id, tok.vocab_size, cfg.data.mlm_probability,
                       tuple(i for i in (tok.eod_id, tok.pad_id, tok.bos_id) if i is not None))
     t0 = time.perf_counter()
-    state = train(cfg, engine, train_ds, valid_ds, make, state, grad_accum, layout, dp_rank, grid, flops_per_token,
-                  peak, layout_rec)
+    state = train(run, engine, train_ds, valid_ds, make, state, flops_per_token, peak)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")
-    if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and layout.tp == layout.pp == 1:
+    if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and run.layout.tp == run.layout.pp == 1:
         print_sample(engine, cfg, tok)
     return dict(step=state.step, consumed_samples=state.consumed_samples)
-
-
-def log_rank_table(local_params: int, layout) -> None:
-    """Each rank's place in the layout, its parameter count and its memory, printed by rank 0."""
-    import resource
-
-    if torch.cuda.is_available():
-        mem = f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB GPU"
-    else:
-        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, (dist.get_rank(), local_params, mem))
-    for r, n, m in rows:
-        pp, dp, tp = layout.coords(r)
-        log0(f"  rank {r:>3}: pp {pp} dp {dp} tp {tp} | {n / 1e6:8.2f}M parameters | {m}")
 
 
 def print_sample(engine, cfg: Config, tok) -> None:

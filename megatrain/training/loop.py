@@ -19,15 +19,9 @@ import torch.distributed as dist
 from megatrain.config import Config
 from megatrain.fileio import write_atomic
 from megatrain.model import mlm_mask
-from megatrain.training import checkpoint
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    consumed_samples: int = 0
+from megatrain.training.runtime import Run, TrainState
 
 
 @dataclass
@@ -134,9 +128,10 @@ def drift_check(engine, cfg: Config, grid, step: int) -> None:
         check_tp_drift(engine.module, grid.get_slice_parallel_group(), step)
 
 
-def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: TrainState, grad_accum: int,
-          layout, dp_rank: int, grid, flops_per_token: float, peak: float, layout_rec: dict) -> TrainState:
-    rank0 = dist.get_rank() == 0
+def train(run: Run, engine, train_ds, valid_ds, make: BatchMaker, state: TrainState, flops_per_token: float,
+          peak: float) -> TrainState:
+    cfg, layout, grad_accum, dp_rank = run.cfg, run.layout, run.grad_accum, run.dp_rank
+    rank0 = run.rank == 0
     dp = layout.dp
     pipeline = is_pipeline(engine)
     t = cfg.train
@@ -171,7 +166,7 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
             logger.advance()
             every = cfg.parallel.drift_check_interval
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
-                drift_check(engine, cfg, grid, state.step)
+                drift_check(engine, cfg, run.grid, state.step)
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
                 secs = time.perf_counter() - window_t0
                 loss_avg = rank_mean(window_loss / window_steps, engine.device)
@@ -192,20 +187,20 @@ def train(cfg: Config, engine, train_ds, valid_ds, make: BatchMaker, state: Trai
                 window_t0 = time.perf_counter()  # don't count evaluation time as training throughput
             interval = cfg.checkpoint.interval
             if interval and state.step % interval == 0 and state.step < t.max_steps:
-                checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
+                run.save(engine, state)
                 last_saved = state.step
                 window_t0 = time.perf_counter()
             why = stop.reason(engine.device)
             if why:
                 if last_saved != state.step:
-                    checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
+                    run.save(engine, state)
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
                 if rank0:
                     note_stop(why, state.step)
                 return state
         if last_saved != state.step:
-            checkpoint.save(engine, cfg, state.step, state.consumed_samples, layout_rec)
+            run.save(engine, state)
     finally:
         logger.close()
     return state

@@ -1,0 +1,137 @@
+"""One run's wiring, shared by every entrypoint (pretrain, finetune, the checkpoint writer of `convert`).
+
+    run = Run.start(cfg)             # layout checked, process groups up, grid, accumulation, precision
+    model = Transformer(cfg.model)   # the plain model, built alike on every rank (seeded by the caller)
+    engine = run.engine(model)       # TP/PP applied in one place, then deepspeed.initialize
+    state = run.resume(engine)       # from checkpoint.dir/latest, if there is one
+
+An entrypoint adds only what is its own: its data, its task (batches, loss, FLOPs) and what it prints.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatrain.config import Config, ConfigError, validate_world
+from megatrain.parallel.topology import Layout
+
+
+def log0(*args) -> None:
+    """Print on rank 0 only (or in a process with no process group)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+@dataclass
+class Run:
+    """This process's place in the job: the layout, its process groups and what follows from the world size."""
+
+    cfg: Config
+    layout: Layout
+    grid: Any  # DeepSpeed's PipelineParallelGrid over the layout (the `mpu`)
+    launcher: str  # which launcher started the ranks (deepspeed/torchrun, slurm, single)
+    rank: int
+    grad_accum: int  # micro-batches per optimizer step on each data-parallel rank
+    precision: str  # fp32 | bf16 | fp16 (train.precision resolved for this machine)
+
+    @classmethod
+    def start(cls, cfg: Config) -> "Run":
+        """Check the layout before any process group exists (one line for every impossible one), then start
+        torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it)."""
+        from megatrain.parallel.topology import build_grid, check_layout
+        from megatrain.training.dist_env import discover, init_distributed
+        from megatrain.training.engine import resolve_precision
+
+        layout = check_layout(cfg, discover().world_size)
+        info = init_distributed()
+        grad_accum = validate_world(cfg, dist.get_world_size())
+        return cls(cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum, resolve_precision(cfg))
+
+    @property
+    def world(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[2]
+
+    @property
+    def record(self) -> dict:
+        """The layout as a checkpoint records it (and checks it on resume)."""
+        p = self.cfg.parallel
+        return dict(world_size=self.world, dp=self.layout.dp, tp=self.layout.tp, pp=self.layout.pp,
+                    zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel)
+
+    def describe(self, n_params: int) -> str:
+        return (f"launcher {self.launcher} | world {self.world} = {self.layout} | ZeRO-{self.cfg.parallel.zero_stage} | "
+                f"{self.precision} | {n_params / 1e6:.2f}M parameters | grad accumulation {self.grad_accum}")
+
+    def engine(self, model, log_ranks: bool = True):
+        """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize."""
+        from megatrain.parallel.parallelize import parallelize
+        from megatrain.training.engine import build_engine
+
+        module = parallelize(model, self.cfg, self.layout, self.grid)
+        local_params = sum(p.numel() for p in module.parameters())  # before ZeRO-3 partitions them
+        engine, _, _, _ = build_engine(self.cfg, module, self.world, mpu=None if self.layout.pp > 1 else self.grid)
+        if log_ranks:
+            self.log_rank_table(local_params)
+        return engine
+
+    def resume(self, engine) -> TrainState:
+        """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
+        from megatrain.training import checkpoint
+
+        saved = checkpoint.resume(engine, self.cfg, self.record)
+        if not saved:
+            return TrainState()
+        state = TrainState(saved["step"], saved["consumed_samples"])
+        log0(f"resumed from {self.cfg.checkpoint.dir}/{checkpoint.tag_for(state.step)} at step {state.step} "
+             f"({state.consumed_samples:,} samples consumed)")
+        return state
+
+    def save(self, engine, state: TrainState) -> str:
+        from megatrain.training import checkpoint
+
+        return checkpoint.save(engine, self.cfg, state.step, state.consumed_samples, self.record)
+
+    def log_rank_table(self, local_params: int) -> None:
+        """Each rank's place in the layout, its parameter count and its memory, printed by rank 0."""
+        if torch.cuda.is_available():
+            mem = f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB GPU"
+        else:
+            mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+        rows = [None] * self.world
+        dist.all_gather_object(rows, (self.rank, local_params, mem))
+        for r, n, m in rows:
+            pp, dp, tp = self.layout.coords(r)
+            log0(f"  rank {r:>3}: pp {pp} dp {dp} tp {tp} | {n / 1e6:8.2f}M parameters | {m}")
+
+
+def resolve_vocab(cfg: Config, tokenizer) -> None:
+    """model.vocab_size from the tokenizer (rounded up to pad_vocab_multiple and to a multiple of tp) when 0;
+    a set value smaller than the tokenizer's vocabulary is refused."""
+    if cfg.model.vocab_size == 0:
+        m = max(cfg.model.pad_vocab_multiple, cfg.parallel.tp)
+        cfg.model.vocab_size = -(-tokenizer.vocab_size // m) * m
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"config key model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}")
