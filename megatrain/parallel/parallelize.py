@@ -13,21 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megatrain.config import kv_heads
+from megatrain.parallel.sharding import shard, split_of
 from megatrain.model import LayerNorm, RMSNorm, Transformer
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                 mark_tp, vocab_parallel_cross_entropy)
-
-
-def _mine(t: torch.Tensor | None, tp: int, r: int, dim: int = 0) -> torch.Tensor | None:
-    return None if t is None else t.chunk(tp, dim=dim)[r]
-
-
-def _mine_parts(t: torch.Tensor | None, sizes: list[int], tp: int, r: int) -> torch.Tensor | None:
-    """Split fused rows (e.g. [q; k; v]) into parts, take this rank's slice of each, re-fuse."""
-    if t is None:
-        return None
-    return torch.cat([p.chunk(tp, dim=0)[r] for p in t.split(sizes, dim=0)], dim=0)
 
 
 class _SequenceShardPositions(nn.Module):
@@ -44,33 +33,34 @@ class _SequenceShardPositions(nn.Module):
 
 
 def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Transformer:
-    """Split attention heads (GQA-aware), the MLP, the embedding and the LM head over the TP group."""
+    """Split attention heads (GQA-aware), the MLP, the embedding and the LM head over the TP group, each weight
+    cut as checkpoint/sharding.py's table says."""
     tp, r = dist.get_world_size(group), dist.get_rank(group)
     if tp == 1:
         return model
     cfg = model.cfg
-    hd, nh, nkv = cfg.d_model // cfg.n_heads, cfg.n_heads, kv_heads(cfg)
     if cfg.vocab_size % tp:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} must be divisible by tp={tp} (raise model.pad_vocab_multiple)")
+    full = dict(model.named_parameters())
+
+    def mine(name: str) -> torch.Tensor | None:
+        return shard(full[name], split_of(name, cfg), tp, r) if name in full else None
+
     sp = sequence_parallel
-    model.embed = VocabParallelEmbedding(_mine(model.embed.weight, tp, r), group, sp)
-    for block in model.layers:
-        a = block.attn
-        sizes = [nh * hd, nkv * hd, nkv * hd]
-        a.qkv = ColumnParallelLinear(_mine_parts(a.qkv.weight, sizes, tp, r), _mine_parts(a.qkv.bias, sizes, tp, r), group, sp)
-        a.o_proj = RowParallelLinear(_mine(a.o_proj.weight, tp, r, dim=1), a.o_proj.bias, group, sp)
-        a.n_heads, a.n_kv = nh // tp, nkv // tp
-        m = block.mlp
+    model.embed = VocabParallelEmbedding(mine("embed.weight"), group, sp)
+    for i, block in enumerate(model.layers):
+        a, m, pre = block.attn, block.mlp, f"layers.{i}."
+        a.qkv = ColumnParallelLinear(mine(pre + "attn.qkv.weight"), mine(pre + "attn.qkv.bias"), group, sp)
+        a.o_proj = RowParallelLinear(mine(pre + "attn.o_proj.weight"), mine(pre + "attn.o_proj.bias"), group, sp)
+        a.n_heads, a.n_kv = a.n_heads // tp, a.n_kv // tp
         if m.swiglu:
-            ff = m.gate_up.weight.shape[0] // 2
-            m.gate_up = ColumnParallelLinear(_mine_parts(m.gate_up.weight, [ff, ff], tp, r),
-                                             _mine_parts(m.gate_up.bias, [ff, ff], tp, r), group, sp)
+            m.gate_up = ColumnParallelLinear(mine(pre + "mlp.gate_up.weight"), mine(pre + "mlp.gate_up.bias"), group, sp)
         else:
-            m.up = ColumnParallelLinear(_mine(m.up.weight, tp, r), None, group, sp)
+            m.up = ColumnParallelLinear(mine(pre + "mlp.up.weight"), None, group, sp)
             if m.up_bias is not None:
-                m.up_bias = mark_tp(nn.Parameter(_mine(m.up_bias, tp, r).detach().clone()))
-        m.down = RowParallelLinear(_mine(m.down.weight, tp, r, dim=1), m.down.bias, group, sp)
-    head = ColumnParallelLinear(_mine(model.lm_head.weight, tp, r), None, group, sp)
+                m.up_bias = mark_tp(nn.Parameter(mine(pre + "mlp.up_bias").detach().clone()))
+        m.down = RowParallelLinear(mine(pre + "mlp.down.weight"), mine(pre + "mlp.down.bias"), group, sp)
+    head = ColumnParallelLinear(mine("lm_head.weight") if not cfg.tie_embeddings else model.embed.weight, None, group, sp)
     if cfg.tie_embeddings:
         head.weight = model.embed.weight
     model.lm_head = head
