@@ -15,7 +15,8 @@ COMMANDS = {
     "preprocess": ("megatrain.data.preprocess", "tokenize jsonl/txt/parquet/datasets into P.bin + P.idx"),
     "data-info": ("megatrain.data.info", "describe a P.bin + P.idx dataset and decode a sample"),
     "pretrain": ("megatrain.pretrain", "pretrain a Transformer LM with DeepSpeed (one process; see README for many)"),
-    "generate": ("megatrain.generate", "sample text from a checkpoint (any ZeRO stage) with a KV cache"),
+    "generate": ("megatrain.generate", "sample text from a checkpoint (any layout) with a KV cache"),
+    "convert": ("megatrain.convert", "consolidate, reshard, to-hf, from-hf: move checkpoints between layouts and formats"),
     "hostfile": ("megatrain.launch.hostfile", "write a DeepSpeed hostfile from SLURM_JOB_NODELIST or a host list"),
     "launch": ("megatrain.launch.multinode", "preflight-check every host, then `deepspeed --hostfile` over pdsh + ssh"),
 }
@@ -23,7 +24,7 @@ COMMANDS = {
 
 def user_error_types() -> tuple[type, ...]:
     """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
-    from megatrain.config import ConfigError
+    from megatrain.config import ConfigError  # CheckpointError is one
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
     from megatrain.launch.hostfile import HostfileError
     from megatrain.launch.multinode import LaunchError

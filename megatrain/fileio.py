@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from typing import Iterator
 
 
@@ -33,3 +34,29 @@ def write_atomic(path: str | os.PathLike, text: str, mode: int | None = None) ->
             os.fsync(f.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[str]:
+    """A temporary folder beside `path` for the block to fill, renamed to `path` when the block ends and removed if
+    it raises, so a folder at `path` is always complete. An existing `path` raises FileExistsError unless `replace`."""
+    path = os.fspath(path).rstrip("/")
+    if os.path.exists(path) and not replace:
+        raise FileExistsError(path)
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = f"{path}.old{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,12 +1,11 @@
 """Sampling with a KV cache, and `megatrain generate --checkpoint DIR --prompt "..."`.
 
-The checkpoint is consolidated to full fp32 weights in this one process (any ZeRO stage: DeepSpeed's
-own zero_to_fp32 reader), so generation needs neither DeepSpeed's engine nor the training world size.
+The checkpoint (any layout: ZeRO 0-3, TP, PP) is read into full fp32 weights in this one process through
+checkpoint/reader.py, so generation needs neither DeepSpeed's engine nor the training world size.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
@@ -48,19 +47,26 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
 
 
 def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict]:
-    """A one-process model from a training checkpoint directory (its `latest`, or `tag`)."""
-    from megatrain.config import config_from_dict
-    from megatrain.training.checkpoint import load_consolidated_state_dict
+    """A one-process model from a checkpoint of any layout (its `latest`, or `tag`), or a consolidated folder,
+    read tensor by tensor through the one checkpoint reader. Returns the model and the saved state (config, step)."""
+    from megatrain.checkpoint.reader import CheckpointReader
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's reader prints progress to stdout
-        sd, saved = load_consolidated_state_dict(ckpt_dir, tag)
-    cfg = config_from_dict(saved["config"])
-    model = Transformer(cfg.model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
-    if missing or unexpected:
-        raise ConfigError(f"{ckpt_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with CheckpointReader(ckpt_dir, tag) as reader:
+        model = Transformer(reader.cfg.model)
+        load_weights(model, reader)
+        saved = dict(reader.state, config=reader.cfg.to_dict())
     return model, saved
+
+
+def load_weights(model: Transformer, reader) -> None:
+    """Copy every parameter from a CheckpointReader into a full (unsplit) model, one tensor at a time."""
+    params = dict(model.named_parameters())
+    if set(params) != set(reader.names()):
+        raise ConfigError(f"{reader.where}: does not fit the model (missing {sorted(set(params) - set(reader.names()))[:3]}, "
+                          f"unexpected {sorted(set(reader.names()) - set(params))[:3]})")
+    with torch.no_grad():
+        for name, t in reader.tensors():
+            params[name].copy_(t)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -126,25 +126,3 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     if os.path.isfile(rng):
         _set_rng_state(torch.load(rng, weights_only=True))
     return saved
-
-
-def load_consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> tuple[dict, dict]:
-    """Full fp32 weights and megatrain's saved state from a checkpoint of any ZeRO stage, in one process."""
-    tag = tag or read_latest(ckpt_dir)
-    if tag is None:
-        raise ConfigError(f"{ckpt_dir}: no checkpoint (no 'latest' file); train first or pass the step folder")
-    with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
-        saved = json.load(f)
-    lay = saved.get("layout", {})
-    if lay.get("tp", 1) > 1 or lay.get("pp", 1) > 1:
-        raise ConfigError(f"{ckpt_dir}/{tag}: saved with {_fmt(lay)}; consolidating tensor/pipeline-parallel "
-                          f"checkpoints into one model is not supported yet")
-    stage = saved["config"]["parallel"]["zero_stage"]
-    if stage == 0:
-        states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-        sd = {k: v.float() for k, v in states["module"].items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    return sd, saved

@@ -63,16 +63,26 @@ def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = No
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear weights); not norms, biases or embeddings (tied heads follow the embedding)."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
+def decay_groups(named: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
+    """Indices of (name, ndim) pairs that get weight decay (matrices) and that don't (norms, biases, embeddings).
+    The optimizer holds its parameters in this order, so checkpoint readers use the same rule."""
+    decay, no_decay = [], []
+    for i, (name, ndim) in enumerate(named):
         is_embedding = name.endswith(("embed.weight", "pos_embed.weight"))
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (decay if ndim >= 2 and not is_embedding else no_decay).append(i)
+    return decay, no_decay
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: decay on matrices only (tied heads follow the embedding, which gets none)."""
+    params, seen = [], set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append((name, p))
+    decay, no_decay = decay_groups([(n, p.dim()) for n, p in params])
+    return [{"params": [params[i][1] for i in decay], "weight_decay": weight_decay},
+            {"params": [params[i][1] for i in no_decay], "weight_decay": 0.0}]
 
 
 def lr_lambda(cfg: Config):

@@ -98,7 +98,7 @@ class Run:
 
     def resume(self, engine) -> TrainState:
         """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
-        from megatrain.training import checkpoint
+        from megatrain.checkpoint import io as checkpoint
 
         saved = checkpoint.resume(engine, self.cfg, self.record)
         if not saved:
@@ -109,7 +109,7 @@ class Run:
         return state
 
     def save(self, engine, state: TrainState) -> str:
-        from megatrain.training import checkpoint
+        from megatrain.checkpoint import io as checkpoint
 
         return checkpoint.save(engine, self.cfg, state.step, state.consumed_samples, self.record)
 

@@ -1,0 +1,3 @@
+from megatrain.convert import main
+
+raise SystemExit(main())
