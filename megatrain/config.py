@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     vocab_size: int = 0  # 0: take it from the tokenizer (rounded up to pad_vocab_multiple)
     pad_vocab_multiple: int = 64  # round the embedding rows up to a multiple of this (fast matmuls, TP-divisible)
+    true_vocab_size: int = 0  # rows of vocab_size that are real tokens (from-hf sets it when it pads); 0: the tokenizer's
     n_layers: int = 2  # Transformer blocks
     n_heads: int = 4  # attention (query) heads
     n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0: same as n_heads (plain MHA)

@@ -16,8 +16,9 @@ from megatrain.model import KVCache, Transformer
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0, eod_id: int | None = None) -> torch.Tensor:
-    """Extend prompt [B, T] by up to max_new_tokens sampled tokens (greedy when temperature is 0)."""
+             top_k: int = 0, seed: int = 0, eod_id: int | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+    """Extend prompt [B, T] by up to max_new_tokens sampled tokens (greedy when temperature is 0). `vocab_limit`:
+    the tokenizer's vocabulary; ids from there up to model.vocab_size are padding rows and never chosen."""
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -29,6 +30,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     out = prompt
     logits = model(prompt, cache=cache, pos=0)[:, -1]
     for pos in range(T, total):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
@@ -93,7 +97,8 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--prompt is {len(ids)} tokens; this model reads at most model.max_seq_len="
                           f"{model.cfg.max_seq_len}, with room left to generate: shorten it")
     prompt = torch.tensor([ids] * args.num_samples)
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                   vocab_limit=model.cfg.true_vocab_size or tok.vocab_size)
     print(f"# {args.checkpoint} step {saved['step']}", file=sys.stderr)
     for row in out:
         print(tok.decode(row.tolist()))

@@ -110,7 +110,7 @@ def print_sample(engine, cfg: Config, tok) -> None:
     prompt = "def " if "stdlib" in str(cfg.data.path) else ""
     ids = tok.encode(prompt) if prompt else [tok.eod_id]
     out = generate(plain, torch.tensor([ids], device=engine.device), max_new_tokens=80, temperature=0.8, top_k=40,
-                   seed=cfg.train.seed)
+                   seed=cfg.train.seed, vocab_limit=tok.vocab_size)
     print("sample:\n" + tok.decode(out[0].tolist()), flush=True)
 
 

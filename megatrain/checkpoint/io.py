@@ -39,7 +39,7 @@ def read_latest(ckpt_dir: str) -> str | None:
     return tag
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
@@ -48,7 +48,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
     py = tuple(int(x) for x in state["python"].tolist())
@@ -64,7 +64,7 @@ def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict) ->
     state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), layout=layout)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
     rank = dist.get_rank()
-    torch.save(_rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         write_atomic(os.path.join(ckpt_dir, tag, STATE_FILE), json.dumps(state, indent=1))
@@ -89,7 +89,8 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
         for k in ("tp", "pp", "dp", "zero_stage"):
             if k in saved["layout"] and saved["layout"][k] != layout[k]:
                 raise ConfigError(f"{where}: saved with {k}={saved['layout'][k]} ({_fmt(saved['layout'])}) but this run has "
-                                  f"{k}={layout[k]} ({_fmt(layout)}); resume with the saved layout")
+                                  f"{k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert it: "
+                                  f"{reshard_command(os.path.dirname(where), layout)}")
     saved_cfg = config_from_dict(saved["config"])
     pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
     for section, now, then in pairs:
@@ -102,6 +103,14 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
     if saved_cfg.train.global_batch_size != cfg.train.global_batch_size:
         raise ConfigError(f"{where}: checkpoint has train.global_batch_size={saved_cfg.train.global_batch_size} but "
                           f"this run has {cfg.train.global_batch_size}; use the same value to continue the same run")
+
+
+def reshard_command(ckpt_dir: str, layout: dict) -> str:
+    """The `megatrain convert reshard` line that makes `ckpt_dir` resumable under `layout`."""
+    out = f"{ckpt_dir.rstrip('/')}-tp{layout['tp']}-pp{layout['pp']}-zero{layout['zero_stage']}"
+    return (f"megatrain convert reshard {ckpt_dir} --output {out} --set parallel.tp={layout['tp']} "
+            f"--set parallel.pp={layout['pp']} --set parallel.zero_stage={layout['zero_stage']} "
+            f"--world-size {layout['world_size']}, then run with --set checkpoint.dir={out}")
 
 
 def _fmt(layout: dict) -> str:
@@ -124,5 +133,5 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
         raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
     rng = os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng):
-        _set_rng_state(torch.load(rng, weights_only=True))
+        set_rng_state(torch.load(rng, weights_only=True))
     return saved

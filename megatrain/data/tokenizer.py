@@ -203,3 +203,89 @@ def _existing(path: str, spec: str) -> str:
     if not os.path.exists(path):
         raise TokenizerError(f"tokenizer spec {spec!r}: {path} does not exist")
     return path
+
+
+# -- Hugging Face export: the same ids from `transformers.AutoTokenizer` -------------------------------------
+
+
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int | None = None) -> None:
+    """Write `tok` as a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json) that encodes text to
+    the same ids: the byte tokenizer as a byte-level BPE with no merges, a sentencepiece model as the equivalent
+    `tokenizers` pipeline (BPE or unigram, byte fallback, the dummy prefix), a Hugging Face tokenizer as itself."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tok, HFTokenizer):
+        tok.tok.save_pretrained(out_dir)
+        return
+    backend = _byte_level_tokenizer() if isinstance(tok, ByteTokenizer) else _sentencepiece_tokenizer(tok.model_file)
+    names = {"eos_token": tok.eod_id, "bos_token": tok.bos_id, "pad_token": tok.pad_id, "mask_token": tok.mask_id}
+    special = {k: backend.id_to_token(i) for k, i in names.items() if i is not None}
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                   split_special_tokens=True,  # "<mask>" typed in text is text, as megatrain reads it
+                                   model_max_length=max_len or int(1e30), **special)
+    fast.save_pretrained(out_dir)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which byte-level BPE vocabularies are written in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def _byte_level_tokenizer():
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    chars = _bytes_to_unicode()
+    backend = Backend(models.BPE({chars[b]: b for b in range(256)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ByteTokenizer.SPECIALS])
+    return backend
+
+
+def _sentencepiece_tokenizer(model_file: str):
+    """sentencepiece's own algorithm in `tokenizers`: pieces and scores (unigram) or pieces and the merges their
+    order implies (BPE), byte fallback, the dummy prefix; control and unknown pieces as special tokens. Same ids as
+    sentencepiece, except that a unigram model reads a control piece's literal text ("<mask>") as that piece."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    if spec.model_type == spec.UNIGRAM:
+        model = models.Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
+    elif spec.model_type == spec.BPE:
+        vocab = {p: i for i, (p, _) in enumerate(pieces)}
+        merges = sorted((i, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for i, (p, _) in enumerate(pieces)
+                        if proto.pieces[i].type == proto.pieces[i].NORMAL
+                        for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+        model = models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=pieces[spec.unk_id][0], fuse_unk=True,
+                           byte_fallback=spec.byte_fallback)
+    else:
+        raise TokenizerError(f"{model_file}: sentencepiece model type {spec.model_type} has no Hugging Face export "
+                             f"(unigram and BPE do)")
+    if norm.name not in ("identity", ""):
+        raise TokenizerError(f"{model_file}: normalization rule {norm.name!r} has no exact Hugging Face equivalent; "
+                             f"train with `megatrain train-tokenizer` (identity) to export it")
+    backend = Backend(model)
+    steps = ([normalizers.Prepend("▁")] if norm.add_dummy_prefix else []) + [normalizers.Replace(" ", "▁")]
+    backend.normalizer = normalizers.Sequence(steps)
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
+    backend.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
+                                if p.type in (p.UNKNOWN, p.CONTROL)])
+    return backend

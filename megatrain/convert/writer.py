@@ -1,0 +1,239 @@
+"""The one writer of native checkpoints for a layout a run did not train under: `reshard` and `from-hf`.
+
+Rather than writing DeepSpeed's files by hand (flat groups, paddings, partitions that differ by version and ZeRO
+stage), the target run is stood up for real: N ranks with the target layout build the model through the same path
+as training (full weights -> parallelize's TP/PP split, the sharding table -> deepspeed.initialize), the optimizer
+state is written into the engine (DeepSpeed's public safe_set_full_* fragment API, TP-sliced by the same table),
+and the engine saves itself. So the result is exactly what `megatrain pretrain` under that layout resumes from.
+
+The N ranks are local CPU processes over gloo (spawned here), or the ranks of a launcher that started this
+command (`deepspeed --num_gpus N --module megatrain.convert reshard ...`): then the target's own GPUs do it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatrain.checkpoint.reader import KEYS, CheckpointReader
+from megatrain.config import Config, ConfigError, apply_overrides, config_from_dict, parse_set, validate, validate_world
+
+# What a reshard may change: the layout, and the micro-batch that has to fit it (the global batch stays).
+RESHARDABLE = ("parallel.", "train.micro_batch_size")
+
+
+@dataclass
+class Job:
+    """What every rank of the writer needs (plain data: it crosses to spawned processes)."""
+
+    cfg: dict  # the target config
+    source: str | None  # a megatrain checkpoint folder (reshard), or None
+    tag: str | None
+    hf_dir: str | None  # a Hugging Face folder (from-hf), or None
+    trust_pickle: bool
+    tmp: str  # where the ranks write; renamed to the output when every rank is done (and checked)
+    step: int
+    consumed_samples: int
+    tokenizer_from: str | None = None  # a folder whose tokenizer files go to tmp/tokenizer (from-hf)
+
+
+def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Config, int]:
+    """`base` with the --set layout changes, validated for `world` ranks (default tp x pp)."""
+    from megatrain.parallel.topology import check_layout
+
+    overrides = dict(parse_set(s) for s in sets)
+    bad = [k for k in overrides if not k.startswith(RESHARDABLE)]
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: only the layout can change here (parallel.*, train.micro_batch_size); "
+                          f"the model and the run's other settings come from the checkpoint")
+    cfg = apply_overrides(base, overrides)
+    validate(cfg)
+    world = world or cfg.parallel.tp * cfg.parallel.pp
+    if world < 1:
+        raise ConfigError(f"--world-size {world}: must be at least 1")
+    check_layout(cfg, world)
+    validate_world(cfg, world)
+    return cfg, world
+
+
+def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None, force: bool = False) -> None:
+    from megatrain.convert.consolidate import check_output
+
+    check_output(out, force)
+    with CheckpointReader(src, tag) as reader:
+        cfg, world = target_config(config_from_dict(reader.state["config"]), sets, world)
+        cfg.data.tokenizer = reader.cfg.data.tokenizer
+        if not reader.has_optimizer_state():
+            print(f"note: {reader.where} has no optimizer state; the new checkpoint starts AdamW afresh", file=sys.stderr)
+        where, step, consumed = reader.where, reader.state.get("step", 0), reader.state.get("consumed_samples", 0)
+    t0 = time.perf_counter()
+    job = Job(cfg.to_dict(), src, tag, None, False, f"{os.path.abspath(out)}.partial", step, consumed)
+    if not write(job, world):
+        return
+    finish(job.tmp, out, force)
+    p = cfg.parallel
+    print(f"resharded {where} -> {out} (tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)}, ZeRO-{p.zero_stage}), "
+          f"step {step}, {time.perf_counter() - t0:.1f} s; resume it with "
+          f"--set checkpoint.dir={out} --set parallel.tp={p.tp} --set parallel.pp={p.pp} "
+          f"--set parallel.zero_stage={p.zero_stage} on {world} ranks")
+
+
+def write(job: Job, world: int) -> bool:
+    """Write `job` with `world` ranks: the ranks of the launcher that started this command, or local processes
+    spawned for it. True in the one process that should check and finish the output (rank 0, or the parent)."""
+    launched = int(os.environ.get("WORLD_SIZE", "0"))
+    if launched > 1 or os.environ.get("RANK") is not None:
+        if launched != world:
+            raise ConfigError(f"--world-size {world}, but the launcher started {launched} ranks; make them agree")
+        write_rank(job)
+        return int(os.environ["RANK"]) == 0
+    import torch.multiprocessing as mp
+
+    from megatrain.training.dist_env import free_port
+
+    try:
+        mp.start_processes(_spawned_rank, args=(world, free_port(), job), nprocs=world, join=True, start_method="spawn")
+    except BaseException:
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def finish(tmp: str, out: str, force: bool) -> None:
+    """Move the complete output into place (replacing `out` only with --force)."""
+    if os.path.exists(out) and force:
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _spawned_rank(rank: int, world: int, port: int, job: Job) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    write_rank(job)
+
+
+def write_rank(job: Job) -> None:
+    """One rank of the writer: build the target run, load the weights (and optimizer state), save."""
+    import torch.distributed as dist
+
+    from megatrain.checkpoint import io as checkpoint
+    from megatrain.generate import load_weights
+    from megatrain.model import Transformer
+    from megatrain.training.runtime import Run
+
+    cfg = config_from_dict(job.cfg)
+    cfg.checkpoint.dir = job.tmp
+    run = Run.start(cfg)
+    if run.rank == 0:  # the others write nothing before the barrier below
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        os.makedirs(job.tmp)
+        if job.tokenizer_from:
+            _copy_tokenizer(job.tokenizer_from, os.path.join(job.tmp, "tokenizer"))
+    model = Transformer(cfg.model)
+    reader = CheckpointReader(job.source, job.tag) if job.source else None
+    if reader:
+        load_weights(model, reader)
+    else:
+        from megatrain.convert.hf import load_hf_weights
+
+        load_hf_weights(model, job.hf_dir, job.trust_pickle)
+    engine = run.engine(model, log_ranks=False)
+    if reader and reader.has_optimizer_state():
+        set_optimizer_state(engine, run, reader)
+        _restore_rng(reader, run.rank)
+    engine.global_steps, engine.global_samples = job.step, job.consumed_samples
+    dist.barrier()
+    checkpoint.save(engine, cfg, job.step, job.consumed_samples, run.record)
+    if reader:
+        reader.close()
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    from megatrain.convert.consolidate import WEIGHT_SUFFIXES
+
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith(
+                ("config.json", "generation_config.json")):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _local_names(engine, n_layers: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """The engine's parameters under the model's own names (a PipelineModule numbers its layers)."""
+    from megatrain.parallel.sharding import canonical_name
+
+    out, seen = [], set()
+    for name, p in engine.module.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((canonical_name(name, n_layers), p))
+    return out
+
+
+def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
+    """The source's fp32 masters, AdamW moments, step count and LR schedule, into this rank's engine."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from megatrain.parallel.sharding import shard, split_of
+
+    tp, r = run.layout.tp, run.tp_rank
+    step = torch.tensor(reader.optimizer_step() or float(reader.state.get("step", 0)))
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)  # ZeRO wraps torch's AdamW; without ZeRO (fp32) it is the optimizer
+    zero = run.cfg.parallel.zero_stage
+    if zero == 3:
+        flats = opt.fp32_partitioned_groups_flat
+    elif zero in (1, 2):
+        flats = opt.single_partition_of_fp32_groups
+    else:
+        flats = None
+    if flats is not None:  # ZeRO keeps AdamW's state per flat fp32 partition; it exists only after a first step
+        for flat in flats:
+            base.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        if zero in (1, 2):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+    cfg_model = run.cfg.model
+    masters = {id(p): m for p, m in _zero0_masters(opt)}
+    for name, p in _local_names(engine, cfg_model.n_layers):
+        values = {k: shard(reader.tensor(name, k), split_of(name, cfg_model), tp, r) for k in KEYS}
+        if flats is not None:
+            safe_set_full_fp32_param(p, values["fp32"])
+            for k in KEYS[1:]:
+                safe_set_full_optimizer_state(p, values[k], k)
+        else:
+            master = masters.get(id(p), p)
+            with torch.no_grad():
+                master.copy_(values["fp32"])
+            base.state[master] = {"step": step.clone(), **{k: values[k].clone() for k in KEYS[1:]}}
+    sched = engine.lr_scheduler
+    if sched is not None and reader.lr_scheduler_state:
+        sched.load_state_dict(reader.lr_scheduler_state)
+        for group, lr in zip(base.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
+
+
+def _zero0_masters(opt) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Without ZeRO, bf16/fp16 training keeps fp32 masters beside the module's parameters (fp32_groups)."""
+    fp32 = getattr(opt, "fp32_groups", None)
+    lp = getattr(opt, "bf16_groups", None) or getattr(opt, "fp16_groups", None)
+    if not fp32 or not lp:
+        return []
+    return [(p, m) for pg, mg in zip(lp, fp32) for p, m in zip(pg, mg)]
+
+
+def _restore_rng(reader: CheckpointReader, rank: int) -> None:
+    """The source rank's RNG states (rank 0's where the source had fewer ranks), saved with the new checkpoint."""
+    from megatrain.checkpoint.io import set_rng_state
+
+    for r in (rank, 0):
+        path = os.path.join(reader.folder, f"rng_rank{r}.pt")
+        if os.path.isfile(path):
+            set_rng_state(torch.load(path, weights_only=True))
+            return
+
