@@ -110,6 +110,8 @@ class CheckpointConfig:
     interval: int = 100  # save every this many steps (and at the end); 0: only at the end
     resume: bool = True  # continue from dir/latest when it exists
     keep_last: int = 0  # keep only this many newest checkpoints; 0: keep all
+    init: str = ""  # start from these weights (a checkpoint of any layout, or a convert output); the model's shape and
+    #                 tokenizer come from it and the optimizer starts afresh. Resuming checkpoint.dir/latest wins.
 
 
 @dataclass
@@ -255,16 +257,22 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | None = "tiny", sets: list[str] | None = None) -> Config:
-    """Defaults <- preset/YAML file <- `--set` overrides, then validate."""
+    """Defaults <- preset/YAML file <- `--set` overrides, then validate. `cfg.explicit` holds the keys the file or
+    the command line set (a checkpoint's model may not be contradicted by them)."""
     cfg = Config()
+    explicit: set[str] = set()
     if path:
         p = resolve_preset(path)
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        apply_overrides(cfg, _flatten(tree, str(p)))
-    apply_overrides(cfg, dict(parse_set(s) for s in sets or []))
+        flat = _flatten(tree, str(p))
+        apply_overrides(cfg, flat)
+        explicit |= set(flat)
+    overrides = dict(parse_set(s) for s in sets or [])
+    apply_overrides(cfg, overrides)
+    cfg.explicit = explicit | set(overrides)
     validate(cfg)
     return cfg
 

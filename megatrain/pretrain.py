@@ -63,8 +63,10 @@ def run(cfg: Config) -> dict:
     from megatrain.model import Transformer
     from megatrain.training.loop import BatchMaker, train
     from megatrain.training.metrics import peak_tflops, train_flops_per_token
-    from megatrain.training.runtime import Run, resolve_vocab
+    from megatrain.generate import load_weights
+    from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
+    init = adopt_init(cfg)  # checkpoint.init's model shape; before the layout is checked against it
     check_data_path(cfg)  # fail in one line before any distributed setup
     run = Run.start(cfg)  # likewise every invalid TP x PP x DP layout, then the process groups
     tok, train_ds, valid_ds = setup_data(cfg)
@@ -74,6 +76,11 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)  # every rank builds the same full model, then keeps its slice
     model = Transformer(cfg.model)
     log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
+    if init is not None:
+        if not run.will_resume():  # weights only: the optimizer and the step start afresh
+            load_weights(model, init)
+            log0(f"initialized from {init.where} (weights only; the optimizer starts afresh)")
+        init.close()
     engine = run.engine(model)
     state = run.resume(engine)
     if state.step >= cfg.train.max_steps:

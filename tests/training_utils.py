@@ -46,12 +46,14 @@ def losses(ckpt: str, kind: str = "train") -> dict[int, float]:
 
 
 def run_configs(rank, world, runs):
-    """In a spawned rank: train each (preset, sets) in turn in this one process group."""
+    """In a spawned rank: train each run in turn in this one process group: a list of --set strings on the tiny
+    preset, or (preset, sets) with preset None for no config file."""
     from megatrain.config import load_config
     from megatrain.pretrain import run
 
-    for sets in runs:
-        run(load_config("tiny", sets))
+    for item in runs:
+        preset, sets = item if isinstance(item, tuple) else ("tiny", item)
+        run(load_config(preset, sets))
 
 
 def assert_close_curves(a: dict, b: dict, rtol: float, steps=None):

@@ -65,6 +65,8 @@ class _Param:
 
 def _load_meta(path: str):
     """A rank file's structure with fake tensors: no tensor data is read."""
+    if not torch.cuda.is_available():  # DeepSpeed would say it had to guess the accelerator
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

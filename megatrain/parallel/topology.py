@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatrain.config import Config, ConfigError, kv_heads
+from megatrain.config import Config, ConfigError, ffn_width, kv_heads
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
     if kv_heads(m) % tp:
         raise ConfigError(f"config key parallel.tp: the {kv_heads(m)} KV heads (model.n_kv_heads) are not divisible by "
                           f"tp={tp}")
+    if ffn_width(m) % tp:
+        raise ConfigError(f"config key parallel.tp: the MLP width {ffn_width(m)} (model.d_ff) is not divisible by tp={tp}")
     if m.n_layers < pp:
         raise ConfigError(f"config key parallel.pp: {pp} pipeline stages but only {m.n_layers} layers (model.n_layers)")
     if pp > 1 and p.zero_stage > 1:

@@ -9,6 +9,7 @@ An entrypoint adds only what is its own: its data, its task (batches, loss, FLOP
 """
 from __future__ import annotations
 
+import math
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,12 @@ class Run:
             self.log_rank_table(local_params)
         return engine
 
+    def will_resume(self) -> bool:
+        """checkpoint.dir/latest exists and checkpoint.resume is on."""
+        from megatrain.checkpoint.io import read_latest
+
+        return self.cfg.checkpoint.resume and read_latest(self.cfg.checkpoint.dir) is not None
+
     def resume(self, engine) -> TrainState:
         """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
         from megatrain.checkpoint import io as checkpoint
@@ -126,11 +133,42 @@ class Run:
             log0(f"  rank {r:>3}: pp {pp} dp {dp} tp {tp} | {n / 1e6:8.2f}M parameters | {m}")
 
 
+MAY_DIFFER_FROM_INIT = ("dropout", "fused_kernels")  # model keys a run may set apart from its checkpoint.init
+
+
+def adopt_init(cfg: Config):
+    """checkpoint.init: the model's shape, and the tokenizer unless the config sets one, come from that checkpoint;
+    a model.* key the config sets to something else is refused (dropout and fused_kernels may differ). Returns the
+    checkpoint's reader (nothing loaded yet), or None without checkpoint.init."""
+    import dataclasses
+
+    from megatrain.checkpoint.reader import CheckpointReader
+    from megatrain.config import ModelConfig, validate
+
+    if not cfg.checkpoint.init:
+        return None
+    reader = CheckpointReader(cfg.checkpoint.init)
+    explicit = getattr(cfg, "explicit", set())
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in MAY_DIFFER_FROM_INIT:
+            continue
+        mine, theirs = getattr(cfg.model, f.name), getattr(reader.cfg.model, f.name)
+        if f"model.{f.name}" in explicit and mine != theirs:
+            reader.close()
+            raise ConfigError(f"config key model.{f.name}: {mine!r} contradicts checkpoint.init {reader.where}, which "
+                              f"has {theirs!r}; leave model.* out of the config (the model comes from checkpoint.init)")
+        setattr(cfg.model, f.name, theirs)
+    if "data.tokenizer" not in explicit:
+        cfg.data.tokenizer = reader.cfg.data.tokenizer
+    validate(cfg)
+    return reader
+
+
 def resolve_vocab(cfg: Config, tokenizer) -> None:
     """model.vocab_size from the tokenizer (rounded up to pad_vocab_multiple and to a multiple of tp) when 0;
     a set value smaller than the tokenizer's vocabulary is refused."""
     if cfg.model.vocab_size == 0:
-        m = max(cfg.model.pad_vocab_multiple, cfg.parallel.tp)
+        m = math.lcm(cfg.model.pad_vocab_multiple, cfg.parallel.tp)
         cfg.model.vocab_size = -(-tokenizer.vocab_size // m) * m
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"config key model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
