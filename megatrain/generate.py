@@ -42,7 +42,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
         out = torch.cat([out, nxt], dim=1)
-        if eod_id is not None and bool((nxt == eod_id).all()):
+        if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
             break
         if pos + 1 < total:
             logits = model(nxt, cache=cache, pos=pos)[:, -1]
@@ -97,7 +97,7 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--prompt is {len(ids)} tokens; this model reads at most model.max_seq_len="
                           f"{model.cfg.max_seq_len}, with room left to generate: shorten it")
     prompt = torch.tensor([ids] * args.num_samples)
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, eod_id=tok.eod_id,
                    vocab_limit=model.cfg.true_vocab_size or tok.vocab_size)
     print(f"# {args.checkpoint} step {saved['step']}", file=sys.stderr)
     for row in out:

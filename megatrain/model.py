@@ -59,8 +59,9 @@ def build_norm(cfg: ModelConfig, fused: bool = False) -> nn.Module:
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [max_len, head_dim] for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    # always computed on the CPU (also inside a meta-device build: the tables are a function of the config)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -156,6 +157,14 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its own normal_ draw, which has no values to fill there and would
+    import torch._dynamo (a second of start-up for every checkpoint reader)."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -163,8 +172,8 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (the trainer takes it from the tokenizer)")
         self.cfg = cfg
         self.fused = fused_kernels_enabled(cfg.fused_kernels)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.embed = _embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = _embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, self.fused) for _ in range(cfg.n_layers))
         self.norm = build_norm(cfg, self.fused)
@@ -177,7 +186,8 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         # apply_tp swaps in a vocab-parallel loss; None: plain cross-entropy over full logits
         self.loss_fn = None
-        self.reset_parameters()
+        if self.embed.weight.device.type != "meta":  # a model built on the meta device has shapes, no values
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2 * n_layers)."""

@@ -15,9 +15,9 @@ Where the data lives, by layout (mp = pp_stage * tp + tp_rank, DeepSpeed's model
     ZeRO-3       the same files per rank, but every parameter is cut into ceil(numel / dp) pieces, one per rank
 A tensor-parallel checkpoint holds TP slices under the same names; parallel/sharding.py's table puts them back.
 
-Nothing is loaded that is not asked for: each rank file is opened for its metadata only (torch.load of fake
-tensors, weights_only, DeepSpeed's three record classes allowed), and a tensor is read from its exact byte offsets
-with os.pread. Memory holds the tensor being assembled, whatever the model's size and however it was sharded.
+Nothing is loaded that is not asked for: each rank file is opened for its metadata only (torch.load onto the meta
+device, weights_only, DeepSpeed's three record classes read into plain stand-ins), and a tensor is read from its
+exact byte offsets with os.pread. Memory holds the tensor being assembled, whatever the model's size and however it was sharded.
 """
 from __future__ import annotations
 
@@ -63,26 +63,35 @@ class _Param:
     fragments: dict[str, list[Fragment]] = field(default_factory=dict)  # key -> fragments, any order
 
 
-def _load_meta(path: str):
-    """A rank file's structure with fake tensors: no tensor data is read."""
-    if not torch.cuda.is_available():  # DeepSpeed would say it had to guess the accelerator
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class _Record:
+    """Stands in for DeepSpeed's small record classes while a rank file's metadata is read: their fields land in
+    __dict__ and nothing of DeepSpeed is imported or run (numel and start of a fragment_address, a LossScaler's scale)."""
 
+
+class _Stage(int):
+    """Stands in for DeepSpeed's ZeroStageEnum (an int)."""
+
+
+# DeepSpeed's pickled classes that rank files hold, each read into a plain stand-in (weights_only stays on)
+_DEEPSPEED_RECORDS = [(_Record, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+                      (_Stage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+                      (_Record, "deepspeed.utils.tensor_fragment.fragment_address")]
+
+
+def _load_meta(path: str):
+    """A rank file's structure, its tensors on the meta device (each knows its byte offset in the file): no tensor
+    data is read."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: rank file missing")
     try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), FakeTensorMode():
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_DEEPSPEED_RECORDS):
+            return torch.load(path, map_location="meta", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a class outside the allow-list
         raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0][:200]}); the checkpoint is damaged") from None
 
 
 def _where(t: torch.Tensor) -> tuple[int, torch.dtype]:
-    """Byte offset in its file of a fake tensor's first element (it must be contiguous), and its dtype."""
+    """Byte offset in its file of a meta tensor's first element (it must be contiguous), and its dtype."""
     if not t.is_contiguous():
         raise CheckpointError("a non-contiguous tensor in a checkpoint file (not written by DeepSpeed's save)")
     return t.untyped_storage()._checkpoint_offset + t.storage_offset() * t.element_size(), t.dtype
@@ -282,7 +291,7 @@ class CheckpointReader:
         meta = _load_meta(path)
         if self._meta0 is None:
             self._meta0 = meta
-        # (name as the engine's module has it, fake tensor, file): in the module's parameter order
+        # (name as the engine's module has it, meta tensor, file): in the module's parameter order
         if meta.get("module"):
             named = [(n, t, path) for n, t in meta["module"].items()]
         else:

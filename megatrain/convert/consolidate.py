@@ -63,8 +63,10 @@ def consolidate(src: str, out: str, tag: str | None = None, dtype: str = "fp32",
     with CheckpointReader(src, tag) as reader, atomic_dir(out, replace=force) as tmp:
         write_consolidated(reader, tmp, DTYPE[dtype])
     n = sum(torch.Size(reader.shape(k)).numel() for k in reader.names())
+    size = os.path.getsize(os.path.join(out, CONSOLIDATED))
     print(f"consolidated {reader.where}: {len(reader.names())} tensors, {n / 1e6:.2f}M parameters, {dtype}, "
-          f"step {reader.state.get('step', 0)} -> {out}/{CONSOLIDATED} ({time.perf_counter() - t0:.1f} s)")
+          f"step {reader.state.get('step', 0)} -> {out}/{CONSOLIDATED} ({size / 1e9:.2f} GB in "
+          f"{time.perf_counter() - t0:.2f} s)")
     return out
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,7 +30,7 @@ from megatrain.convert.consolidate import DTYPE, check_output
 from megatrain.fileio import atomic_dir
 from megatrain.parallel.sharding import split_of
 
-TOLERANCE = 1e-4  # max |logit difference| a conversion may show (fp32 arithmetic on both sides)
+TOLERANCE = 1e-4  # max |logit difference| a conversion may show (both models run in float64 for the check)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
         tok = _load_tokenizer(reader.cfg.data.tokenizer)
         vocab = min(m.true_vocab_size or (tok.vocab_size if tok else m.vocab_size), m.vocab_size)  # padding rows go
         with atomic_dir(out, replace=force) as tmp:
+            t0 = time.perf_counter()
             n_files = _write_hf_weights(reader, tmp, fam, vocab, DTYPE[dtype], limit)
+            seconds, nbytes = time.perf_counter() - t0, sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
             hf_config(m, fam, vocab, tok).save_pretrained(tmp)
             _generation_config(tmp)
             if tok:
@@ -186,7 +189,7 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
                 raise CheckpointError(f"the export does not compute megatrain's model (max |logit difference| above "
                                       f"{TOLERANCE}); nothing was written to {out}")
     print(f"exported {reader.where} as {fam.architecture} ({dtype}, vocab {vocab}, {n_files} safetensors file"
-          f"{'s' if n_files > 1 else ''}) -> {out}")
+          f"{'s' if n_files > 1 else ''}) -> {out} ({nbytes / 1e9:.2f} GB of weights in {seconds:.2f} s)")
     return 0
 
 
@@ -253,28 +256,32 @@ def _megatrain_model(reader: CheckpointReader, dtype: torch.dtype = torch.float3
 
 def check_parity(model, hf_dir: str, vocab: int) -> bool:
     """Run megatrain's `model` and transformers' load of `hf_dir` on one fixed batch: print the largest logit
-    difference and both greedy continuations; True when the logits agree within TOLERANCE."""
+    difference and both greedy continuations; True when the logits agree within TOLERANCE. Both run in float64, so
+    what shows is the conversion and not rounding (a 30-layer model's fp32 logits differ by ~1e-4 from its own fp64
+    ones, in transformers as in megatrain)."""
     from transformers import AutoModelForCausalLM
 
     from megatrain.generate import generate
+    from megatrain.model import Transformer
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
-    cfg = model.cfg
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True).eval()
+    ours = Transformer(replace(model.cfg, fused_kernels="off"))  # the plain-PyTorch path takes float64
+    ours.load_state_dict(model.state_dict())
+    ours = ours.double().eval()
+    cfg = ours.cfg
     g = torch.Generator().manual_seed(0)
     T = min(32, cfg.max_seq_len)
     ids = torch.randint(0, vocab, (2, T), generator=g)
     with torch.no_grad():
-        ours = model(ids)[..., :vocab].float()
-        theirs = hf(input_ids=ids).logits.float()
-    diff = float((ours - theirs).abs().max())
+        diff = float((ours(ids)[..., :vocab] - hf(input_ids=ids).logits).abs().max())
     prompt, new = ids[:1, : min(8, T - 1)], min(16, cfg.max_seq_len - min(8, T - 1))
-    greedy_ours = generate(model, prompt, new, temperature=0, vocab_limit=vocab)[0, prompt.shape[1]:].tolist()
+    greedy_ours = generate(ours, prompt, new, temperature=0, vocab_limit=vocab)[0, prompt.shape[1]:].tolist()
     with torch.no_grad():
         greedy_hf = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                                 do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
     same = "same" if greedy_ours == greedy_hf else "DIFFERENT"
-    print(f"parity: max |logit difference| {diff:.2e} on {ids.shape[0]}x{T} tokens (tolerance {TOLERANCE:g}); greedy "
-          f"tokens megatrain {greedy_ours} | transformers {greedy_hf} ({same})", flush=True)
+    print(f"parity: max |logit difference| {diff:.2e} on {ids.shape[0]}x{T} tokens, float64 (tolerance {TOLERANCE:g}); "
+          f"greedy tokens megatrain {greedy_ours} | transformers {greedy_hf} ({same})", flush=True)
     return diff <= TOLERANCE
 
 
@@ -458,8 +465,11 @@ def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pic
               file=sys.stderr)
     job = Job(cfg.to_dict(), None, None, os.path.abspath(hf_dir), trust_pickle, f"{out}.partial", 0, 0,
               tokenizer_from=tokenizer)
+    t0 = time.perf_counter()
     if not write(job, world):
         return 0  # a launcher's rank other than 0: rank 0 checks and finishes
+    seconds = time.perf_counter() - t0
+    nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(job.tmp) for f in files)
     if verify:
         with CheckpointReader(job.tmp) as reader:
             model = _megatrain_model(reader)
@@ -471,5 +481,6 @@ def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pic
     p = cfg.parallel
     print(f"imported {hf_dir} ({arch}, vocab {V} -> "
           f"{cfg.model.vocab_size} rows) -> {out} (tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)}, "
-          f"ZeRO-{p.zero_stage}, step 0)")
+          f"ZeRO-{p.zero_stage}, step 0; {nbytes / 1e9:.2f} GB written by {world} rank{'s' if world > 1 else ''} in "
+          f"{seconds:.1f} s)")
     return 0

@@ -96,7 +96,19 @@ def write(job: Job, world: int) -> bool:
     from megatrain.training.dist_env import free_port
 
     try:
-        mp.start_processes(_spawned_rank, args=(world, free_port(), job), nprocs=world, join=True, start_method="spawn")
+        if world == 1:  # this process is the one rank: no interpreter to start
+            import torch.distributed as dist
+
+            saved = dict(os.environ)
+            try:
+                _spawned_rank(0, 1, free_port(), job)
+            finally:
+                dist.destroy_process_group()
+                os.environ.clear()
+                os.environ.update(saved)
+        else:
+            mp.start_processes(_spawned_rank, args=(world, free_port(), job), nprocs=world, join=True,
+                               start_method="spawn")
     except BaseException:
         shutil.rmtree(job.tmp, ignore_errors=True)
         raise
