@@ -62,7 +62,8 @@ def make_checkpoint(work: str, config: str, vocab: int, stage: int, env: dict) -
         src = os.path.join(work, "data", "c.jsonl")
         with open(src, "w") as f:
             for i in range(200):
-                f.write(json.dumps({"text": f"document {i} " + "the quick brown fox jumps over the lazy dog " * 20}) + "\n")
+                text = f"document {i} " + "the quick brown fox jumps over the lazy dog " * 20
+                f.write(json.dumps({"text": text}) + "\n")
         preprocess([src], "byte", data, append_eod=True)
     ck = os.path.join(work, f"zero{stage}")
     sets = {"data.path": data, "data.tokenizer": "byte", "data.seq_len": 64, "data.split": "98,2,0",
@@ -117,7 +118,8 @@ def main() -> None:
             hf_bytes, back_bytes = folder_bytes(hf_out), folder_bytes(back)
             disk = dd_rate(os.path.join(work, "dd.bin"), hf_bytes)
             row = dict(zero_stage=stage, checkpoint_bytes=size, weights_bytes=weights,
-                       consolidate_s=ours[0], zero_to_fp32_s=ds[0], consolidate_rss_mib=ours[1], zero_to_fp32_rss_mib=ds[1],
+                       consolidate_s=ours[0], zero_to_fp32_s=ds[0], consolidate_rss_mib=ours[1],
+                       zero_to_fp32_rss_mib=ds[1],
                        consolidate_data_gbps=ours[2], to_hf_s=to_hf[0], to_hf_gbps=hf_bytes / to_hf[0] / 1e9,
                        to_hf_data_gbps=to_hf[2], to_hf_rss_mib=to_hf[1], from_hf_s=from_hf[0],
                        from_hf_gbps=back_bytes / from_hf[0] / 1e9, from_hf_data_gbps=from_hf[2], dd_gbps=disk)

@@ -35,7 +35,8 @@ def read_latest(ckpt_dir: str) -> str | None:
         return None
     tag = open(path).read().strip()
     if not os.path.isfile(os.path.join(ckpt_dir, tag, STATE_FILE)):
-        raise ConfigError(f"{path} names {tag!r}, which is incomplete or missing; point latest at a complete step folder")
+        raise ConfigError(f"{path} names {tag!r}, which is incomplete or missing; point latest at a complete step "
+                          f"folder")
     return tag
 
 
@@ -88,9 +89,9 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
     if layout is not None and "layout" in saved:
         for k in ("tp", "pp", "dp", "zero_stage"):
             if k in saved["layout"] and saved["layout"][k] != layout[k]:
-                raise ConfigError(f"{where}: saved with {k}={saved['layout'][k]} ({_fmt(saved['layout'])}) but this run has "
-                                  f"{k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert it: "
-                                  f"{reshard_command(os.path.dirname(where), layout)}")
+                raise ConfigError(f"{where}: saved with {k}={saved['layout'][k]} ({_fmt(saved['layout'])}) but this "
+                                  f"run has {k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert "
+                                  f"it: {reshard_command(os.path.dirname(where), layout)}")
     saved_cfg = config_from_dict(saved["config"])
     pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
     for section, now, then in pairs:

@@ -17,7 +17,8 @@ A tensor-parallel checkpoint holds TP slices under the same names; parallel/shar
 
 Nothing is loaded that is not asked for: each rank file is opened for its metadata only (torch.load onto the meta
 device, weights_only, DeepSpeed's three record classes read into plain stand-ins), and a tensor is read from its
-exact byte offsets with os.pread. Memory holds the tensor being assembled, whatever the model's size and however it was sharded.
+exact byte offsets with os.pread. Memory holds the tensor being assembled, whatever the model's size and however it
+was sharded.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class _Param:
 
 class _Record:
     """Stands in for DeepSpeed's small record classes while a rank file's metadata is read: their fields land in
-    __dict__ and nothing of DeepSpeed is imported or run (numel and start of a fragment_address, a LossScaler's scale)."""
+    __dict__ and nothing of DeepSpeed is imported or run (a fragment_address's numel and start, a LossScaler's
+    scale)."""
 
 
 class _Stage(int):
@@ -87,7 +89,8 @@ def _load_meta(path: str):
         with torch.serialization.safe_globals(_DEEPSPEED_RECORDS):
             return torch.load(path, map_location="meta", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a class outside the allow-list
-        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0][:200]}); the checkpoint is damaged") from None
+        why = str(e).splitlines()[0][:200]
+        raise CheckpointError(f"{path}: unreadable ({why}); the checkpoint is damaged") from None
 
 
 def _where(t: torch.Tensor) -> tuple[int, torch.dtype]:
@@ -117,18 +120,21 @@ class CheckpointReader:
             self.dir, self.tag, self.folder = path, tag, os.path.join(path, tag)
         state_path = os.path.join(self.folder, STATE_FILE)
         if not os.path.isfile(state_path):
-            raise CheckpointError(f"{self.folder}: not a complete checkpoint (no {STATE_FILE}); pick another step folder")
+            raise CheckpointError(f"{self.folder}: not a complete checkpoint (no {STATE_FILE}); pick another step "
+                                  f"folder")
         try:
             with open(state_path) as f:
                 self.state = json.load(f)
             self.cfg: Config = config_from_dict(self.state["config"])
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{state_path}: not a valid megatrain state file ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            raise CheckpointError(f"{state_path}: not a valid megatrain state file ({why})") from None
         if self.consolidated:  # its tokenizer files sit beside the weights
             self.cfg.data.tokenizer = resolve_spec(self.cfg.data.tokenizer, self.folder)
         lay, p = self.state.get("layout") or {}, self.cfg.parallel
         self.layout = dict(tp=1, pp=1, dp=1, zero_stage=0) if self.consolidated else dict(
-            tp=lay.get("tp", p.tp), pp=lay.get("pp", p.pp), dp=lay.get("dp", 1), zero_stage=lay.get("zero_stage", p.zero_stage))
+            tp=lay.get("tp", p.tp), pp=lay.get("pp", p.pp), dp=lay.get("dp", 1),
+            zero_stage=lay.get("zero_stage", p.zero_stage))
         self._fds: dict[str, int] = {}
         self._params = self._expected_params()
         self._meta0 = None  # the first model-states file (LR scheduler, engine counters)
@@ -180,7 +186,8 @@ class CheckpointReader:
         if self._owner.setdefault((canon, tp_rank), mp) != mp:
             return
         offset, dtype = _where(t)
-        p.fragments.setdefault(key, []).append(Fragment(tp_rank, start, numel, path, offset + skip * t.element_size(), dtype))
+        at = offset + skip * t.element_size()
+        p.fragments.setdefault(key, []).append(Fragment(tp_rank, start, numel, path, at, dtype))
 
     def _check_local_shape(self, name: str, shape, path: str) -> None:
         canon = canonical_name(name, self.cfg.model.n_layers)
@@ -190,7 +197,8 @@ class CheckpointReader:
         want = local_shape(p.shape, p.split, self.layout["tp"])
         if tuple(shape) != tuple(want):
             raise CheckpointError(f"{path}: {name} has shape {tuple(shape)}, but the saved config makes its "
-                                  f"tp={self.layout['tp']} slice {tuple(want)}; the checkpoint's shards disagree in shape")
+                                  f"tp={self.layout['tp']} slice {tuple(want)}; the checkpoint's shards disagree in "
+                                  f"shape")
 
     def _index(self) -> None:
         tp, pp, dp, stage = (self.layout[k] for k in ("tp", "pp", "dp", "zero_stage"))
@@ -233,7 +241,8 @@ class CheckpointReader:
             if h is None:
                 continue  # reported as missing weights
             if tuple(h["shape"]) != p.shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(h['shape'])}, the saved config makes it {p.shape}")
+                raise CheckpointError(f"{path}: {name} has shape {tuple(h['shape'])}, the saved config makes it "
+                                      f"{p.shape}")
             begin, end = h["data_offsets"]
             dtype = TORCH_DTYPES[h["dtype"]]
             p.fragments["fp32"] = [Fragment(0, 0, (end - begin) // dtype.itemsize, path, data + begin, dtype)]
@@ -369,7 +378,8 @@ class CheckpointReader:
             slices.append(flat.view(shape))
         return unshard(slices, p.split)
 
-    def tensors(self, key: str = "fp32", dtype: torch.dtype | None = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, key: str = "fp32", dtype: torch.dtype | None = torch.float32
+                ) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._params:
             yield name, self.tensor(name, key, dtype)
 

@@ -62,7 +62,7 @@ def _layout(p: argparse.ArgumentParser) -> None:
                    help="the target layout: parallel.tp, parallel.pp, parallel.zero_stage, parallel.* and "
                         "train.micro_batch_size")
     p.add_argument("--world-size", type=int, default=None, metavar="N",
-                   help="ranks of the target run (default: tp x pp; runs N local processes unless a launcher started them)")
+                   help="ranks of the target run (default: tp x pp); N local processes unless a launcher started them")
 
 
 def command(args: argparse.Namespace) -> int:

@@ -44,7 +44,8 @@ class Family:
 
 LLAMA = Family(
     "LlamaForCausalLM",
-    {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"},
+    {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+     "lm_head.weight": "lm_head.weight"},
     {"attn_norm.weight": ("input_layernorm.weight",),
      "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
      "attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
@@ -57,7 +58,8 @@ LLAMA = Family(
 GPT2 = Family(
     "GPT2LMHeadModel",
     {"embed.weight": "transformer.wte.weight", "pos_embed.weight": "transformer.wpe.weight",
-     "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias", "lm_head.weight": "lm_head.weight"},
+     "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias",
+     "lm_head.weight": "lm_head.weight"},
     {"attn_norm.weight": ("ln_1.weight",), "attn_norm.bias": ("ln_1.bias",),
      "attn.qkv.weight": ("attn.c_attn.weight",), "attn.qkv.bias": ("attn.c_attn.bias",),
      "attn.o_proj.weight": ("attn.c_proj.weight",), "attn.o_proj.bias": ("attn.c_proj.bias",),
@@ -96,7 +98,8 @@ def _layer_key(name: str) -> str:
     return re.sub(r"^layers\.\d+\.", "", name)
 
 
-def to_hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig, fam: Family, vocab: int) -> list[tuple[str, torch.Tensor]]:
+def to_hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig, fam: Family, vocab: int
+                  ) -> list[tuple[str, torch.Tensor]]:
     """One megatrain tensor -> its HF tensors (fused parts cut, Conv1D weights transposed, vocab padding dropped)."""
     names = hf_names(name, fam)
     if name in VOCAB_ROWS:
@@ -132,7 +135,8 @@ def hf_config(m: ModelConfig, fam: Family, vocab: int, tok):
         return LlamaConfig(vocab_size=vocab, hidden_size=m.d_model, intermediate_size=ffn_width(m),
                            num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=kv_heads(m),
                            head_dim=m.d_model // m.n_heads, hidden_act="silu", max_position_embeddings=m.max_seq_len,
-                           rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                           rms_norm_eps=m.norm_eps,
+                           rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
                            tie_word_embeddings=m.tie_embeddings, attention_bias=m.bias, mlp_bias=m.bias,
                            attention_dropout=0.0, initializer_range=m.init_std, architectures=[fam.architecture], **ids)
     from transformers import GPT2Config
@@ -175,7 +179,8 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
         with atomic_dir(out, replace=force) as tmp:
             t0 = time.perf_counter()
             n_files = _write_hf_weights(reader, tmp, fam, vocab, DTYPE[dtype], limit)
-            seconds, nbytes = time.perf_counter() - t0, sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+            seconds = time.perf_counter() - t0
+            nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
             hf_config(m, fam, vocab, tok).save_pretrained(tmp)
             _generation_config(tmp)
             if tok:
@@ -193,7 +198,8 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
     return 0
 
 
-def _write_hf_weights(reader: CheckpointReader, out: str, fam: Family, vocab: int, dtype: torch.dtype, limit: int) -> int:
+def _write_hf_weights(reader: CheckpointReader, out: str, fam: Family, vocab: int, dtype: torch.dtype,
+                      limit: int) -> int:
     """model.safetensors (or model-0000i-of-0000n.safetensors + index above `limit` bytes), one tensor at a time."""
     m = reader.cfg.model
     plan = []  # (hf name, shape), in the order they are produced
@@ -212,7 +218,8 @@ def _write_hf_weights(reader: CheckpointReader, out: str, fam: Family, vocab: in
     shards.append(current)
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    writers = [SafetensorsWriter(os.path.join(out, f), specs, metadata={"format": "pt"}) for f, specs in zip(files, shards)]
+    writers = [SafetensorsWriter(os.path.join(out, f), specs, metadata={"format": "pt"})
+               for f, specs in zip(files, shards)]
     which = {n: w for w, specs in zip(writers, shards) for n, _, _ in specs}
     try:
         for name, t in reader.tensors():
@@ -294,18 +301,21 @@ class HFWeights:
 
     def __init__(self, hf_dir: str, trust_pickle: bool = False):
         self.dir, self.files = hf_dir, {}
-        st_index, bin_index = (os.path.join(hf_dir, f) for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json"))
+        st_index = os.path.join(hf_dir, "model.safetensors.index.json")
+        bin_index = os.path.join(hf_dir, "pytorch_model.bin.index.json")
         if os.path.isfile(st_index) or os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
             self.kind = "safetensors"
             self.map = self._index(st_index, "model.safetensors")
         elif os.path.isfile(bin_index) or os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
             if not trust_pickle:
-                raise CheckpointError(f"{hf_dir}: its weights are only in pytorch_model.bin, a pickle that can run code; "
-                                      f"pass --trust-pickle if you trust where it came from (read with weights_only=True)")
+                raise CheckpointError(f"{hf_dir}: its weights are only in pytorch_model.bin, a pickle that can run "
+                                      f"code; pass --trust-pickle if you trust where it came from (read with "
+                                      f"weights_only=True)")
             self.kind = "bin"
             self.map = self._index(bin_index, "pytorch_model.bin")
         else:
-            raise CheckpointError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json) holding the weights")
+            raise CheckpointError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json) holding the "
+                                  f"weights")
 
     def _index(self, index: str, single: str) -> dict[str, str]:
         if not os.path.isfile(index):
@@ -409,7 +419,8 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
         m = ModelConfig(vocab_size=V, n_layers=c.get("n_layer", 12), n_heads=c.get("n_head", 12), d_model=d,
                         d_ff=c.get("n_inner") or 4 * d, max_seq_len=c.get("n_positions", 1024), norm="layernorm",
                         norm_eps=c.get("layer_norm_epsilon", 1e-5), position="learned", mlp="gelu", bias=True,
-                        tie_embeddings=bool(c.get("tie_word_embeddings", True)), init_std=c.get("initializer_range", 0.02))
+                        tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+                        init_std=c.get("initializer_range", 0.02))
     return fam, m, V, arch
 
 
@@ -439,12 +450,13 @@ def load_hf_weights(model, hf_dir: str, trust_pickle: bool = False) -> None:
 
 
 def has_tokenizer(hf_dir: str) -> bool:
-    return any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return any(os.path.isfile(os.path.join(hf_dir, f)) for f in names)
 
 
 def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pickle: bool = False, verify: bool = True,
             force: bool = False) -> int:
-    from megatrain.convert.writer import Job, finish, target_config, write
+    from megatrain.convert.writer import Job, finish, layout_words, target_config, write
 
     check_output(out, force)
     fam, m, V, arch = read_hf_config(hf_dir)
@@ -478,9 +490,7 @@ def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pic
             raise CheckpointError(f"the import does not compute the Hugging Face model (max |logit difference| above "
                                   f"{TOLERANCE}); nothing was written to {out}")
     finish(job.tmp, out, force)
-    p = cfg.parallel
-    print(f"imported {hf_dir} ({arch}, vocab {V} -> "
-          f"{cfg.model.vocab_size} rows) -> {out} (tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)}, "
-          f"ZeRO-{p.zero_stage}, step 0; {nbytes / 1e9:.2f} GB written by {world} rank{'s' if world > 1 else ''} in "
-          f"{seconds:.1f} s)")
+    print(f"imported {hf_dir} ({arch}, vocab {V} -> {cfg.model.vocab_size} rows) -> {out} "
+          f"({layout_words(cfg, world)}, step 0; {nbytes / 1e9:.2f} GB written by {world} "
+          f"rank{'s' if world > 1 else ''} in {seconds:.1f} s)")
     return 0

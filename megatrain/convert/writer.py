@@ -60,7 +60,8 @@ def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Con
     return cfg, world
 
 
-def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None, force: bool = False) -> None:
+def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None,
+            force: bool = False) -> None:
     from megatrain.convert.consolidate import check_output
 
     check_output(out, force)
@@ -68,7 +69,8 @@ def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | N
         cfg, world = target_config(config_from_dict(reader.state["config"]), sets, world)
         cfg.data.tokenizer = reader.cfg.data.tokenizer
         if not reader.has_optimizer_state():
-            print(f"note: {reader.where} has no optimizer state; the new checkpoint starts AdamW afresh", file=sys.stderr)
+            print(f"note: {reader.where} has no optimizer state; the new checkpoint starts AdamW afresh",
+                  file=sys.stderr)
         where, step, consumed = reader.where, reader.state.get("step", 0), reader.state.get("consumed_samples", 0)
     t0 = time.perf_counter()
     job = Job(cfg.to_dict(), src, tag, None, False, f"{os.path.abspath(out)}.partial", step, consumed)
@@ -76,10 +78,14 @@ def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | N
         return
     finish(job.tmp, out, force)
     p = cfg.parallel
-    print(f"resharded {where} -> {out} (tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)}, ZeRO-{p.zero_stage}), "
-          f"step {step}, {time.perf_counter() - t0:.1f} s; resume it with "
-          f"--set checkpoint.dir={out} --set parallel.tp={p.tp} --set parallel.pp={p.pp} "
+    print(f"resharded {where} -> {out} ({layout_words(cfg, world)}), step {step}, {time.perf_counter() - t0:.1f} s; "
+          f"resume it with --set checkpoint.dir={out} --set parallel.tp={p.tp} --set parallel.pp={p.pp} "
           f"--set parallel.zero_stage={p.zero_stage} on {world} ranks")
+
+
+def layout_words(cfg: Config, world: int) -> str:
+    p = cfg.parallel
+    return f"tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)}, ZeRO-{p.zero_stage}"
 
 
 def write(job: Job, world: int) -> bool:
@@ -206,7 +212,8 @@ def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
         flats = None
     if flats is not None:  # ZeRO keeps AdamW's state per flat fp32 partition; it exists only after a first step
         for flat in flats:
-            base.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            base.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
         if zero in (1, 2):
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()

@@ -82,8 +82,9 @@ class Run:
                     zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel)
 
     def describe(self, n_params: int) -> str:
-        return (f"launcher {self.launcher} | world {self.world} = {self.layout} | ZeRO-{self.cfg.parallel.zero_stage} | "
-                f"{self.precision} | {n_params / 1e6:.2f}M parameters | grad accumulation {self.grad_accum}")
+        return (f"launcher {self.launcher} | world {self.world} = {self.layout} | "
+                f"ZeRO-{self.cfg.parallel.zero_stage} | {self.precision} | {n_params / 1e6:.2f}M parameters | "
+                f"grad accumulation {self.grad_accum}")
 
     def engine(self, model, log_ranks: bool = True):
         """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize."""
