@@ -97,7 +97,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.causal = cfg.objective == "causal"
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0, mask=None):
         qkv = self.qkv(x)
         B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
@@ -116,8 +116,11 @@ class Attention(nn.Module):
                 if T != 1:
                     raise ValueError("with a KV cache, only the first call may pass more than one token")
                 causal = False  # one new query attends to every cached position
+        if mask is not None:  # [B, 1, T, T]: which keys each query sees (packed examples, padding); causal inside
+            causal = False
         # NOTE: enable_gqa lets SDPA broadcast the kv heads instead of materialising repeated copies.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -152,8 +155,8 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = build_norm(cfg, fused), MLP(cfg, fused)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer=0, pos=0):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, pos))
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0, mask=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, pos, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -202,22 +205,34 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]; with labels [B, T] -> mean cross-entropy over labels != -100."""
+    def features(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, cache: KVCache | None = None,
+                 pos: int = 0) -> torch.Tensor:
+        """tokens [B, T] -> the final norm's output [B, T, d_model]. `segments` [B, T] says which example each token
+        belongs to (1, 2, ...; 0 for padding) when a row holds several, or padding: attention stays inside an
+        example (causally, for a causal model) and positions restart at each example's first token."""
         B, T = tokens.shape
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        mask, positions = None, None
+        if segments is not None:
+            mask, positions = segment_mask(segments, causal=self.cfg.objective == "causal"), segment_positions(segments)
         x = self.embed(tokens)
         rope = None
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(pos, pos + T, device=tokens.device))
+            x = x + self.pos_embed(positions if positions is not None else torch.arange(pos, pos + T, device=tokens.device))
+        elif positions is not None:
+            rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
         else:
             rope = (self.rope_cos[pos: pos + T].to(x.dtype), self.rope_sin[pos: pos + T].to(x.dtype))
         x = self.drop(x)
         for i, block in enumerate(self.layers):
-            x = block(x, rope, cache, i, pos)
-        x = self.norm(x)
+            x = block(x, rope, cache, i, pos, mask)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, pos: int = 0, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]; with labels [B, T] -> mean cross-entropy over labels != -100."""
+        x = self.features(tokens, segments, cache, pos)
         if labels is not None and self.fused and self.loss_fn is None:
             # LM head + loss in chunks: the [tokens, vocab] logits never exist at once
             return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, labels.reshape(-1))
@@ -235,6 +250,27 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n
+
+
+def segment_mask(segments: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[B, 1, T, T] bool: query i sees key j when both are in the same example (and j <= i if causal). A padding
+    token (segment 0) sees itself only, so no row of the softmax is empty."""
+    same = segments[:, :, None] == segments[:, None, :]
+    T = segments.shape[1]
+    if causal:
+        same &= torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same |= torch.eye(T, dtype=torch.bool, device=segments.device)
+    return same[:, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token within its example (0 at each example's first token)."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first
 
 
 def mlm_mask(tokens: torch.Tensor, mask_id: int, vocab_size: int, prob: float, generator: torch.Generator,

@@ -145,9 +145,10 @@ def _check_against_rank_files(ck: str, got: dict, tp: int, pp: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("kind", ["llama", "llama-tied", "mistral", "gpt2"])
-def test_hf_round_trips_under_tensor_parallelism(kind, tmp_path):
-    """Random tiny transformers models -> from-hf under tp=2 -> to-hf: the same tensors, logits within 1e-5."""
+def test_hf_round_trips(kind, tp, tmp_path):
+    """Random tiny transformers models -> from-hf under tp -> to-hf: the same tensors, logits within 1e-5."""
     from test_convert import hf_round_trip
 
-    hf_round_trip(kind, tmp_path, tp=2)
+    hf_round_trip(kind, tmp_path, tp=tp)

@@ -129,3 +129,24 @@ def test_param_count_matches_formula():
     m = Transformer(cfg)
     per_layer = 64 * (64 + 2 * 16) + 64 * 64 + 3 * 64 * 192 + 2 * 64
     assert m.num_params() == 2 * per_layer + 2 * 100 * 64 + 64
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mlm"])
+def test_packed_examples_compute_what_each_example_computes_alone(name):
+    """Several examples in one row (segments 1, 2, ...) and right padding (segment 0): attention never crosses an
+    example and positions restart at each, so each example's hidden states equal those of the example run alone."""
+    torch.manual_seed(0)
+    m = Transformer(small(**VARIANTS[name])).eval()
+    a, b, c = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 3))
+    row = torch.cat([a, b, c, torch.zeros(1, 4, dtype=torch.long)], dim=1)  # 15 tokens + 4 of padding
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [3] * 3 + [0] * 4])
+    with torch.no_grad():
+        packed = m.features(row, segments)
+        alone = [m.features(x) for x in (a, b, c)]
+    torch.testing.assert_close(packed[:, :5], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 5:12], alone[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 12:15], alone[2], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(packed).all()  # padding rows attend to themselves, never to nothing
+    # one example per row needs no segments: the same numbers as the fast (is_causal) path
+    with torch.no_grad():
+        torch.testing.assert_close(m.features(b, torch.ones_like(b)), alone[1], rtol=1e-5, atol=1e-5)

@@ -152,3 +152,16 @@ def test_two_ranks_match_one_rank_at_every_zero_stage(tmp_path):
     run_distributed(run_configs, 2, [small_sets(data, runs[s], **{"parallel.zero_stage": s}) for s in (2, 3)], timeout=600)
     for s in (2, 3):
         assert_close_curves(losses(ref), losses(runs[s]), rtol=1e-5, steps=[4, 5, 6])
+
+
+def test_masked_loss_is_normalised_over_the_whole_global_batch(tmp_path):
+    """MLM masks a different number of tokens in every micro-batch: the loss is the mean over every masked token of
+    the global batch, so micro-batches of 1, 2 or 8 (8, 4 or 1 accumulation steps) give the same losses and updates."""
+    data = make_byte_dataset(tmp_path)
+    runs = {mb: str(tmp_path / f"mb{mb}") for mb in (1, 2, 8)}
+    common = {"model.objective": "mlm", "train.max_steps": 4, "checkpoint.interval": 0, "train.eval_interval": 4}
+    run_distributed(run_configs, 1, [small_sets(data, d, **common, **{"train.micro_batch_size": mb})
+                                     for mb, d in runs.items()], timeout=300)
+    for mb in (2, 8):
+        assert_close_curves(losses(runs[1]), losses(runs[mb]), rtol=1e-5)
+        assert_close_curves(losses(runs[1], "eval"), losses(runs[mb], "eval"), rtol=1e-5)

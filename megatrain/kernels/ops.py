@@ -95,8 +95,9 @@ def layer_norm(x, weight, bias, eps: float):
 
 
 def rope(x, cos, sin):
-    """x [B, T, H, D] (last dim contiguous, e.g. a view of the fused QKV output) -> contiguous [B, T, H, D]."""
-    if not use_fused(x) or x.stride(-1) != 1:
+    """x [B, T, H, D] (last dim contiguous, e.g. a view of the fused QKV output) -> contiguous [B, T, H, D].
+    cos/sin [T, D], or [B, T, D] for positions that differ by row (packed examples: the reference path)."""
+    if not use_fused(x) or x.stride(-1) != 1 or cos.dim() == 3:
         return reference.rope(x, cos, sin)
     return _Rope.apply(x, cos[: x.shape[1]], sin[: x.shape[1]])
 

@@ -17,9 +17,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D] rotated by cos/sin [T, D] (rotate-half layout)."""
+    """x [B, T, H, D] rotated by cos/sin [T, D], or [B, T, D] per row (rotate-half layout)."""
     half = x.shape[-1] // 2
-    c, s = cos[: x.shape[1], None, :].to(x.dtype), sin[: x.shape[1], None, :].to(x.dtype)
+    if cos.dim() == 3:
+        c, s = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    else:
+        c, s = cos[: x.shape[1], None, :].to(x.dtype), sin[: x.shape[1], None, :].to(x.dtype)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * c + rotated * s
 

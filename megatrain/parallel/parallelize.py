@@ -147,11 +147,11 @@ def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, part
         target: nn.Module = block if mode == "full" else block.attn
         fwd = target.forward
 
-        def checkpointed(x, rope=None, cache=None, layer=0, pos=0, _fwd=fwd):
+        def checkpointed(x, rope=None, cache=None, layer=0, pos=0, mask=None, _fwd=fwd):
             if not torch.is_grad_enabled() or cache is not None:  # inference / KV-cache decoding
-                return _fwd(x, rope, cache, layer, pos)
+                return _fwd(x, rope, cache, layer, pos, mask)
             # only the activation goes through the checkpoint; the rest is closed over (no gradients)
-            return ckpt(lambda h: _fwd(h, rope, None, layer, pos), x)
+            return ckpt(lambda h: _fwd(h, rope, None, layer, pos, mask), x)
 
         target.forward = checkpointed
     return model

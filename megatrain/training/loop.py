@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,35 +17,10 @@ import torch.distributed as dist
 
 from megatrain.config import Config
 from megatrain.fileio import write_atomic
-from megatrain.model import mlm_mask
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.runtime import Run, TrainState
-
-
-@dataclass
-class BatchMaker:
-    """Turns sample ids into (inputs, labels) tensors for the configured objective."""
-
-    objective: str
-    seed: int
-    mask_id: int | None = None
-    vocab_size: int = 0
-    mlm_probability: float = 0.15
-    special_ids: tuple = ()
-
-    def __call__(self, dataset, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.from_numpy(np.stack([dataset[int(i)] for i in ids]))
-        if self.objective == "causal":
-            return tokens[:, :-1].to(device), tokens[:, 1:].contiguous().to(device)
-        # Masked LM: the mask of a sample depends only on (seed, sample id), like the sample itself.
-        inputs, labels = [], []
-        for row, i in zip(tokens[:, :-1], ids):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
-            x, y = mlm_mask(row, self.mask_id, self.vocab_size, self.mlm_probability, g, self.special_ids)
-            inputs.append(x)
-            labels.append(y)
-        return torch.stack(inputs).to(device), torch.stack(labels).to(device)
+from megatrain.training.tasks import Batch, Task
 
 
 class StopRequest:
@@ -90,32 +64,72 @@ def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -
     return np.arange(start, start + b)
 
 
+def micro_batches(run: Run, task: Task, dataset, step: int, device) -> list[Batch]:
+    """This data-parallel rank's micro-batches of global batch `step`."""
+    return [task.make(dataset, micro_batch_ids(step, m, run.cfg, run.layout.dp, run.dp_rank), device)
+            for m in range(run.grad_accum)]
+
+
+def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
+    """Targets in the whole global batch: every micro-batch of every data-parallel rank."""
+    local = sum(task.targets(b) for b in batches)
+    if task.constant_targets or run.layout.dp == 1:
+        return max(1, local * run.layout.dp)
+    n = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(n, group=run.grid.get_data_parallel_group())
+    return max(1, int(n))
+
+
+def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float, float]:
+    """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
+    data-parallel ranks it is the loss: the mean over every target of the global batch) and, without ZeRO, the
+    gradient norm (DeepSpeed keeps none then)."""
+    batches = micro_batches(run, task, dataset, step, engine.device)
+    if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
+        return float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp, float("nan")
+    total = global_targets(run, task, batches)
+    scale = run.grad_accum * run.layout.dp / total  # DeepSpeed divides by both; each micro-batch weighs its targets
+    share, norm = torch.zeros((), dtype=torch.float64), float("nan")
+    for m, batch in enumerate(batches):
+        n = task.targets(batch)
+        loss = task.loss(engine, batch)
+        engine.backward(loss * (n * scale))
+        if m == len(batches) - 1 and run.cfg.parallel.zero_stage == 0:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
+        engine.step()
+        share += loss.detach().double().cpu() * n / total
+    return float(share), norm
+
+
 @torch.no_grad()
-def evaluate(engine, valid, cfg: Config, make: BatchMaker, grad_accum: int, dp: int, dp_rank: int) -> float:
-    """Mean loss over the first train.eval_iters global batches of the validation set (the same
+def evaluate(run: Run, engine, task: Task, valid) -> float:
+    """The mean loss over every target of the first train.eval_iters global batches of the validation set (the same
     samples, in the same micro-batches, whatever the layout)."""
+    cfg = run.cfg
     engine.eval()
     n_iters = min(cfg.train.eval_iters, len(valid) // cfg.train.global_batch_size)
-    if is_pipeline(engine):
-        losses = [float(engine.eval_batch(micro_batches(valid, it, cfg, make, grad_accum, dp, dp_rank, engine.device)))
+    if is_pipeline(engine):  # already the mean over micro-batches and data-parallel ranks
+        losses = [float(engine.eval_batch(iter([b.model_inputs() for b in micro_batches(run, task, valid, it,
+                                                                                          engine.device)])))
                   for it in range(n_iters)]
+        value = float(np.mean(losses)) if losses else float("nan")
     else:
-        losses = [float(engine(*make(valid, micro_batch_ids(it, m, cfg, dp, dp_rank), engine.device)))
-                  for it in range(n_iters) for m in range(grad_accum)]
+        sums = torch.zeros(2, dtype=torch.float64)  # sum of losses, targets (TP replicas count alike: the ratio holds)
+        for it in range(n_iters):
+            for batch in micro_batches(run, task, valid, it, engine.device):
+                n = task.targets(batch)
+                sums += torch.tensor([float(task.loss(engine, batch)) * n, n], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        value = float(sums[0] / sums[1]) if sums[1] else float("nan")
     engine.train()
-    return rank_mean(float(np.mean(losses)) if losses else float("nan"), engine.device)
+    return value
 
 
 def is_pipeline(engine) -> bool:
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     return isinstance(engine, PipelineEngine)
-
-
-def micro_batches(dataset, step: int, cfg: Config, make: BatchMaker, grad_accum: int, dp: int, dp_rank: int, device):
-    """The (inputs, labels) micro-batches of one step, as DeepSpeed's pipeline engine pulls them."""
-    for m in range(grad_accum):
-        yield make(dataset, micro_batch_ids(step, m, cfg, dp, dp_rank), device)
 
 
 def drift_check(engine, cfg: Config, grid, step: int) -> None:
@@ -128,40 +142,24 @@ def drift_check(engine, cfg: Config, grid, step: int) -> None:
         check_tp_drift(engine.module, grid.get_slice_parallel_group(), step)
 
 
-def train(run: Run, engine, train_ds, valid_ds, make: BatchMaker, state: TrainState, flops_per_token: float,
+def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, flops_per_token: float,
           peak: float) -> TrainState:
-    cfg, layout, grad_accum, dp_rank = run.cfg, run.layout, run.grad_accum, run.dp_rank
+    cfg, layout = run.cfg, run.layout
     rank0 = run.rank == 0
-    dp = layout.dp
-    pipeline = is_pipeline(engine)
     t = cfg.train
     logger = MetricsLogger(cfg, cfg.checkpoint.dir, t.max_steps, state.step, enabled=rank0)
     stop = StopRequest(t.exit_duration_minutes)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
     last_saved = state.step
-    stage0, norm0 = cfg.parallel.zero_stage == 0, float("nan")
+    stage0 = cfg.parallel.zero_stage == 0
     engine.train()
     try:
         while state.step < t.max_steps:
-            step_loss = torch.zeros((), dtype=torch.float64)
-            if pipeline:  # 1F1B over this step's micro-batches; the loss comes back averaged
-                step_loss += float(engine.train_batch(micro_batches(train_ds, state.step, cfg, make, grad_accum, dp,
-                                                                     dp_rank, engine.device))) * grad_accum
-            for micro in range(0 if pipeline else grad_accum):
-                ids = micro_batch_ids(state.step, micro, cfg, dp, dp_rank)
-                inputs, labels = make(train_ds, ids, engine.device)
-                loss = engine(inputs, labels)
-                engine.backward(loss)
-                if micro == grad_accum - 1 and stage0:
-                    # DeepSpeed keeps no grad norm without ZeRO: measure the (reduced) gradients before the step
-                    norm0 = float(torch.nn.utils.get_total_norm(
-                        [p.grad for p in engine.module.parameters() if p.grad is not None]))
-                engine.step()
-                step_loss += loss.detach().double().cpu()
+            share, norm0 = train_step(run, engine, task, train_ds, state.step)
             state.step += 1
             state.consumed_samples += t.global_batch_size
-            window_loss += float(step_loss) / grad_accum
+            window_loss += share
             window_steps += 1
             logger.advance()
             every = cfg.parallel.drift_check_interval
@@ -169,7 +167,8 @@ def train(run: Run, engine, train_ds, valid_ds, make: BatchMaker, state: TrainSt
                 drift_check(engine, cfg, run.grid, state.step)
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
                 secs = time.perf_counter() - window_t0
-                loss_avg = rank_mean(window_loss / window_steps, engine.device)
+                # the shares of the data-parallel ranks add up to the loss; TP/PP replicas hold equal shares
+                loss_avg = rank_mean(window_loss / window_steps, engine.device) * layout.dp
                 tps = tokens_per_step * window_steps / secs
                 tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                 row = dict(step=state.step, loss=loss_avg, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
@@ -181,7 +180,7 @@ def train(run: Run, engine, train_ds, valid_ds, make: BatchMaker, state: TrainSt
                 logger.advance(0, f"loss {loss_avg:.3f}")
                 window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
-                vloss = evaluate(engine, valid_ds, cfg, make, grad_accum, dp, dp_rank)
+                vloss = evaluate(run, engine, task, valid_ds)
                 logger.log(dict(step=state.step, kind="eval", val_loss=vloss, val_ppl=float(np.exp(min(vloss, 50)))),
                            f"step {state.step:>6} | validation loss {vloss:.4f} | perplexity {np.exp(min(vloss, 50)):.2f}")
                 window_t0 = time.perf_counter()  # don't count evaluation time as training throughput
