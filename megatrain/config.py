@@ -125,6 +125,35 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    task: str = ""  # sft | classify | tokens | qa; empty: not a fine-tuning run
+    init: str = ""  # the pretrained model: a megatrain checkpoint of any layout, a convert output, or a Hugging Face
+    #                 folder (read through from-hf's maps); the model's shape and tokenizer come from it
+    train_file: str = ""  # training examples (see format)
+    valid_file: str = ""  # evaluated every train.eval_interval steps; the best checkpoint is kept by metric_for_best
+    test_file: str = ""  # evaluated once at the end
+    format: str = "auto"  # auto (from the extension) | jsonl | csv | tsv | conll | squad
+    text_column: str = "text"  # classify: the field (jsonl) or column (csv/tsv) holding the text
+    text_pair_column: str = "text_pair"  # classify: an optional second text (pairs are joined by end-of-document)
+    label_column: str = "label"  # classify: the field or column holding the label (any string)
+    max_seq_len: int = 0  # tokens per example (longer ones are truncated, counted in the log); 0: model.max_seq_len
+    epochs: float = 0.0  # when > 0: train.max_steps = epochs x training examples (rows, for sft) / global batch
+    metric_for_best: str = ""  # the evaluation metric that picks DIR/best; empty: the task's own (listed in README)
+    patience: int = 0  # stop after this many evaluations without a better metric_for_best; 0: never stop early
+    labels: list = field(default_factory=list)  # classify/tokens: the label names in id order (derived from train_file)
+    scheme: str = "iob2"  # tokens: iob1 | iob2 | bioes, checked on every file
+    pooling: str = "auto"  # classify: auto (last real token for a causal model, mean for mlm) | last | mean | first
+    pack: bool = True  # sft: several examples per sequence (attention never crosses them)
+    doc_stride: int = 64  # qa: context tokens shared by consecutive windows of a long context
+    max_answer_tokens: int = 30  # qa: the longest answer span predicted
+    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets (the rest frozen); 0: full fine-tuning
+    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "qkv,o_proj,gate_up,up,down"  # the projections that get adapters (of those the model has)
+    freeze: str = ""  # comma-separated: embeddings, blocks:N (the first N blocks), all_but_head
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +161,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,6 +179,10 @@ CHOICES = {
     "train.activation_checkpointing": ("none", "full", "selective"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "logging.progress_bar": ("auto", "on", "off"),
+    "finetune.task": ("", "sft", "classify", "tokens", "qa"),
+    "finetune.format": ("auto", "jsonl", "csv", "tsv", "conll", "squad"),
+    "finetune.scheme": ("iob1", "iob2", "bioes"),
+    "finetune.pooling": ("auto", "last", "mean", "first"),
 }
 
 
@@ -173,6 +207,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+    if typ is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"config key {key}: expected a list, got {value!r}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -343,6 +381,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key train.warmup_steps: must be at least 0, got {t.warmup_steps}")
+    f = cfg.finetune
+    for k in ("max_seq_len", "patience", "lora_rank"):
+        if getattr(f, k) < 0:
+            raise ConfigError(f"config key finetune.{k}: must be at least 0, got {getattr(f, k)}")
+    for k in ("doc_stride", "max_answer_tokens"):
+        if getattr(f, k) < 1:
+            raise ConfigError(f"config key finetune.{k}: must be at least 1, got {getattr(f, k)}")
+    if f.epochs < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
+        bad = "epochs" if f.epochs < 0 else "lora_alpha" if f.lora_alpha <= 0 else "lora_dropout"
+        raise ConfigError(f"config key finetune.{bad}: out of range ({getattr(f, bad)})")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

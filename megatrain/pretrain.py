@@ -63,8 +63,7 @@ def run(cfg: Config) -> dict:
     from megatrain.model import Transformer
     from megatrain.training.loop import train
     from megatrain.training.metrics import peak_tflops
-    from megatrain.training.tasks import pretraining_task
-    from megatrain.generate import load_weights
+    from megatrain.tasks import pretraining_task
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
     init = adopt_init(cfg)  # checkpoint.init's model shape; before the layout is checked against it
@@ -79,7 +78,7 @@ def run(cfg: Config) -> dict:
     log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
     if init is not None:
         if not run.will_resume():  # weights only: the optimizer and the step start afresh
-            load_weights(model, init)
+            init.load_into(model)
             log0(f"initialized from {init.where} (weights only; the optimizer starts afresh)")
         init.close()
     engine = run.engine(model)

@@ -88,7 +88,7 @@ def test_a_writer_closed_early_says_what_is_missing(tmp_path):
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
 def test_hf_name_maps_are_inverse_and_cover_every_parameter(cfg):
-    from megatrain.convert.hf import family_of, from_hf_tensor, to_hf_tensors
+    from megatrain.checkpoint.hf import family_of, from_hf_tensor, to_hf_tensors
 
     fam = family_of(cfg)
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_models_transformers_cannot_represent_are_refused_in_one_line():
     import dataclasses
 
     from megatrain.checkpoint.reader import CheckpointError
-    from megatrain.convert.hf import family_of
+    from megatrain.checkpoint.hf import family_of
 
     with pytest.raises(CheckpointError, match="masked LM"):
         family_of(dataclasses.replace(LLAMA, objective="mlm"))

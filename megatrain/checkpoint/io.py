@@ -58,11 +58,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict) -> str:
-    """Save on every rank; `latest` moves to this tag only once every rank's files are on disk."""
+def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict, extra: dict | None = None) -> str:
+    """Save on every rank; `latest` moves to this tag only once every rank's files are on disk. `extra` goes into
+    megatrain.json beside the step (the fine-tuning loop keeps its best metric there)."""
     ckpt_dir = cfg.checkpoint.dir
     tag = tag_for(step)
-    state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), layout=layout)
+    state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), layout=layout, **(extra or {}))
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
     rank = dist.get_rank()
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
@@ -76,12 +77,25 @@ def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict) ->
 
 
 def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
+    """Remove all but the newest keep_last step folders; never the one just saved or the one `best` names."""
     if keep_last <= 0:
         return
     tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, t)))
+    best = read_pointer(ckpt_dir, "best")
     for t in tags[:-keep_last]:
-        if t != keep:
+        if t not in (keep, best):
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+
+
+def read_pointer(ckpt_dir: str, name: str) -> str | None:
+    """The tag a pointer file (latest, best) names, or None."""
+    path = os.path.join(ckpt_dir, name)
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
+def mark_best(ckpt_dir: str, tag: str) -> None:
+    """DIR/best names the checkpoint with the best evaluation metric (written like latest: atomically, by rank 0)."""
+    write_atomic(os.path.join(ckpt_dir, "best"), tag)
 
 
 def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None = None) -> None:

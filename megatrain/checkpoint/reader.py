@@ -154,12 +154,14 @@ class CheckpointReader:
 
     def _expected_params(self) -> dict[str, _Param]:
         """The model's parameters (names, full shapes) from the saved config, built on the meta device."""
-        import dataclasses
+        import copy
 
-        from megatrain.model import Transformer
+        from megatrain.heads import build_model
 
+        cfg = copy.deepcopy(self.cfg)
+        cfg.model.fused_kernels = "off"
         with torch.device("meta"):
-            model = Transformer(dataclasses.replace(self.cfg.model, fused_kernels="off"))
+            model = build_model(cfg)  # a fine-tuned model's head and adapters too
         return {n: _Param(n, tuple(p.shape), split_of(n, self.cfg.model)) for n, p in model.named_parameters()}
 
     def names(self) -> list[str]:

@@ -1,14 +1,9 @@
 """`megatrain convert to-hf` and `from-hf`: megatrain checkpoints <-> Hugging Face transformers folders.
 
-Two families, each the transformers class that computes the same function as megatrain's model:
-    llama  rmsnorm + rope + swiglu, causal; GQA, tied or untied, biases on every linear or on none
-           <-> LlamaForCausalLM (from-hf also reads MistralForCausalLM: the same weights and layers)
-    gpt2   layernorm + learned positions + tanh-GeLU + biases, multi-head attention, causal <-> GPT2LMHeadModel
-
-One table per family names, for each megatrain parameter, the HF tensors it fuses (q|k|v and gate|up, cut at the
-sharding table's part sizes); GPT-2 keeps its Conv1D weights transposed. Both directions check themselves: the
-export is loaded with transformers and run beside megatrain's model on a fixed batch (logits within 1e-4, greedy
-tokens printed), and a failed check leaves no output behind.
+The families and their name maps are in checkpoint/hf.py (LlamaForCausalLM, MistralForCausalLM read, and
+GPT2LMHeadModel). Both directions check themselves: the export is loaded with transformers and run beside
+megatrain's model on a fixed batch (logits within 1e-4, greedy tokens printed), and a failed check leaves no output
+behind.
 """
 from __future__ import annotations
 
@@ -19,107 +14,19 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
+from megatrain.checkpoint.hf import (LLAMA, Family, HFWeights, check_hf_weights, family_of, has_tokenizer,
+                                     read_hf_config, to_hf_tensors)
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
 from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
 from megatrain.convert.consolidate import DTYPE, check_output
 from megatrain.fileio import atomic_dir
-from megatrain.parallel.sharding import split_of
 
 TOLERANCE = 1e-4  # max |logit difference| a conversion may show (both models run in float64 for the check)
-
-
-@dataclass(frozen=True)
-class Family:
-    architecture: str
-    top: dict  # megatrain name -> HF name, outside the blocks
-    layer: dict  # megatrain name after "layers.N." -> HF names after layer_prefix (fused parts, in row order)
-    layer_prefix: str
-    transposed: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2's Conv1D)
-
-
-LLAMA = Family(
-    "LlamaForCausalLM",
-    {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-     "lm_head.weight": "lm_head.weight"},
-    {"attn_norm.weight": ("input_layernorm.weight",),
-     "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-     "attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-     "attn.o_proj.weight": ("self_attn.o_proj.weight",), "attn.o_proj.bias": ("self_attn.o_proj.bias",),
-     "mlp_norm.weight": ("post_attention_layernorm.weight",),
-     "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-     "mlp.gate_up.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
-     "mlp.down.weight": ("mlp.down_proj.weight",), "mlp.down.bias": ("mlp.down_proj.bias",)},
-    "model.layers.{}.")
-GPT2 = Family(
-    "GPT2LMHeadModel",
-    {"embed.weight": "transformer.wte.weight", "pos_embed.weight": "transformer.wpe.weight",
-     "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias",
-     "lm_head.weight": "lm_head.weight"},
-    {"attn_norm.weight": ("ln_1.weight",), "attn_norm.bias": ("ln_1.bias",),
-     "attn.qkv.weight": ("attn.c_attn.weight",), "attn.qkv.bias": ("attn.c_attn.bias",),
-     "attn.o_proj.weight": ("attn.c_proj.weight",), "attn.o_proj.bias": ("attn.c_proj.bias",),
-     "mlp_norm.weight": ("ln_2.weight",), "mlp_norm.bias": ("ln_2.bias",),
-     "mlp.up.weight": ("mlp.c_fc.weight",), "mlp.up_bias": ("mlp.c_fc.bias",),
-     "mlp.down.weight": ("mlp.c_proj.weight",), "mlp.down.bias": ("mlp.c_proj.bias",)},
-    "transformer.h.{}.",
-    transposed=("attn.qkv.weight", "attn.o_proj.weight", "mlp.up.weight", "mlp.down.weight"))
-READS = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": LLAMA, "GPT2LMHeadModel": GPT2}
-VOCAB_ROWS = ("embed.weight", "lm_head.weight")
-
-
-def family_of(m: ModelConfig) -> Family:
-    """The transformers class that computes megatrain's model, or one line on why none does."""
-    if m.objective != "causal":
-        raise CheckpointError(f"model.objective={m.objective}: transformers has no causal-LM class for a masked LM; "
-                              f"use `megatrain convert consolidate` for its weights")
-    shape = (m.norm, m.position, m.mlp)
-    if shape == ("rmsnorm", "rope", "swiglu"):
-        return LLAMA
-    if shape == ("layernorm", "learned", "gelu") and m.bias and kv_heads(m) == m.n_heads:
-        return GPT2
-    raise CheckpointError(f"model.norm={m.norm}, position={m.position}, mlp={m.mlp}, bias={m.bias}, "
-                          f"n_kv_heads={kv_heads(m)}: no transformers class computes this model (LlamaForCausalLM: "
-                          f"rmsnorm+rope+swiglu; GPT2LMHeadModel: layernorm+learned+gelu with biases and no GQA)")
-
-
-def hf_names(name: str, fam: Family) -> tuple[str, ...]:
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m:
-        return tuple(fam.layer_prefix.format(m.group(1)) + n for n in fam.layer[m.group(2)])
-    return (fam.top[name],)
-
-
-def _layer_key(name: str) -> str:
-    return re.sub(r"^layers\.\d+\.", "", name)
-
-
-def to_hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig, fam: Family, vocab: int
-                  ) -> list[tuple[str, torch.Tensor]]:
-    """One megatrain tensor -> its HF tensors (fused parts cut, Conv1D weights transposed, vocab padding dropped)."""
-    names = hf_names(name, fam)
-    if name in VOCAB_ROWS:
-        t = t[:vocab]
-    parts = [t] if len(names) == 1 else list(t.split(split_of(name, cfg).parts, dim=0))
-    if _layer_key(name) in fam.transposed:
-        parts = [p.t() for p in parts]
-    return list(zip(names, parts))
-
-
-def from_hf_tensor(name: str, cfg: ModelConfig, fam: Family, get) -> torch.Tensor:
-    """A megatrain tensor from the HF tensors `get(hf_name)` returns (the inverse of to_hf_tensors; vocab rows past
-    the HF vocabulary are zero padding)."""
-    parts = [get(n) for n in hf_names(name, fam)]
-    if _layer_key(name) in fam.transposed:
-        parts = [p.t() for p in parts]
-    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    if name in VOCAB_ROWS and t.shape[0] < cfg.vocab_size:
-        t = torch.cat([t, t.new_zeros(cfg.vocab_size - t.shape[0], *t.shape[1:])])
-    return t
 
 
 # -- to-hf ----------------------------------------------------------------------------------------------------
@@ -293,165 +200,6 @@ def check_parity(model, hf_dir: str, vocab: int) -> bool:
 
 
 # -- from-hf --------------------------------------------------------------------------------------------------
-
-
-class HFWeights:
-    """The tensors of a Hugging Face model folder, read one at a time: model.safetensors or its sharded index;
-    pytorch_model.bin only when trusted (and even then with weights_only=True)."""
-
-    def __init__(self, hf_dir: str, trust_pickle: bool = False):
-        self.dir, self.files = hf_dir, {}
-        st_index = os.path.join(hf_dir, "model.safetensors.index.json")
-        bin_index = os.path.join(hf_dir, "pytorch_model.bin.index.json")
-        if os.path.isfile(st_index) or os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
-            self.kind = "safetensors"
-            self.map = self._index(st_index, "model.safetensors")
-        elif os.path.isfile(bin_index) or os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
-            if not trust_pickle:
-                raise CheckpointError(f"{hf_dir}: its weights are only in pytorch_model.bin, a pickle that can run "
-                                      f"code; pass --trust-pickle if you trust where it came from (read with "
-                                      f"weights_only=True)")
-            self.kind = "bin"
-            self.map = self._index(bin_index, "pytorch_model.bin")
-        else:
-            raise CheckpointError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json) holding the "
-                                  f"weights")
-
-    def _index(self, index: str, single: str) -> dict[str, str]:
-        if not os.path.isfile(index):
-            return {k: single for k in self._open(single).keys()}
-        try:
-            with open(index) as f:
-                return json.load(f)["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid weight index ({e})") from None
-
-    def _open(self, file: str):
-        if file not in self.files:
-            path = os.path.join(self.dir, file)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path}: named by the weight index but missing")
-            try:
-                if self.kind == "safetensors":
-                    from safetensors import safe_open
-
-                    self.files[file] = safe_open(path, "pt")
-                else:
-                    self.files[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0][:200]})") from None
-        return self.files[file]
-
-    def key(self, name: str) -> str | None:
-        """The stored name of `name` (some files drop the model./transformer. prefix)."""
-        for k in (name, name.split(".", 1)[1]):
-            if k in self.map:
-                return k
-        return None
-
-    def get(self, name: str) -> torch.Tensor:
-        k = self.key(name)
-        if k is None:
-            raise CheckpointError(f"{self.dir}: weight {name} missing (an incomplete checkpoint, or not the "
-                                  f"architecture config.json names)")
-        f = self._open(self.map[k])
-        return (f.get_tensor(k) if self.kind == "safetensors" else f[k]).float()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        k = self.key(name)
-        if k is None:
-            self.get(name)  # raises the missing-weight line
-        f = self._open(self.map[k])
-        return tuple(f.get_slice(k).get_shape()) if self.kind == "safetensors" else tuple(f[k].shape)
-
-
-def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
-    """config.json -> (family, megatrain ModelConfig, the HF vocabulary size, the architecture); one line for what
-    megatrain cannot run."""
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{hf_dir}: no config.json; not a Hugging Face model folder")
-    try:
-        with open(path) as f:
-            c = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    arch = (c.get("architectures") or [None])[0]
-    fam = READS.get(arch)
-    if fam is None:
-        raise CheckpointError(f"{path}: architecture {arch} is not supported; supported: {', '.join(READS)}")
-
-    def refuse(what: str):
-        raise CheckpointError(f"{path}: {what}, which megatrain's model does not compute")
-
-    V = int(c["vocab_size"])
-    if fam is LLAMA:
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
-        if c.get("hidden_act", "silu") != "silu":
-            refuse(f"hidden_act {c['hidden_act']!r} (not silu)")
-        d, nh = c["hidden_size"], c["num_attention_heads"]
-        if c.get("head_dim") not in (None, d // nh):
-            refuse(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads")
-        bias = bool(c.get("attention_bias", False))
-        if bool(c.get("mlp_bias", bias)) != bias:
-            refuse("biases on attention but not the MLP (or the reverse)")
-        max_len = c.get("max_position_embeddings", 2048)
-        window = c.get("sliding_window")
-        if window and window < max_len:
-            print(f"note: {arch} attends within a {window}-token sliding window; megatrain reads at most that many "
-                  f"tokens (model.max_seq_len={window})", file=sys.stderr)
-            max_len = window
-        m = ModelConfig(vocab_size=V, n_layers=c["num_hidden_layers"], n_heads=nh,
-                        n_kv_heads=c.get("num_key_value_heads") or nh, d_model=d, d_ff=c["intermediate_size"],
-                        max_seq_len=max_len, norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), position="rope",
-                        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), mlp="swiglu", bias=bias,
-                        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                        init_std=c.get("initializer_range", 0.02))
-    else:
-        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            refuse(f"activation_function {c['activation_function']!r} (megatrain's GeLU is the tanh form)")
-        if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True) \
-                or c.get("add_cross_attention"):
-            refuse("attention scaled by layer, unscaled or with cross-attention")
-        d = c.get("n_embd", 768)
-        m = ModelConfig(vocab_size=V, n_layers=c.get("n_layer", 12), n_heads=c.get("n_head", 12), d_model=d,
-                        d_ff=c.get("n_inner") or 4 * d, max_seq_len=c.get("n_positions", 1024), norm="layernorm",
-                        norm_eps=c.get("layer_norm_epsilon", 1e-5), position="learned", mlp="gelu", bias=True,
-                        tie_embeddings=bool(c.get("tie_word_embeddings", True)),
-                        init_std=c.get("initializer_range", 0.02))
-    return fam, m, V, arch
-
-
-def check_hf_weights(weights: HFWeights, m: ModelConfig, fam: Family, vocab: int) -> None:
-    """Every tensor the model needs is there with the shape config.json implies (one line for the first that isn't)."""
-    import dataclasses
-
-    from megatrain.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(dataclasses.replace(m, fused_kernels="off"))
-    for name, p in model.named_parameters():
-        for n, t in to_hf_tensors(name, torch.empty(p.shape, device="meta"), m, fam, vocab):
-            have = weights.shape(n)
-            if tuple(have) != tuple(t.shape):
-                raise CheckpointError(f"{weights.dir}: {n} has shape {tuple(have)}, but config.json makes it "
-                                      f"{tuple(t.shape)}; the weights do not fit the config")
-
-
-def load_hf_weights(model, hf_dir: str, trust_pickle: bool = False) -> None:
-    """Fill a full megatrain model from a Hugging Face folder, one tensor at a time."""
-    fam = read_hf_config(hf_dir)[0]
-    weights = HFWeights(hf_dir, trust_pickle)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(from_hf_tensor(name, model.cfg, fam, weights.get))
-
-
-def has_tokenizer(hf_dir: str) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    return any(os.path.isfile(os.path.join(hf_dir, f)) for f in names)
 
 
 def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pickle: bool = False, verify: bool = True,

@@ -157,7 +157,7 @@ def write_rank(job: Job) -> None:
     if reader:
         load_weights(model, reader)
     else:
-        from megatrain.convert.hf import load_hf_weights
+        from megatrain.checkpoint.hf import load_hf_weights
 
         load_hf_weights(model, job.hf_dir, job.trust_pickle)
     engine = run.engine(model, log_ranks=False)

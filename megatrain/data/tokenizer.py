@@ -39,6 +39,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` and, for each, the [start, end) characters of `text` it came from (fine-tuning maps
+        words and answer spans through them)."""
+        raise NotImplementedError
+
     @property
     def spec(self) -> str:
         """A spec string that rebuilds this tokenizer."""
@@ -67,6 +72,14 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in (int(x) for x in ids) if i < 256).decode("utf-8", errors="replace")
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, spans = [], []
+        for c, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids += list(b)
+            spans += [(c, c + 1)] * len(b)
+        return ids, spans
 
     @property
     def spec(self) -> str:
@@ -105,6 +118,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        pieces = self.sp.encode(text, return_type="proto").pieces  # begin/end: byte offsets into the UTF-8 text
+        char_at = _char_index_of_bytes(text)
+        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
 
     @property
     def spec(self) -> str:
@@ -154,9 +172,21 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
     @property
     def spec(self) -> str:
         return f"hf:{self.path}"
+
+
+def _char_index_of_bytes(text: str) -> list[int]:
+    """For every byte offset 0..len(utf8) of `text`, the index of the character that starts at or after it."""
+    out = []
+    for c, ch in enumerate(text):
+        out += [c] * len(ch.encode("utf-8"))
+    return out + [len(text)]
 
 
 def parse_spec(spec: str) -> tuple[str | None, str | None]:

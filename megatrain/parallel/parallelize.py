@@ -60,16 +60,18 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
             if m.up_bias is not None:
                 m.up_bias = mark_tp(nn.Parameter(mine(pre + "mlp.up_bias").detach().clone()))
         m.down = RowParallelLinear(mine(pre + "mlp.down.weight"), mine(pre + "mlp.down.bias"), group, sp)
-    head = ColumnParallelLinear(mine("lm_head.weight") if not cfg.tie_embeddings else model.embed.weight, None, group, sp)
-    if cfg.tie_embeddings:
-        head.weight = model.embed.weight
-    model.lm_head = head
-    if model.fused:
-        from megatrain.kernels import ops
+    if model.lm_head is not None:  # a fine-tuning head replaces it (heads.py); heads stay whole on every TP rank
+        head = ColumnParallelLinear(mine("lm_head.weight") if not cfg.tie_embeddings else model.embed.weight, None,
+                                    group, sp)
+        if cfg.tie_embeddings:
+            head.weight = model.embed.weight
+        model.lm_head = head
+        if model.fused:
+            from megatrain.kernels import ops
 
-        model.loss_fn = functools.partial(ops.cross_entropy, group=group)
-    else:
-        model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
+            model.loss_fn = functools.partial(ops.cross_entropy, group=group)
+        else:
+            model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
     if sp:
         if model.pos_embed is not None:
             model.pos_embed = _SequenceShardPositions(model.pos_embed, group)

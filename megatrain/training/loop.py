@@ -11,16 +11,17 @@ import os
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config
+from megatrain.checkpoint.io import mark_best
+from megatrain.config import Config, ConfigError
 from megatrain.fileio import write_atomic
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.runtime import Run, TrainState
-from megatrain.training.tasks import Batch, Task
+from megatrain.tasks import Batch, Task
+from megatrain.tasks.base import is_pipeline, micro_batch_ids
 
 
 class StopRequest:
@@ -56,12 +57,6 @@ def note_stop(why: str, step: int) -> None:
     path = os.environ.get("MEGATRAIN_STOP_FILE")
     if path:
         write_atomic(path, f"{why} at step {step}\n")
-
-
-def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -> np.ndarray:
-    b, G = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    start = step * G + micro * b * dp + dp_rank * b
-    return np.arange(start, start + b)
 
 
 def micro_batches(run: Run, task: Task, dataset, step: int, device) -> list[Batch]:
@@ -101,37 +96,6 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float,
     return float(share), norm
 
 
-@torch.no_grad()
-def evaluate(run: Run, engine, task: Task, valid) -> float:
-    """The mean loss over every target of the first train.eval_iters global batches of the validation set (the same
-    samples, in the same micro-batches, whatever the layout)."""
-    cfg = run.cfg
-    engine.eval()
-    n_iters = min(cfg.train.eval_iters, len(valid) // cfg.train.global_batch_size)
-    if is_pipeline(engine):  # already the mean over micro-batches and data-parallel ranks
-        losses = [float(engine.eval_batch(iter([b.model_inputs() for b in micro_batches(run, task, valid, it,
-                                                                                          engine.device)])))
-                  for it in range(n_iters)]
-        value = float(np.mean(losses)) if losses else float("nan")
-    else:
-        sums = torch.zeros(2, dtype=torch.float64)  # sum of losses, targets (TP replicas count alike: the ratio holds)
-        for it in range(n_iters):
-            for batch in micro_batches(run, task, valid, it, engine.device):
-                n = task.targets(batch)
-                sums += torch.tensor([float(task.loss(engine, batch)) * n, n], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-        value = float(sums[0] / sums[1]) if sums[1] else float("nan")
-    engine.train()
-    return value
-
-
-def is_pipeline(engine) -> bool:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    return isinstance(engine, PipelineEngine)
-
-
 def drift_check(engine, cfg: Config, grid, step: int) -> None:
     import deepspeed
 
@@ -140,6 +104,43 @@ def drift_check(engine, cfg: Config, grid, step: int) -> None:
     params = [p for _, p in replicated_parameters(engine.module)]
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.parallel.zero_stage == 3):
         check_tp_drift(engine.module, grid.get_slice_parallel_group(), step)
+
+
+class Best:
+    """finetune.metric_for_best: the best evaluation so far (DIR/best names its checkpoint), and how many evaluations
+    have passed without a better one (finetune.patience stops the run). Kept in every checkpoint's megatrain.json, so
+    a resumed run goes on counting."""
+
+    def __init__(self, run: Run, task: Task):
+        f = run.cfg.finetune
+        self.metric = f.metric_for_best or getattr(task, "metric", "val_loss")
+        self.lower = self.metric.endswith(("loss", "ppl"))
+        self.patience = f.patience
+        saved = (run.saved or {}).get("best", {})
+        self.value, self.step, self.since = saved.get("value"), saved.get("step"), saved.get("since", 0)
+
+    def update(self, row: dict, step: int) -> bool:
+        if self.metric not in row:
+            raise ConfigError(f"config key finetune.metric_for_best: {self.metric!r} is not an evaluation metric; the "
+                              f"task reports {', '.join(k for k, v in row.items() if isinstance(v, float))}")
+        v = row[self.metric]
+        better = self.value is None or (v < self.value if self.lower else v > self.value)
+        if better:
+            self.value, self.step, self.since = v, step, 0
+        else:
+            self.since += 1
+        return better
+
+    def exhausted(self) -> bool:
+        return bool(self.patience) and self.since >= self.patience
+
+    def state(self) -> dict:
+        return {"best": dict(metric=self.metric, value=self.value, step=self.step, since=self.since)}
+
+
+def _eval_line(step: int, row: dict) -> str:
+    shown = [f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k not in ("step",)]
+    return f"step {step:>6} | " + " | ".join(shown)
 
 
 def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, flops_per_token: float,
@@ -153,6 +154,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
     last_saved = state.step
     stage0 = cfg.parallel.zero_stage == 0
+    best = Best(run, task) if cfg.finetune.task else None
+    extra = (lambda: best.state()) if best is not None else (lambda: None)  # noqa: E731
     engine.train()
     try:
         while state.step < t.max_steps:
@@ -180,26 +183,38 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
                 logger.advance(0, f"loss {loss_avg:.3f}")
                 window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
-                vloss = evaluate(run, engine, task, valid_ds)
-                logger.log(dict(step=state.step, kind="eval", val_loss=vloss, val_ppl=float(np.exp(min(vloss, 50)))),
-                           f"step {state.step:>6} | validation loss {vloss:.4f} | perplexity {np.exp(min(vloss, 50)):.2f}")
+                row = task.evaluate(run, engine, valid_ds)
+                logger.log(dict(step=state.step, kind="eval", **row), _eval_line(state.step, row))
+                if best is not None and best.update(row, state.step):
+                    tag = run.save(engine, state, extra())
+                    last_saved = state.step
+                    if rank0:
+                        mark_best(cfg.checkpoint.dir, tag)
                 window_t0 = time.perf_counter()  # don't count evaluation time as training throughput
+                if best is not None and best.exhausted():
+                    if last_saved != state.step:
+                        run.save(engine, state, extra())
+                    logger.log(dict(step=state.step, kind="stop", reason="early stopping"),
+                               f"stopping at step {state.step}: no better {best.metric} in {best.since} evaluations "
+                               f"(finetune.patience); the best, {best.value:.4f} at step {best.step}, is in "
+                               f"{cfg.checkpoint.dir}/best")
+                    return state
             interval = cfg.checkpoint.interval
             if interval and state.step % interval == 0 and state.step < t.max_steps:
-                run.save(engine, state)
+                run.save(engine, state, extra())
                 last_saved = state.step
                 window_t0 = time.perf_counter()
             why = stop.reason(engine.device)
             if why:
                 if last_saved != state.step:
-                    run.save(engine, state)
+                    run.save(engine, state, extra())
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
                 if rank0:
                     note_stop(why, state.step)
                 return state
         if last_saved != state.step:
-            run.save(engine, state)
+            run.save(engine, state, extra())
     finally:
         logger.close()
     return state

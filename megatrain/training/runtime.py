@@ -44,6 +44,7 @@ class Run:
     rank: int
     grad_accum: int  # micro-batches per optimizer step on each data-parallel rank
     precision: str  # fp32 | bf16 | fp16 (train.precision resolved for this machine)
+    saved: dict | None = None  # megatrain.json of the checkpoint resumed from, if any
 
     @classmethod
     def start(cls, cfg: Config) -> "Run":
@@ -108,7 +109,7 @@ class Run:
         """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
         from megatrain.checkpoint import io as checkpoint
 
-        saved = checkpoint.resume(engine, self.cfg, self.record)
+        saved = self.saved = checkpoint.resume(engine, self.cfg, self.record)
         if not saved:
             return TrainState()
         state = TrainState(saved["step"], saved["consumed_samples"])
@@ -116,10 +117,10 @@ class Run:
              f"({state.consumed_samples:,} samples consumed)")
         return state
 
-    def save(self, engine, state: TrainState) -> str:
+    def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
         from megatrain.checkpoint import io as checkpoint
 
-        return checkpoint.save(engine, self.cfg, state.step, state.consumed_samples, self.record)
+        return checkpoint.save(engine, self.cfg, state.step, state.consumed_samples, self.record, extra)
 
     def log_rank_table(self, local_params: int) -> None:
         """Each rank's place in the layout, its parameter count and its memory, printed by rank 0."""
@@ -137,32 +138,35 @@ class Run:
 MAY_DIFFER_FROM_INIT = ("dropout", "fused_kernels")  # model keys a run may set apart from its checkpoint.init
 
 
-def adopt_init(cfg: Config):
-    """checkpoint.init: the model's shape, and the tokenizer unless the config sets one, come from that checkpoint;
-    a model.* key the config sets to something else is refused (dropout and fused_kernels may differ). Returns the
-    checkpoint's reader (nothing loaded yet), or None without checkpoint.init."""
+def adopt_init(cfg: Config, key: str = "checkpoint.init"):
+    """checkpoint.init / finetune.init: the model's shape, and the tokenizer unless the config sets one, come from
+    those weights (a megatrain checkpoint of any layout, a convert output or a Hugging Face folder); a model.* key the
+    config sets to something else is refused (dropout and fused_kernels may differ). Returns the WeightSource
+    (nothing loaded yet), or None when the key is empty."""
     import dataclasses
 
-    from megatrain.checkpoint.reader import CheckpointReader
+    from megatrain.checkpoint.source import WeightSource
     from megatrain.config import ModelConfig, validate
 
-    if not cfg.checkpoint.init:
+    section, name = key.split(".")
+    path = getattr(getattr(cfg, section), name)
+    if not path:
         return None
-    reader = CheckpointReader(cfg.checkpoint.init)
+    source = WeightSource(path, cfg.parallel.tp)
     explicit = getattr(cfg, "explicit", set())
     for f in dataclasses.fields(ModelConfig):
         if f.name in MAY_DIFFER_FROM_INIT:
             continue
-        mine, theirs = getattr(cfg.model, f.name), getattr(reader.cfg.model, f.name)
+        mine, theirs = getattr(cfg.model, f.name), getattr(source.model, f.name)
         if f"model.{f.name}" in explicit and mine != theirs:
-            reader.close()
-            raise ConfigError(f"config key model.{f.name}: {mine!r} contradicts checkpoint.init {reader.where}, which "
-                              f"has {theirs!r}; leave model.* out of the config (the model comes from checkpoint.init)")
+            source.close()
+            raise ConfigError(f"config key model.{f.name}: {mine!r} contradicts {key} {source.where}, which has "
+                              f"{theirs!r}; leave model.* out of the config (the model comes from {key})")
         setattr(cfg.model, f.name, theirs)
     if "data.tokenizer" not in explicit:
-        cfg.data.tokenizer = reader.cfg.data.tokenizer
+        cfg.data.tokenizer = source.tokenizer
     validate(cfg)
-    return reader
+    return source
 
 
 def resolve_vocab(cfg: Config, tokenizer) -> None:

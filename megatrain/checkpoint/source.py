@@ -1,0 +1,89 @@
+"""Weights that start a run (checkpoint.init, finetune.init): a megatrain checkpoint of any layout, a `convert`
+output, or a Hugging Face folder (read through checkpoint/hf.py's maps, as `convert from-hf` does).
+
+    src = WeightSource(path)            # nothing loaded yet: the model's shape and tokenizer spec are known
+    fresh = src.load_into(model)        # every parameter the model shares with it, one tensor at a time; returns the
+                                        # names left as the model initialised them (a new task head, LoRA adapters)
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from megatrain.checkpoint.io import STATE_FILE
+from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
+from megatrain.config import ModelConfig
+
+NEW_PARTS = ("score.", "tagger.", "span.", "lora_")  # what a fine-tuning model adds to a pretrained one
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, STATE_FILE)) \
+        and not os.path.isfile(os.path.join(path, "latest"))
+
+
+class WeightSource:
+    def __init__(self, path: str, tp: int = 1):
+        self.path, self.reader, self.hf = path, None, None
+        if is_hf_folder(path):
+            from megatrain.checkpoint.hf import HFWeights, read_hf_config
+
+            self.family, m, vocab, arch = read_hf_config(path)
+            step = math.lcm(m.pad_vocab_multiple, tp)  # rows TP can split; the padding is zeros, never sampled
+            m.vocab_size, m.true_vocab_size = -(-vocab // step) * step, vocab
+            self.model, self.tokenizer = m, f"hf:{os.path.abspath(path)}"
+            self.hf = HFWeights(path)
+            self.where = f"{path} ({arch})"
+        elif os.path.isdir(path):
+            self.reader = CheckpointReader(path)
+            self.model, self.tokenizer, self.where = self.reader.cfg.model, self.reader.cfg.data.tokenizer, self.reader.where
+        else:
+            raise CheckpointError(f"{path}: neither a megatrain checkpoint nor a Hugging Face model folder "
+                                  f"(no such directory)")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model
+
+    def _names(self) -> set[str]:
+        if self.reader:
+            return set(self.reader.names())
+        import dataclasses
+
+        from megatrain.model import Transformer
+
+        with torch.device("meta"):
+            return set(dict(Transformer(dataclasses.replace(self.model, fused_kernels="off")).named_parameters()))
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        if self.reader:
+            return self.reader.tensor(name)
+        from megatrain.checkpoint.hf import from_hf_tensor
+
+        return from_hf_tensor(name, self.model, self.family, self.hf.get)
+
+    def load_into(self, model: torch.nn.Module) -> list[str]:
+        """Copy every parameter `model` shares with the source; a parameter the source lacks is refused unless it is
+        one a fine-tuning model adds (a task head, LoRA adapters), which keep their initial values."""
+        have = self._names()
+        params = dict(model.named_parameters())
+        fresh = [n for n in params if n not in have]
+        missing = [n for n in fresh if not any(part in n for part in NEW_PARTS)]
+        if missing:
+            raise CheckpointError(f"{self.where}: has no {missing[0]} (and {len(missing) - 1} more); it is not a model "
+                                  f"of this shape")
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in have:
+                    t = self._tensor(name)
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise CheckpointError(f"{self.where}: {name} has shape {tuple(t.shape)}, the model "
+                                              f"{tuple(p.shape)}")
+                    p.copy_(t)
+        return fresh
+
+    def close(self) -> None:
+        if self.reader:
+            self.reader.close()

@@ -1,0 +1,184 @@
+"""Task heads on the plain Transformer, LoRA adapters and freezing: the model a fine-tuning run trains.
+
+    model = build_model(cfg)   # the class finetune.task asks for, LoRA and freezing as finetune.* says
+
+Each head is a Transformer subclass with one small linear layer on the final norm's output, so the parameter names
+stay the model's own (embed.*, layers.*, norm.*) plus the head's, and every reader, converter and parallel layout
+treats a fine-tuned model as it treats a pretrained one:
+    SequenceClassifier  score [n_labels, d] on one pooled position per row: the last real token of a causal model
+                        (it has read the whole text), the mean of a bidirectional one's real tokens, or the first
+    TokenTagger         tagger [n_tags, d] on every position
+    SpanExtractor       span [2, d]: start and end logits on every position
+sft trains the language model itself. A head replaces the LM head, which a fine-tuned classifier does not keep.
+
+LoRA (Hu et al. 2021) adds B @ A (rank r, B zero at the start, scaled by alpha / r) to the chosen projections and
+freezes everything else but the head. Under tensor parallelism apply_tp cuts B like a column-parallel weight's rows
+and A like a row-parallel weight's columns (parallel/sharding.py), so the adapters split as the weights they adapt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatrain.config import Config, ModelConfig
+from megatrain.model import IGNORE_INDEX, Transformer
+
+LORA_TARGETS = ("qkv", "o_proj", "gate_up", "up", "down")  # the projections a block has that LoRA can adapt
+
+
+class _Headed(Transformer):
+    """A Transformer whose LM head is replaced by a task head `self.<head_name>`."""
+
+    head_name = "head"
+
+    def __init__(self, cfg: ModelConfig, n_out: int):
+        super().__init__(cfg)
+        self.lm_head = None  # not kept: the task head reads the same final-norm output
+        layer = nn.Linear(cfg.d_model, n_out)
+        if layer.weight.device.type != "meta":
+            nn.init.normal_(layer.weight, 0.0, cfg.init_std)
+            nn.init.zeros_(layer.bias)
+        setattr(self, self.head_name, layer)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # the head's own init comes after it exists (see __init__)
+
+
+class SequenceClassifier(_Headed):
+    head_name = "score"
+
+    def __init__(self, cfg: ModelConfig, n_labels: int, pooling: str = "auto"):
+        super().__init__(cfg, n_labels)
+        self.pooling = ("last" if cfg.objective == "causal" else "mean") if pooling == "auto" else pooling
+
+    def pool(self, h: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, d] -> [B, d]: one vector per row (segments: 1 on real tokens, 0 on padding)."""
+        real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if segments is None else segments > 0
+        if self.pooling == "first":
+            return h[:, 0]
+        if self.pooling == "mean":
+            w = real.to(h.dtype).unsqueeze(-1)
+            return (h * w).sum(1) / w.sum(1).clamp(min=1)
+        last = real.long().sum(1).clamp(min=1) - 1  # right padding: the last real token
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def forward(self, tokens, labels=None, cache=None, pos=0, segments=None):
+        logits = self.score(self.pool(self.features(tokens, segments), segments)).float()
+        return logits if labels is None else F.cross_entropy(logits, labels)
+
+
+class TokenTagger(_Headed):
+    head_name = "tagger"
+
+    def forward(self, tokens, labels=None, cache=None, pos=0, segments=None):
+        logits = self.tagger(self.features(tokens, segments)).float()
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class SpanExtractor(_Headed):
+    head_name = "span"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, 2)
+
+    def forward(self, tokens, labels=None, cache=None, pos=0, segments=None):
+        """[B, T, 2] start and end logits; with labels [B, 2] (start and end token) the mean of the two
+        cross-entropies. (The qa task masks positions outside the context before its own loss.)"""
+        logits = self.span(self.features(tokens, segments)).float()
+        if labels is None:
+            return logits
+        return (F.cross_entropy(logits[..., 0], labels[:, 0]) + F.cross_entropy(logits[..., 1], labels[:, 1])) / 2
+
+
+# -- LoRA ---------------------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer plus a trainable low-rank update: y = x W^T + b + (alpha / r) * drop(x) A^T B^T."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.scale = rank, alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0: the model starts unchanged
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
+            F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+
+
+def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targets: str) -> Transformer:
+    """Adapters on the named projections of every block; every other parameter but a task head is frozen."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown:
+        raise ValueError(f"finetune.lora_targets: {unknown[0]!r} names no projection; choose from "
+                         f"{', '.join(LORA_TARGETS)}")
+    found = 0
+    for block in model.layers:
+        for owner in (block.attn, block.mlp):
+            for n in names:
+                layer = getattr(owner, n, None)
+                if isinstance(layer, nn.Linear):
+                    setattr(owner, n, LoRALinear(layer, rank, alpha, dropout))
+                    found += 1
+    if not found:
+        has = [n for n in LORA_TARGETS if any(isinstance(getattr(o, n, None), nn.Linear)
+                                              for o in (model.layers[0].attn, model.layers[0].mlp))]
+        raise ValueError(f"finetune.lora_targets: {targets!r} names no projection this model has (it has "
+                         f"{', '.join(has)})")
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name or _is_head(model, name)
+    return model
+
+
+def _is_head(model: Transformer, name: str) -> bool:
+    head = getattr(model, "head_name", None)
+    return head is not None and name.startswith(head + ".")
+
+
+def apply_freeze(model: Transformer, spec: str) -> Transformer:
+    """finetune.freeze: `embeddings`, `blocks:N` (the first N blocks), `all_but_head` (comma-separated)."""
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "embeddings":
+            frozen = lambda n: n.startswith(("embed.", "pos_embed."))  # noqa: E731
+        elif item.startswith("blocks:") and item[7:].isdigit():
+            k = int(item[7:])
+            frozen = lambda n, k=k: n.startswith("layers.") and int(n.split(".")[1]) < k  # noqa: E731
+        elif item == "all_but_head":
+            frozen = lambda n: not _is_head(model, n)  # noqa: E731
+        else:
+            raise ValueError(f"finetune.freeze: {item!r} is not embeddings, blocks:N or all_but_head")
+        for name, p in model.named_parameters():
+            if frozen(name):
+                p.requires_grad = False
+    return model
+
+
+def build_model(cfg: Config) -> Transformer:
+    """The model a run with this config trains (or a checkpoint of it holds): a pretraining run's Transformer, or
+    the fine-tuning task's head on it, with LoRA and frozen parameters as finetune.* says."""
+    f = cfg.finetune
+    if f.task in ("", "sft"):
+        model = Transformer(cfg.model)
+    elif f.task == "classify":
+        model = SequenceClassifier(cfg.model, len(f.labels), f.pooling)
+    elif f.task == "tokens":
+        model = TokenTagger(cfg.model, len(f.labels))
+    else:
+        model = SpanExtractor(cfg.model)
+    if f.lora_rank:
+        apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets)
+    if f.freeze:
+        apply_freeze(model, f.freeze)
+    return model

@@ -1,0 +1,168 @@
+"""Language-model objectives: causal and masked pretraining, and supervised fine-tuning (sft) on conversations.
+
+    causal   next-token prediction on packed pretraining samples (every position is a target)
+    mlm      BERT-style masked LM: a seeded 15% of the positions, the mask a function of (seed, sample id)
+    sft      {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} jsonl; the loss only on what the
+             assistant says (and its end-of-turn token), several examples packed per sequence
+
+The chat format: a Hugging Face tokenizer's own chat template when it has one; otherwise megatrain's plain one,
+
+    System: {content}\\n                (if there is a system message)
+    User: {content}\\n
+    Assistant: {content}<eod>          the loss covers {content}<eod>; turns repeat
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatrain.data.task_files import field_of, read_records
+from megatrain.model import IGNORE_INDEX, mlm_mask
+from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task
+
+
+class CausalLM(Task):
+    name = "causal"
+    constant_targets = True
+
+    def make(self, dataset, ids: np.ndarray, device) -> Batch:
+        tokens = torch.from_numpy(np.stack([dataset[int(i)] for i in ids]))
+        return Batch(tokens[:, :-1].to(device), tokens[:, 1:].contiguous().to(device))
+
+    def targets(self, batch: Batch) -> int:
+        return batch.labels.numel()
+
+
+@dataclass
+class MaskedLM(Task):
+    """BERT masking of pretraining samples; the mask of a sample depends only on (seed, sample id), like the sample."""
+
+    seed: int
+    mask_id: int
+    vocab_size: int
+    probability: float = 0.15
+    special_ids: tuple = ()
+    name = "mlm"
+
+    def make(self, dataset, ids: np.ndarray, device) -> Batch:
+        inputs, labels = [], []
+        for i in ids:
+            row = torch.from_numpy(dataset[int(i)])[:-1]
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+            x, y = mlm_mask(row, self.mask_id, self.vocab_size, self.probability, g, self.special_ids)
+            inputs.append(x)
+            labels.append(y)
+        return Batch(torch.stack(inputs).to(device), torch.stack(labels).to(device))
+
+
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class SFT(FinetuneTask):
+    name = "sft"
+    metric = "val_loss"
+
+    def conversation(self, rec) -> list[dict]:
+        if "messages" in rec.fields:
+            msgs = rec.fields["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
+                from megatrain.data.readers import InputError
+
+                raise InputError(f"{rec.where}: \"messages\" must be a list of {{\"role\": system|user|assistant, "
+                                 f"\"content\": text}}")
+            return msgs
+        return [{"role": "user", "content": field_of(rec, "prompt", "prompt")},
+                {"role": "assistant", "content": field_of(rec, "response", "response")}]
+
+    def render(self, msgs: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
+        """The conversation as text chunks, each with the character spans the loss covers; an end-of-document token
+        follows each chunk of the plain format (the chat template writes its own end-of-turn tokens as text)."""
+        template = getattr(getattr(self.tok, "tok", None), "chat_template", None)
+        if template:
+            text, spans = "", []
+            for i, m in enumerate(msgs):
+                if m["role"] == "assistant":
+                    prefix = self.tok.tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+                    full = self.tok.tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+                    spans.append((len(prefix), len(full)))
+                    text = full
+            return [(text or self.tok.tok.apply_chat_template(msgs, tokenize=False), spans)]
+        chunks, text = [], ""
+        for m in msgs:
+            if m["role"] != "assistant":
+                text += f"{ROLES[m['role']]}: {m['content']}\n"
+                continue
+            text += "Assistant: "
+            chunks.append((text + m["content"], [(len(text), len(text) + len(m["content"]))]))
+            text = ""
+        return chunks
+
+    def tokens(self, msgs: list[dict]) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation and which of them the loss covers."""
+        ids, target = [], []
+        plain = not getattr(getattr(self.tok, "tok", None), "chat_template", None)
+        for text, spans in self.render(msgs):
+            chunk, offsets = self.tok.encode_with_offsets(text)
+            ids += chunk
+            target += [any(a <= s < b for a, b in spans) for s, _ in offsets]
+            if plain:  # the turn ends with the end-of-document token, which the model learns to say
+                ids.append(self.tok.eod_id)
+                target.append(True)
+        return ids, target
+
+    def encode(self, path: str, train: bool) -> Examples:
+        examples, truncated = [], 0
+        for rec in read_records(path, self.cfg.finetune.format):
+            ids, target = self.tokens(self.conversation(rec))
+            if len(ids) > self.max_len + 1:
+                ids, target, truncated = ids[: self.max_len + 1], target[: self.max_len + 1], truncated + 1
+            labels = [t if k else IGNORE_INDEX for t, k in zip(ids[1:], target[1:])]
+            if any(y != IGNORE_INDEX for y in labels):
+                examples.append((ids[:-1], labels))
+        if not examples:
+            from megatrain.data.readers import InputError
+
+            raise InputError(f"{path}: no example has a response token left (all empty, or cut by max_seq_len)")
+        order = np.random.default_rng(self.cfg.train.seed).permutation(len(examples)) if train else range(len(examples))
+        rows = pack([examples[i] for i in order], self.max_len) if self.cfg.finetune.pack else \
+            [dict(ids=x, labels=y, segments=[1] * len(x)) for x, y in examples]
+        return Examples(rows, self.cfg.train.seed, shuffle=train, truncated=truncated)
+
+    def collate(self, items: list, device) -> Batch:
+        T = max(len(it["ids"]) for it in items)
+        tokens = torch.full((len(items), T), self.pad, dtype=torch.long)
+        labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
+        segments = torch.zeros((len(items), T), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["ids"])
+            tokens[b, :n], labels[b, :n] = torch.tensor(it["ids"]), torch.tensor(it["labels"])
+            segments[b, :n] = torch.tensor(it["segments"])
+        return Batch(tokens.to(device), labels.to(device), segments.to(device))
+
+    def score(self, examples: Examples, results: list) -> dict:
+        return {}
+
+    def evaluate(self, run, engine, examples: Examples, prefix: str = "val") -> dict:
+        row = super().evaluate(run, engine, examples, prefix)
+        row[f"{prefix}_ppl"] = float(math.exp(min(row[f"{prefix}_loss"], 50)))
+        return row
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[dict]:
+    """Examples in order into rows of at most max_len tokens, each example whole in one row (segments 1, 2, ...)."""
+    rows, cur = [], dict(ids=[], labels=[], segments=[])
+    for x, y in examples:
+        if cur["ids"] and len(cur["ids"]) + len(x) > max_len:
+            rows.append(cur)
+            cur = dict(ids=[], labels=[], segments=[])
+        seg = (cur["segments"][-1] if cur["segments"] else 0) + 1
+        cur["ids"] += x
+        cur["labels"] += y
+        cur["segments"] += [seg] * len(x)
+    if cur["ids"]:
+        rows.append(cur)
+    return rows
