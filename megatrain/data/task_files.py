@@ -121,15 +121,23 @@ def field_of(rec: Record, key: str, what: str = "text") -> str:
     return value
 
 
-def read_conll(path: str, fmt: str = "auto") -> list[Sentence]:
+def read_conll(path: str, fmt: str = "auto", tags: bool = True) -> list[Sentence]:
+    """Sentences of words and tags; with tags=False (to predict them) the tag column, or the jsonl "tags", may be
+    missing (tagged "O"), and jsonl may give {"text": ...} split at whitespace."""
     if file_format(path, fmt) == "jsonl":
         out = []
         for rec in read_records(path, "jsonl"):
-            words, tags = rec.fields.get("tokens"), rec.fields.get("tags", rec.fields.get("ner_tags"))
-            if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+            words, tags_ = rec.fields.get("tokens"), rec.fields.get("tags", rec.fields.get("ner_tags"))
+            if not tags and isinstance(rec.fields.get("text"), str) and words is None:
+                words = rec.fields["text"].split()
+            if not tags and isinstance(words, list) and tags_ is None:
+                tags_ = ["O"] * len(words)
+            tags_list = tags_
+            if not isinstance(words, list) or not isinstance(tags_list, list) or len(words) != len(tags_list):
                 raise InputError(f"{rec.where}: expected \"tokens\" and \"tags\" lists of the same length")
-            out.append(Sentence([str(w) for w in words], [str(t) for t in tags], rec.where))
+            out.append(Sentence([str(w) for w in words], [str(t) for t in tags_list], rec.where))
         return out
+    need_tags = tags
     out, words, tags, start = [], [], [], 0
     for n, line in _lines(path):
         text = line.strip()
@@ -142,12 +150,12 @@ def read_conll(path: str, fmt: str = "auto") -> list[Sentence]:
             continue
         parts = text.split("\t") if "\t" in text else text.split()
         parts = [p for p in parts if p.strip()]
-        if len(parts) < 2:
+        if len(parts) < 2 and need_tags:
             raise InputError(f"{path}:{n}: a token with no tag (expected `token ... tag`, tab or space separated)")
         if not words:
             start = n
         words.append(parts[0].strip())
-        tags.append(parts[-1].strip())
+        tags.append(parts[-1].strip() if len(parts) > 1 else "O")
     if words:
         out.append(Sentence(words, tags, f"{path}:{start}"))
     if not out:

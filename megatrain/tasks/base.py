@@ -145,7 +145,12 @@ class FinetuneTask(Task):
     def prepare(self, train_file: str) -> None:
         """Learn what the training file defines (the label set) into cfg.finetune; called before the model exists."""
 
-    def encode(self, path: str, train: bool) -> Examples:
+    def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
+        """A file's examples, encoded; labeled=False reads a file to predict (its labels may be missing)."""
+        raise NotImplementedError
+
+    def present(self, examples: Examples, results: list) -> list[dict]:
+        """Predictions a person reads, one dict per input record (megatrain predict)."""
         raise NotImplementedError
 
     def collate(self, items: list, device) -> Batch:

@@ -12,6 +12,7 @@ import torch
 
 from megatrain.data.readers import InputError
 from megatrain.data.task_files import field_of, read_records
+from megatrain.model import IGNORE_INDEX
 from megatrain.tasks.base import Batch, Examples, FinetuneTask, pad_rows
 from megatrain.tasks.metrics import classification_metrics
 
@@ -31,13 +32,14 @@ class Classify(FinetuneTask):
             raise InputError(f"{train_file}: only one label ({self.cfg.finetune.labels[0]!r}); classification needs two "
                              f"or more")
 
-    def encode(self, path: str, train: bool) -> Examples:
+    def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
         index = {name: i for i, name in enumerate(f.labels)}
         items, truncated = [], 0
         for rec in read_records(path, f.format):
-            label = self._label(rec)
-            if label not in index:
+            if not labeled and f.label_column not in rec.fields:
+                label = None
+            elif (label := self._label(rec)) not in index:
                 raise InputError(f"{rec.where}: label {label!r} never occurs in the training file "
                                  f"({', '.join(f.labels[:10])}{' ...' if len(f.labels) > 10 else ''})")
             ids = self.tok.encode(field_of(rec, f.text_column, "text")) + [self.tok.eod_id]
@@ -46,7 +48,7 @@ class Classify(FinetuneTask):
                 ids += self.tok.encode(pair) + [self.tok.eod_id]
             if len(ids) > self.max_len:
                 ids, truncated = ids[: self.max_len - 1] + [self.tok.eod_id], truncated + 1
-            items.append(dict(ids=ids, label=index[label]))
+            items.append(dict(ids=ids, label=index[label] if label is not None else IGNORE_INDEX, record=rec.fields))
         return Examples(items, self.cfg.train.seed, shuffle=train, truncated=truncated)
 
     def collate(self, items: list, device) -> Batch:
@@ -59,13 +61,14 @@ class Classify(FinetuneTask):
         return torch.nn.functional.cross_entropy(logits, batch.labels), logits
 
     def outputs(self, logits, batch: Batch, items: list) -> list:
-        return logits.argmax(-1).tolist()
+        probs = logits.float().softmax(-1)
+        return list(zip(probs.argmax(-1).tolist(), probs.max(-1).values.tolist()))
 
     def score(self, examples: Examples, results: list) -> dict:
-        m = classification_metrics([it["label"] for it in examples.items], results, self.cfg.finetune.labels)
+        m = classification_metrics([it["label"] for it in examples.items], [r[0] for r in results],
+                                   self.cfg.finetune.labels)
         return {k: v for k, v in m.items() if k not in ("labels",)}
 
-    def predictions(self, logits: torch.Tensor) -> list[dict]:
-        probs = logits.float().softmax(-1)
+    def present(self, examples: Examples, results: list) -> list[dict]:
         labels = self.cfg.finetune.labels
-        return [dict(label=labels[int(p.argmax())], score=float(p.max())) for p in probs]
+        return [dict(it["record"], prediction=labels[r[0]], score=r[1]) for it, r in zip(examples.items, results)]

@@ -114,7 +114,7 @@ class SFT(FinetuneTask):
                 target.append(True)
         return ids, target
 
-    def encode(self, path: str, train: bool) -> Examples:
+    def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         examples, truncated = [], 0
         for rec in read_records(path, self.cfg.finetune.format):
             ids, target = self.tokens(self.conversation(rec))

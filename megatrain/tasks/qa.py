@@ -35,7 +35,7 @@ class QA(FinetuneTask):
     metric = "val_f1"
     higher_is_better = True
 
-    def encode(self, path: str, train: bool) -> Examples:
+    def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
         items, examples, truncated = [], [], 0
         for k, ex in enumerate(read_squad(path, f.format)):
@@ -120,3 +120,6 @@ class QA(FinetuneTask):
 
     def score(self, examples: Examples, results: list) -> dict:
         return squad_metrics(self.answers(examples, results), [ex["answers"] for ex in examples.examples])
+
+    def present(self, examples: Examples, results: list) -> list[dict]:
+        return [dict(id=ex["id"], answer=a) for ex, a in zip(examples.examples, self.answers(examples, results))]

@@ -58,15 +58,16 @@ class Tokens(FinetuneTask):
             tags = {t for s in read_conll(train_file, self.cfg.finetune.format) for t in s.tags}
             self.cfg.finetune.labels = sorted(tags)
 
-    def encode(self, path: str, train: bool) -> Examples:
+    def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
         index = {t: i for i, t in enumerate(f.labels)}
         causal = self.cfg.model.objective == "causal"
         items, truncated = [], 0
-        for sent in read_conll(path, f.format):
-            check_scheme(sent, f.scheme)
+        for sent in read_conll(path, f.format, tags=labeled):
+            if labeled:
+                check_scheme(sent, f.scheme)
             for i, t in enumerate(sent.tags):
-                if t not in index:
+                if labeled and t not in index:
                     raise InputError(f"{sent.where}: tag {t!r} (word {i + 1}) never occurs in the training file")
             ids, owner = word_pieces(self.tok, sent.words)
             if len(ids) > self.max_len:
@@ -74,7 +75,7 @@ class Tokens(FinetuneTask):
             pos = label_positions(owner, len(sent.words), causal)
             labels = [IGNORE_INDEX] * len(ids)
             for w, p in enumerate(pos):
-                if p >= 0:
+                if p >= 0 and labeled:
                     labels[p] = index[sent.tags[w]]
             items.append(dict(ids=ids, labels=labels, positions=pos, tags=sent.tags, words=sent.words))
         return Examples(items, self.cfg.train.seed, shuffle=train, truncated=truncated)
@@ -100,3 +101,20 @@ class Tokens(FinetuneTask):
 
     def score(self, examples: Examples, results: list) -> dict:
         return entity_metrics([it["tags"] for it in examples.items], results, self.cfg.finetune.scheme)
+
+    def present(self, examples: Examples, results: list) -> list[dict]:
+        """Each sentence's words, predicted tags and entities with their character offsets in the words joined by
+        single spaces."""
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        out = []
+        for it, tags in zip(examples.items, results):
+            words, starts, at = it["words"], [], 0
+            for w in words:
+                starts.append(at)
+                at += len(w) + 1
+            spans = get_entities(tags)
+            ents = [dict(type=t, text=" ".join(words[a: b + 1]), start=starts[a], end=starts[b] + len(words[b]),
+                         words=[a, b + 1]) for t, a, b in spans]
+            out.append(dict(words=words, tags=tags, entities=ents))
+        return out

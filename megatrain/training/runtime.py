@@ -165,6 +165,8 @@ def adopt_init(cfg: Config, key: str = "checkpoint.init"):
         setattr(cfg.model, f.name, theirs)
     if "data.tokenizer" not in explicit:
         cfg.data.tokenizer = source.tokenizer
+    if "data.seq_len" not in explicit:
+        cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
     validate(cfg)
     return source
 

@@ -1,0 +1,161 @@
+"""Fine-tuning entry point: sft, classify, tokens (NER) and qa from a pretrained model of any layout.
+
+    megatrain finetune --config finetune-classify --set finetune.init=runs/tiny --set finetune.train_file=train.jsonl
+    deepspeed --num_gpus N --module megatrain.finetune --config C [--set ...]   # or --hostfile H
+    torchrun --nproc_per_node N -m megatrain.finetune --config C [--set ...]
+
+The model's shape and tokenizer come from finetune.init (a megatrain checkpoint of any layout, a convert output, or
+a Hugging Face folder); the run's own layout (tp, dp, ZeRO) is its config's. Builds the task's data and head, loads
+the pretrained weights (the head and LoRA adapters start fresh), trains with the same loop as pretraining, evaluates
+on finetune.valid_file (keeping DIR/best by finetune.metric_for_best), and reports finetune.test_file at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+from megatrain.config import Config, ConfigError, load_config
+from megatrain.training.runtime import log0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="a YAML file, or a preset from configs/ (finetune-sft, finetune-classify, finetune-tokens, "
+                        "finetune-qa)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set finetune.init=runs/tiny")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def check(cfg: Config) -> None:
+    """What a fine-tuning run needs, checked before any process group exists (one line each)."""
+    f = cfg.finetune
+    if not f.task:
+        raise ConfigError("config key finetune.task: set it to sft, classify, tokens or qa")
+    if not f.init:
+        raise ConfigError("config key finetune.init: name the pretrained model (a megatrain checkpoint, a convert "
+                          "output or a Hugging Face folder)")
+    if not f.train_file:
+        raise ConfigError("config key finetune.train_file: name the training examples")
+    for key in ("train_file", "valid_file", "test_file"):
+        path = getattr(f, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"config key finetune.{key}: {path}: no such file")
+    if cfg.parallel.pp > 1:
+        raise ConfigError("config key parallel.pp: fine-tuning runs without pipeline stages (use tp and dp; a "
+                          "pipeline-parallel checkpoint is read as finetune.init all the same)")
+    if cfg.parallel.sequence_parallel and f.task != "sft":
+        raise ConfigError(f"config key parallel.sequence_parallel: not with finetune.task={f.task} (heads read the "
+                          f"whole sequence)")
+
+
+def run(cfg: Config) -> dict:
+    from megatrain.data import build_tokenizer
+    from megatrain.heads import build_model
+    from megatrain.tasks import finetune_task
+    from megatrain.training.loop import train
+    from megatrain.training.metrics import peak_tflops
+    from megatrain.training.runtime import Run, adopt_init, resolve_vocab
+
+    check(cfg)
+    init = adopt_init(cfg, "finetune.init")  # the model's shape before the layout is checked against it
+    run = Run.start(cfg)
+    tok = build_tokenizer(cfg.data.tokenizer)
+    check_tokenizer(cfg, tok, init)
+    resolve_vocab(cfg, tok)  # a tokenizer of a larger vocabulary than the model's is refused
+    task = finetune_task(cfg, tok)
+    f = cfg.finetune
+    task.prepare(f.train_file)
+    train_set = task.encode(f.train_file, train=True)
+    valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
+    test_set = task.encode(f.test_file, train=False) if f.test_file else None
+    if f.epochs:
+        steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
+        cfg.train.max_steps = steps
+        cfg.train.warmup_steps = min(cfg.train.warmup_steps, steps // 10)
+    torch.manual_seed(cfg.train.seed)  # the head and adapters: the same start on every rank and every layout
+    model = build_model(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log0(f"megatrain finetune {f.task} | {run.describe(total)} | trainable {trainable / 1e6:.2f}M of "
+         f"{total / 1e6:.2f}M ({100 * trainable / total:.2f}%){' LoRA r=' + str(f.lora_rank) if f.lora_rank else ''}")
+    log0(f"data: {len(train_set)} training {'rows' if f.task == 'sft' else 'examples'}"
+         + (f" ({train_set.truncated} cut to {task.max_len} tokens)" if train_set.truncated else "")
+         + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
+         + (f" | labels {', '.join(f.labels[:12])}{' ...' if len(f.labels) > 12 else ''}" if f.labels else ""))
+    if not run.will_resume():
+        fresh = init.load_into(model)
+        heads = sorted({n.split(".")[0] for n in fresh if "lora_" not in n})
+        adapters = sum("lora_" in n for n in fresh)
+        log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
+             + (f", {adapters} LoRA matrices" if adapters else ""))
+    init.close()
+    engine = run.engine(model)
+    state = run.resume(engine)
+    peak, _ = peak_tflops(cfg)
+    seq = task.max_len
+    state = train(run, engine, train_set, valid_set, task, state, task.flops_per_token(cfg.model, seq), peak)
+    result = dict(step=state.step)
+    if test_set is not None and state.step >= cfg.train.max_steps:
+        result.update(test(run, engine, task, test_set))
+    log0(f"done: step {state.step}; checkpoint in {cfg.checkpoint.dir}")
+    return result
+
+
+def check_tokenizer(cfg: Config, tok, init) -> None:
+    """data.tokenizer set apart from finetune.init's own must have the same vocabulary (else ids mean other tokens)."""
+    from megatrain.data import TokenizerError, build_tokenizer
+
+    if cfg.data.tokenizer == init.tokenizer:
+        return
+    try:
+        theirs = build_tokenizer(init.tokenizer)
+    except TokenizerError:
+        return  # the init's tokenizer moved: only the size check (resolve_vocab) is left
+    if theirs.vocab_size != tok.vocab_size:
+        raise ConfigError(f"config key data.tokenizer: {cfg.data.tokenizer} has {tok.vocab_size} tokens, but "
+                          f"finetune.init {init.where} was trained with {init.tokenizer} ({theirs.vocab_size}); "
+                          f"leave data.tokenizer unset to use the model's own")
+
+
+def test(run, engine, task, test_set) -> dict:
+    """finetune.test_file, scored once with the best checkpoint's weights (or the last, without a valid_file)."""
+    from megatrain.checkpoint.io import read_pointer
+    from megatrain.training.metrics import MetricsLogger
+
+    best = read_pointer(run.cfg.checkpoint.dir, "best")
+    if best:
+        engine.load_checkpoint(run.cfg.checkpoint.dir, tag=best, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+    row = task.evaluate(run, engine, test_set, prefix="test")
+    logger = MetricsLogger(run.cfg, run.cfg.checkpoint.dir, 0, 0, enabled=run.rank == 0)
+    logger.log(dict(step=int(best[4:]) if best else 0, kind="test", **row),
+               "test: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+    logger.close()
+    return row
+
+
+def command(args: argparse.Namespace) -> int:
+    run(load_config(args.config, args.set))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megatrain finetune", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    from megatrain.cli import user_error_types
+
+    try:
+        return command(args)
+    except user_error_types() as e:
+        print(f"megatrain finetune: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
