@@ -63,16 +63,21 @@ def run(cfg: Config) -> dict:
 
     check(cfg)
     init = adopt_init(cfg, "finetune.init")  # the model's shape before the layout is checked against it
-    run = Run.start(cfg)
     tok = build_tokenizer(cfg.data.tokenizer)
     check_tokenizer(cfg, tok, init)
     resolve_vocab(cfg, tok)  # a tokenizer of a larger vocabulary than the model's is refused
-    task = finetune_task(cfg, tok)
+    task = finetune_task(cfg, tok)  # every file read and checked before any process group exists
     f = cfg.finetune
     task.prepare(f.train_file)
     train_set = task.encode(f.train_file, train=True)
     valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
     test_set = task.encode(f.test_file, train=False) if f.test_file else None
+    try:
+        with torch.device("meta"):  # LoRA targets and freeze specs checked, shapes only
+            build_model(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    run = Run.start(cfg)
     if f.epochs:
         steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
         cfg.train.max_steps = steps

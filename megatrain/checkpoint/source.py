@@ -36,12 +36,13 @@ class WeightSource:
             self.model, self.tokenizer = m, f"hf:{os.path.abspath(path)}"
             self.hf = HFWeights(path)
             self.where = f"{path} ({arch})"
-        elif os.path.isdir(path):
+        elif any(os.path.isfile(os.path.join(path, f)) for f in ("latest", STATE_FILE)):
             self.reader = CheckpointReader(path)
-            self.model, self.tokenizer, self.where = self.reader.cfg.model, self.reader.cfg.data.tokenizer, self.reader.where
+            self.model, self.tokenizer = self.reader.cfg.model, self.reader.cfg.data.tokenizer
+            self.where = self.reader.where
         else:
-            raise CheckpointError(f"{path}: neither a megatrain checkpoint nor a Hugging Face model folder "
-                                  f"(no such directory)")
+            why = "no such directory" if not os.path.isdir(path) else "no latest, megatrain.json or config.json"
+            raise CheckpointError(f"{path}: neither a megatrain checkpoint nor a Hugging Face model folder ({why})")
 
     @property
     def model_config(self) -> ModelConfig:

@@ -42,24 +42,34 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
     if cfg.vocab_size % tp:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} must be divisible by tp={tp} (raise model.pad_vocab_multiple)")
     full = dict(model.named_parameters())
+    frozen = {n for n, p in full.items() if not p.requires_grad}  # LoRA, finetune.freeze: kept frozen once split
 
     def mine(name: str) -> torch.Tensor | None:
         return shard(full[name], split_of(name, cfg), tp, r) if name in full else None
 
     sp = sequence_parallel
+
+    def split(layer: nn.Module, name: str, kind: type) -> nn.Module:
+        """A linear layer (LoRA adapters included) as a TP layer with this rank's slices."""
+        lora = None
+        if getattr(layer, "lora_A", None) is not None:
+            lora = dict(A=mine(name + ".lora_A"), B=mine(name + ".lora_B"), scale=layer.scale,
+                        dropout=layer.lora_dropout.p)
+        return kind(mine(name + ".weight"), mine(name + ".bias"), group, sp, lora)
+
     model.embed = VocabParallelEmbedding(mine("embed.weight"), group, sp)
     for i, block in enumerate(model.layers):
         a, m, pre = block.attn, block.mlp, f"layers.{i}."
-        a.qkv = ColumnParallelLinear(mine(pre + "attn.qkv.weight"), mine(pre + "attn.qkv.bias"), group, sp)
-        a.o_proj = RowParallelLinear(mine(pre + "attn.o_proj.weight"), mine(pre + "attn.o_proj.bias"), group, sp)
+        a.qkv = split(a.qkv, pre + "attn.qkv", ColumnParallelLinear)
+        a.o_proj = split(a.o_proj, pre + "attn.o_proj", RowParallelLinear)
         a.n_heads, a.n_kv = a.n_heads // tp, a.n_kv // tp
         if m.swiglu:
-            m.gate_up = ColumnParallelLinear(mine(pre + "mlp.gate_up.weight"), mine(pre + "mlp.gate_up.bias"), group, sp)
+            m.gate_up = split(m.gate_up, pre + "mlp.gate_up", ColumnParallelLinear)
         else:
-            m.up = ColumnParallelLinear(mine(pre + "mlp.up.weight"), None, group, sp)
+            m.up = split(m.up, pre + "mlp.up", ColumnParallelLinear)
             if m.up_bias is not None:
                 m.up_bias = mark_tp(nn.Parameter(mine(pre + "mlp.up_bias").detach().clone()))
-        m.down = RowParallelLinear(mine(pre + "mlp.down.weight"), mine(pre + "mlp.down.bias"), group, sp)
+        m.down = split(m.down, pre + "mlp.down", RowParallelLinear)
     if model.lm_head is not None:  # a fine-tuning head replaces it (heads.py); heads stay whole on every TP rank
         head = ColumnParallelLinear(mine("lm_head.weight") if not cfg.tie_embeddings else model.embed.weight, None,
                                     group, sp)
@@ -72,6 +82,9 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
             model.loss_fn = functools.partial(ops.cross_entropy, group=group)
         else:
             model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad = False
     if sp:
         if model.pos_embed is not None:
             model.pos_embed = _SequenceShardPositions(model.pos_embed, group)

@@ -12,8 +12,11 @@ Tensor parallelism (canonical names, as in model.py):
     layers.N.mlp.gate_up.weight / .bias    0    gate | up
     layers.N.mlp.up.weight, .up_bias       0    -
     layers.N.mlp.down.weight               1    -
+    ....lora_B of a column-parallel one    0    as its weight    LoRA: B [out, r] splits like the weight's rows
+    ....lora_A of a row-parallel one       1    -                A [r, in] like the weight's columns
     everything else                        -    -                replicated: norms, learned positions, row-parallel
-                                                                 biases (added once, after the reduction)
+                                                                 biases (added once, after the reduction), the other
+                                                                 LoRA factor, fine-tuning heads
 
 Pipeline parallelism (DeepSpeed's PipelineModule names each parameter by its layer index): layer 0 is the
 embedding (`0.embed.weight`), layers 1..L the blocks (`3.block.attn.qkv.weight` = `layers.2.attn.qkv.weight`),
@@ -48,6 +51,11 @@ def split_of(name: str, cfg: ModelConfig) -> Split:
     hd = cfg.d_model // cfg.n_heads
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0)
+    if name.endswith((".lora_A", ".lora_B")):  # LoRA splits like the weight it adapts: B its rows, A its columns
+        base = split_of(name.rsplit(".", 1)[0] + ".weight", cfg)
+        if name.endswith(".lora_B"):
+            return base if base.dim == 0 else REPLICATED
+        return Split(1) if base.dim == 1 else REPLICATED
     m = re.fullmatch(r"layers\.\d+\.(attn\.qkv|attn\.o_proj|mlp\.gate_up|mlp\.up|mlp\.down)\.(weight|bias)"
                      r"|layers\.\d+\.mlp\.(up_bias)", name)
     if not m:

@@ -150,35 +150,66 @@ def mark_tp(p: nn.Parameter) -> nn.Parameter:
 # -- layers ------------------------------------------------------------------------------------------
 
 
-class ColumnParallelLinear(nn.Module):
-    """y = x @ W_r^T (+ b_r): this rank's slice of the output features. `weight` is [out/tp, in]."""
+class _LoRA(nn.Module):
+    """LoRA factors on a TP layer: y += scale * (drop(x) A^T) B^T, A and B split as parallel/sharding.py says."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
+    def _init_lora(self, lora: dict | None, a_split: bool) -> None:
+        self.lora_A = self.lora_B = None
+        if lora is None:
+            return
+        self.lora_A = nn.Parameter(lora["A"].detach().clone())
+        self.lora_B = nn.Parameter(lora["B"].detach().clone())
+        self.lora_scale, self.lora_dropout = lora["scale"], nn.Dropout(lora["dropout"])
+        mark_tp(self.lora_A) if a_split else mark_tp(self.lora_B)
+        if self.sequence_parallel:  # computed on sequence shards: each rank's gradient is a partial sum
+            (self.lora_B if a_split else self.lora_A).sequence_parallel = True
+
+
+class ColumnParallelLinear(_LoRA):
+    """y = x @ W_r^T (+ b_r): this rank's slice of the output features. `weight` is [out/tp, in]. With LoRA, A is
+    whole on every rank (its product with x enters the TP region like x) and B holds this rank's rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False,
+                 lora: dict | None = None):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = mark_tp(nn.Parameter(weight.detach().clone()))
         self.bias = mark_tp(nn.Parameter(bias.detach().clone())) if bias is not None else None
+        self._init_lora(lora, a_split=False)
+
+    def _enter(self, x):
+        return gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
 
     def forward(self, x):
-        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(self._enter(x), self.weight, self.bias)
+        if self.lora_A is not None:
+            u = self._enter(F.linear(self.lora_dropout(x), self.lora_A))
+            y = y + self.lora_scale * F.linear(u, self.lora_B)
+        return y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_LoRA):
     """y = sum_r x_r @ W_r^T + b: this rank holds input-feature slice r; `weight` is [out, in/tp]. The bias
-    is replicated and added once, after the reduction."""
+    is replicated and added once, after the reduction. With LoRA, A holds this rank's columns (x_r A_r^T are partial
+    sums, reduced like the output) and B is whole on every rank."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False,
+                 lora: dict | None = None):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = mark_tp(nn.Parameter(weight.detach().clone()))
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         if self.bias is not None and sequence_parallel:
             self.bias.sequence_parallel = True
+        self._init_lora(lora, a_split=True)
+
+    def _reduce(self, y):
+        return reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
-        y = reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        y = self._reduce(F.linear(x, self.weight))
+        if self.lora_A is not None:
+            y = y + self.lora_scale * F.linear(self._reduce(F.linear(self.lora_dropout(x), self.lora_A)), self.lora_B)
         return y + self.bias if self.bias is not None else y
 
 
