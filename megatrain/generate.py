@@ -55,7 +55,7 @@ def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict
     read tensor by tensor through the one checkpoint reader. Returns the model and the saved state (config, step)."""
     from megatrain.checkpoint.reader import CheckpointReader
 
-    with CheckpointReader(ckpt_dir, tag) as reader:
+    with CheckpointReader(ckpt_dir, tag, merge_lora=True) as reader:
         model = Transformer(reader.cfg.model)
         load_weights(model, reader)
         saved = dict(reader.state, config=reader.cfg.to_dict())

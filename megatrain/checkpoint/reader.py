@@ -101,7 +101,7 @@ def _where(t: torch.Tensor) -> tuple[int, torch.dtype]:
 
 
 class CheckpointReader:
-    def __init__(self, path: str, tag: str | None = None):
+    def __init__(self, path: str, tag: str | None = None, merge_lora: bool = False):
         path = os.path.abspath(path)
         self.consolidated = os.path.isfile(os.path.join(path, CONSOLIDATED)) and tag is None
         if self.consolidated:  # `megatrain convert consolidate`'s output
@@ -141,6 +141,10 @@ class CheckpointReader:
         self._owner: dict[tuple[str, int], int] = {}  # (name, tp rank) -> the mp rank whose files hold it
         self._step: Fragment | None = None  # where AdamW's step count is stored (the same in every group)
         self._index()
+        self.lora_scale = None  # with merge_lora on a LoRA run: names() and tensor() give W + (alpha / r) B @ A
+        if merge_lora and self.cfg.finetune.lora_rank:
+            self.lora_scale = self.cfg.finetune.lora_alpha / self.cfg.finetune.lora_rank
+            self.cfg.finetune.lora_rank = 0  # what the merged weights are: the same model without adapters
 
     @property
     def where(self) -> str:
@@ -165,7 +169,7 @@ class CheckpointReader:
         return {n: _Param(n, tuple(p.shape), split_of(n, self.cfg.model)) for n, p in model.named_parameters()}
 
     def names(self) -> list[str]:
-        return list(self._params)
+        return [n for n in self._params if not (self.lora_scale and "lora_" in n)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._params[name].shape
@@ -294,6 +298,13 @@ class CheckpointReader:
                         for key, t in tensors.items():
                             self._add(mp, name, key, tp_rank, start, frag.numel, opath, t, skip=frag.start)
                         done[(g, name)] = start + frag.numel
+        if stage < 3:  # parameters the optimizer never held (frozen: LoRA's base, finetune.freeze) are in the module
+            for name, t in (meta.get("module") or {}).items():
+                canon = canonical_name(name, self.cfg.model.n_layers)
+                p = self._params.get(canon)
+                if p is not None and not any(f.tp_rank == tp_rank for f in p.fragments.get("fp32", [])):
+                    self._check_local_shape(name, t.shape, path)
+                    self._add(mp, name, "fp32", tp_rank, 0, t.numel(), path, t)
 
     def _index_zero0(self, mp: int, tp_rank: int, pp_rank: int) -> None:
         from megatrain.training.engine import decay_groups  # the rule that ordered the optimizer's parameters
@@ -366,6 +377,14 @@ class CheckpointReader:
 
     def tensor(self, name: str, key: str = "fp32", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The full tensor `name` (a canonical parameter name), reassembled from every rank that holds a piece."""
+        adapter = name.removesuffix(".weight") + ".lora_A"
+        if self.lora_scale and key == "fp32" and adapter in self._params:
+            a, b = self._tensor(adapter, key, torch.float32), self._tensor(adapter[:-1] + "B", key, torch.float32)
+            merged = self._tensor(name, key, torch.float32) + self.lora_scale * (b @ a)
+            return merged.to(dtype) if dtype else merged
+        return self._tensor(name, key, dtype)
+
+    def _tensor(self, name: str, key: str, dtype: torch.dtype | None) -> torch.Tensor:
         p = self._params[name]
         frags = p.fragments.get(key)
         if not frags:
@@ -382,11 +401,15 @@ class CheckpointReader:
 
     def tensors(self, key: str = "fp32", dtype: torch.dtype | None = torch.float32
                 ) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._params:
+        for name in self.names():
             yield name, self.tensor(name, key, dtype)
 
     def has_optimizer_state(self) -> bool:
-        return all("exp_avg" in p.fragments for p in self._params.values())
+        """Adam's moments are there (for every trained parameter; frozen ones have none)."""
+        return any("exp_avg" in p.fragments for p in self._params.values())
+
+    def has(self, name: str, key: str) -> bool:
+        return key in self._params[name].fragments
 
     def optimizer_step(self) -> float | None:
         """AdamW's step count (its bias correction), when the checkpoint has optimizer state."""

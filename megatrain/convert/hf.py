@@ -78,8 +78,11 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
           verify: bool = True, force: bool = False) -> int:
     check_output(out, force)
     limit = parse_size(max_shard_size)
-    with CheckpointReader(src, tag) as reader:
+    with CheckpointReader(src, tag, merge_lora=True) as reader:
         m = reader.cfg.model
+        if reader.cfg.finetune.task not in ("", "sft"):
+            raise CheckpointError(f"finetune.task={reader.cfg.finetune.task}: to-hf exports language models; use "
+                                  f"`megatrain convert consolidate` for a fine-tuned {reader.cfg.finetune.task} model")
         fam = family_of(m)
         tok = _load_tokenizer(reader.cfg.data.tokenizer)
         vocab = min(m.true_vocab_size or (tok.vocab_size if tok else m.vocab_size), m.vocab_size)  # padding rows go

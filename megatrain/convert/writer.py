@@ -220,6 +220,8 @@ def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
     cfg_model = run.cfg.model
     masters = {id(p): m for p, m in _zero0_masters(opt)}
     for name, p in _local_names(engine, cfg_model.n_layers):
+        if not p.requires_grad or not reader.has(name, "exp_avg"):
+            continue  # frozen (LoRA's base weights): its value came with the model, there are no moments
         values = {k: shard(reader.tensor(name, k), split_of(name, cfg_model), tp, r) for k in KEYS}
         if flats is not None:
             safe_set_full_fp32_param(p, values["fp32"])
