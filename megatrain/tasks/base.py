@@ -162,6 +162,14 @@ class FinetuneTask(Task):
     def rows_per_epoch(self, train: Examples) -> int:
         return len(train)
 
+    def flops_per_token(self, m: ModelConfig, seq_len: int) -> float:
+        """A task head replaces the LM head (whose FLOPs are most of a small model's): count the blocks only."""
+        import dataclasses
+
+        from megatrain.training.metrics import train_flops_per_token
+
+        return train_flops_per_token(dataclasses.replace(m, vocab_size=0) if self.name != "sft" else m, seq_len)
+
     # -- evaluation -------------------------------------------------------------------------------------------------
 
     def outputs(self, logits_or_loss, batch: Batch, items: list) -> list:

@@ -75,13 +75,16 @@ def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
     return max(1, int(n))
 
 
-def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float, float]:
+def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float, float, int]:
     """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
-    data-parallel ranks it is the loss: the mean over every target of the global batch) and, without ZeRO, the
-    gradient norm (DeepSpeed keeps none then)."""
+    data-parallel ranks it is the loss: the mean over every target of the global batch), without ZeRO the gradient
+    norm (DeepSpeed keeps none then), and the tokens the global batch held (padding not counted)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
+    tokens = run.layout.dp * sum(int((b.segments > 0).sum()) if b.segments is not None else b.tokens.numel()
+                                 for b in batches)
     if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
-        return float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp, float("nan")
+        share = float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp
+        return share, float("nan"), tokens
     total = global_targets(run, task, batches)
     scale = run.grad_accum * run.layout.dp / total  # DeepSpeed divides by both; each micro-batch weighs its targets
     share, norm = torch.zeros((), dtype=torch.float64), float("nan")
@@ -93,7 +96,7 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float,
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
         engine.step()
         share += loss.detach().double().cpu() * n / total
-    return float(share), norm
+    return float(share), norm, tokens
 
 
 def drift_check(engine, cfg: Config, grid, step: int) -> None:
@@ -150,8 +153,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
     t = cfg.train
     logger = MetricsLogger(cfg, cfg.checkpoint.dir, t.max_steps, state.step, enabled=rank0)
     stop = StopRequest(t.exit_duration_minutes)
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+    # the throughput window: its steps, tokens and the seconds spent in those steps only (not evaluating or saving)
+    window_loss, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0.0
     last_saved = state.step
     stage0 = cfg.parallel.zero_stage == 0
     best = Best(run, task) if cfg.finetune.task else None
@@ -159,7 +162,10 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
     engine.train()
     try:
         while state.step < t.max_steps:
-            share, norm0 = train_step(run, engine, task, train_ds, state.step)
+            t0 = time.perf_counter()
+            share, norm0, tokens = train_step(run, engine, task, train_ds, state.step)
+            window_secs += time.perf_counter() - t0
+            window_tokens += tokens
             state.step += 1
             state.consumed_samples += t.global_batch_size
             window_loss += share
@@ -169,10 +175,10 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
                 drift_check(engine, cfg, run.grid, state.step)
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
-                secs = time.perf_counter() - window_t0
+                secs = window_secs
                 # the shares of the data-parallel ranks add up to the loss; TP/PP replicas hold equal shares
                 loss_avg = rank_mean(window_loss / window_steps, engine.device) * layout.dp
-                tps = tokens_per_step * window_steps / secs
+                tps = window_tokens / secs
                 tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                 row = dict(step=state.step, loss=loss_avg, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
                            tokens_per_s=tps, tflops_per_device=tflops, mfu=tflops / peak if peak else float("nan"),
@@ -181,7 +187,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
                                 f"grad norm {row['grad_norm']:.3f} | {tps:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device"
                                 + (f" | MFU {row['mfu']:.1%}" if peak else ""))
                 logger.advance(0, f"loss {loss_avg:.3f}")
-                window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0.0
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
                 row = task.evaluate(run, engine, valid_ds)
                 logger.log(dict(step=state.step, kind="eval", **row), _eval_line(state.step, row))
@@ -190,7 +196,6 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
                     last_saved = state.step
                     if rank0:
                         mark_best(cfg.checkpoint.dir, tag)
-                window_t0 = time.perf_counter()  # don't count evaluation time as training throughput
                 if best is not None and best.exhausted():
                     if last_saved != state.step:
                         run.save(engine, state, extra())
@@ -203,7 +208,6 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
             if interval and state.step % interval == 0 and state.step < t.max_steps:
                 run.save(engine, state, extra())
                 last_saved = state.step
-                window_t0 = time.perf_counter()
             why = stop.reason(engine.device)
             if why:
                 if last_saved != state.step:

