@@ -89,11 +89,13 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "safetensors>=0.4",
+        "seqeval>=1.2",  # entity-level NER scores (the conlleval rules)
         "wandb>=0.18",
         "tensorboard>=2.15",
         "ninja",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"eval": ["lm-eval>=0.4,<0.5"],
+                    "test": ["pytest>=8", "pytest-timeout>=2.3", "lm-eval>=0.4,<0.5", "accelerate"]},  # accelerate: lm-eval's hf model
     # Presets and DeepSpeed JSONs, for non-editable installs (found under <prefix>/share/megatrain).
     data_files=[("share/megatrain/configs", sorted(glob.glob("configs/*.yaml"))),
                 ("share/megatrain/ds_configs", sorted(glob.glob("ds_configs/*.json")))],

@@ -46,6 +46,13 @@ def test_preflight_checks_the_files_the_run_reads(tokenizer, path):
     assert paths == ["/shared/corpus.bin", "/shared/corpus.idx"] + ([path] if path else []) and ckpt == "/ck"
 
 
+def test_preflight_checks_what_a_finetune_run_reads():
+    paths, ckpt = entrypoint_paths("finetune", ["--config", "finetune-classify", "--set", "finetune.init=/shared/lm",
+                                                "--set", "finetune.train_file=/shared/t.jsonl",
+                                                "--set", "finetune.valid_file=/shared/v.jsonl"])
+    assert paths == ["/shared/lm", "/shared/t.jsonl", "/shared/v.jsonl"] and ckpt == "runs/finetune-classify"
+
+
 def test_deepspeed_command():
     cmd = deepspeed_command("/h", "/venv", "node1", 29600, 2222, "pretrain", ["--config", "tiny", "--set", "a.b=1"])
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]

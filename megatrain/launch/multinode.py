@@ -138,6 +138,8 @@ def entrypoint_paths(entrypoint: str, args: list[str]) -> tuple[list[str], str]:
     _, tok_path = parse_spec(cfg.data.tokenizer or "")
     if tok_path:
         paths.append(tok_path)
+    f = cfg.finetune  # a fine-tuning run reads its pretrained model and its example files on every node
+    paths += [x for x in (f.init, f.train_file, f.valid_file, f.test_file, cfg.checkpoint.init) if x]
     return paths, cfg.checkpoint.dir
 
 
