@@ -127,16 +127,10 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="megatrain pretrain", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    from megatrain.cli import user_error_types
+    """`python -m megatrain.pretrain` (what every launcher runs) = `megatrain pretrain`."""
+    from megatrain.cli import main as cli_main
 
-    try:
-        return command(args)
-    except user_error_types() as e:
-        print(f"megatrain pretrain: error: {e}", file=sys.stderr)
-        return 1
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,25 +3,18 @@ command line end to end (finetune -> evaluate -> predict), resume, and every bad
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from distributed import run_distributed
+from test_convert import cli
 from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
 from megatrain.config import load_config
 from megatrain.data import build_tokenizer
 from megatrain.model import IGNORE_INDEX, Transformer
 
 WORDS = ["the", "a", "movie", "was", "film", "it", "very"]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, "-m", "megatrain.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
 
 
 def write(path, rows) -> str:
