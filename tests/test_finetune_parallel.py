@@ -60,19 +60,23 @@ def test_lora_under_tensor_parallelism_equals_the_unsplit_lora_run(pretrained, t
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8.0, "train.lr": 1e-2}
     one, tp2 = str(tmp_path / "one"), str(tmp_path / "tp2")
     run_distributed(finetune_runs, 1, [("finetune-classify", ft_sets(init, one, train, train, **lora))], timeout=600)
-    run_distributed(finetune_runs, 2, [("finetune-classify", ft_sets(init, tp2, train, train, **lora,
-                                                                        **{"parallel.tp": 2}))], timeout=600)
-    assert_close_curves(losses(one), losses(tp2), rtol=1e-5)
-    assert_close_curves(losses(one, "eval"), losses(tp2, "eval"), rtol=1e-5)
+    layouts = {"tp2": {"parallel.tp": 2}, **{f"dp2z{z}": {"parallel.zero_stage": z} for z in (0, 2, 3)}}
+    run_distributed(finetune_runs, 2, [("finetune-classify", ft_sets(init, str(tmp_path / name), train, train, **lora,
+                                                                        **over)) for name, over in layouts.items()],
+                    timeout=900)
+    for name in layouts:  # LoRA under TP=2, and under ZeRO-0/2/3 data parallel (frozen base weights partitioned too)
+        assert_close_curves(losses(one), losses(str(tmp_path / name)), rtol=1e-5)
+        assert_close_curves(losses(one, "eval"), losses(str(tmp_path / name), "eval"), rtol=1e-5)
     # only the adapters and the head were trained: every base weight is the pretrained one
     from megatrain.checkpoint.reader import CheckpointReader
 
-    with CheckpointReader(init) as base, CheckpointReader(tp2) as tuned:
-        names = tuned.names()
-        assert any("lora_A" in n for n in names) and "score.weight" in names
-        for n in base.names():
-            if n in names:
-                assert base.tensor(n).equal(tuned.tensor(n)), n
+    for name in ("tp2", "dp2z3"):
+        with CheckpointReader(init) as base, CheckpointReader(str(tmp_path / name)) as tuned:
+            names = tuned.names()
+            assert any("lora_A" in n for n in names) and "score.weight" in names
+            for n in base.names():
+                if n in names:
+                    assert base.tensor(n).equal(tuned.tensor(n)), (name, n)
     # consolidate writes the merged weights (W + alpha/r B A): a plain classifier computing what the LoRA model does
     import torch
 

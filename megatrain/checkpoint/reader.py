@@ -298,7 +298,17 @@ class CheckpointReader:
                         for key, t in tensors.items():
                             self._add(mp, name, key, tp_rank, start, frag.numel, opath, t, skip=frag.start)
                         done[(g, name)] = start + frag.numel
-        if stage < 3:  # parameters the optimizer never held (frozen: LoRA's base, finetune.freeze) are in the module
+        if stage == 3:  # frozen parameters (LoRA's base, finetune.freeze): each rank's piece in its model states
+            for dp_rank in range(dp):
+                mpath = self._file(f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_model_states.pt")
+                frozen = (_load_meta(mpath) if dp_rank else meta).get("frozen_param_fragments") or {}
+                for name, t in frozen.items():
+                    numel = math.prod(meta["frozen_param_shapes"][name])
+                    k = math.ceil(numel / dp)
+                    lo, hi = dp_rank * k, min(numel, (dp_rank + 1) * k)
+                    if hi > lo:
+                        self._add(mp, name, "fp32", tp_rank, lo, hi - lo, mpath, t)
+        else:  # parameters the optimizer never held (frozen: LoRA's base, finetune.freeze) are in the module
             for name, t in (meta.get("module") or {}).items():
                 canon = canonical_name(name, self.cfg.model.n_layers)
                 p = self._params.get(canon)
