@@ -68,6 +68,9 @@ def run(cfg: Config) -> dict:
     resolve_vocab(cfg, tok)  # a tokenizer of a larger vocabulary than the model's is refused
     task = finetune_task(cfg, tok)  # every file read and checked before any process group exists
     f = cfg.finetune
+    if f.metric_for_best and f.metric_for_best not in task.metrics:
+        raise ConfigError(f"config key finetune.metric_for_best: {f.task} evaluations report {', '.join(task.metrics)}, "
+                          f"not {f.metric_for_best!r}")
     task.prepare(f.train_file)
     train_set = task.encode(f.train_file, train=True)
     valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None

@@ -43,9 +43,6 @@ class _Headed(Transformer):
             nn.init.zeros_(layer.bias)
         setattr(self, self.head_name, layer)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()  # the head's own init comes after it exists (see __init__)
-
 
 class SequenceClassifier(_Headed):
     head_name = "score"

@@ -323,6 +323,8 @@ def test_bad_inputs(pretrained, tmp_path):
     one_error_line(run("finetune-classify", good, **{"finetune.lora_rank": 4, "finetune.lora_targets": "attn"}),
                    "finetune.lora_targets: 'attn' names no projection")
     one_error_line(run("finetune-classify", good, **{"model.n_layers": 3}), "model.n_layers: 3 contradicts finetune.init")
+    one_error_line(run("finetune-classify", good, **{"finetune.metric_for_best": "val_f1"}),
+                   "classify evaluations report val_loss, val_accuracy")
     assert not os.path.exists(out)
 
 

@@ -133,7 +133,7 @@ class FinetuneTask(Task):
     """A fine-tuning task: its files, its micro-batches, its evaluation."""
 
     metric = "val_loss"  # the default metric_for_best
-    higher_is_better = False
+    metrics = ("val_loss",)  # what an evaluation reports that metric_for_best may name
 
     def __init__(self, cfg: Config, tokenizer):
         self.cfg, self.tok = cfg, tokenizer

@@ -20,7 +20,7 @@ from megatrain.tasks.metrics import classification_metrics
 class Classify(FinetuneTask):
     name = "classify"
     metric = "val_accuracy"
-    higher_is_better = True
+    metrics = ("val_loss", "val_accuracy", "val_macro_precision", "val_macro_recall", "val_macro_f1")
 
     def _label(self, rec) -> str:
         return field_of(rec, self.cfg.finetune.label_column, "label").strip()

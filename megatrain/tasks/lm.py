@@ -64,6 +64,7 @@ ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 class SFT(FinetuneTask):
     name = "sft"
     metric = "val_loss"
+    metrics = ("val_loss", "val_ppl")
 
     def conversation(self, rec) -> list[dict]:
         if "messages" in rec.fields:

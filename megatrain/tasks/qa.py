@@ -33,7 +33,7 @@ def char_to_token(offsets: list[tuple[int, int]], char: int) -> int:
 class QA(FinetuneTask):
     name = "qa"
     metric = "val_f1"
-    higher_is_better = True
+    metrics = ("val_loss", "val_exact_match", "val_f1")
 
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune

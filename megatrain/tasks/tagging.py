@@ -51,7 +51,7 @@ def label_positions(owner: list[int], n_words: int, causal: bool) -> list[int]:
 class Tokens(FinetuneTask):
     name = "tokens"
     metric = "val_f1"
-    higher_is_better = True
+    metrics = ("val_loss", "val_precision", "val_recall", "val_f1", "val_token_accuracy")
 
     def prepare(self, train_file: str) -> None:
         if not self.cfg.finetune.labels:
