@@ -101,3 +101,37 @@ def test_job_signalled_mid_run_checkpoints_requeues_and_resumes(cluster, referen
     assert got[STEPS] < got[1] - 1.0  # the loss falls
     assert_close_curves(want, got, rtol=1e-6)
     assert_close_curves(want_eval, losses(str(ckpt), "eval"), rtol=1e-6)
+
+
+def test_finetune_sbatch_runs_to_the_end_and_equals_one_rank(cluster, reference, tmp_path):
+    """launchers/slurm/finetune.sbatch (srun mode, 2 nodes): a LoRA classifier from a pretrained checkpoint, with
+    evaluations and DIR/best, whose losses equal the same fine-tune on one rank."""
+    from distributed import run_distributed
+    from test_finetune import finetune_runs, ft_sets, sentiment, write
+    from training_utils import run_configs
+
+    data = reference[0]
+    lm = str(tmp_path / "lm")
+    run_distributed(run_configs, 1, [small_sets(data, lm, **{"train.max_steps": 3, "checkpoint.interval": 0,
+                                                             "train.eval_interval": 0})], timeout=300)
+    train = write(tmp_path / "train.jsonl", sentiment(48, 0))
+    lora = {"finetune.lora_rank": 4, "train.max_steps": 6, "train.eval_interval": 3}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_distributed(finetune_runs, 1, [("finetune-classify", ft_sets(lm, one, train, train, **lora))], timeout=300)
+    log = tmp_path / "job.out"
+    env = {**cluster.env(), **RANK_ENV, "MEGATRAIN_LAUNCHERS": str(SBATCH.parent.parent), "MEGATRAIN_LAUNCH_MODE": "srun"}
+    sub = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                          "--cpus-per-task=1", "--time=10", f"--output={log}", str(SBATCH.parent / "finetune.sbatch"),
+                          "--config", "finetune-classify", *set_args(ft_sets(lm, two, train, train, **lora))],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    context = lambda: log.read_text()[-3000:] if log.exists() else "(no job output)"  # noqa: E731
+    try:
+        state = wait_for(lambda: finished(cluster.job(job)), 240, "fine-tune job done", context)
+    finally:
+        cluster.run(f"scancel {job}", check=False)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", context()
+    assert "world 2 = tp 1 x pp 1 x dp 2" in log.read_text() and (Path(two) / "best").exists()
+    assert_close_curves(losses(one), losses(two), rtol=1e-5)
+    assert_close_curves(losses(one, "eval"), losses(two, "eval"), rtol=1e-5)
