@@ -90,6 +90,7 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "seqeval>=1.2",  # entity-level NER scores (the conlleval rules)
+        "matplotlib>=3.7",  # megatrain plot (Agg backend, no display)
         "wandb>=0.18",
         "tensorboard>=2.15",
         "ninja",

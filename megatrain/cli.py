@@ -18,6 +18,7 @@ COMMANDS = {
     "finetune": ("megatrain.finetune", "fine-tune a pretrained model: sft, classify, tokens (NER) or qa, full or LoRA"),
     "evaluate": ("megatrain.evaluate", "a fine-tuned model's metric table on a labelled file"),
     "predict": ("megatrain.predict", "run a fine-tuned model on a file: labels, entities, answers or responses"),
+    "plot": ("megatrain.plot", "training curves of one or more runs as a PNG"),
     "lm-eval": ("megatrain.lmeval", "lm-evaluation-harness tasks on a checkpoint of any layout"),
     "generate": ("megatrain.generate", "sample text from a checkpoint (any layout) with a KV cache"),
     "convert": ("megatrain.convert", "consolidate, reshard, to-hf, from-hf: move checkpoints between layouts and formats"),
