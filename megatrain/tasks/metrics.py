@@ -42,11 +42,12 @@ def entity_metrics(gold: list[list[str]], pred: list[list[str]], scheme: str = "
 
     kw = dict(mode="strict", scheme=IOBES) if scheme == "bioes" else {}
     report = classification_report(gold, pred, output_dict=True, zero_division=0, **kw)
-    per_type = {k: dict(precision=v["precision"], recall=v["recall"], f1=v["f1-score"], support=int(v["support"]))
-                for k, v in report.items() if not k.endswith(" avg")}
+    per_type = {k: dict(precision=float(v["precision"]), recall=float(v["recall"]), f1=float(v["f1-score"]),
+                        support=int(v["support"])) for k, v in report.items() if not k.endswith(" avg")}
     tags = [(g, p) for gs, ps in zip(gold, pred) for g, p in zip(gs, ps)]
-    return dict(precision=precision_score(gold, pred, zero_division=0, **kw),
-                recall=recall_score(gold, pred, zero_division=0, **kw), f1=f1_score(gold, pred, zero_division=0, **kw),
+    return dict(precision=float(precision_score(gold, pred, zero_division=0, **kw)),  # plain floats, not numpy's:
+                recall=float(recall_score(gold, pred, zero_division=0, **kw)),       # they go into checkpoints
+                f1=float(f1_score(gold, pred, zero_division=0, **kw)),
                 token_accuracy=sum(g == p for g, p in tags) / max(1, len(tags)), per_type=per_type)
 
 

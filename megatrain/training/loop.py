@@ -123,7 +123,7 @@ class Best:
         self.value, self.step, self.since = saved.get("value"), saved.get("step"), saved.get("since", 0)
 
     def update(self, row: dict, step: int) -> bool:
-        v = row[self.metric]  # a name the task reports (finetune.py checks it before training)
+        v = float(row[self.metric])  # a name the task reports (finetune.py checks it before training)
         better = self.value is None or (v < self.value if self.lower else v > self.value)
         if better:
             self.value, self.step, self.since = v, step, 0
