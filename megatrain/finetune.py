@@ -91,8 +91,9 @@ def run(cfg: Config) -> dict:
     total = sum(p.numel() for p in model.parameters())
     log0(f"megatrain finetune {f.task} | {run.describe(total)} | trainable {trainable / 1e6:.2f}M of "
          f"{total / 1e6:.2f}M ({100 * trainable / total:.2f}%){' LoRA r=' + str(f.lora_rank) if f.lora_rank else ''}")
-    log0(f"data: {len(train_set)} training {'rows' if f.task == 'sft' else 'examples'}"
-         + (f" ({train_set.truncated} cut to {task.max_len} tokens)" if train_set.truncated else "")
+    unit = {"sft": "rows", "qa": "windows"}.get(f.task, "examples")
+    cut = "contexts split into windows" if f.task == "qa" else f"cut to {task.max_len} tokens"
+    log0(f"data: {len(train_set)} training {unit}" + (f" ({train_set.truncated} {cut})" if train_set.truncated else "")
          + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
          + (f" | labels {', '.join(f.labels[:12])}{' ...' if len(f.labels) > 12 else ''}" if f.labels else ""))
     if not run.will_resume():
