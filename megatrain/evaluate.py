@@ -28,7 +28,8 @@ def command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dict(checkpoint=args.checkpoint, step=step, task=cfg.finetune.task, input=args.input, **row)))
         return 0
-    print(f"{args.checkpoint} (step {step}), {cfg.finetune.task}, {len(examples)} "
+    n = len(getattr(examples, "examples", examples.items))  # qa: questions, not their windows
+    print(f"{args.checkpoint} (step {step}), {cfg.finetune.task}, {n} "
           f"{'rows' if cfg.finetune.task == 'sft' else 'examples'} of {args.input}")
     for k, v in row.items():
         if isinstance(v, float):
