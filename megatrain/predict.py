@@ -121,15 +121,10 @@ def generate_responses(model, cfg, tok, task, args) -> list[dict]:
     from megatrain.generate import generate
 
     out = []
-    template = getattr(getattr(tok, "tok", None), "chat_template", None)
     for rec in tqdm(read_records(args.input, cfg.finetune.format), desc="generate", unit="example", file=sys.stderr,
                     disable=not sys.stderr.isatty()):
         msgs = rec.fields.get("messages") or [{"role": "user", "content": rec.fields.get("prompt", "")}]
-        if template:
-            text = tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
-        ids = tok.encode(text)[-(cfg.model.max_seq_len - 1):]
+        ids = tok.encode(task.prompt_text(msgs))[-(cfg.model.max_seq_len - 1):]
         new = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=0,
                        eod_id=tok.eod_id, vocab_limit=cfg.model.true_vocab_size or tok.vocab_size)[0, len(ids):]
         new = new.tolist()

@@ -63,6 +63,10 @@ def test_sft_loss_is_the_masked_mean_over_responses_and_prompts_get_no_gradient(
         for r in responses:
             want += list(r.encode()) + [256]
         assert said == want
+    # what predict feeds the model is exactly the training text up to the response
+    msgs = [{"role": "user", "content": "add 2 and 3"}]
+    (text, spans), = task.render(msgs + [{"role": "assistant", "content": "5"}])
+    assert task.prompt_text(msgs) == text[: spans[0][0]] and text[spans[0][0]:] == "5"
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     batch = task.collate(rows, "cpu")

@@ -102,6 +102,14 @@ class SFT(FinetuneTask):
             text = ""
         return chunks
 
+    def prompt_text(self, msgs: list[dict]) -> str:
+        """The text the assistant's next turn follows (what predict feeds the model): the chat template's generation
+        prompt, or the plain format up to `Assistant: `."""
+        template = getattr(getattr(self.tok, "tok", None), "chat_template", None)
+        if template:
+            return self.tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant: "
+
     def tokens(self, msgs: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and which of them the loss covers."""
         ids, target = [], []
