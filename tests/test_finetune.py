@@ -210,6 +210,10 @@ def test_windowed_qa_maps_answers_back_to_their_exact_characters(tmp_path):
         results += task.outputs(logits, None, [it])
     assert task.answers(ex, results) == golds
     assert task.score(ex, results)["exact_match"] == 100.0
+    from megatrain.tasks.qa import whole_words
+
+    assert whole_words("the Glucocorticoids, mostly", 6, 19) == "Glucocorticoids"  # from inside the word
+    assert whole_words("in 1906, Tesla", 3, 5) == "1906" and whole_words("a b", 0, 3) == "a b"
 
 
 # -- the command line ----------------------------------------------------------------------------------------------

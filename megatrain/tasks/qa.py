@@ -6,8 +6,9 @@ context (the question first, so that under a causal model every context token ha
 a row is cut into windows that share finetune.doc_stride tokens. The span head gives every position a start and an
 end logit; training points both at the answer's first and last token in the window that holds it, and at position 0
 (never a context token) in the others. A prediction is the best-scoring span over all of an example's windows (start
-<= end, at most finetune.max_answer_tokens long), mapped back to its characters of the context. Metrics: exact
-match and F1 with the official SQuAD answer normalisation.
+<= end, at most finetune.max_answer_tokens long), mapped back to its characters of the context and widened to whole
+words (a span that starts inside a word takes all of it). Metrics: exact match and F1 with the official SQuAD
+answer normalisation.
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def char_to_token(offsets: list[tuple[int, int]], char: int) -> int:
         if char < b and a < b:
             return i
     return len(offsets) - 1
+
+
+def whole_words(context: str, start: int, end: int) -> str:
+    """The span's text, widened to whole words: a span that starts or ends inside a word (a sub-word token) takes
+    the rest of it, as an answer is words of the context."""
+    while start > 0 and context[start - 1].isalnum() and context[start].isalnum():
+        start -= 1
+    while end < len(context) and context[end - 1].isalnum() and context[end].isalnum():
+        end += 1
+    return context[start:end].strip()
 
 
 class QA(FinetuneTask):
@@ -115,7 +126,7 @@ class QA(FinetuneTask):
                 texts.append("")
                 continue
             _, a, b = best[k]
-            texts.append(ex["context"][ex["offsets"][a][0]: ex["offsets"][b][1]].strip())
+            texts.append(whole_words(ex["context"], ex["offsets"][a][0], ex["offsets"][b][1]))
         return texts
 
     def score(self, examples: Examples, results: list) -> dict:
