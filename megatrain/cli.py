@@ -29,12 +29,12 @@ COMMANDS = {
 
 def user_error_types() -> tuple[type, ...]:
     """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
-    from megatrain.config import ConfigError  # CheckpointError is one
+    from megatrain.config import ConfigError, RunStopped  # CheckpointError is a ConfigError
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
     from megatrain.launch.hostfile import HostfileError
     from megatrain.launch.multinode import LaunchError
 
-    return (LaunchError, HostfileError, ConfigError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+    return (LaunchError, HostfileError, ConfigError, RunStopped, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.command(args) or 0)
     except user_error_types() as e:
-        print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # an error every rank raises alike is said by rank 0
+            print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"megatrain {args.command}: interrupted", file=sys.stderr)

@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A bad config value; the message names the key."""
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot go on (non-finite losses in a row, a full disk, a lost rank); the message says where it
+    stopped and how to continue."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: take it from the tokenizer (rounded up to pad_vocab_multiple)
@@ -90,6 +95,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     exit_duration_minutes: float = 0.0  # save and exit cleanly after this many minutes; 0: no limit
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute attention)
+    max_bad_steps: int = 3  # a non-finite loss or gradient norm skips that update; this many in a row stop the run
 
 
 @dataclass
@@ -381,6 +387,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key train.warmup_steps: must be at least 0, got {t.warmup_steps}")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"config key train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     f = cfg.finetune
     for k in ("max_seq_len", "patience", "lora_rank"):
         if getattr(f, k) < 0:

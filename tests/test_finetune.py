@@ -1,6 +1,7 @@
 """Fine-tuning on one rank: loss masking and packing, label alignment, the metrics' definitions, QA windows, the
 command line end to end (finetune -> evaluate -> predict), resume, and every bad input as one line."""
 import json
+import math
 import os
 import random
 
@@ -288,6 +289,25 @@ def test_a_stopped_finetune_run_resumes_on_the_same_curve(pretrained, tmp_path):
     run_distributed(finetune_runs, 1, [("finetune-tokens", ft_sets(pretrained, part, train, train))], timeout=300)
     assert_close_curves(losses(full), losses(part), rtol=1e-6, steps=[5, 6, 7, 8])
     assert_close_curves(losses(full, "eval"), losses(part, "eval"), rtol=1e-6, steps=[8])
+
+
+def test_lora_sft_trains_only_the_adapters(pretrained, tmp_path):
+    """LoRA on a causal LM trains matrices only, so the no-decay group is empty (DeepSpeed dropped it and the LR
+    schedule, built for two groups, failed at the first step)."""
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in ("alpha", "beta", "gamma", "delta") * 10]
+    train = write(tmp_path / "sft.jsonl", rows)
+    out = str(tmp_path / "sft")
+    sets = ft_sets(pretrained, out, train, train, **{"finetune.lora_rank": 4, "train.max_steps": 4,
+                                                      "checkpoint.interval": 0})
+    run_distributed(finetune_runs, 1, [("finetune-sft", sets)], timeout=300)
+    assert all(math.isfinite(v) for v in losses(out).values()) and len(losses(out)) == 4
+    from megatrain.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(pretrained) as base, CheckpointReader(out) as tuned:
+        before = dict(base.tensors())
+        for name, t in tuned.tensors():
+            if "lora" not in name:
+                assert torch.equal(t, before[name]), name
 
 
 # -- bad input: one line, exit 1, nothing left behind ------------------------------------------------------------

@@ -10,6 +10,7 @@ so DeepSpeed's own `zero_to_fp32` and `get_fp32_state_dict_from_zero_checkpoint(
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, config_from_dict
+from megatrain import faults
+from megatrain.config import Config, ConfigError, RunStopped, config_from_dict
 from megatrain.fileio import write_atomic
 
 STATE_FILE = "megatrain.json"
@@ -60,20 +62,71 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict, extra: dict | None = None) -> str:
     """Save on every rank; `latest` moves to this tag only once every rank's files are on disk. `extra` goes into
-    megatrain.json beside the step (the fine-tuning loop keeps its best metric there)."""
+    megatrain.json beside the step (the fine-tuning loop keeps its best metric there).
+
+    A write that fails on any rank (a full disk, a quota, an I/O error) does not stop that rank inside DeepSpeed's
+    collectives: its remaining files are skipped (see harden), every rank learns of it afterwards, the partial step
+    folder is removed, `latest` keeps naming the previous complete checkpoint, and RunStopped says what happened."""
     ckpt_dir = cfg.checkpoint.dir
     tag = tag_for(step)
     state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), layout=layout, **(extra or {}))
+    ce = engine.checkpoint_engine
+    if faults.fires("enospc", step):
+        ce.megatrain_inject = True
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
     rank = dist.get_rank()
-    torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        write_atomic(os.path.join(ckpt_dir, tag, STATE_FILE), json.dumps(state, indent=1))
-        write_atomic(os.path.join(ckpt_dir, "latest"), tag)
-        _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
-    dist.barrier()
+    error = getattr(ce, "megatrain_error", None)
+    if error is None:
+        error = _write(lambda p: torch.save(rng_state(), p), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if rank == 0 and not any(errors):
+        errors[0] = _write(lambda p: write_atomic(p, json.dumps(state, indent=1)), os.path.join(ckpt_dir, tag, STATE_FILE))
+        if errors[0] is None:
+            errors[0] = _write(lambda p: write_atomic(p, tag), os.path.join(ckpt_dir, "latest"))
+        if errors[0] is None:
+            _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
+    box = [next((e for e in errors if e), None)]
+    dist.broadcast_object_list(box, src=0)
+    ce.megatrain_error = ce.megatrain_inject = None
+    if box[0]:
+        failed(ckpt_dir, tag, box[0], quiet=rank != 0)
     return tag
+
+
+def _write(write, path: str) -> str | None:
+    """Run write(path); on failure remove what it left and return the reason."""
+    try:
+        write(path)
+        return None
+    except Exception as e:  # torch.save reports a full disk as a RuntimeError ("file write failed"), not OSError
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        return f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+
+
+def failed(ckpt_dir: str, tag: str, error: str, quiet: bool) -> None:
+    """After a failed save (every rank has returned from DeepSpeed's): remove the step folder, then RunStopped."""
+    dist.barrier()
+    folder = os.path.join(ckpt_dir, tag)
+    previous = read_pointer(ckpt_dir, "latest")
+    need = _bytes(os.path.join(ckpt_dir, previous)) if previous and previous != tag else _bytes(folder)
+    if not quiet:
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    free = shutil.disk_usage(ckpt_dir).free
+    e = RunStopped(f"saving checkpoint {tag} in {ckpt_dir} failed ({error}); {free:,} bytes are free there and a "
+                   f"checkpoint of this run takes about {need:,}. The partial {tag} was removed and latest still names "
+                   f"{previous or 'no checkpoint'}: free space (or set checkpoint.keep_last, or move checkpoint.dir), "
+                   f"then rerun to resume")
+    e.quiet = quiet  # every rank raises it; rank 0 says it
+    raise e
+
+
+def _bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
 def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
@@ -132,8 +185,69 @@ def _fmt(layout: dict) -> str:
     return f"tp {layout.get('tp')}, pp {layout.get('pp')}, dp {layout.get('dp')}, ZeRO-{layout.get('zero_stage')}"
 
 
+def safe_globals() -> list:
+    """What a DeepSpeed rank file may hold beyond tensors and containers: three of DeepSpeed's record classes (a loss
+    scaler, the ZeRO stage, a fragment address) and numpy scalars. Nothing else is unpickled: no code runs."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType") if hasattr(np, "dtypes")]
+    return [LossScaler, ZeroStageEnum, fragment_address, core.multiarray.scalar, np.dtype, *dtypes]
+
+
+def load_rank_file(path: str, map_location=None):
+    """torch.load with weights_only on and only safe_globals() allowed; any other pickled global is refused."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a class outside the allow-list, a truncated or foreign file
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not loaded ({why}); megatrain loads only tensors and DeepSpeed's records from a "
+                          f"checkpoint, never pickled code: is the file damaged, or not written by megatrain?") from None
+
+
+def harden(engine) -> None:
+    """Two changes to how the engine reads and writes checkpoint files (every module, optimizer, ZeRO and pipeline
+    file goes through its checkpoint_engine):
+    - loads: DeepSpeed unpickles rank files with weights_only off, which runs whatever code a pickle names, so a
+      checkpoint handed over by someone else could; here it goes through load_rank_file instead;
+    - saves: a write that fails is recorded (megatrain_error) and the rank's remaining files are skipped, so the rank
+      still reaches DeepSpeed's barriers with the others; save() then stops every rank together."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ce = engine.checkpoint_engine
+    if type(ce) is not TorchCheckpointEngine:  # another engine (Nebula, decoupled) is the user's choice: left alone
+        return
+    ce.megatrain_error = ce.megatrain_inject = None
+    ce.load = lambda path, map_location=None: load_rank_file(path, map_location)
+    plain_save = ce.save
+
+    def save(state_dict, path: str):
+        if ce.megatrain_error is None:
+            ce.megatrain_error = _write(lambda p: _save_or_inject(plain_save, state_dict, p), path)
+
+    def _save_or_inject(write, state_dict, path):
+        write(state_dict, path)
+        if ce.megatrain_inject:  # faults: the disk fills after this file (the first of the checkpoint) is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    ce.save = save
+    copy_script = engine._copy_recovery_script  # rank 0 copies zero_to_fp32.py beside the step folders
+
+    def copy_recovery_script(save_path):
+        if ce.megatrain_error is None:
+            ce.megatrain_error = _write(lambda p: copy_script(save_path), os.path.join(save_path, "zero_to_fp32.py"))
+
+    engine._copy_recovery_script = copy_recovery_script
+
+
 def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
-    """Load checkpoint.dir/latest if there is one; returns megatrain's saved state (step, samples)."""
+    """Load checkpoint.dir/latest if there is one; returns megatrain's saved state (step, samples) and, under "rng",
+    this rank's saved RNG states (the caller restores them last, right before the first step: anything drawn from
+    the generators in between would shift every dropout mask after a resume)."""
     ckpt_dir = cfg.checkpoint.dir
     if not cfg.checkpoint.resume:
         return None
@@ -147,6 +261,5 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
     rng = os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")
-    if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=True))
+    saved["rng"] = load_rank_file(rng) if os.path.isfile(rng) else None
     return saved

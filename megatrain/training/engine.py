@@ -81,8 +81,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             seen.add(id(p))
             params.append((name, p))
     decay, no_decay = decay_groups([(n, p.dim()) for n, p in params])
-    return [{"params": [params[i][1] for i in decay], "weight_decay": weight_decay},
-            {"params": [params[i][1] for i in no_decay], "weight_decay": 0.0}]
+    groups = [{"params": [params[i][1] for i in decay], "weight_decay": weight_decay},
+              {"params": [params[i][1] for i in no_decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # LoRA on an LM trains matrices only: DeepSpeed drops an empty group
 
 
 def lr_lambda(cfg: Config):
@@ -113,7 +114,38 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
     # a PipelineModule brings its own mpu (its grid); a plain module gets ours
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config, mpu=mpu)
-    return engine, optimizer, scheduler, ds_config
+    if cfg.parallel.zero_stage == 0 and not hasattr(engine.optimizer, "overflow"):
+        engine.optimizer = SkipNonFinite(engine.optimizer)
+    elif resolve_precision(cfg) == "bf16" and hasattr(engine.optimizer, "check_grad_overflow"):
+        engine.optimizer.check_grad_overflow = True  # ZeRO-1/2 under bf16 would otherwise step on a NaN norm
+    return engine, engine.optimizer, scheduler, ds_config
+
+
+class SkipNonFinite:
+    """ZeRO-0's fp32 optimizer as DeepSpeed steps it: a non-finite gradient anywhere (any rank, any stage) skips the
+    update, which DeepSpeed's ZeRO optimizers do themselves (DeepSpeed then counts engine.skipped_steps and holds
+    the LR schedule). The gradients are already all-reduced over data parallelism here; tensor- and pipeline-parallel
+    ranks hold different ones, so the verdict is all-reduced over every rank: one scalar per step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.overflow = False
+
+    def step(self, closure=None):
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1)
+        if grads:
+            bad[0] = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        if not self.overflow:
+            self.optimizer.step(closure)
+
+    def __getattr__(self, name):  # state_dict, param_groups, zero_grad, ...: the wrapped optimizer's
+        return getattr(self.optimizer, name)
 
 
 def grad_norm(engine) -> float:

@@ -14,14 +14,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatrain.checkpoint.io import mark_best
-from megatrain.config import Config
+from megatrain import faults
+from megatrain.checkpoint.io import mark_best, read_latest
+from megatrain.config import Config, RunStopped
 from megatrain.fileio import write_atomic
+from megatrain.tasks import Batch, Task
+from megatrain.tasks.base import is_pipeline, micro_batch_ids
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.runtime import Run, TrainState
-from megatrain.tasks import Batch, Task
-from megatrain.tasks.base import is_pipeline, micro_batch_ids
 
 
 class StopRequest:
@@ -91,12 +92,55 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float,
     for m, batch in enumerate(batches):
         n = task.targets(batch)
         loss = task.loss(engine, batch)
+        if faults.fires("nan_loss", step + 1):
+            loss = loss * float("nan")
+        hook = _inject_inf_grad(engine) if m == len(batches) - 1 and faults.fires("inf_grad", step + 1) else None
         engine.backward(loss * (n * scale))
+        if hook is not None:
+            hook.remove()
         if m == len(batches) - 1 and run.cfg.parallel.zero_stage == 0:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
         engine.step()
         share += loss.detach().double().cpu() * n / total
     return float(share), norm, tokens
+
+
+def _inject_inf_grad(engine):
+    """faults: an inf in the first trainable parameter's gradient, as it flows into DeepSpeed's accumulation."""
+    p = next(p for p in engine.module.parameters() if p.requires_grad)
+    return p.register_hook(lambda g: g.flatten().index_fill(0, torch.tensor([0]), float("inf")).view_as(g))
+
+
+def note_bad_step(logger, cfg: Config, step: int, bad: "BadSteps") -> None:
+    """Log a skipped update; raise RunStopped once train.max_bad_steps came in a row."""
+    limit = cfg.train.max_bad_steps
+    logger.log(dict(step=step, kind="skipped", reason="non-finite loss or gradient norm", skipped_steps=bad.total),
+               f"step {step:>6}: non-finite loss or gradient norm, update skipped ({bad.in_a_row} in a row; "
+               f"train.max_bad_steps={limit})")
+    if bad.in_a_row >= limit:
+        latest = read_latest(cfg.checkpoint.dir)
+        where = f"{cfg.checkpoint.dir}/{latest}" if latest else "none yet (nothing saved)"
+        raise RunStopped(f"step {step}: {bad.in_a_row} steps in a row had a non-finite loss or gradient norm "
+                         f"(train.max_bad_steps={limit}); the weights are those of the last good step; last complete "
+                         f"checkpoint: {where}. Lower train.lr or check the data of those steps, then rerun")
+
+
+class BadSteps:
+    """Updates skipped for a non-finite loss or gradient norm (DeepSpeed's optimizers, or SkipNonFinite under
+    ZeRO-0, skip them on every rank alike and hold the LR schedule): counted for metrics.jsonl, and
+    train.max_bad_steps in a row stop the run."""
+
+    def __init__(self, engine, limit: int):
+        self.engine, self.limit = engine, limit
+        self.total, self.in_a_row, self.before = 0, 0, engine.skipped_steps
+
+    def after_step(self) -> bool:
+        """Whether the step just taken was skipped."""
+        skipped = self.engine.skipped_steps > self.before
+        self.before = self.engine.skipped_steps
+        self.total += skipped
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        return skipped
 
 
 def drift_check(engine, cfg: Config, grid, step: int) -> None:
@@ -151,12 +195,14 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
     logger = MetricsLogger(cfg, cfg.checkpoint.dir, t.max_steps, state.step, enabled=rank0)
     stop = StopRequest(t.exit_duration_minutes)
     # the throughput window: its steps, tokens and the seconds spent in those steps only (not evaluating or saving)
-    window_loss, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0.0
+    window_loss, window_good, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0, 0.0
+    bad = BadSteps(engine, t.max_bad_steps)
     last_saved = state.step
     stage0 = cfg.parallel.zero_stage == 0
     best = Best(run, task) if cfg.finetune.task else None
     extra = (lambda: best.state()) if best is not None else (lambda: None)  # noqa: E731
     engine.train()
+    run.start_rng()  # NOTE: last before the first step
     try:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
@@ -165,8 +211,12 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
             window_tokens += tokens
             state.step += 1
             state.consumed_samples += t.global_batch_size
-            window_loss += share
             window_steps += 1
+            if bad.after_step():
+                note_bad_step(logger, cfg, state.step, bad)
+            else:
+                window_loss += share
+                window_good += 1
             logger.advance()
             every = cfg.parallel.drift_check_interval
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
@@ -174,17 +224,18 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
                 secs = window_secs
                 # the shares of the data-parallel ranks add up to the loss; TP/PP replicas hold equal shares
-                loss_avg = rank_mean(window_loss / window_steps, engine.device) * layout.dp
+                loss_avg = rank_mean(window_loss / window_good if window_good else float("nan"), engine.device) * layout.dp
                 tps = window_tokens / secs
                 tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                 row = dict(step=state.step, loss=loss_avg, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
                            tokens_per_s=tps, tflops_per_device=tflops, mfu=tflops / peak if peak else float("nan"),
-                           consumed_samples=state.consumed_samples, seconds_per_step=secs / window_steps)
+                           consumed_samples=state.consumed_samples, seconds_per_step=secs / window_steps,
+                           skipped_steps=bad.total)
                 logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {loss_avg:.4f} | lr {row['lr']:.2e} | "
                                 f"grad norm {row['grad_norm']:.3f} | {tps:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device"
                                 + (f" | MFU {row['mfu']:.1%}" if peak else ""))
                 logger.advance(0, f"loss {loss_avg:.3f}")
-                window_loss, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0.0
+                window_loss, window_good, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0, 0.0
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
                 row = task.evaluate(run, engine, valid_ds)
                 logger.log(dict(step=state.step, kind="eval", **row), _eval_line(state.step, row))

@@ -45,6 +45,7 @@ class Run:
     grad_accum: int  # micro-batches per optimizer step on each data-parallel rank
     precision: str  # fp32 | bf16 | fp16 (train.precision resolved for this machine)
     saved: dict | None = None  # megatrain.json of the checkpoint resumed from, if any
+    saved_rng: dict | None = None  # that checkpoint's RNG states for this rank, restored by start_rng()
 
     @classmethod
     def start(cls, cfg: Config) -> "Run":
@@ -54,7 +55,14 @@ class Run:
         from megatrain.training.dist_env import discover, init_distributed
         from megatrain.training.engine import resolve_precision
 
-        layout = check_layout(cfg, discover().world_size)
+        me = discover()
+        layout = check_layout(cfg, me.world_size)
+        if me.rank == 0:  # one run per checkpoint.dir (a second is refused here, before any process group)
+            from megatrain.checkpoint.lock import acquire
+
+            took_over = acquire(cfg.checkpoint.dir)
+            if took_over:
+                print(took_over, flush=True)
         info = init_distributed()
         grad_accum = validate_world(cfg, dist.get_world_size())
         return cls(cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum, resolve_precision(cfg))
@@ -89,12 +97,14 @@ class Run:
 
     def engine(self, model, log_ranks: bool = True):
         """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize."""
+        from megatrain.checkpoint.io import harden
         from megatrain.parallel.parallelize import parallelize
         from megatrain.training.engine import build_engine
 
         module = parallelize(model, self.cfg, self.layout, self.grid)
         local_params = sum(p.numel() for p in module.parameters())  # before ZeRO-3 partitions them
         engine, _, _, _ = build_engine(self.cfg, module, self.world, mpu=None if self.layout.pp > 1 else self.grid)
+        harden(engine)  # NOTE: before any load or save of a checkpoint
         if log_ranks:
             self.log_rank_table(local_params)
         return engine
@@ -112,10 +122,25 @@ class Run:
         saved = self.saved = checkpoint.resume(engine, self.cfg, self.record)
         if not saved:
             return TrainState()
+        self.saved_rng = saved.pop("rng")
         state = TrainState(saved["step"], saved["consumed_samples"])
         log0(f"resumed from {self.cfg.checkpoint.dir}/{checkpoint.tag_for(state.step)} at step {state.step} "
              f"({state.consumed_samples:,} samples consumed)")
         return state
+
+    def start_rng(self) -> None:
+        """Called right before the first step (NOTE: last, after anything else that draws random numbers, such as
+        measuring the MFU peak): the resumed checkpoint's RNG states, so the dropout masks continue exactly; in a
+        fresh run a seed of this rank's own. Every data-parallel rank draws its own dropout masks (identical masks
+        on every replica would waste the data parallelism's samples); the tensor-parallel ranks of one replica draw
+        alike, as the activations between their split layers are replicas that must stay equal."""
+        from megatrain.checkpoint.io import set_rng_state
+
+        if self.saved_rng is not None:
+            set_rng_state(self.saved_rng)
+            self.saved_rng = None
+            return
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + 7919 * (self.pp_rank * self.layout.dp + self.dp_rank) + 1)
 
     def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
         from megatrain.checkpoint import io as checkpoint

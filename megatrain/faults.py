@@ -1,0 +1,37 @@
+"""Faults injected on purpose, for the reliability tests (tests/test_reliability.py), through one environment
+variable so that the real training path runs around them:
+
+    MEGATRAIN_FAULTS="nan_loss@step=3@rank=1,enospc@step=4"
+
+Each entry is a fault point, then conditions (`step=N`: at optimizer step N, counting from 1; `rank=R`: only on
+global rank R). A point with no conditions fires every time. The points:
+    nan_loss     this rank's loss of that step becomes NaN (as from a corrupt batch)
+    inf_grad     one gradient element on this rank becomes inf after the backward (an overflow)
+    enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
+    raise        the code at a fault point raises (a rank failing before a collective)
+Unset (the normal case), every check is one dictionary lookup.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.lru_cache(maxsize=1)
+def _parse(spec: str) -> dict[str, list[dict[str, int]]]:
+    faults: dict[str, list[dict[str, int]]] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        point, *conds = entry.split("@")
+        faults.setdefault(point, []).append({k: int(v) for k, v in (c.split("=", 1) for c in conds)})
+    return faults
+
+
+def fires(point: str, step: int | None = None) -> bool:
+    """Whether fault `point` is injected here (this rank, this step)."""
+    spec = os.environ.get("MEGATRAIN_FAULTS")
+    if not spec:
+        return False
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return any(c.get("step", step) == step and c.get("rank", rank) == rank for c in _parse(spec).get(point, []))

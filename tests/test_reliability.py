@@ -1,0 +1,252 @@
+"""Faults injected for real, and the promise each one tests (README "Failures and recovery"):
+
+- a checkpoint file that names code to run is refused, and the code does not run;
+- a resumed run with dropout continues the uninterrupted run's curve exactly (RNG restored last);
+- a non-finite loss or gradient skips the update on every rank; train.max_bad_steps in a row stop the run;
+- a second run on a live run's checkpoint.dir is refused, naming the holder; a dead run's lock is taken over;
+- a full disk during a save: one line, `latest` keeps naming the last complete checkpoint, nothing partial is left,
+  and the rerun resumes.
+Single-rank runs here; the multi-rank versions are in the slow tier at the end.
+"""
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from distributed import run_distributed
+from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, set_args, small_sets
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "megatrain"
+
+
+def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatrain.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def pretrain(data, ckpt, env=None, **over) -> subprocess.CompletedProcess:
+    return cli("pretrain", "--config", "tiny", *set_args(small_sets(data, ckpt, **over)), env=env)
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("megatrain ")]
+    assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stderr[-3000:])
+    return lines[0]
+
+
+def rows(ckpt: str, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, open(os.path.join(ckpt, "metrics.jsonl"))) if r.get("kind", "train") == kind]
+
+
+def weights(ckpt: str, tag: str) -> dict[str, torch.Tensor]:
+    from megatrain.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(ckpt, tag=tag) as r:
+        return {name: t.clone() for name, t in r.tensors()}
+
+
+# --- no code from a checkpoint ----------------------------------------------------------------------------------
+
+def test_the_package_never_unpickles_freely():
+    """No torch.load(weights_only=False) and no pickle.load in megatrain: files a user hands over are read with
+    weights_only=True (an allow-list of DeepSpeed's records) or safetensors."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for pattern in (r"weights_only\s*=\s*False", r"\bpickle\.loads?\(", r"\bUnpickler\b"):
+            offenders += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+        for call in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", text):
+            if "weights_only=True" not in call.group(0):
+                offenders.append(f"{path.name}: {call.group(0)}")
+    assert not offenders, offenders
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a tampered checkpoint could do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_names_code_is_refused_and_the_code_never_runs(tmp_path):
+    """DeepSpeed itself reads rank files with weights_only=False (its engine's load of mp_rank_00_model_states.pt):
+    before the fix, resuming from this checkpoint created the marker file."""
+    data = make_byte_dataset(tmp_path)
+    ck, marker = str(tmp_path / "ck"), tmp_path / "pwned"
+    r = pretrain(data, ck, **{"train.max_steps": 2, "checkpoint.interval": 0, "train.eval_interval": 0})
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = os.path.join(ck, "step00000002", "mp_rank_00_model_states.pt")
+    saved = torch.load(states, weights_only=False)  # noqa: S614 (the test's own file, to plant the payload)
+    saved["payload"] = _RunsCode(marker)
+    torch.save(saved, states)
+    r = pretrain(data, ck, **{"train.max_steps": 4, "checkpoint.interval": 0, "train.eval_interval": 0})
+    line = error_line(r)
+    assert "mp_rank_00_model_states.pt: not loaded" in line and "never pickled code" in line, line
+    assert not marker.exists()
+    # the readers that do not go through DeepSpeed refuse it too
+    r = cli("generate", "--checkpoint", ck, "--max-new-tokens", "2")
+    assert "damaged" in error_line(r) and not marker.exists()
+
+
+# --- exact resume with dropout ----------------------------------------------------------------------------------
+
+def test_resume_with_dropout_continues_the_same_curve(tmp_path):
+    """Before the fix steps 4-6 differed: the RNG state was restored, then measuring the MFU peak drew from it."""
+    data = make_byte_dataset(tmp_path)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    over = {"model.dropout": 0.2, "logging.peak_tflops": 0.0}  # 0: measure the peak (torch.randn) at start-up
+    run_distributed(run_configs, 1, [small_sets(data, a, **over), small_sets(data, b, **over)], timeout=300)
+    with open(os.path.join(b, "latest"), "w") as f:
+        f.write("step00000003")
+    run_distributed(run_configs, 1, [small_sets(data, b, **over)], timeout=300)
+    assert_close_curves(losses(a), losses(b), rtol=1e-6, steps=[4, 5, 6])
+    assert_close_curves(losses(a, "eval"), losses(b, "eval"), rtol=1e-6, steps=[6])
+
+
+# --- non-finite steps -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_nan_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, zero):
+    data = make_byte_dataset(tmp_path)
+    ck = str(tmp_path / "ck")
+    over = {"parallel.zero_stage": zero, "checkpoint.interval": 1, "train.eval_interval": 0, "train.max_steps": 4}
+    r = pretrain(data, ck, env={"MEGATRAIN_FAULTS": "nan_loss@step=3"}, **over)
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = rows(ck, "skipped")
+    assert [s["step"] for s in skipped] == [3] and skipped[0]["skipped_steps"] == 1
+    w2, w3, w4 = (weights(ck, f"step0000000{s}") for s in (2, 3, 4))
+    for name in w2:  # step 3 changed nothing; step 4 trained
+        assert torch.equal(w2[name], w3[name]), name
+    assert any(not torch.equal(w3[n], w4[n]) for n in w3)
+    assert np.isfinite(losses(ck)[4])
+    # two in a row with train.max_bad_steps=2: one line naming the step and the last complete checkpoint
+    ck2 = str(tmp_path / "ck2")
+    r = pretrain(data, ck2, env={"MEGATRAIN_FAULTS": "nan_loss@step=3,inf_grad@step=4"},
+                 **dict(over, **{"train.max_bad_steps": 2, "train.max_steps": 6}))
+    line = error_line(r)
+    assert line.startswith("megatrain pretrain: error: step 4: 2 steps in a row had a non-finite loss"), line
+    assert f"last complete checkpoint: {ck2}/step00000003" in line, line  # (step 3 saved its unchanged weights)
+
+
+# --- one run per checkpoint directory ---------------------------------------------------------------------------
+
+def test_a_second_run_on_a_live_runs_directory_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    data = make_byte_dataset(tmp_path)
+    ck = str(tmp_path / "ck")
+    args = set_args(small_sets(data, ck, **{"train.max_steps": 10000, "checkpoint.interval": 5,
+                                            "train.eval_interval": 0}))
+    first = subprocess.Popen([sys.executable, "-m", "megatrain.cli", "pretrain", "--config", "tiny", *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not os.path.isfile(os.path.join(ck, "latest")):
+            assert first.poll() is None and time.time() < deadline, "the first run did not save"
+            time.sleep(0.5)
+        t0 = time.time()
+        second = pretrain(data, ck, **{"train.max_steps": 3})
+        line = error_line(second)
+        assert time.time() - t0 < 60
+        assert f"checkpoint.dir {ck} is in use by another run (host " in line and f"pid {first.pid}," in line, line
+        steps_before = len(rows(ck, "train"))
+        time.sleep(3)
+        assert first.poll() is None and len(rows(ck, "train")) > steps_before  # the first run goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    latest = open(os.path.join(ck, "latest")).read()
+    step = int(latest[4:])
+    third = pretrain(data, ck, **{"train.max_steps": step + 2})
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"took over the lock of a run that is gone (host {os.uname().nodename}, pid {first.pid}," in third.stdout
+    assert f"resumed from {ck}/{latest} at step {step}" in third.stdout
+
+
+# --- a full disk ------------------------------------------------------------------------------------------------
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_full_disk_during_a_save_stops_cleanly_and_the_rerun_resumes(tmp_path):
+    """On a real 2.5 MiB tmpfs (in a private mount namespace, `unshare -rm`) when the machine allows one: the
+    step-3 checkpoint fits, the step-6 one does not. Else the write path is made to fail with ENOSPC (faults)."""
+    data = make_byte_dataset(tmp_path)
+    over = {"train.eval_interval": 0, "checkpoint.keep_last": 1}
+    if shutil.which("unshare") and _can_mount_tmpfs():
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ck = str(mnt / "ck")
+        args = " ".join(f"'{a}'" for a in ["pretrain", "--config", "tiny", *set_args(small_sets(data, ck, **over))])
+        script = (f"mount -t tmpfs -o size=2560k tmpfs {mnt} || exit 9; cd {os.getcwd()}; "
+                  f"{sys.executable} -m megatrain.cli {args}; echo rc=$? >> {tmp_path}/rcs; "
+                  f"ls {ck} > {tmp_path}/after_fail; cat {ck}/latest > {tmp_path}/latest_after_fail; "
+                  f"mount -o remount,size=64m {mnt}; "
+                  f"{sys.executable} -m megatrain.cli {args}; echo rc=$? >> {tmp_path}/rcs; cp {ck}/metrics.jsonl {tmp_path}/")
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+        how = "a 2.5 MiB tmpfs"
+        metrics = str(tmp_path)
+    else:
+        ck = str(tmp_path / "ck")
+        r = pretrain(data, ck, env={"MEGATRAIN_FAULTS": "enospc@step=6"}, **over)
+        (tmp_path / "rcs").write_text(f"rc={r.returncode}\n")
+        (tmp_path / "after_fail").write_text("\n".join(os.listdir(ck)))
+        (tmp_path / "latest_after_fail").write_text(open(os.path.join(ck, "latest")).read())
+        r2 = pretrain(data, ck, **over)
+        (tmp_path / "rcs").write_text(f"rc={r.returncode}\nrc={r2.returncode}\n")
+        how, metrics = "an injected ENOSPC", ck
+    print(f"full disk made with {how}")
+    rcs = (tmp_path / "rcs").read_text().split()
+    assert rcs == ["rc=1", "rc=0"], (rcs, r.stdout[-2000:], r.stderr[-3000:])
+    lines = [x for x in r.stderr.splitlines() if x.startswith("megatrain pretrain: error:")]
+    assert len(lines) >= 1 and "saving checkpoint step00000006 in" in lines[0], r.stderr[-3000:]
+    assert "latest still names step00000003" in lines[0] and "bytes are free there" in lines[0], lines[0]
+    assert (tmp_path / "latest_after_fail").read_text() == "step00000003"
+    assert "step00000006" not in (tmp_path / "after_fail").read_text().split()  # nothing partial left
+    resumed = [json.loads(x) for x in open(os.path.join(metrics, "metrics.jsonl"))]
+    assert [x["step"] for x in resumed if x.get("kind", "train") == "train"][-3:] == [4, 5, 6]
+
+
+# --- several ranks (slow tier) ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_on_two_ranks_a_fault_on_one_rank_skips_the_same_step_everywhere(tmp_path, monkeypatch):
+    """A NaN loss on rank 1 only (ZeRO-0, -2, -3), an inf gradient on rank 1 only (ZeRO-2): both ranks skip step 3
+    (the weights of step 3 equal those of step 2), count it, and go on training."""
+    data = make_byte_dataset(tmp_path)
+    monkeypatch.setenv("MEGATRAIN_FAULTS", "nan_loss@step=3@rank=1,inf_grad@step=3@rank=1")
+    runs = {z: str(tmp_path / f"z{z}") for z in (0, 2, 3)}
+    run_distributed(run_configs, 2, [small_sets(data, d, **{"parallel.zero_stage": z, "checkpoint.interval": 1,
+                                                            "train.eval_interval": 0, "train.max_steps": 4})
+                                     for z, d in runs.items()], timeout=600)
+    for z, ck in runs.items():
+        assert [s["step"] for s in rows(ck, "skipped")] == [3], z
+        w2, w3, w4 = (weights(ck, f"step0000000{s}") for s in (2, 3, 4))
+        assert all(torch.equal(w2[n], w3[n]) for n in w2), z
+        assert any(not torch.equal(w3[n], w4[n]) for n in w3) and np.isfinite(losses(ck)[4]), z
+
+
+@pytest.mark.slow
+def test_on_two_ranks_resume_with_dropout_is_exact_and_each_data_parallel_rank_has_its_own_masks(tmp_path):
+    data = make_byte_dataset(tmp_path)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    over = {"model.dropout": 0.2, "logging.peak_tflops": 0.0, "parallel.zero_stage": 2}
+    run_distributed(run_configs, 2, [small_sets(data, a, **over), small_sets(data, b, **over)], timeout=600)
+    with open(os.path.join(b, "latest"), "w") as f:
+        f.write("step00000003")
+    run_distributed(run_configs, 2, [small_sets(data, b, **over)], timeout=600)
+    assert_close_curves(losses(a), losses(b), rtol=1e-6, steps=[4, 5, 6])
+    r0, r1 = (torch.load(os.path.join(a, "step00000003", f"rng_rank{r}.pt"), weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["torch"], r1["torch"])  # before the fix every rank drew the same dropout masks
