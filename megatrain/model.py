@@ -72,7 +72,13 @@ def fused_kernels_enabled(setting: str) -> bool:
 
     if setting == "off":
         return False
-    kernels.notice_if_missing()  # auto or on without the extension: say once that the reference runs
+    if setting == "on" and not kernels.built():
+        from megatrain.config import ConfigError
+
+        raise ConfigError(f"config key model.fused_kernels: 'on', but megatrain's extension is not built "
+                          f"({kernels.load_error()}); rebuild it (pip install -e .), or set auto (the PyTorch "
+                          f"reference where it is missing) or off")
+    kernels.notice_if_missing()  # auto without the extension: say once that the reference runs
     return kernels.built()
 
 

@@ -142,6 +142,29 @@ def test_linear_cross_entropy_parity(chunk):
     _compare(lambda a, b, c: ops.linear_cross_entropy(a, b, c, chunk=chunk), reference.linear_cross_entropy, (h, w, y), torch.float32)
 
 
+@pytest.mark.skipif(not kernels.built(), reason="megatrain._C not built")
+def test_fused_cross_entropy_refuses_a_label_outside_the_vocabulary():
+    """Before, the fused kernels read such a label as a zero logit and returned a finite loss."""
+    logits, hidden, weight = torch.randn(4, 10), torch.randn(4, 8), torch.randn(10, 8)
+    for labels in ([1, 2, 10, 3], [1, -5, 2, 3]):
+        with pytest.raises(RuntimeError, match=r"a label outside the vocabulary \[0, 10\)"):
+            ops.cross_entropy(logits, torch.tensor(labels))
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            ops.linear_cross_entropy(hidden, weight, torch.tensor(labels))
+    ops.cross_entropy(logits, torch.tensor([1, 2, -100, 9]))  # ignore_index and the last id are fine
+
+
+def test_fused_kernels_on_without_the_extension_is_refused(monkeypatch):
+    """model.fused_kernels: on means on: without megatrain._C it stops (before, it fell back to the reference)."""
+    from megatrain.config import ConfigError, ModelConfig
+    from megatrain.model import Transformer
+
+    monkeypatch.setattr(kernels, "_LOAD_ERROR", ImportError("megatrain._C: cannot open shared object file"))
+    with pytest.raises(ConfigError, match="model.fused_kernels: 'on', but megatrain's extension is not built"):
+        Transformer(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2, fused_kernels="on"))
+    Transformer(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2, fused_kernels="auto"))  # the reference
+
+
 def test_gradcheck_float64():
     from megatrain.model import rope_tables
 

@@ -31,6 +31,11 @@ def built() -> bool:
     return _LOAD_ERROR is None
 
 
+def load_error() -> str | None:
+    """Why megatrain._C did not load (None when it did)."""
+    return None if _LOAD_ERROR is None else str(_LOAD_ERROR)
+
+
 def cuda_built() -> bool:
     return built() and torch._C._dispatch_has_kernel_for_dispatch_key("megatrain::rms_norm_fwd", "CUDA")
 

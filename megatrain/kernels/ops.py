@@ -153,11 +153,21 @@ class _CrossEntropy(torch.autograd.Function):
         return d, None, None, None, None, None
 
 
+def _check_labels(labels, vocab: int, ignore_index: int) -> None:
+    """A label outside [0, vocab) (other than ignore_index) would read as a zero logit here: refuse it. Asserted on
+    the device (no host sync on GPU, where it stops the kernel stream; an immediate error on CPU)."""
+    ok = ((labels >= 0) & (labels < vocab)) | (labels == ignore_index)
+    torch._assert_async(ok.all(), f"cross-entropy: a label outside the vocabulary [0, {vocab}) (the data's token ids "
+                                  f"exceed model.vocab_size?)")
+
+
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
                   group=None, inplace_backward: bool = False):
     """Fused softmax cross-entropy; with `group`, over logits split along the vocabulary across it.
     inplace_backward=True lets the backward overwrite the logits (only when nothing else needs them)."""
     rows = _rows(logits)
+    if group is not None or use_fused(logits):  # the plain cross-entropy checks its labels itself
+        _check_labels(labels, logits.shape[-1] * (dist.get_world_size(group) if group is not None else 1), ignore_index)
     if not use_fused(logits) or not rows.is_contiguous():
         if group is not None and dist.get_world_size(group) > 1:
             from megatrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
@@ -212,4 +222,5 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = IGNORE_INDE
     """Cross-entropy of hidden @ weight.T against labels without materialising the full logits."""
     if not use_fused(hidden):
         return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, label_smoothing)
+    _check_labels(labels, weight.shape[0], ignore_index)
     return _LinearCrossEntropy.apply(_rows(hidden), weight, labels.reshape(-1), ignore_index, label_smoothing, chunk)
