@@ -154,17 +154,6 @@ def test_fused_cross_entropy_refuses_a_label_outside_the_vocabulary():
     ops.cross_entropy(logits, torch.tensor([1, 2, -100, 9]))  # ignore_index and the last id are fine
 
 
-def test_fused_kernels_on_without_the_extension_is_refused(monkeypatch):
-    """model.fused_kernels: on means on: without megatrain._C it stops (before, it fell back to the reference)."""
-    from megatrain.config import ConfigError, ModelConfig
-    from megatrain.model import Transformer
-
-    monkeypatch.setattr(kernels, "_LOAD_ERROR", ImportError("megatrain._C: cannot open shared object file"))
-    with pytest.raises(ConfigError, match="model.fused_kernels: 'on', but megatrain's extension is not built"):
-        Transformer(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2, fused_kernels="on"))
-    Transformer(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2, fused_kernels="auto"))  # the reference
-
-
 def test_gradcheck_float64():
     from megatrain.model import rope_tables
 
@@ -229,7 +218,7 @@ def test_training_losses_equal_with_fused_kernels_on_and_off(tmp_path):
     assert_close_curves(losses(off), losses(on), rtol=1e-5)
 
 
-def test_check_cli_and_reference_fallback():
+def test_check_cli_and_reference_fallback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "cpu: implementation cpu" in r.stdout and r.stdout.count("parity ok") == 7
@@ -237,11 +226,19 @@ def test_check_cli_and_reference_fallback():
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "implementation reference (" in r.stdout and "MEGATRAIN_DISABLE_KERNELS" in r.stdout
     code = ("import torch; from megatrain.config import ModelConfig; from megatrain.model import Transformer; "
-            "m = Transformer(ModelConfig(vocab_size=50, fused_kernels='on')); x = torch.randint(0, 50, (2, 9)); "
+            "m = Transformer(ModelConfig(vocab_size=50, fused_kernels='auto')); x = torch.randint(0, 50, (2, 9)); "
             "l = m(x[:, :-1], x[:, 1:]); l.backward(); print('trained', m.fused, round(l.item(), 3))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "trained False" in r.stdout, r.stderr
     assert r.stderr.count("fused kernels requested but not built") == 1
+    # `on` means on: without the extension it stops in one line (before, it fell back to the reference too)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "megatrain.cli", "pretrain", "--config", "tiny", "--set",
+                        "model.fused_kernels=on", "--set", "train.max_steps=1", "--set", f"checkpoint.dir={out}"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert not out.exists()  # nothing left behind
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "megatrain pretrain: error: config key model.fused_kernels: 'on', but megatrain's extension is not built"), r.stderr
 
 
 @GPU

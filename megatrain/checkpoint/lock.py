@@ -19,6 +19,7 @@ from megatrain.config import ConfigError
 
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # directory (real path) -> descriptor, for the locks this process holds
+_created: set[str] = set()  # the directories acquire() made (removed again if the run wrote nothing else there)
 
 
 def _describe(info: dict) -> str:
@@ -29,10 +30,12 @@ def _describe(info: dict) -> str:
 def acquire(ckpt_dir: str, command: str = "run") -> str | None:
     """Lock ckpt_dir for this process (again: a no-op). Returns a line to print when a stale lock was taken over."""
     try:
-        os.makedirs(ckpt_dir, exist_ok=True)
         key = os.path.realpath(ckpt_dir)
         if key in _held:
             return None
+        if not os.path.isdir(ckpt_dir):
+            os.makedirs(ckpt_dir)
+            _created.add(key)
         fd = os.open(os.path.join(ckpt_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise ConfigError(f"config key checkpoint.dir: cannot write in {ckpt_dir} ({e.strerror}); choose a directory "
@@ -62,10 +65,13 @@ def acquire(ckpt_dir: str, command: str = "run") -> str | None:
 
 def release_all() -> None:
     """On a normal exit: empty the file (a lock file with contents is the mark of a run that died) and unlock."""
-    for fd in _held.values():
+    for key, fd in _held.items():
         try:
             os.ftruncate(fd, 0)
             os.close(fd)
+            if key in _created and os.listdir(key) == [LOCK_FILE]:  # a run that stopped before writing anything
+                os.remove(os.path.join(key, LOCK_FILE))
+                os.rmdir(key)
         except OSError:
             pass
     _held.clear()
