@@ -108,6 +108,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # with tp > 1: norms/dropout on sequence shards, reduce-scatter/all-gather
     partition_activations: bool = False  # with activation checkpointing and tp > 1: split saved inputs over TP ranks
     drift_check_interval: int = 100  # compare TP-replicated weights (norms, biases) across TP ranks every N steps; 0: off
+    timeout_minutes: float = 10.0  # a collective that waits longer than this fails (a lost rank, a hung peer); DeepSpeed: 30
 
 
 @dataclass
@@ -387,6 +388,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key train.warmup_steps: must be at least 0, got {t.warmup_steps}")
+    if not p.timeout_minutes > 0:
+        raise ConfigError(f"config key parallel.timeout_minutes: must be above 0, got {p.timeout_minutes}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"config key train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     f = cfg.finetune

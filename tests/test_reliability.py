@@ -250,3 +250,74 @@ def test_on_two_ranks_resume_with_dropout_is_exact_and_each_data_parallel_rank_h
     assert_close_curves(losses(a), losses(b), rtol=1e-6, steps=[4, 5, 6])
     r0, r1 = (torch.load(os.path.join(a, "step00000003", f"rng_rank{r}.pt"), weights_only=True) for r in (0, 1))
     assert not torch.equal(r0["torch"], r1["torch"])  # before the fix every rank drew the same dropout masks
+
+
+def _environ(pid: int) -> dict:
+    raw = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
+
+
+def _start_two_ranks(how: str, data: str, ck: str, env: dict) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """A 2-rank tiny run under torchrun, or launched bare as srun would (SLURM_* variables, no launcher watching).
+    Returns (the process to wait for, the two rank processes)."""
+    from megatrain.training.dist_env import free_port
+
+    args = ["--config", "tiny", *set_args(small_sets(data, ck, **{"train.max_steps": 10000, "checkpoint.interval": 20,
+                                                                  "train.eval_interval": 0,
+                                                                  "parallel.timeout_minutes": 2}))]
+    port = str(free_port())
+    if how == "torchrun":
+        top = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                port, "-m", "megatrain.pretrain", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **env), start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            kids = subprocess.run(["pgrep", "-P", str(top.pid)], capture_output=True, text=True).stdout.split()
+            if len(kids) == 2 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        ranks = sorted((int(_environ(int(k)).get("RANK", -1)), int(k)) for k in kids)
+        return top, [type("P", (), {"pid": pid})() for _, pid in ranks]
+    procs = [subprocess.Popen([sys.executable, "-m", "megatrain.pretrain", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)) for r in range(2)]
+    return procs[0], procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["torchrun", "bare"])
+def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, how):
+    """Every rank of the job exits non-zero within a minute (not DeepSpeed's 30-minute collective timeout), under
+    torchrun and with no launcher watching (as under srun): first a rank that raises at step 3, then a rank killed
+    with SIGKILL mid-run; the survivor says in one line that it lost the other ranks; the rerun resumes."""
+    data = make_byte_dataset(tmp_path)
+    for fault in ("raise", "kill"):
+        ck = str(tmp_path / f"{how}-{fault}")
+        top, ranks = _start_two_ranks(how, data, ck, {"MEGATRAIN_FAULTS": "raise@step=3@rank=1"} if fault == "raise" else {})
+        try:
+            if fault == "kill":
+                deadline = time.time() + 180
+                while not os.path.isfile(os.path.join(ck, "latest")):
+                    assert time.time() < deadline, "no checkpoint was saved"
+                    time.sleep(0.2)
+                os.kill(ranks[1].pid, signal.SIGKILL)
+            t0 = time.time()
+            out, _ = top.communicate(timeout=120)
+            waited = time.time() - t0
+        finally:
+            for p in ranks + [top]:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        print(f"{how}/{fault}: every rank gone {waited:.1f} s after the fault")
+        assert top.returncode != 0 and waited < 60, (how, fault, waited, out[-3000:])
+        if how == "bare":
+            assert all(p.wait(30) != 0 for p in ranks)
+            assert "megatrain pretrain: error: rank 0 lost contact with the other ranks at step" in out, out[-3000:]
+        if fault == "kill":  # the rerun resumes from the last complete checkpoint
+            step = int(open(os.path.join(ck, "latest")).read()[4:])
+            run_distributed(run_configs, 2, [small_sets(data, ck, **{"train.max_steps": step + 1, "checkpoint.interval": 20,
+                                                                     "train.eval_interval": 0})], timeout=300)
+            assert step + 1 in losses(ck)

@@ -244,6 +244,24 @@ def harden(engine) -> None:
     engine._copy_recovery_script = copy_recovery_script
 
 
+def _latest_from_rank0(ckpt_dir: str) -> str | None:
+    """`latest` as rank 0 reads it, on every rank (ranks on a network filesystem can see different versions of a
+    file just replaced); its error, if any, raised on every rank (said once, by rank 0)."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("tag", read_latest(ckpt_dir))]
+        except ConfigError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        e = ConfigError(value)
+        e.quiet = dist.get_rank() != 0
+        raise e
+    return value
+
+
 def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     """Load checkpoint.dir/latest if there is one; returns megatrain's saved state (step, samples) and, under "rng",
     this rank's saved RNG states (the caller restores them last, right before the first step: anything drawn from
@@ -251,7 +269,7 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     ckpt_dir = cfg.checkpoint.dir
     if not cfg.checkpoint.resume:
         return None
-    tag = read_latest(ckpt_dir)
+    tag = _latest_from_rank0(ckpt_dir)
     if tag is None:
         return None
     with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:

@@ -61,8 +61,11 @@ def export(info: RankInfo) -> None:
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
 
 
-def init_distributed() -> RankInfo:
-    """Discover the rank, pick the accelerator's backend (nccl on GPU, gloo on CPU) and initialise."""
+def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
+    """Discover the rank, pick the accelerator's backend (nccl on GPU, gloo on CPU) and initialise; a collective
+    that waits longer than timeout_minutes fails instead of hanging (a lost rank)."""
+    import datetime
+
     info = discover()
     export(info)
     import warnings
@@ -83,7 +86,7 @@ def init_distributed() -> RankInfo:
     if acc.device_name() == "cuda":
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
-                               verbose=False)
+                               verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     return info
 
 

@@ -256,6 +256,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
             if interval and state.step % interval == 0 and state.step < t.max_steps:
                 run.save(engine, state, extra())
                 last_saved = state.step
+            if faults.fires("raise", state.step):
+                raise RuntimeError(f"injected fault at step {state.step} (MEGATRAIN_FAULTS)")
             why = stop.reason(engine.device)
             if why:
                 if last_saved != state.step:
@@ -267,7 +269,22 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
                 return state
         if last_saved != state.step:
             run.save(engine, state, extra())
+    except RuntimeError as e:  # torch's DistBackendError is one
+        if not _lost_peer(e):
+            raise
+        latest = read_latest(cfg.checkpoint.dir)
+        where = f"{cfg.checkpoint.dir}/{latest}" if latest else "the start (nothing saved yet)"
+        raise RunStopped(f"rank {run.rank} lost contact with the other ranks at step {state.step} "
+                         f"({str(e).strip().splitlines()[0][:160]}): another rank died or hung, so this one stops too "
+                         f"(the launcher's log names it); rerun to resume from {where}") from None
     finally:
         logger.close()
     return state
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective that failed because a peer went away (gloo/NCCL connection errors, parallel.timeout_minutes)."""
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "timed out", "Timed out", "NCCL communicator was aborted", "Connection refused"))
 

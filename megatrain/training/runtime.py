@@ -63,7 +63,7 @@ class Run:
             took_over = acquire(cfg.checkpoint.dir)
             if took_over:
                 print(took_over, flush=True)
-        info = init_distributed()
+        info = init_distributed(cfg.parallel.timeout_minutes)
         grad_accum = validate_world(cfg, dist.get_world_size())
         return cls(cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum, resolve_precision(cfg))
 
