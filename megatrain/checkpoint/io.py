@@ -188,14 +188,18 @@ def _fmt(layout: dict) -> str:
 def safe_globals() -> list:
     """What a DeepSpeed rank file may hold beyond tensors and containers: three of DeepSpeed's record classes (a loss
     scaler, the ZeRO stage, a fragment address) and numpy scalars. Nothing else is unpickled: no code runs."""
-    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    return [LossScaler, ZeroStageEnum, fragment_address, *numpy_scalars()]
+
+
+def numpy_scalars() -> list:
+    """numpy scalars (a metric in a client state, as older checkpoints have): data, safe to allow."""
     core = getattr(np, "_core", None) or np.core
     dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType") if hasattr(np, "dtypes")]
-    return [LossScaler, ZeroStageEnum, fragment_address, core.multiarray.scalar, np.dtype, *dtypes]
+    return [core.multiarray.scalar, np.dtype, *dtypes]
 
 
 def load_rank_file(path: str, map_location=None):

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from megatrain.checkpoint.io import STATE_FILE, read_latest
+from megatrain.checkpoint.io import STATE_FILE, numpy_scalars, read_latest
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
@@ -80,22 +80,13 @@ _DEEPSPEED_RECORDS = [(_Record, "deepspeed.runtime.fp16.loss_scaler.LossScaler")
                       (_Record, "deepspeed.utils.tensor_fragment.fragment_address")]
 
 
-def _numpy_scalars() -> list:
-    """numpy scalars (a metric in a client state, as older checkpoints have): data, safe to allow."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray.scalar, np.dtype, *(getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType",
-                                                                               "Int64DType") if hasattr(np, "dtypes"))]
-
-
 def _load_meta(path: str):
     """A rank file's structure, its tensors on the meta device (each knows its byte offset in the file): no tensor
     data is read."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: rank file missing")
     try:
-        with torch.serialization.safe_globals(_DEEPSPEED_RECORDS + _numpy_scalars()):
+        with torch.serialization.safe_globals(_DEEPSPEED_RECORDS + numpy_scalars()):
             return torch.load(path, map_location="meta", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a class outside the allow-list
         why = str(e).splitlines()[0][:200]
