@@ -38,7 +38,7 @@ def read_runs(run_dir: str) -> dict:
             kind = row.get("kind", "train")
             if kind in ("train", "eval"):
                 out[kind][row["step"]] = row  # a resumed run re-logs the steps after its checkpoint: the later wins
-            elif kind == "stop":
+            elif kind in ("stop", "resume") and row["step"] not in out["stops"]:
                 out["stops"].append(row["step"])
     state = _saved_config(run_dir)
     if state and state.get("finetune", {}).get("task"):
@@ -127,7 +127,7 @@ def plot(run_dirs: list[str], metrics: list[str] | None = None, output: str = "c
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     if any(run["stops"] for run in runs.values()):
-        fig.text(0.01, 0.01, "dotted: stopped (checkpoint saved) and resumed", fontsize=8)
+        fig.text(0.01, 0.01, "dotted: where a run stopped or resumed", fontsize=8)
     fig.tight_layout()
     from megatrain.fileio import atomic_path
 

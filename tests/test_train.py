@@ -34,6 +34,8 @@ def test_single_rank_trains_saves_resumes_and_generates(tmp_path):
     _rewind_latest(b, 3)
     run_distributed(run_configs, 1, [small_sets(data, b)], timeout=300)
     assert_close_curves(full, losses(b), rtol=1e-6, steps=[4, 5, 6])
+    marks = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl")) if '"resume"' in x]
+    assert marks == [{"step": 3, "kind": "resume"}]  # where megatrain plot draws the resume
     # generation from the checkpoint in this (non-distributed) process, with the KV cache
     from megatrain.generate import generate, load_model
 

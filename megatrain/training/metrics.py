@@ -72,6 +72,8 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if start_step > 0:  # where a resumed run picks up (megatrain plot marks it)
+            self.jsonl.write(json.dumps({"step": start_step, "kind": "resume"}) + "\n")
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
