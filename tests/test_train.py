@@ -108,6 +108,21 @@ def test_mlm_objective_trains_and_logs_everywhere(tmp_path, monkeypatch):
     assert r.returncode == 1 and "generate needs a causal LM checkpoint" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
+def test_wandb_keeps_one_run_across_restarts(tmp_path, monkeypatch):
+    """A resumed or requeued run logs into the same W&B run (before, every start made a new one)."""
+    from megatrain.config import load_config
+    from megatrain.training.metrics import MetricsLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config("tiny", [f"checkpoint.dir={tmp_path}", "logging.wandb=true", "logging.tensorboard=false"])
+    ids = []
+    for start in (0, 5):
+        logger = MetricsLogger(cfg, str(tmp_path), 10, start, enabled=True)
+        ids.append(logger.wandb.id)
+        logger.close()
+    assert ids[0] == ids[1] == open(tmp_path / "wandb_id").read()
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_at_every_zero_stage(tmp_path):
     """Same global batch, fp32: the per-step losses of 2 ranks equal 1 rank's for ZeRO 1/2/3 (to 1e-5);

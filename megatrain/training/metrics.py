@@ -61,6 +61,20 @@ def peak_tflops(cfg: Config) -> tuple[float, str]:
     return measured_matmul_tflops(), "measured fp32 torch.mm"
 
 
+def _wandb_id(run_dir: str) -> str:
+    """One W&B run for one checkpoint.dir, across resumes and requeues: its id is kept in run_dir/wandb_id."""
+    import secrets
+
+    from megatrain.fileio import write_atomic
+
+    path = os.path.join(run_dir, "wandb_id")
+    if os.path.isfile(path):
+        return open(path).read().strip()
+    run_id = secrets.token_hex(6)  # W&B ids are lowercase letters and digits
+    write_atomic(path, run_id)
+    return run_id
+
+
 class MetricsLogger:
     """Rank 0 only: a console line, metrics.jsonl, TensorBoard and wandb, every log_interval steps."""
 
@@ -83,7 +97,7 @@ class MetricsLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode,
-                                    dir=run_dir, config=cfg.to_dict(), resume="allow")
+                                    dir=run_dir, config=cfg.to_dict(), id=_wandb_id(run_dir), resume="allow")
         show = cfg.logging.progress_bar
         if show == "on" or (show == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
