@@ -115,6 +115,15 @@ def test_resume_with_dropout_continues_the_same_curve(tmp_path):
     assert_close_curves(losses(a, "eval"), losses(b, "eval"), rtol=1e-6, steps=[6])
 
 
+def test_continuing_with_another_seed_is_refused(tmp_path):
+    """The seed orders the data: a resumed run with another one would serve samples again and skip others."""
+    data = make_byte_dataset(tmp_path)
+    ck = str(tmp_path / "ck")
+    assert pretrain(data, ck, **{"train.max_steps": 2, "train.eval_interval": 0}).returncode == 0
+    line = error_line(pretrain(data, ck, **{"train.max_steps": 4, "train.seed": 99}))
+    assert "checkpoint has train.seed=1234 but this run has 99" in line, line
+
+
 # --- non-finite steps -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("zero", [0, 2])

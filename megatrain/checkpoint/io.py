@@ -168,6 +168,10 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
             if getattr(then, k) != v:
                 raise ConfigError(f"{where}: checkpoint has {section}.{k}={getattr(then, k)!r} but this run has {v!r}; "
                                   f"use the same value, or a new checkpoint.dir")
+    if saved_cfg.train.seed != cfg.train.seed:
+        raise ConfigError(f"{where}: checkpoint has train.seed={saved_cfg.train.seed} but this run has "
+                          f"{cfg.train.seed}; the seed orders the data, so a new one would serve samples again and skip "
+                          f"others: keep it, or start a new checkpoint.dir")
     if saved_cfg.train.global_batch_size != cfg.train.global_batch_size:
         raise ConfigError(f"{where}: checkpoint has train.global_batch_size={saved_cfg.train.global_batch_size} but "
                           f"this run has {cfg.train.global_batch_size}; use the same value to continue the same run")

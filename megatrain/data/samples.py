@@ -5,8 +5,9 @@ split, each epoch in its own shuffled order; samples run across document boundar
 samples overlap by one token (the last input's target). Three indices define the stream:
 
     doc_order    int64[epochs * n_docs]   document ids in stream order (each epoch shuffled)
-    sample_idx   int64[n_samples + 1, 2]  (position in doc_order, token offset) where sample i starts
-    shuffle_idx  int64[n_samples]         the order samples are served in
+    sample_idx   int64[S + 1, 2]          (position in doc_order, token offset) where sample i starts, for the
+                                          S samples of the whole epochs the stream needs
+    shuffle_idx  int64[n_samples]         the order samples are served in: epoch by epoch, each shuffled
 
 All three are built with vectorised numpy (no Python loop per sample or document), saved next to the
 data under a hash of everything that shapes them, built by one rank while the others wait, and
@@ -27,7 +28,7 @@ import numpy as np
 from megatrain.data.indexed import IndexedDataset
 from megatrain.fileio import atomic_path, write_atomic
 
-INDEX_VERSION = 1  # bump when the index construction changes, to invalidate old caches
+INDEX_VERSION = 2  # bump when the index construction changes, to invalidate old caches
 
 
 class SampleIndexError(ValueError):
@@ -70,14 +71,20 @@ def build_sample_index(doc_sizes: np.ndarray, docs: np.ndarray, seq_len: int, nu
     epochs = max(1, -(-needed // tokens_per_epoch))
     rng = np.random.RandomState(seed % 2**32)
     doc_order = np.concatenate([rng.permutation(docs) for _ in range(epochs)])
+    # Every sample the whole epochs hold: S(e) = (e * tokens_per_epoch - 1) // seq_len start in the first e epochs.
+    bounds = [(e * tokens_per_epoch - 1) // seq_len if e else 0 for e in range(epochs + 1)]
     # End of each document in the stream, then the start of every sample located by binary search.
     ends = np.cumsum(np.asarray(doc_sizes, np.int64)[doc_order])
-    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
+    starts = np.arange(bounds[-1] + 1, dtype=np.int64) * seq_len
     where = np.searchsorted(ends, starts, side="right")
     offset = starts - np.concatenate([[0], ends])[where]
     sample_idx = np.stack([where, offset], axis=1).astype(np.int64)
-    shuffle_idx = np.random.RandomState((seed + 1) % 2**32).permutation(num_samples).astype(np.int64)
-    return SampleIndex(doc_order, sample_idx, shuffle_idx, epochs)
+    # Served order: each epoch's samples shuffled among themselves, by a seed of that epoch, epoch after epoch. Asking
+    # for more samples (a run extended by raising train.max_steps) appends to this order and never reorders what was
+    # served: the continued run serves the rest of the current epoch, then the next.
+    shuffle_idx = np.concatenate([lo + np.random.RandomState((seed + 1 + e) % 2**32).permutation(hi - lo)
+                                  for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])[:num_samples]
+    return SampleIndex(doc_order, sample_idx, shuffle_idx.astype(np.int64), epochs)
 
 
 class GPTSampleDataset:
