@@ -31,10 +31,11 @@ def user_error_types() -> tuple[type, ...]:
     """Exceptions that mean 'bad input', reported as one line rather than a traceback."""
     from megatrain.config import ConfigError, RunStopped  # CheckpointError is a ConfigError
     from megatrain.data import IndexedDatasetError, InputError, SampleIndexError, TokenizerError
+    from megatrain.fileio import BadFileError
     from megatrain.launch.hostfile import HostfileError
     from megatrain.launch.multinode import LaunchError
 
-    return (LaunchError, HostfileError, ConfigError, RunStopped, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
+    return (LaunchError, HostfileError, ConfigError, RunStopped, BadFileError, IndexedDatasetError, InputError, SampleIndexError, TokenizerError, FileNotFoundError, IndexError)
 
 
 def main(argv: list[str] | None = None) -> int:

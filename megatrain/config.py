@@ -301,6 +301,20 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | None = "tiny", sets: list[str] | None = None) -> Config:
     """Defaults <- preset/YAML file <- `--set` overrides, then validate. `cfg.explicit` holds the keys the file or
     the command line set (a checkpoint's model may not be contradicted by them)."""
@@ -309,7 +323,7 @@ def load_config(path: str | None = "tiny", sets: list[str] | None = None) -> Con
     if path:
         p = resolve_preset(path)
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(), Loader=_UniqueKeys) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         flat = _flatten(tree, str(p))
@@ -390,6 +404,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.warmup_steps: must be at least 0, got {t.warmup_steps}")
     if not p.timeout_minutes > 0:
         raise ConfigError(f"config key parallel.timeout_minutes: must be above 0, got {p.timeout_minutes}")
+    nonnegative = {"train.lr": t.lr, "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay,
+                   "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.eval_iters":
+                   t.eval_iters, "checkpoint.interval": cfg.checkpoint.interval,
+                   "checkpoint.keep_last": cfg.checkpoint.keep_last, "train.exit_duration_minutes":
+                   t.exit_duration_minutes, "parallel.drift_check_interval": p.drift_check_interval}
+    for k, v in nonnegative.items():
+        if not v >= 0:
+            raise ConfigError(f"config key {k}: must be at least 0, got {v}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"config key train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     f = cfg.finetune

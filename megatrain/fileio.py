@@ -2,9 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
-from typing import Iterator
+from typing import Any, Iterator
+
+
+class BadFileError(ValueError):
+    """A file megatrain reads that is not what it should be; the message names it."""
+
+
+def read_json(path: str | os.PathLike, fix: str = "the file is damaged") -> Any:
+    """json.load, or one line naming the file, what is wrong with it and `fix`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise BadFileError(f"{os.fspath(path)}: not valid JSON ({str(e).splitlines()[0][:120]}); {fix}") from None
 
 
 @contextlib.contextmanager

@@ -88,10 +88,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     from megatrain.data import build_tokenizer
 
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-samples", args.num_samples, 1),
+                             ("--top-k", args.top_k, 0), ("--temperature", args.temperature, 0)):
+        if not value >= low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
     model, saved = load_model(args.checkpoint, args.tag)
     if model.cfg.objective != "causal":
         raise ConfigError("generate needs a causal LM checkpoint (this one was trained with objective=mlm)")
     tok = build_tokenizer(args.tokenizer or saved["config"]["data"]["tokenizer"])
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"--tokenizer {args.tokenizer}: {tok.vocab_size} pieces, more than the model's vocabulary of "
+                          f"{model.cfg.vocab_size}; use the tokenizer the run trained with (the default)")
     ids = tok.encode(args.prompt) if args.prompt else [tok.eod_id]
     if len(ids) >= model.cfg.max_seq_len:
         raise ConfigError(f"--prompt is {len(ids)} tokens; this model reads at most model.max_seq_len="

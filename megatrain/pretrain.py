@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import build_gpt_datasets, build_tokenizer
+from megatrain.fileio import read_json
 from megatrain.training.runtime import log0
 
 
@@ -35,10 +36,19 @@ def check_data_path(cfg: Config) -> None:
 
     if cfg.data.path in (None, "", []):
         return
+    tokenizer = None
     for _, prefix in parse_data_path(cfg.data.path):
         if not dataset_exists(prefix):
             raise ConfigError(f"config key data.path: {prefix}.bin/.idx: no such file; make it with "
                               f"`megatrain preprocess --output-prefix {prefix} ...`, or unset data.path for the built-in corpus")
+        meta_file = f"{prefix}.meta.json"
+        if os.path.isfile(meta_file):  # what preprocess wrote: the tokenizer the ids come from
+            meta = read_json(meta_file, "remake the dataset with `megatrain preprocess`, or remove the file")
+            tokenizer = tokenizer or build_tokenizer(cfg.data.tokenizer)
+            if meta.get("vocab_size") not in (None, tokenizer.vocab_size):
+                raise ConfigError(f"config key data.tokenizer: {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, "
+                                  f"but {prefix} was tokenized with {meta.get('tokenizer')} ({meta['vocab_size']} "
+                                  f"pieces, {meta_file}); set data.tokenizer to the tokenizer the data was made with")
 
 
 def setup_data(cfg: Config):

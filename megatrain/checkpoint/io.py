@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatrain import faults
 from megatrain.config import Config, ConfigError, RunStopped, config_from_dict
-from megatrain.fileio import write_atomic
+from megatrain.fileio import read_json, write_atomic
 
 STATE_FILE = "megatrain.json"
 
@@ -280,8 +280,7 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     tag = _latest_from_rank0(ckpt_dir)
     if tag is None:
         return None
-    with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
-        saved = json.load(f)
+    saved = read_json(os.path.join(ckpt_dir, tag, STATE_FILE), f"point {ckpt_dir}/latest at an earlier complete step")
     check_compatible(cfg, saved, os.path.join(ckpt_dir, tag), layout)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 
 from megatrain.data.indexed import IndexedDataset, bin_path, idx_path
 from megatrain.data.tokenizer import build_tokenizer
+from megatrain.fileio import read_json
 
 
 def _human(n: float) -> str:
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     ds = IndexedDataset(args.prefix)
     meta_file = f"{args.prefix}.meta.json"
-    meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {}
+    meta = read_json(meta_file, "remake it with `megatrain preprocess`, or remove it") if os.path.isfile(meta_file) else {}
     sizes = ds.document_sizes()
     disk = os.path.getsize(bin_path(args.prefix)) + os.path.getsize(idx_path(args.prefix))
     print(f"dataset:    {args.prefix}")

@@ -83,6 +83,12 @@ def preprocess(
     progress: bool | None = None,
 ) -> dict:
     """Tokenise `inputs` into `output_prefix.{bin,idx}` (plus `.meta.json`); returns the summary."""
+    if not os.path.basename(output_prefix) or os.path.isdir(output_prefix):
+        raise InputError(f"--output-prefix {output_prefix!r}: names a directory; give a file prefix P (writes P.bin, "
+                         f"P.idx), e.g. {os.path.join(output_prefix, 'data')}")
+    parent = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(parent):
+        raise InputError(f"--output-prefix {output_prefix!r}: the directory {parent} does not exist")
     paths = expand_inputs(inputs)
     tok = build_tokenizer(tokenizer)
     dtype = np.dtype(token_dtype_for_vocab(tok.vocab_size))
@@ -116,6 +122,9 @@ def preprocess(
                     bar.update(res.nbytes)
                     secs = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix_str(f"{stats['tokens'] / secs:,.0f} tok/s, {stats['documents'] / secs:,.0f} docs/s", refresh=False)
+            if stats["documents"] == 0:  # raised inside the writer: nothing is kept
+                raise InputError(f"{', '.join(paths)}: no documents to write ({stats['bad_lines']:,} bad lines and "
+                                 f"{stats['empty_documents']:,} empty documents skipped); check the files and --json-key")
             meta_tmp = f"{output_prefix}.meta.json.tmp{os.getpid()}"
             stats["seconds"] = round(time.perf_counter() - t0, 3)
             meta = dict(

@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -78,13 +79,23 @@ def iter_record_batches(paths: list[str], json_key: str = "text", batch_size: in
     for path in paths:
         kind = input_kind(path)
         if kind == "jsonl":
-            yield from _jsonl_batches(path, batch_size)
+            yield from _unpacked(path, _jsonl_batches(path, batch_size))
         elif kind == "text":
-            yield from _text_batches(path, batch_size)
+            yield from _unpacked(path, _text_batches(path, batch_size))
         elif kind == "parquet":
             yield from _parquet_batches(path, json_key, batch_size)
         else:
             yield from _datasets_batches(path, json_key, batch_size)
+
+
+def _unpacked(path: str, batches: Iterator[RecordBatch]) -> Iterator[RecordBatch]:
+    """A compressed file that ends early or is not compressed at all: one line naming it."""
+    try:
+        yield from batches
+    except EOFError:
+        raise InputError(f"{path}: the compressed file ends early (truncated?); fetch it again") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(f"{path}: not a valid gzip file ({e}); a .gz name needs gzip data, else rename it") from None
 
 
 def _jsonl_batches(path: str, batch_size: int) -> Iterator[RecordBatch]:

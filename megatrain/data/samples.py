@@ -37,9 +37,12 @@ class SampleIndexError(ValueError):
 
 def parse_split(split: str | Sequence[float]) -> list[float]:
     """'969,30,1' (or [969, 30, 1]) -> train/valid/test fractions that sum to 1."""
-    parts = [float(x) for x in (split.replace("/", ",").split(",") if isinstance(split, str) else split)]
+    try:
+        parts = [float(x) for x in (split.replace("/", ",").split(",") if isinstance(split, str) else split)]
+    except (TypeError, ValueError):
+        parts = []
     if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise SampleIndexError(f"data split {split!r}: give up to three non-negative weights, e.g. '969,30,1'")
+        raise SampleIndexError(f"data.split {split!r}: give up to three non-negative weights, e.g. '969,30,1'")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]
@@ -256,6 +259,8 @@ def parse_data_path(path: str | Sequence) -> list[tuple[float, str]]:
             out.append((float(w), str(p)))
         except (TypeError, ValueError):
             raise SampleIndexError(f"data.path: {w!r} is not a weight; a blend is weight, prefix, weight, prefix, ...") from None
+    if any(not w >= 0 for w, _ in out) or sum(w for w, _ in out) <= 0:
+        raise SampleIndexError(f"data.path: blend weights {[w for w, _ in out]} must be non-negative and not all zero")
     return out
 
 

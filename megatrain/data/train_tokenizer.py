@@ -72,6 +72,9 @@ def train_tokenizer(
                 **SPECIAL,
             )
         except RuntimeError as e:
+            if stats["documents"] == 0:
+                raise InputError(f"{', '.join(paths)}: no text to train on (empty files, or every record "
+                                 f"skipped)") from None
             msg = str(e).splitlines()[0] if str(e) else "sentencepiece failed"
             if "smaller than required" in msg:
                 msg = msg.split("] ")[-1].split(".")[0] + ": raise --vocab-size (byte fallback alone needs 256 + 4 special pieces)"

@@ -235,6 +235,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    for flag, port in (("--master-port", args.master_port), ("--ssh-port", args.ssh_port)):
+        if port is not None and not 1 <= port <= 65535:
+            raise LaunchError(f"{flag} {port}: a TCP port is 1-65535")
     hosts = parse_hostfile(args.hostfile)
     venv = os.path.abspath(args.venv or default_venv())
     entry_args = args.args[1:] if args.args[:1] == ["--"] else args.args

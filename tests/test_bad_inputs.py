@@ -1,0 +1,171 @@
+"""Bad input never ends in a traceback: a table of broken files, values and commands, as a new user would try them.
+Each must exit 1 with exactly one line `megatrain CMD: error: ...` that names the file or key, and leave no output
+behind (README "Failures and recovery")."""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from training_utils import make_byte_dataset, set_args, small_sets
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A byte-level dataset, a 2-step checkpoint, a jsonl corpus, files broken in every way the table needs."""
+    w = tmp_path_factory.mktemp("bad")
+    data = make_byte_dataset(w)
+    ck = str(w / "ck")
+    r = subprocess.run([sys.executable, "-m", "megatrain.cli", "pretrain", "--config", "tiny",
+                        *set_args(small_sets(data, ck, **{"train.max_steps": 2, "train.eval_interval": 0,
+                                                           "checkpoint.interval": 0}))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (w / "good.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(50)))
+    (w / "empty.jsonl").write_text("")
+    (w / "all_blank.jsonl").write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(5)))
+    (w / "latin1.txt").write_bytes("caf\xe9 na\xefve\n".encode("latin-1") * 5)
+    (w / "not_json.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
+    with gzip.open(w / "full.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(200)))
+    raw = (w / "full.jsonl.gz").read_bytes()
+    (w / "truncated.jsonl.gz").write_bytes(raw[: len(raw) // 2])
+    shutil.copy(w / "good.jsonl", w / "plain_named.jsonl.gz")
+    for name in ("trunc", "badidx", "badmeta", "dtype"):
+        for ext in ("bin", "idx", "meta.json"):
+            shutil.copy(f"{data}.{ext}", w / f"{name}.{ext}")
+    with open(w / "trunc.bin", "r+b") as f:
+        f.truncate(os.path.getsize(w / "trunc.bin") // 2)
+    with open(w / "badidx.idx", "r+b") as f:
+        f.write(b"NOTANIDX")
+    (w / "badmeta.meta.json").write_text("{not json")
+    idx = bytearray((w / "dtype.idx").read_bytes())
+    (w / "dtype.idx").write_bytes(bytes(idx))
+    bad_ck = w / "bad_latest"
+    shutil.copytree(ck, bad_ck)
+    (bad_ck / "latest").write_text("step00000099")
+    bad_state = w / "bad_state"
+    shutil.copytree(ck, bad_state)
+    (bad_state / "step00000002" / "megatrain.json").write_text("{oops")
+    trunc_ck = w / "trunc_ck"
+    shutil.copytree(ck, trunc_ck)
+    for f in (trunc_ck / "step00000002").iterdir():
+        if f.name.endswith("model_states.pt"):
+            f.write_bytes(f.read_bytes()[:100])
+    (w / "hosts_bad").write_text("node1 slots=two\n")
+    (w / "hosts_dup").write_text("node1 slots=1\nnode1 slots=1\n")
+    (w / "hosts_ok").write_text("node1 slots=1\nnode2 slots=1\n")
+    (w / "dup_key.yaml").write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    (w / "not_a_dir").write_text("x")
+    # a dataset made with a 400-piece sentencepiece tokenizer (pretrained with data.tokenizer=byte: refused)
+    for argv in (["train-tokenizer", "--input", str(w / "data" / "c.jsonl"), "--vocab-size", "400", "--output", str(w / "sp")],
+                 ["preprocess", "--input", str(w / "good.jsonl"), "--tokenizer", f"sp:{w}/sp/tokenizer.model",
+                  "--output-prefix", str(w / "sp_data")]):
+        r = subprocess.run([sys.executable, "-m", "megatrain.cli", *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return dict(w=str(w), data=data, ck=ck)
+
+
+def _run(argv: list[str], world: dict) -> subprocess.CompletedProcess:
+    argv = [a.format(**world) for a in argv]
+    return subprocess.run([sys.executable, "-m", "megatrain.cli", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=world["w"])
+
+
+def pretrain(*sets, out="{w}/out_run"):
+    """The fixture's small run (its checkpoint's shape), with these --set values last."""
+    base = small_sets("{data}", out, **{"train.max_steps": 2, "train.eval_interval": 0})
+    return ["pretrain", "--config", "tiny", *set_args(base), *[a for s in sets for a in ("--set", s)]]
+
+
+# (id, argv, text the error line must contain, a path that must not exist afterwards or None)
+CASES = [
+    # preprocess
+    ("empty jsonl", ["preprocess", "--input", "{w}/empty.jsonl", "--tokenizer", "byte", "--output-prefix", "{w}/o1"],
+     "empty.jsonl", "{w}/o1.bin"),
+    ("every document empty", ["preprocess", "--input", "{w}/all_blank.jsonl", "--tokenizer", "byte", "--output-prefix",
+                              "{w}/o2"], "no document", "{w}/o2.bin"),
+    ("truncated gzip", ["preprocess", "--input", "{w}/truncated.jsonl.gz", "--tokenizer", "byte", "--output-prefix",
+                        "{w}/o3"], "truncated.jsonl.gz", "{w}/o3.bin"),
+    ("plain text named .gz", ["preprocess", "--input", "{w}/plain_named.jsonl.gz", "--tokenizer", "byte",
+                              "--output-prefix", "{w}/o4"], "plain_named.jsonl.gz", "{w}/o4.bin"),
+    ("malformed jsonl line", ["preprocess", "--input", "{w}/not_json.jsonl", "--tokenizer", "byte", "--output-prefix",
+                              "{w}/o5"], "not_json.jsonl:2", "{w}/o5.bin"),
+    ("missing input", ["preprocess", "--input", "{w}/nope.jsonl", "--tokenizer", "byte", "--output-prefix", "{w}/o6"],
+     "nope.jsonl", "{w}/o6.bin"),
+    ("output prefix is a directory", ["preprocess", "--input", "{w}/good.jsonl", "--tokenizer", "byte", "--output-prefix",
+                                      "{w}/dir_prefix/"], "--output-prefix", "{w}/dir_prefix/.bin"),
+    ("unknown tokenizer spec", ["preprocess", "--input", "{w}/good.jsonl", "--tokenizer", "bogus:x", "--output-prefix",
+                                "{w}/o7"], "bogus", "{w}/o7.bin"),
+    ("missing json key", ["preprocess", "--input", "{w}/good.jsonl", "--tokenizer", "byte", "--json-key", "body",
+                          "--output-prefix", "{w}/o8"], "body", "{w}/o8.bin"),
+    ("workers 0", ["preprocess", "--input", "{w}/good.jsonl", "--tokenizer", "byte", "--workers", "0",
+                   "--output-prefix", "{w}/o9"], "--workers", "{w}/o9.bin"),
+    # data-info
+    ("data-info truncated .bin", ["data-info", "{w}/trunc"], "trunc", None),
+    ("data-info corrupt .idx", ["data-info", "{w}/badidx"], "badidx.idx", None),
+    ("data-info invalid meta.json", ["data-info", "{w}/badmeta"], "badmeta.meta.json", None),
+    ("data-info missing", ["data-info", "{w}/nothing"], "nothing", None),
+    # train-tokenizer
+    ("train-tokenizer empty file", ["train-tokenizer", "--input", "{w}/empty.jsonl", "--vocab-size", "300", "--output",
+                                    "{w}/tok1"], "empty.jsonl", "{w}/tok1"),
+    ("train-tokenizer vocab 0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "0", "--output",
+                                 "{w}/tok2"], "--vocab-size", "{w}/tok2"),
+    # pretrain: config
+    ("unknown key", pretrain("train.max_step=5", out="{w}/run1"), "train.max_step", "{w}/run1"),
+    ("mistyped value", pretrain("train.lr=fast", out="{w}/run2"), "train.lr", "{w}/run2"),
+    ("negative lr", pretrain("train.lr=-1", out="{w}/run3"), "train.lr", "{w}/run3"),
+    ("split not numbers", pretrain("data.split=abc", out="{w}/run4"), "data.split", "{w}/run4"),
+    ("negative checkpoint interval", pretrain("checkpoint.interval=-5", out="{w}/run5"), "checkpoint.interval", "{w}/run5"),
+    ("negative keep_last", pretrain("checkpoint.keep_last=-1", out="{w}/run6"), "checkpoint.keep_last", "{w}/run6"),
+    ("impossible layout", pretrain("parallel.tp=3", out="{w}/run7"), "parallel.tp", "{w}/run7"),
+    ("zero stage 5", pretrain("parallel.zero_stage=5", out="{w}/run8"), "parallel.zero_stage", "{w}/run8"),
+    ("YAML key given twice", ["pretrain", "--config", "{w}/dup_key.yaml"], "lr", "{w}/runs"),
+    ("missing config file", ["pretrain", "--config", "{w}/nope.yaml"], "nope.yaml", "{w}/runs"),
+    ("missing data", pretrain("data.path={w}/nothing", out="{w}/run9"), "data.path", "{w}/run9"),
+    ("truncated .bin", pretrain("data.path={w}/trunc", out="{w}/run10"), "trunc", "{w}/run10"),
+    ("corrupt .idx", pretrain("data.path={w}/badidx", out="{w}/run11"), "badidx.idx", "{w}/run11"),
+    ("negative blend weight", pretrain("data.path=[-0.5, {data}, 1.5, {data}]", out="{w}/run12"), "weight", "{w}/run12"),
+    ("vocabulary smaller than the tokenizer's", pretrain("model.vocab_size=128", out="{w}/run13"), "model.vocab_size",
+     "{w}/run13"),
+    ("data of another tokenizer", pretrain("data.path={w}/sp_data", out="{w}/run19"), "data.tokenizer", "{w}/run19"),
+    ("checkpoint.dir is a file", pretrain("checkpoint.dir={w}/not_a_dir", out="{w}/run14"), "not_a_dir", None),
+    ("latest names a missing step", pretrain("checkpoint.dir={w}/bad_latest", out="{w}/run15"), "step00000099", None),
+    ("invalid step megatrain.json", pretrain("checkpoint.dir={w}/bad_state", out="{w}/run16"), "megatrain.json", None),
+    ("truncated rank file on resume", pretrain("checkpoint.dir={w}/trunc_ck", out="{w}/run17"), "model_states.pt", None),
+    ("checkpoint of another model", pretrain("checkpoint.dir={ck}", "model.n_layers=3", out="{w}/run18"), "model.n_layers", None),
+    # generate
+    ("generate missing checkpoint", ["generate", "--checkpoint", "{w}/nothing"], "nothing", None),
+    ("generate top-k negative", ["generate", "--checkpoint", "{ck}", "--top-k", "-5"], "--top-k", None),
+    ("generate no samples", ["generate", "--checkpoint", "{ck}", "--num-samples", "0"], "--num-samples", None),
+    ("generate negative length", ["generate", "--checkpoint", "{ck}", "--max-new-tokens", "-1"], "--max-new-tokens", None),
+    ("generate negative temperature", ["generate", "--checkpoint", "{ck}", "--temperature", "-1"], "--temperature", None),
+    ("generate truncated rank file", ["generate", "--checkpoint", "{w}/trunc_ck"], "model_states.pt", None),
+    ("generate invalid megatrain.json", ["generate", "--checkpoint", "{w}/bad_state"], "megatrain.json", None),
+    # hostfile, launch
+    ("hostfile bad slots", ["hostfile", "--nodes", "node[1-2", "--output", "{w}/hf_out"], "node[1-2", "{w}/hf_out"),
+    ("launch bad hostfile", ["launch", "--hostfile", "{w}/hosts_bad", "pretrain"], "hosts_bad", None),
+    ("launch duplicate host", ["launch", "--hostfile", "{w}/hosts_dup", "pretrain"], "node1", None),
+    ("launch port out of range", ["launch", "--hostfile", "{w}/hosts_ok", "--master-port", "70000", "pretrain"],
+     "--master-port", None),
+    # convert
+    ("convert missing checkpoint", ["convert", "consolidate", "{w}/nothing", "--output", "{w}/cons"], "nothing",
+     "{w}/cons"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(world, case):
+    name, argv, must_name, leftover = case
+    r = _run(argv, world)
+    command = argv[0]
+    lines = [x for x in r.stderr.splitlines() if x.startswith(f"megatrain {command}: error:")]
+    assert r.returncode == 1, f"{name}: exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-2500:]}"
+    assert "Traceback" not in r.stderr, f"{name}:\n{r.stderr[-2500:]}"
+    assert len(lines) == 1, f"{name}:\n{r.stderr[-2500:]}"
+    assert must_name.format(**world) in lines[0], f"{name}: {lines[0]}"
+    if leftover:
+        assert not os.path.exists(leftover.format(**world)), f"{name}: left {leftover}"
