@@ -195,6 +195,8 @@ class IndexedDataset:
         for p in (ipath, bpath):
             if not os.path.isfile(p):
                 raise IndexedDatasetError(f"{p}: no such file; build the dataset with `megatrain preprocess`")
+        if os.path.getsize(ipath) < HEADER_BYTES:  # (np.memmap cannot map an empty file)
+            raise IndexedDatasetError(f"{ipath}: not an MMIDIDX index (too short); rebuild it with `megatrain preprocess`")
         self._idx_mmap = np.memmap(ipath, mode="r", order="C")
         idx = memoryview(self._idx_mmap)
         if len(idx) < HEADER_BYTES or bytes(idx[:9]) != MAGIC:

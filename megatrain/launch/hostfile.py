@@ -41,6 +41,9 @@ def _split_top_level(s: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+MAX_HOSTS = 100_000  # a node list that expands to more is a typo, not a cluster (and would fill memory)
+
+
 def _expand_one(pattern: str) -> list[str]:
     m = re.search(r"\[([^\[\]]*)\]", pattern)
     if not m:
@@ -53,6 +56,8 @@ def _expand_one(pattern: str) -> list[str]:
             lo, hi = item.split("-", 1)
             if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
                 raise HostfileError(f"node list {pattern!r}: bad range {item!r}")
+            if int(hi) - int(lo) >= MAX_HOSTS:
+                raise HostfileError(f"node list {pattern!r}: range {item!r} names more than {MAX_HOSTS:,} hosts")
             width = len(lo)  # keep zero padding: 001-010
             values = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
         elif item.isdigit():
@@ -61,12 +66,18 @@ def _expand_one(pattern: str) -> list[str]:
             raise HostfileError(f"node list {pattern!r}: bad item {item!r}")
         for v in values:
             out.extend(_expand_one(head + v + tail))
+            if len(out) > MAX_HOSTS:  # bracket groups multiply: a[0-999][0-999]
+                raise HostfileError(f"node list {pattern!r} names more than {MAX_HOSTS:,} hosts")
     return out
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """'gpu[01-03,07],login1' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'login1'] (Slurm's hostlist syntax)."""
-    hosts = [h for part in _split_top_level(nodelist) for h in _expand_one(part)]
+    hosts = []
+    for part in _split_top_level(nodelist):
+        hosts += _expand_one(part)
+        if len(hosts) > MAX_HOSTS:  # several bracket groups multiply
+            raise HostfileError(f"node list {nodelist!r} names more than {MAX_HOSTS:,} hosts")
     if not hosts:
         raise HostfileError(f"node list {nodelist!r} names no host")
     return hosts
