@@ -12,6 +12,7 @@ import os
 import sys
 import sysconfig
 
+from megatrain.config import ConfigError
 from megatrain.data.indexed import dataset_exists
 from megatrain.data.preprocess import preprocess
 from megatrain.data.train_tokenizer import train_tokenizer
@@ -31,7 +32,7 @@ def source_files() -> list[str]:
     files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
                    if not any(s in f.replace(os.sep, "/") for s in skip))
     if not files:
-        raise FileNotFoundError(f"no Python sources under {root}: set data.path to your own dataset")
+        raise ConfigError(f"no Python sources under {root}: set data.path to your own dataset")
     return files
 
 

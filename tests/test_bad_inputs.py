@@ -109,6 +109,7 @@ CASES = [
     ("data-info corrupt .idx", ["data-info", "{w}/badidx"], "badidx.idx", None),
     ("data-info invalid meta.json", ["data-info", "{w}/badmeta"], "badmeta.meta.json", None),
     ("data-info missing", ["data-info", "{w}/nothing"], "nothing", None),
+    ("data-info document out of range", ["data-info", "{data}", "--doc", "100000"], "--doc 100000", None),
     # train-tokenizer
     ("train-tokenizer empty file", ["train-tokenizer", "--input", "{w}/empty.jsonl", "--vocab-size", "300", "--output",
                                     "{w}/tok1"], "empty.jsonl", "{w}/tok1"),
@@ -169,3 +170,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(world, case):
     assert must_name.format(**world) in lines[0], f"{name}: {lines[0]}"
     if leftover:
         assert not os.path.exists(leftover.format(**world)), f"{name}: left {leftover}"
+
+
+def test_built_in_errors_are_not_taken_for_user_errors():
+    """A bug that raises IndexError or FileNotFoundError shows its traceback; bad input raises a typed error."""
+    from megatrain.cli import user_error_types
+
+    assert not {IndexError, FileNotFoundError, KeyError, OSError} & set(user_error_types())

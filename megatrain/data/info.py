@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from megatrain.data.indexed import IndexedDataset, bin_path, idx_path
+from megatrain.data.readers import InputError
 from megatrain.data.tokenizer import build_tokenizer
 from megatrain.fileio import read_json
 
@@ -45,7 +46,7 @@ def command(args: argparse.Namespace) -> int:
     if not len(ds):
         return 0
     if not 0 <= args.doc < ds.num_documents:
-        raise IndexError(f"--doc {args.doc}: the dataset has {ds.num_documents} documents")
+        raise InputError(f"--doc {args.doc}: the dataset has {ds.num_documents} documents")
     first, last = int(ds.doc_idx[args.doc]), int(ds.doc_idx[args.doc + 1])
     ids = np.concatenate([ds[i] for i in range(first, last)]) if last > first else np.zeros(0, ds.dtype)
     print(f"document {args.doc} ({len(ids):,} tokens): ids {ids[:16].tolist()}{' ...' if len(ids) > 16 else ''}")
