@@ -330,3 +330,88 @@ def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, h
             run_distributed(run_configs, 2, [small_sets(data, ck, **{"train.max_steps": step + 1, "checkpoint.interval": 20,
                                                                      "train.eval_interval": 0})], timeout=300)
             assert step + 1 in losses(ck)
+
+
+def _complete(ck: str, tag: str, world: int) -> bool:
+    """A checkpoint every rank finished: megatrain.json, each rank's RNG file, and rank files that read."""
+    from megatrain.checkpoint.reader import CheckpointReader
+
+    folder = os.path.join(ck, tag)
+    if not os.path.isfile(os.path.join(folder, "megatrain.json")):
+        return False
+    if not all(os.path.isfile(os.path.join(folder, f"rng_rank{r}.pt")) for r in range(world)):
+        return False
+    with CheckpointReader(ck, tag=tag) as r:
+        return all(t.isfinite().all() for _, t in r.tensors())
+
+
+def test_a_build_lock_left_by_a_killed_start_is_removed_not_waited_for():
+    """torch's JIT build leaves its `lock` file when killed while holding it; every later start then waited forever
+    (the kill campaign below hung so before the fix)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from megatrain.training.dist_env import load_comm_op
+
+    name = load_comm_op()
+    if name is None:
+        pytest.skip("no DeepSpeed op on this accelerator")
+    stale = os.path.join(_get_build_directory(name, False), "lock")
+    open(stale, "w").close()
+    r = subprocess.run([sys.executable, "-m", "megatrain.training.dist_env", "--prebuild"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "left by a build that was killed" in r.stdout, r.stdout + r.stderr
+    assert not os.path.exists(stale)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_path):
+    """Every process of a 2-rank ZeRO-2 run killed with SIGKILL at >= 10 random moments (start-up, mid-step,
+    mid-save: it saves every step), then the same command rerun until it finishes: every logged step has the
+    uninterrupted run's loss (fp32, 1e-6), and `latest` always names a complete checkpoint. The kill times come from a
+    seed (MEGATRAIN_KILL_SEED, printed), so a failure is reproducible."""
+    import random
+
+    seed = int(os.environ.get("MEGATRAIN_KILL_SEED", "20261129"))
+    print(f"kill seed {seed} (MEGATRAIN_KILL_SEED)")
+    rng = random.Random(seed)
+    data = make_byte_dataset(tmp_path)
+    over = {"parallel.zero_stage": 2, "checkpoint.interval": 1, "train.eval_interval": 0, "train.max_steps": 60,
+            "train.warmup_steps": 2, "checkpoint.keep_last": 3}
+    ref = str(tmp_path / "ref")
+    run_distributed(run_configs, 2, [small_sets(data, ref, **over)], timeout=600)
+    ck = str(tmp_path / "victim")
+    args = ["--config", "tiny", *set_args(small_sets(data, ck, **over))]
+    kills, runs = 0, 0
+    while True:
+        from megatrain.training.dist_env import free_port
+
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, "-m", "megatrain.pretrain", *args], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True,
+                                  env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+        runs += 1
+        try:
+            if kills < 10:
+                try:
+                    procs[0].wait(timeout=rng.uniform(3.0, 14.0))
+                except subprocess.TimeoutExpired:
+                    for p in procs:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    kills += 1
+            codes = [p.wait(timeout=600) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+        latest = os.path.join(ck, "latest")
+        if os.path.isfile(latest):
+            tag = open(latest).read()
+            assert _complete(ck, tag, 2), f"after kill {kills}: latest names {tag}, which is not complete"
+        if codes == [0, 0]:
+            break
+        assert runs < 40, "the run never finished"
+    print(f"{kills} kills, {runs} runs, {len(losses(ck))} steps")
+    assert kills >= 10
+    assert_close_curves(losses(ref), losses(ck), rtol=1e-6)

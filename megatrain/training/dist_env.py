@@ -85,6 +85,8 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         torch.cuda.set_device(info.local_rank)
+    else:
+        load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     return info
@@ -101,13 +103,39 @@ def prebuild_ops() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        print("no DeepSpeed op to prebuild on this accelerator")
-        return
     t0 = time.perf_counter()
-    builder.load(verbose=False)
-    print(f"DeepSpeed op {builder.NAME} ready ({time.perf_counter() - t0:.1f} s)")
+    name = load_comm_op()
+    print(f"DeepSpeed op {name} ready ({time.perf_counter() - t0:.1f} s)" if name else
+          "no DeepSpeed op to prebuild on this accelerator")
+
+
+def load_comm_op() -> str | None:
+    """Load (building once if needed) the C++ op DeepSpeed's CPU accelerator JIT-compiles for its collectives.
+
+    torch's JIT build guards its folder with a `lock` file that the builder deletes when done; a process killed while
+    holding it (kill -9 during start-up) leaves it behind, and every later run then waits for it forever. Here every
+    megatrain process loads the op while holding an flock on the folder (dropped by the kernel however the process
+    dies), so a `lock` file found under that flock belongs to nobody alive: it is removed."""
+    import fcntl
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    folder = _get_build_directory(builder.NAME, False)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".megatrain-load.lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = os.path.join(folder, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+            print(f"removed {stale}, left by a build that was killed (it would make every later start wait forever)",
+                  flush=True)
+        builder.load(verbose=False)
+    return builder.NAME
 
 
 if __name__ == "__main__":

@@ -61,6 +61,19 @@ def peak_tflops(cfg: Config) -> tuple[float, str]:
     return measured_matmul_tflops(), "measured fp32 torch.mm"
 
 
+def _drop_partial_line(path: str) -> None:
+    """A run killed while writing a row leaves half a line; cut it, so the resumed run's rows start on their own."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 def _wandb_id(run_dir: str) -> str:
     """One W&B run for one checkpoint.dir, across resumes and requeues: its id is kept in run_dir/wandb_id."""
     import secrets
@@ -85,7 +98,9 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        _drop_partial_line(path)
+        self.jsonl = open(path, "a")
         if start_step > 0:  # where a resumed run picks up (megatrain plot marks it)
             self.jsonl.write(json.dumps({"step": start_step, "kind": "resume"}) + "\n")
         if cfg.logging.tensorboard:
