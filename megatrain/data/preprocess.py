@@ -86,9 +86,6 @@ def preprocess(
     if not os.path.basename(output_prefix) or os.path.isdir(output_prefix):
         raise InputError(f"--output-prefix {output_prefix!r}: names a directory; give a file prefix P (writes P.bin, "
                          f"P.idx), e.g. {os.path.join(output_prefix, 'data')}")
-    parent = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(parent):
-        raise InputError(f"--output-prefix {output_prefix!r}: the directory {parent} does not exist")
     paths = expand_inputs(inputs)
     tok = build_tokenizer(tokenizer)
     dtype = np.dtype(token_dtype_for_vocab(tok.vocab_size))
