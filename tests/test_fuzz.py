@@ -77,6 +77,14 @@ def _mutate(idx: bytes, ops) -> bytes:
     return bytes(b)
 
 
+def _write_text(name: str, text: str) -> str:
+    """Generated text as a file in TMP (lone surrogates kept as they are); its path."""
+    path = os.path.join(TMP, name)
+    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(text)
+    return path
+
+
 def _idx_reader(examples):
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(st.lists(mutation, min_size=1, max_size=4), st.integers(-8, 8))
@@ -103,11 +111,8 @@ def _config(examples):
             load_config("tiny", set_strings)
         except ConfigError:
             pass
-        path = os.path.join(TMP, "c.yaml")
-        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-            f.write(yaml_text)
         try:
-            load_config(path)
+            load_config(_write_text("c.yaml", yaml_text))
         except (ConfigError, UnicodeError):
             pass
 
@@ -138,11 +143,8 @@ def _hosts(examples):
             assert len(expand_nodelist(nodelist)) <= 100_000
         except HostfileError:
             pass
-        path = os.path.join(TMP, "hosts")
-        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-            f.write(hostfile)
         try:
-            parse_hostfile(path)
+            parse_hostfile(_write_text("hosts", hostfile))
         except HostfileError:
             pass
 

@@ -287,11 +287,18 @@ def _start_two_ranks(how: str, data: str, ck: str, env: dict) -> tuple[subproces
             time.sleep(0.2)
         ranks = sorted((int(_environ(int(k)).get("RANK", -1)), int(k)) for k in kids)
         return top, [type("P", (), {"pid": pid})() for _, pid in ranks]
-    procs = [subprocess.Popen([sys.executable, "-m", "megatrain.pretrain", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                              env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)) for r in range(2)]
+    procs = _bare_ranks(args, port, env, subprocess.PIPE)
     return procs[0], procs
+
+
+def _bare_ranks(args: list[str], port: str, env: dict, stdout) -> list[subprocess.Popen]:
+    """`python -m megatrain.pretrain ARGS` as ranks 0 and 1 of a 2-process job with no launcher (the SLURM_*
+    variables srun would set), each in its own session (so a test can kill it whole)."""
+    return [subprocess.Popen([sys.executable, "-m", "megatrain.pretrain", *args], stdout=stdout,
+                             stderr=subprocess.STDOUT if stdout == subprocess.PIPE else subprocess.DEVNULL, text=True,
+                             start_new_session=True,
+                             env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)) for r in range(2)]
 
 
 @pytest.mark.slow
@@ -386,11 +393,7 @@ def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_
     while True:
         from megatrain.training.dist_env import free_port
 
-        port = str(free_port())
-        procs = [subprocess.Popen([sys.executable, "-m", "megatrain.pretrain", *args], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True,
-                                  env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+        procs = _bare_ranks(args, str(free_port()), {}, subprocess.DEVNULL)
         runs += 1
         try:
             if kills < 10:  # once this run has logged a step, at a random moment in the next ~2 s of steps and saves
