@@ -96,6 +96,9 @@ def test_deepspeed_config_filled_from_ours():
     assert deepspeed_config(cfg, 2, local_params=1234)["zero_optimization"]["reduce_bucket_size"] == 1234
     ds = deepspeed_config(load_config("tiny", ["parallel.zero_stage=2"]), 2, local_params=10**12)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    # ZeRO-1's JSON sets no bucket: DeepSpeed's default (5e8 elements, 2 GB in fp32) was allocated for a tiny model
+    ds = deepspeed_config(load_config("tiny", ["parallel.zero_stage=1"]), 2, local_params=1234)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1234
 
 
 def test_cli_bad_config_is_one_line(tmp_path):

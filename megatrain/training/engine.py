@@ -29,6 +29,9 @@ def resolve_precision(cfg: Config) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size when a ZeRO JSON sets none
+
+
 def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = None) -> dict:
     """The DeepSpeed JSON for this run; `local_params` (the parameters on this rank, once the model exists) caps
     ZeRO's gradient bucket."""
@@ -46,10 +49,10 @@ def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = No
     ds["bf16"]["enabled"] = precision == "bf16"
     ds["fp16"]["enabled"] = precision == "fp16"
     zero = ds["zero_optimization"]
-    if local_params is not None and "reduce_bucket_size" in zero:
+    if local_params is not None and p.zero_stage >= 1:
         # DeepSpeed allocates the bucket whole, reduce_bucket_size elements (ZeRO-3 one for the whole run, ZeRO-1/2
-        # two during every backward): more than all of this rank's gradients is memory never filled.
-        zero["reduce_bucket_size"] = min(int(zero["reduce_bucket_size"]), local_params)
+        # one while gradients accumulate): more than all of this rank's gradients is memory never filled.
+        zero["reduce_bucket_size"] = min(int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)), local_params)
     if p.zero_stage in (1, 2) and p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         ds["zero_force_ds_cpu_optimizer"] = False
