@@ -18,6 +18,7 @@ COMMANDS = {
     "finetune": ("megatrain.finetune", "fine-tune a pretrained model: sft, classify, tokens (NER) or qa, full or LoRA"),
     "evaluate": ("megatrain.evaluate", "a fine-tuned model's metric table on a labelled file"),
     "predict": ("megatrain.predict", "run a fine-tuned model on a file: labels, entities, answers or responses"),
+    "plan": ("megatrain.plan", "memory per rank and time per step of a model x cluster x layout, or the best layouts"),
     "plot": ("megatrain.plot", "training curves of one or more runs as a PNG"),
     "lm-eval": ("megatrain.lmeval", "lm-evaluation-harness tasks on a checkpoint of any layout"),
     "generate": ("megatrain.generate", "sample text from a checkpoint (any layout) with a KV cache"),

@@ -1,0 +1,234 @@
+"""Bytes per rank: parameters, gradients and optimizer states (per ZeRO stage, precision and offload), activations
+(per micro-batch, with activation checkpointing, sequence parallelism and the pipeline's micro-batches in flight),
+DeepSpeed's buffers, and the start-up peak.
+
+The counts come from the model itself: `Transformer` is built on the meta device (shapes, no memory) and each
+parameter is placed as parallel/ places it (TP splits from checkpoint/sharding.py's table, pipeline stages cut by
+DeepSpeed's own partitioner as apply_pipeline asks it to). The per-token activation counts below list the tensors
+autograd keeps in each layer of model.py with megatrain's fused kernels; tests/test_plan.py measures them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from dataclasses import dataclass
+
+from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
+
+FP32 = 4
+DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000  # ZeRO-3 keeps at most this many gathered parameters (its default)
+
+
+def bytes_per_value(precision: str) -> int:
+    """Parameters, gradients and activations: 2 bytes under bf16/fp16, 4 under fp32."""
+    return FP32 if precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """The parameters one rank of a pipeline stage holds (after its TP split)."""
+
+    local: int  # parameters on the rank
+    zero3_persistent: int  # of those, the ones ZeRO-3 keeps whole (fewer elements than its persistence threshold)
+    layers: int  # Transformer blocks in the stage
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm and the LM head
+
+
+def parameter_table(m: ModelConfig) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    """(name, numel, shape) of every parameter of the model, from a meta-device build (no memory, no init)."""
+    return _parameter_table(tuple(dataclasses.astuple(dataclasses.replace(m, fused_kernels="off"))))
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_table(fields: tuple) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    import torch
+
+    from megatrain.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(*fields))
+    return tuple((n, p.numel(), tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def local_numel(name: str, numel: int, m: ModelConfig, tp: int) -> int:
+    from megatrain.parallel.sharding import split_of
+
+    return numel if split_of(name, m).replicated else numel // tp
+
+
+@functools.lru_cache(maxsize=64)
+def blocks_per_stage(n_layers: int, pp: int) -> tuple[int, ...]:
+    """How apply_pipeline's PipelineModule cuts the blocks ('type:BlockPipe': DeepSpeed's balanced partition of the
+    layer list embedding, blocks, final norm, head, where only the blocks weigh)."""
+    if pp == 1:
+        return (n_layers,)
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [0] + [1] * n_layers + [0, 0]
+    bounds = [int(b) for b in partition_balanced(weights, pp)]
+    return tuple(sum(weights[a:b]) for a, b in itertools.pairwise(bounds))
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, persistence_threshold: int) -> list[StageParams]:
+    """Per pipeline stage: what one of its ranks holds."""
+    table = parameter_table(m)
+    blocks = blocks_per_stage(m.n_layers, pp)
+    starts = [sum(blocks[:s]) for s in range(pp)]
+    out = []
+    for s in range(pp):
+        first, last = s == 0, s == pp - 1
+        local = persistent = 0
+        for name, numel, _ in table:
+            if name.startswith("layers."):
+                mine = starts[s] <= int(name.split(".")[1]) < starts[s] + blocks[s]
+            elif name in ("embed.weight", "pos_embed.weight"):
+                # a tied head is the embedding's weight: the last stage holds its own copy (TiedLayerSpec)
+                mine = first or (last and name == "embed.weight" and m.tie_embeddings)
+            else:  # final norm, LM head
+                mine = last
+            if mine:
+                n = local_numel(name, numel, m, tp)
+                local += n
+                persistent += n if n < persistence_threshold else 0
+        out.append(StageParams(local, persistent, blocks[s], first, last))
+    return out
+
+
+def total_params(m: ModelConfig) -> int:
+    return sum(numel for _, numel, _ in parameter_table(m))
+
+
+@dataclass
+class ModelStates:
+    """Bytes on the device and on the host (offload) for one rank."""
+
+    params: tuple[int, int]
+    grads: tuple[int, int]
+    optimizer: tuple[int, int]  # fp32 master weights and Adam's two moments
+    buffers: tuple[int, int]  # ZeRO's gradient bucket
+    gathered: int = 0  # ZeRO-3: full parameters gathered while layers run (transient, on the device)
+
+    @property
+    def device(self) -> int:
+        return self.params[0] + self.grads[0] + self.optimizer[0] + self.buffers[0]
+
+    @property
+    def host(self) -> int:
+        return self.params[1] + self.grads[1] + self.optimizer[1] + self.buffers[1]
+
+
+def model_states(P: int, persistent: int, dp: int, zero_stage: int, precision: str, grad_accum: int, pipeline: bool,
+                 offload_optimizer: bool, offload_params: bool, reduce_bucket: int) -> ModelStates:
+    """What DeepSpeed (0.19) keeps for P parameters on a rank, data-parallel group of dp.
+
+    ZeRO-0: the module's parameters and gradients and the optimizer's states, whole; under bf16/fp16 DeepSpeed's
+    mixed-precision optimizer adds fp32 master weights and fp32 gradients (the pipeline's bf16 optimizer partitions
+    the master over data parallelism). ZeRO-1/2: the parameters whole, the fp32 master and Adam's moments partitioned
+    (12 bytes per parameter over dp); ZeRO-2 keeps only its partition of the gradients, and so does ZeRO-1 when every
+    micro-batch ends a step (no accumulation) or under a pipeline; ZeRO-1 accumulating micro-batches keeps the full
+    gradients plus its reduce bucket. ZeRO-3 partitions the parameters too, except those below the persistence
+    threshold, and keeps one reduce bucket. Under bf16/fp16 the partition's gradient is converted to fp32 for the
+    step (4 more bytes per parameter over dp). Offloaded states live on the host, where the accumulation of several
+    micro-batches keeps an fp32 gradient partition of its own."""
+    w = bytes_per_value(precision)
+    part = P / dp
+    mixed = w == 2
+    fp32_grad = FP32 * part if mixed else 0
+    opt = 12 * part  # fp32 master (4) + exp_avg (4) + exp_avg_sq (4)
+    if zero_stage == 0:
+        if not mixed:
+            return ModelStates((FP32 * P, 0), (FP32 * P, 0), (8 * P, 0), (0, 0))
+        if pipeline and precision == "bf16":  # BF16_Optimizer: fp32 gradient accumulation, master partitioned
+            return ModelStates((w * P, 0), (w * P + FP32 * P, 0), (opt, 0), (0, 0))
+        return ModelStates((w * P, 0), (w * P + FP32 * P, 0), (12 * P, 0), (0, 0))
+    bucket = w * reduce_bucket
+    accumulating = grad_accum > 1 and not pipeline
+    if zero_stage in (1, 2):
+        full_grads = zero_stage == 1 and accumulating
+        if offload_optimizer:
+            host = opt + FP32 * part + (FP32 * part if accumulating else 0)
+            return ModelStates((w * P, 0), (w * P if full_grads else 0, 0), (0, host), (bucket, 0))
+        if full_grads:
+            return ModelStates((w * P, 0), (w * P + fp32_grad, 0), (opt, 0), (bucket, 0))
+        return ModelStates((w * P, 0), (w * part + fp32_grad, 0), (opt, 0), (0, 0))
+    gathered = w * min(P - persistent, DEEPSPEED_MAX_LIVE_PARAMETERS)
+    params = (w * persistent, w * part) if offload_params else (w * (part + persistent), 0)
+    if offload_optimizer:
+        host = opt + FP32 * part + (FP32 * part if grad_accum > 1 else 0)
+        return ModelStates(params, (0, 0), (0, host), (bucket, 0), gathered)
+    return ModelStates(params, (w * part + fp32_grad, 0), (opt, 0), (bucket, 0), gathered)
+
+
+@dataclass
+class Activations:
+    """Bytes of one rank's activations at the end of the forward passes it holds before its first backward."""
+
+    saved: int  # what autograd keeps for the backward (every micro-batch in flight), plus the pipeline's buffers
+    recompute: int  # activation checkpointing: one block's full activations, alive while it is recomputed
+    in_flight: int  # micro-batches whose activations the rank holds at once (pipeline 1F1B: pp - stage)
+    buffers: int = 0  # a receiving pipeline stage's activation and gradient buffers, kept from step to step
+
+
+def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int) -> dict[str, float]:
+    """Bytes per token that one block saves for its backward (fused kernels), by part.
+
+    norm (each of two): its input and the fp32 1/rms; the column-parallel projection after it saves the normed
+    input (under sequence parallelism the norm works on 1/tp of the tokens and the projection saves the gathered
+    input). attention: the qkv output (v is a view of it), RoPE's rotated q and k, the attention output (o_proj's
+    input is a view of it) and the fp32 log-sum-exp per head. mlp: swiglu's gate|up output and its product (the down
+    projection's input); gelu's input and output. dropout > 0: a one-byte mask on each residual branch."""
+    h, hd = m.d_model, m.d_model // m.n_heads
+    q, kv, ff, heads = m.n_heads * hd, kv_heads(m) * hd, ffn_width(m), m.n_heads
+    seq_share = tp if sp else 1
+    norm = (w * h + FP32) / seq_share + w * h
+    attn = w * ((q + 2 * kv) + (q + kv if m.position == "rope" else 0) + q) / tp + FP32 * heads / tp
+    mlp = w * (3 if m.mlp == "swiglu" else 2) * ff / tp
+    dropout = 2 * h / seq_share if m.dropout > 0 else 0
+    return {"norm": norm, "attention": attn, "mlp": mlp, "dropout": dropout}
+
+
+def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: int, grad_accum: int,
+                precision: str) -> Activations:
+    """The activation memory of one rank of `stage` (see per_token_layer_bytes for what a block keeps)."""
+    m, p = cfg.model, cfg.parallel
+    w = bytes_per_value(precision)
+    b, s = cfg.train.micro_batch_size, cfg.data.seq_len
+    tokens = b * s
+    sp = p.sequence_parallel and tp > 1
+    part = per_token_layer_bytes(m, tp, sp, w)
+    full_block = 2 * part["norm"] + part["attention"] + part["mlp"] + part["dropout"]
+    # the checkpointed input: split over TP ranks with partition_activations, sequence-sharded under sequence parallel
+    ckpt_input = w * m.d_model / (tp if (p.partition_activations or sp) and tp > 1 else 1)
+    mode = cfg.train.activation_checkpointing
+    if mode == "full":  # the block's input only; the block is recomputed in the backward
+        block, recompute = ckpt_input, full_block
+    elif mode == "selective":  # attention recomputed from the normed input it is checkpointed at
+        block = 2 * part["norm"] - w * m.d_model + ckpt_input + part["mlp"] + part["dropout"]
+        recompute = part["attention"] + w * m.d_model
+    else:
+        block, recompute = full_block, 0.0
+    per_mb = tokens * stage.layers * block
+    if stage.first:
+        per_mb += 8 * tokens  # the token ids the embedding saves
+    if stage.last:
+        per_mb += tokens * (w * m.d_model + FP32) / (tp if sp else 1)  # the final norm
+        V = m.vocab_size
+        if pp == 1 and tp == 1:  # fused LM head + loss: the gradients w.r.t. hidden (per token) and the head (once)
+            per_mb += tokens * w * m.d_model + FP32 * V * m.d_model
+        else:  # the head's (gathered) input, its vocab slice of the logits, their fp32 log-sum-exp, the labels
+            per_mb += tokens * (w * m.d_model + w * V / tp + FP32 + 8)
+    in_flight = min(pp - stage_index, grad_accum) if pp > 1 else 1
+    pipe_buffers = 0
+    if pp > 1 and not stage.last:  # DeepSpeed keeps each micro-batch's stage output until its gradient returns
+        pipe_buffers = in_flight * tokens * w * m.d_model / (tp if sp else 1)
+    receive = 0
+    if pp > 1 and stage_index > 0:  # DeepSpeed's schedule keeps max(2, in flight) buffers: an activation and its grad
+        receive = 2 * max(2, in_flight) * tokens * w * m.d_model / (tp if sp else 1)
+    return Activations(int(per_mb * in_flight + pipe_buffers), int(tokens * recompute), in_flight, int(receive))
+
+
+def startup_host_bytes(m: ModelConfig) -> int:
+    """pretrain/finetune build the whole model in fp32 on every rank before TP slices it and ZeRO partitions it."""
+    return FP32 * total_params(m)

@@ -1,0 +1,170 @@
+"""One layout's plan (memory per pipeline stage, step time), and the search over every layout of N GPUs that fits."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from megatrain.config import Config, ConfigError
+from megatrain.planning.memory import (Activations, ModelStates, StageParams, activations, local_numel,
+                                       model_states, parameter_table, stage_params)
+from megatrain.planning.timing import Cluster, StepTime, step_time
+
+GiB = 2**30
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold when the ZeRO JSON sets none
+RESERVED_BYTES = int(1.5 * GiB)  # CUDA context, NCCL buffers and the allocator's fragmentation, per GPU
+USABLE_SHARE = 0.95
+
+
+def usable_bytes(cluster: Cluster) -> int:
+    return int(cluster.gpu.memory_gb * 1e9 * USABLE_SHARE) - RESERVED_BYTES
+
+
+@dataclass
+class LayoutPlan:
+    cfg: Config  # the config with this layout's parallel.* and train.* values
+    tp: int
+    pp: int
+    dp: int
+    grad_accum: int
+    precision: str
+    stages: list[StageParams]
+    states: list[ModelStates]
+    acts: list[Activations]
+    time: StepTime | None
+
+    def stage_peak(self, s: int) -> int:
+        """A rank of stage s at its fullest: model states, ZeRO-3's gathered parameters, the activations of its
+        micro-batches in flight, the block being recomputed and the pipeline's receive buffers."""
+        st, a = self.states[s], self.acts[s]
+        return st.device + st.gathered + a.saved + a.recompute + a.buffers
+
+    @property
+    def peak(self) -> int:
+        return max(self.stage_peak(s) for s in range(self.pp))
+
+    @property
+    def host(self) -> int:
+        return max(st.host for st in self.states)
+
+    def sets(self) -> str:
+        """The layout as --set arguments."""
+        p, t = self.cfg.parallel, self.cfg.train
+        items = [f"parallel.tp={p.tp}", f"parallel.pp={p.pp}", f"parallel.zero_stage={p.zero_stage}",
+                 f"train.micro_batch_size={t.micro_batch_size}", f"train.activation_checkpointing={t.activation_checkpointing}"]
+        if p.sequence_parallel:
+            items.append("parallel.sequence_parallel=true")
+        if p.offload_optimizer:
+            items.append("parallel.offload_optimizer=true")
+        if p.offload_params:
+            items.append("parallel.offload_params=true")
+        return " ".join(f"--set {i}" for i in items)
+
+
+def resolve_precision(cfg: Config, for_gpus: bool) -> str:
+    """train.precision; auto is bf16 on GPUs (as resolve_precision decides where CUDA is), fp32 on the CPU."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if for_gpus else "fp32"
+
+
+def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str) -> LayoutPlan:
+    """The plan of cfg's own layout on `world` ranks; an impossible layout raises ConfigError (training's own checks).
+    Without a cluster there is no step time."""
+    from megatrain.parallel.topology import check_layout
+    from megatrain.training.engine import deepspeed_config
+
+    layout = check_layout(cfg, world)
+    m, p = cfg.model, cfg.parallel
+    if m.vocab_size % layout.tp:
+        raise ConfigError(f"config key parallel.tp: model.vocab_size={m.vocab_size} is not divisible by tp={layout.tp}")
+    ds = deepspeed_config(cfg, world)  # checks the global batch against micro-batch x data-parallel ranks
+    zero = ds["zero_optimization"]
+    grad_accum = ds["gradient_accumulation_steps"]
+    stages = stage_params(m, layout.tp, layout.pp, int(zero.get("stage3_param_persistence_threshold",
+                                                                 DEEPSPEED_PERSISTENCE_THRESHOLD)))
+    states, acts = [], []
+    for s, st in enumerate(stages):
+        bucket = deepspeed_config(cfg, world, local_params=st.local)["zero_optimization"].get("reduce_bucket_size", 0)
+        states.append(model_states(st.local, st.zero3_persistent, layout.dp, p.zero_stage, precision, grad_accum,
+                                   layout.pp > 1, p.offload_optimizer, p.offload_params, int(bucket)))
+        acts.append(activations(cfg, st, s, layout.tp, layout.pp, grad_accum, precision))
+    time = step_time(cfg, stages, layout.tp, layout.pp, layout.dp, grad_accum, precision, cluster) if cluster else None
+    return LayoutPlan(cfg, layout.tp, layout.pp, layout.dp, grad_accum, precision, stages, states, acts, time)
+
+
+def with_layout(cfg: Config, **keys) -> Config:
+    """A copy of cfg with section.key values (given as section__key=value)."""
+    out = copy.deepcopy(cfg)
+    for k, v in keys.items():
+        section, key = k.split("__")
+        setattr(getattr(out, section), key, v)
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int):
+    """Every (tp, pp, zero_stage, micro-batch, checkpointing, sequence parallel) the config's model and global batch
+    allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share."""
+    G = cfg.train.global_batch_size
+    for tp in _divisors(gpus):
+        if tp > gpus_per_node:
+            continue
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            if pp > cfg.model.n_layers or G % dp:
+                continue
+            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+                for mb in (1, 2, 4, 8, 16, 32):
+                    if (G // dp) % mb:
+                        continue
+                    for ckpt in ("none", "selective", "full"):
+                        for sp in ((False, True) if tp > 1 else (False,)):
+                            yield with_layout(cfg, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
+                                              parallel__sequence_parallel=sp, parallel__offload_optimizer=False,
+                                              parallel__offload_params=False, train__micro_batch_size=mb,
+                                              train__activation_checkpointing=ckpt)
+
+
+def search(cfg: Config, cluster: Cluster, precision: str) -> tuple[list[LayoutPlan], int]:
+    """Every layout that fits, fastest first; and the smallest peak of all layouts (to report when none fits)."""
+    fits, smallest = [], math.inf
+    limit = usable_bytes(cluster)
+    for candidate in candidate_layouts(cfg, cluster.gpus, cluster.gpus_per_node):
+        try:
+            plan = plan_layout(candidate, cluster.gpus, cluster, precision)
+        except ConfigError:  # a split the model does not allow (heads, KV heads, MLP width, layers)
+            continue
+        smallest = min(smallest, plan.peak)
+        if plan.peak <= limit:
+            fits.append(plan)
+    fits.sort(key=lambda pl: (pl.time.step_s, pl.peak))
+    return fits, smallest
+
+
+def deepspeed_estimate(plan: LayoutPlan, cluster_gpus: int) -> int | None:
+    """DeepSpeed's own cold estimate of ZeRO-2/3 model-state bytes per GPU (estimate_zero*_model_states_mem_needs),
+    for the same parameter count per model-parallel rank; None for other stages."""
+    p = plan.cfg.parallel
+    local = max(st.local for st in plan.stages)
+    offload = p.offload_optimizer
+    if p.zero_stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(local, plan.dp, 1, cpu_offload=offload)[1]
+    if p.zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        largest = _largest_layer(plan.cfg, plan.tp)
+        return estimate_zero3_model_states_mem_needs(local, largest, plan.dp, 1, cpu_offload=offload,
+                                                     cpu_offload_params=p.offload_params, zero_init=False)[1]
+    return None
+
+
+def _largest_layer(cfg: Config, tp: int) -> int:
+    """Parameters of the largest module with parameters of its own (a linear layer, the embedding), TP-split."""
+    return max(local_numel(n, numel, cfg.model, tp) for n, numel, _ in parameter_table(cfg.model))
+

@@ -1,0 +1,123 @@
+"""Step time: the FLOPs the training log counts, the pipeline bubble, and what TP, PP and DP/ZeRO send per step,
+over the given compute rate and bandwidths.
+
+A first-order model, stated so it can be checked: compute runs at `compute_efficiency` of the GPU's dense bf16
+peak; a collective moves its bytes at `comm_efficiency` of the link (ring all-reduce: 2(n-1)/n of the tensor per
+rank, reduce-scatter and all-gather (n-1)/n each); a TP group or a DP group that spans nodes goes at the inter-node
+rate. TP and pipeline transfers are not overlapped with compute (they sit between dependent matmuls); ZeRO-2/3's
+reductions overlap the backward (DeepSpeed's overlap_comm), ZeRO-0/1's all-reduce does not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatrain.config import Config, kv_heads
+from megatrain.planning.memory import StageParams, bytes_per_value
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gb: float  # GB (10^9 bytes), as GPUs are sold
+    tflops: float  # dense bf16 peak (no sparsity)
+    intra_node_gbps: float  # per GPU, one direction, Gbit/s: NVLink/NVSwitch (or PCIe)
+    inter_node_gbps: float  # per GPU, one direction, Gbit/s: the network (InfiniBand/RoCE NIC per GPU)
+
+
+# Peaks from the vendors' data sheets (SXM parts, dense); links: NVLink 4 = 450 GB/s per direction (H100/H200),
+# NVLink 3 = 300 GB/s (A100), PCIe 4.0 x16 = 32 GB/s; networks: one 400G NIC per GPU (H100/H200), 200G (A100).
+KNOWN_GPUS = {
+    "h100": GPU("H100 80GB SXM", 80, 989.0, 3600, 400),
+    "h200": GPU("H200 141GB SXM", 141, 989.0, 3600, 400),
+    "a100-80g": GPU("A100 80GB SXM", 80, 312.0, 2400, 200),
+    "a100-40g": GPU("A100 40GB SXM", 40, 312.0, 2400, 200),
+    "l40s": GPU("L40S 48GB", 48, 362.0, 256, 100),
+    "a10g": GPU("A10G 24GB", 24, 125.0, 256, 100),
+    "rtx4090": GPU("RTX 4090 24GB", 24, 165.0, 256, 100),
+    "v100": GPU("V100 32GB SXM (fp16)", 32, 125.0, 1200, 100),
+}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPU
+    gpus: int  # in the job
+    gpus_per_node: int
+    compute_efficiency: float = 0.6  # the share of peak a training step's matmuls reach (0.5-0.7 is typical)
+    comm_efficiency: float = 0.8  # the share of a link's rate a collective reaches (NCCL bus bandwidth)
+
+    def link_bytes_per_s(self, ranks_apart: int, group: int) -> float:
+        """A group of `group` ranks whose neighbours are `ranks_apart` apart: within a node, or across nodes."""
+        within = ranks_apart * group <= self.gpus_per_node
+        gbps = self.gpu.intra_node_gbps if within else self.gpu.inter_node_gbps
+        return gbps * 1e9 / 8 * self.comm_efficiency
+
+
+@dataclass
+class StepTime:
+    flops_per_step: float  # model FLOPs (forward + backward, no recompute): the training log's count
+    compute_s: float  # the slowest stage's matmuls, pipeline bubble included
+    bubble_s: float  # of compute_s: the pipeline's fill and drain
+    tp_s: float
+    pp_s: float
+    dp_s: float  # exposed (not hidden behind the backward)
+    tp_bytes: float  # per rank per step
+    pp_bytes: float
+    dp_bytes: float
+    step_s: float
+    mfu: float
+    tokens_per_s: float
+
+
+def _all_reduce(nbytes: float, n: int) -> float:
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int, grad_accum: int, precision: str,
+              cluster: Cluster) -> StepTime:
+    from megatrain.training.metrics import block_flops_per_token, train_flops_per_token
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    w = bytes_per_value(precision)
+    s, b = cfg.data.seq_len, t.micro_batch_size
+    tokens_mb = b * s
+    flops_per_step = train_flops_per_token(m, s) * t.global_batch_size * s
+    proj, mix = block_flops_per_token(m, s, causal=m.objective == "causal")
+    # recomputed in the backward: the whole block's forward (full), or attention's (selective: its projections too)
+    attention_proj = 2 * m.d_model * m.d_model * 2 + 4 * m.d_model * kv_heads(m) * (m.d_model // m.n_heads)
+    recompute = {"full": proj + mix, "selective": mix + attention_proj, "none": 0.0}[t.activation_checkpointing]
+    head = 2 * m.d_model * m.vocab_size
+    rate = cluster.gpu.tflops * 1e12 * cluster.compute_efficiency
+
+    def stage_seconds(st: StageParams) -> float:  # one micro-batch, forward + backward (+ recompute) on one rank
+        per_token = st.layers * (3 * (proj + mix) + recompute) + (3 * head if st.last else 0)
+        return per_token * tokens_mb / tp / rate
+
+    per_mb = max(stage_seconds(st) for st in stages)
+    compute = per_mb * (grad_accum + pp - 1)
+    bubble = per_mb * (pp - 1)
+    act = tokens_mb * m.d_model * w
+    tp_link = cluster.link_bytes_per_s(1, tp)
+    # per block: two all-reduces forward (attention, MLP outputs), two backward (their inputs' gradients), two more
+    # when the block is recomputed; sequence parallel swaps each for a reduce-scatter + all-gather of the same volume
+    layers = max(st.layers for st in stages)
+    n_ar = layers * (4 + (2 if t.activation_checkpointing == "full" else 0)) + 2  # + the embedding and the head's input
+    tp_bytes = n_ar * _all_reduce(act, tp) * grad_accum
+    pp_bytes = 2 * act / (tp if p.sequence_parallel and tp > 1 else 1) * (grad_accum if pp > 1 else 0)
+    pp_link = cluster.link_bytes_per_s(tp * dp, 2)
+    local = max(st.local for st in stages)
+    dp_link = cluster.link_bytes_per_s(tp, dp)
+    share = (dp - 1) / dp if dp > 1 else 0.0
+    if p.zero_stage <= 1:  # one all-reduce (ZeRO-1: reduce-scatter + all-gather) of the gradients per step
+        dp_bytes, hidden = 2 * share * w * local, 0.0
+    elif p.zero_stage == 2:  # reduce-scatter every micro-batch, all-gather the updated parameters once
+        dp_bytes, hidden = share * w * local * (grad_accum + 1), 2 / 3 * compute
+    else:  # all-gather forward and backward, reduce-scatter the gradients, every micro-batch
+        dp_bytes, hidden = 3 * share * w * local * grad_accum, 2 / 3 * compute
+    tp_s, pp_s, dp_total = tp_bytes / tp_link, (pp_bytes * (grad_accum + pp - 1) / max(grad_accum, 1)) / pp_link, dp_bytes / dp_link
+    dp_s = max(0.0, dp_total - hidden)
+    step = compute + tp_s + pp_s + dp_s
+    world = tp * pp * dp
+    mfu = flops_per_step / (step * world * cluster.gpu.tflops * 1e12)
+    return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, tp_bytes, pp_bytes, dp_bytes, step, mfu,
+                    t.global_batch_size * s / step)

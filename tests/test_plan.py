@@ -1,0 +1,174 @@
+"""megatrain plan: the memory model against what the layouts really hold, DeepSpeed's own estimates, the search and
+the command's errors.
+
+Tier 1 (config math) runs everywhere; one measured layout runs in the default tier and every layout the CPU tests run
+(ZeRO 0-3 at DP 2, TP 2, PP 2, TP x PP, offload, activation checkpointing, sequence parallel) in the slow tier: each
+is trained for three steps in its own gloo job and its per-rank model states and activations must be within 10% of
+the plan's (tests/plan_measure.py says how they are measured).
+"""
+import json
+import os
+
+import pytest
+
+from distributed import run_distributed
+from megatrain.cli import main as cli_main
+from megatrain.config import load_config
+from megatrain.planning.memory import model_states, stage_params, total_params
+from megatrain.planning.search import plan_layout
+from plan_measure import MMAP_ENV, measure
+
+BASE = ["model.vocab_size=512", "logging.tensorboard=false", "train.global_batch_size=8", "train.micro_batch_size=2",
+        "train.precision=fp32"]
+TOLERANCE = 0.10
+
+LAYOUTS = {  # name: (world size, --set values over BASE)
+    "zero0_dp2": (2, ["parallel.zero_stage=0"]),
+    "zero1_dp2": (2, ["parallel.zero_stage=1"]),
+    "zero1_dp2_no_accumulation": (2, ["parallel.zero_stage=1", "train.global_batch_size=4"]),
+    "zero2_dp2": (2, ["parallel.zero_stage=2"]),
+    "zero3_dp2": (2, ["parallel.zero_stage=3"]),
+    "zero2_dp2_offload": (2, ["parallel.zero_stage=2", "parallel.offload_optimizer=true"]),
+    "zero3_dp2_offload": (2, ["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tp2_full_ckpt_partitioned": (2, ["parallel.tp=2", "train.activation_checkpointing=full",
+                                      "parallel.partition_activations=true"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "pp2_selective_ckpt": (2, ["parallel.pp=2", "train.activation_checkpointing=selective"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+}
+
+
+def _measure_and_compare(tmp_path, monkeypatch, name, world, sets):
+    for k, v in MMAP_ENV.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / name
+    out.mkdir()
+    sets = BASE + sets + [f"checkpoint.dir={out / 'ckpt'}"]
+    run_distributed(measure, world, sets, str(out), timeout=300)
+    plan = plan_layout(load_config("tiny", sets), world, None, "fp32")
+    report = []
+    for r in range(world):
+        got = json.loads((out / f"rank{r}.json").read_text())
+        stage = got["coords"][0]
+        states = plan.states[stage]
+        # on the CPU, offloaded states are in the same memory; a receiving pipeline stage's buffers stay between steps
+        want_states = states.device + states.host + plan.acts[stage].buffers
+        want_acts = plan.acts[stage].saved + states.gathered  # ZeRO-3's gathered parameters grow in the forward too
+        for what, measured, planned in (("model states", got["model_states"], want_states),
+                                        ("activations", got["activations"], want_acts)):
+            report.append(f"{name} rank {r} {what}: measured {measured / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB "
+                          f"({planned / measured - 1:+.1%})")
+            assert abs(planned / measured - 1) <= TOLERANCE, "\n".join(report)
+    print("\n".join(report))
+
+
+def test_plan_matches_a_measured_run(tmp_path, monkeypatch):
+    """One layout in the default tier: 1 rank, ZeRO-1 accumulating 4 micro-batches (the full gradients and the
+    reduce bucket), full activation checkpointing."""
+    _measure_and_compare(tmp_path, monkeypatch, "zero1_full_ckpt", 1,
+                         ["parallel.zero_stage=1", "train.activation_checkpointing=full"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_plan_matches_every_layout(tmp_path, monkeypatch, name):
+    world, sets = LAYOUTS[name]
+    _measure_and_compare(tmp_path, monkeypatch, name, world, sets)
+
+
+def test_parameter_counts_match_the_model():
+    """The meta-device count equals the real model's; TP x PP slices add up to it (replicated ones once per rank)."""
+    import torch
+
+    from megatrain.model import Transformer
+
+    cfg = load_config("tiny", BASE + ["model.n_layers=5"])
+    torch.manual_seed(0)
+    assert total_params(cfg.model) == Transformer(cfg.model).num_params()
+    one = stage_params(cfg.model, 1, 1, 100_000)
+    assert one[0].local == total_params(cfg.model) and one[0].layers == 5
+    stages = stage_params(cfg.model, 1, 2, 100_000)
+    assert [s.layers for s in stages] == [3, 2] and stages[0].first and stages[1].last  # DeepSpeed's partition
+    assert sum(s.local for s in stages) == total_params(cfg.model)
+    h, V = cfg.model.d_model, cfg.model.vocab_size
+    norms = (2 * 5 + 1) * h  # replicated on each TP rank
+    assert stage_params(cfg.model, 2, 1, 100_000)[0].local == (total_params(cfg.model) - norms) // 2 + norms
+    tied = load_config("tiny", BASE + ["model.tie_embeddings=true"]).model
+    first, last = stage_params(tied, 1, 2, 100_000)
+    assert first.local + last.local == total_params(tied) + V * h  # the last stage holds a tied copy
+
+
+@pytest.mark.parametrize("dp", [1, 8, 64])
+def test_zero2_bf16_equals_deepspeeds_estimate(dp):
+    """DeepSpeed's estimate_zero2_model_states_mem_needs: 2 bytes of bf16 parameters + 18 per parameter over the
+    data-parallel ranks (bf16 and fp32 gradient, fp32 master, Adam's two moments): the plan keeps the same."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    P = 6_738_415_616
+    ours = model_states(P, 0, dp, 2, "bf16", 16, False, False, False, 50_000_000)
+    assert ours.device == pytest.approx(estimate_zero2_model_states_mem_needs(P, dp, 1, cpu_offload=False)[1], rel=1e-9)
+
+
+def test_zero3_bf16_against_deepspeeds_estimate():
+    """DeepSpeed's estimate_zero3_model_states_mem_needs: 4 bytes for the largest layer + 18 per parameter over the
+    ranks. The plan counts 20 (the bf16 partition of the parameters too, 2P/N, which DeepSpeed's stage 3 keeps in
+    fp16_partitioned_groups_flat) and, for the working set, the gathered parameters, the persistent small ones and
+    the reduce bucket instead of the largest layer."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    P, N, largest = 6_738_415_616, 8, 32000 * 4096
+    ds = estimate_zero3_model_states_mem_needs(P, largest, N, 1, cpu_offload=False, zero_init=False)[1]
+    ours = model_states(P, 0, N, 3, "bf16", 16, False, False, False, 0)
+    assert ours.device - 2 * P / N == pytest.approx(ds - 4 * largest, rel=1e-9)
+
+
+def test_search_finds_fitting_layouts_fastest_first(capsys):
+    """7B on 8 x 80 GB: layouts that fit, each within the usable memory, sorted by step time; the first one's --set
+    line reproduces its plan."""
+    from megatrain.planning.search import search, usable_bytes
+    from megatrain.planning.timing import KNOWN_GPUS, Cluster
+
+    cfg = load_config("llama-7b", ["model.vocab_size=32000", "train.global_batch_size=64"])
+    cluster = Cluster(KNOWN_GPUS["h100"], 8, 8)
+    fits, _ = search(cfg, cluster, "bf16")
+    assert fits and all(f.peak <= usable_bytes(cluster) for f in fits)
+    times = [f.time.step_s for f in fits]
+    assert times == sorted(times)
+    assert {f.tp * f.pp * f.dp for f in fits} == {8}
+    best = fits[0]
+    sets = [a for a in best.sets().split() if a != "--set"]
+    again = plan_layout(load_config("llama-7b", ["model.vocab_size=32000", "train.global_batch_size=64", *sets]), 8,
+                        cluster, "bf16")
+    assert again.peak == best.peak and again.time.step_s == best.time.step_s
+
+
+def test_plan_command_prints_and_refuses_bad_input(capsys):
+    assert cli_main(["plan", "--config", "llama-1.3b", "--set", "model.vocab_size=32000", "--gpus", "1",
+                     "--gpu-memory", "24", "--gpu-tflops", "165"]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "predicted MFU" in out and "fit" in out
+    cases = [
+        (["--config", "tiny", "--set", "parallel.tp=3", "--gpus", "3", "--gpu", "h100"], "not divisible by tp=3"),
+        (["--config", "tiny", "--gpus", "3", "--gpu", "h100", "--set", "parallel.tp=2"], "does not divide"),
+        (["--config", "tiny", "--gpus", "2"], "give --gpu NAME"),
+        (["--config", "tiny", "--gpus", "2", "--gpu-memory", "-4"], "must be above 0"),
+        (["--config", "llama-7b", "--set", "model.vocab_size=32000", "--gpus", "1", "--gpu", "a10g", "--search"],
+         "no layout of 1 GPUs fits: the smallest needs"),
+    ]
+    for args, msg in cases:
+        assert cli_main(["plan", *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_shipped_presets_plan(capsys):
+    """Every shipped pretraining preset gets a plan on one H100 (memory-only when it does not fit)."""
+    from megatrain.config import PRESET_DIR
+
+    for preset in sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("finetune")):
+        gpus = 64 if preset == "llama-70b" else 1
+        assert cli_main(["plan", "--config", preset, "--set", "model.vocab_size=32000", "--gpus", str(gpus),
+                         "--gpu", "h100"]) == 0, preset
+    assert os.path.isfile(PRESET_DIR / "llama-70b.yaml")
