@@ -146,6 +146,7 @@ def render(plan, cluster, title: str) -> list[str]:
               f"  TP all-reduces       {tm.tp_s:8.3f} s ({tm.tp_bytes / 1e9:.2f} GB per rank)",
               f"  PP sends             {tm.pp_s:8.3f} s ({tm.pp_bytes / 1e9:.2f} GB per rank)",
               f"  DP/ZeRO collectives  {tm.dp_s:8.3f} s exposed ({tm.dp_bytes / 1e9:.2f} GB per rank)",
+              *([f"  {'host offload':<21}{tm.offload_s:8.3f} s (PCIe transfers, Adam on the host)"] if tm.offload_s else []),
               f"  step                 {tm.step_s:8.3f} s | {tm.tokens_per_s:,.0f} tokens/s | predicted MFU {tm.mfu:.1%}"]
     return lines
 
@@ -169,15 +170,19 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError("--search ranks layouts by step time: give --gpu NAME or --gpu-tflops")
     fits, smallest = search(cfg, cluster, precision)
     if not fits:
-        raise ConfigError(f"no layout of {args.gpus} GPUs fits: the smallest needs {smallest / GiB:.1f} GiB per GPU; "
-                          f"add GPUs, shorten data.seq_len, or offload (parallel.offload_optimizer/offload_params)")
+        from megatrain.planning.search import usable_bytes
+
+        raise ConfigError(f"no layout of {args.gpus} GPUs fits (offload included): the smallest needs "
+                          f"{smallest / GiB:.1f} GiB per GPU of {usable_bytes(cluster) / GiB:.1f} GiB usable; add GPUs "
+                          f"or shorten data.seq_len")
     print(title)
     print(f"{len(fits)} layouts fit; fastest first:")
-    print(f"  {'#':>2} {'tp':>3} {'pp':>3} {'dp':>4} {'ZeRO':>4} {'mb':>3} {'ckpt':>9} {'sp':>3} {'peak GiB':>9} "
-          f"{'step s':>8} {'MFU':>6}")
+    print(f"  {'#':>2} {'tp':>3} {'pp':>3} {'dp':>4} {'ZeRO':>4} {'offload':>8} {'mb':>3} {'ckpt':>9} {'sp':>3} "
+          f"{'peak GiB':>9} {'step s':>8} {'MFU':>6}")
     for i, pl in enumerate(fits[: args.top], 1):
         c = pl.cfg
-        print(f"  {i:>2} {pl.tp:>3} {pl.pp:>3} {pl.dp:>4} {c.parallel.zero_stage:>4} {c.train.micro_batch_size:>3} "
+        off = "+".join(k for k, on in (("opt", c.parallel.offload_optimizer), ("param", c.parallel.offload_params)) if on)
+        print(f"  {i:>2} {pl.tp:>3} {pl.pp:>3} {pl.dp:>4} {c.parallel.zero_stage:>4} {off or '-':>8} {c.train.micro_batch_size:>3} "
               f"{c.train.activation_checkpointing:>9} {'y' if c.parallel.sequence_parallel else '-':>3} "
               f"{pl.peak / GiB:>9.1f} {pl.time.step_s:>8.2f} {pl.time.mfu:>6.1%}")
     print("\nbest layout:\n  " + fits[0].sets())

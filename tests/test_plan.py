@@ -154,8 +154,9 @@ def test_plan_command_prints_and_refuses_bad_input(capsys):
         (["--config", "tiny", "--gpus", "3", "--gpu", "h100", "--set", "parallel.tp=2"], "does not divide"),
         (["--config", "tiny", "--gpus", "2"], "give --gpu NAME"),
         (["--config", "tiny", "--gpus", "2", "--gpu-memory", "-4"], "must be above 0"),
-        (["--config", "llama-7b", "--set", "model.vocab_size=32000", "--gpus", "1", "--gpu", "a10g", "--search"],
-         "no layout of 1 GPUs fits: the smallest needs"),
+        (["--config", "llama-7b", "--set", "model.vocab_size=32000", "--gpus", "1", "--gpu-memory", "4",
+          "--gpu-tflops", "100", "--search"], "no layout of 1 GPUs fits (offload included): the smallest needs"),
+        (["--config", "tiny", "--gpus", "1", "--gpu-memory", "24", "--search"], "give --gpu NAME or --gpu-tflops"),
     ]
     for args, msg in cases:
         assert cli_main(["plan", *args]) == 1

@@ -38,7 +38,7 @@ class StageParams:
 
 def parameter_table(m: ModelConfig) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
     """(name, numel, shape) of every parameter of the model, from a meta-device build (no memory, no init)."""
-    return _parameter_table(tuple(dataclasses.astuple(dataclasses.replace(m, fused_kernels="off"))))
+    return _parameter_table(_model_key(m))
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,7 +73,17 @@ def blocks_per_stage(n_layers: int, pp: int) -> tuple[int, ...]:
 
 def stage_params(m: ModelConfig, tp: int, pp: int, persistence_threshold: int) -> list[StageParams]:
     """Per pipeline stage: what one of its ranks holds."""
-    table = parameter_table(m)
+    return list(_stage_params(_model_key(m), tp, pp, persistence_threshold))
+
+
+def _model_key(m: ModelConfig) -> tuple:
+    return tuple(dataclasses.astuple(dataclasses.replace(m, fused_kernels="off")))
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_params(key: tuple, tp: int, pp: int, persistence_threshold: int) -> tuple[StageParams, ...]:
+    m = ModelConfig(*key)
+    table = _parameter_table(key)
     blocks = blocks_per_stage(m.n_layers, pp)
     starts = [sum(blocks[:s]) for s in range(pp)]
     out = []
@@ -93,7 +103,7 @@ def stage_params(m: ModelConfig, tp: int, pp: int, persistence_threshold: int) -
                 local += n
                 persistent += n if n < persistence_threshold else 0
         out.append(StageParams(local, persistent, blocks[s], first, last))
-    return out
+    return tuple(out)
 
 
 def total_params(m: ModelConfig) -> int:

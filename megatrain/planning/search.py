@@ -106,9 +106,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _zero_options(pp: int) -> list[tuple[int, tuple[bool, bool]]]:
+    """(ZeRO stage, (offload optimizer, offload params)): pipelines take ZeRO-0/1 without offload."""
+    if pp > 1:
+        return [(0, (False, False)), (1, (False, False))]
+    return [(0, (False, False)), (1, (False, False)), (1, (True, False)), (2, (False, False)), (2, (True, False)),
+            (3, (False, False)), (3, (True, False)), (3, (True, True))]
+
+
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int):
-    """Every (tp, pp, zero_stage, micro-batch, checkpointing, sequence parallel) the config's model and global batch
-    allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share."""
+    """Every (tp, pp, zero_stage, offload, micro-batch, checkpointing, sequence parallel) the config's model and global
+    batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share."""
     G = cfg.train.global_batch_size
     for tp in _divisors(gpus):
         if tp > gpus_per_node:
@@ -117,15 +125,15 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int):
             dp = gpus // (tp * pp)
             if pp > cfg.model.n_layers or G % dp:
                 continue
-            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+            for zero, offload in _zero_options(pp):
                 for mb in (1, 2, 4, 8, 16, 32):
                     if (G // dp) % mb:
                         continue
                     for ckpt in ("none", "selective", "full"):
                         for sp in ((False, True) if tp > 1 else (False,)):
                             yield with_layout(cfg, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
-                                              parallel__sequence_parallel=sp, parallel__offload_optimizer=False,
-                                              parallel__offload_params=False, train__micro_batch_size=mb,
+                                              parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
+                                              parallel__offload_params=offload[1], train__micro_batch_size=mb,
                                               train__activation_checkpointing=ckpt)
 
 

@@ -5,14 +5,15 @@ A first-order model, stated so it can be checked: compute runs at `compute_effic
 peak; a collective moves its bytes at `comm_efficiency` of the link (ring all-reduce: 2(n-1)/n of the tensor per
 rank, reduce-scatter and all-gather (n-1)/n each); a TP group or a DP group that spans nodes goes at the inter-node
 rate. TP and pipeline transfers are not overlapped with compute (they sit between dependent matmuls); ZeRO-2/3's
-reductions overlap the backward (DeepSpeed's overlap_comm), ZeRO-0/1's all-reduce does not.
+reductions overlap the backward (DeepSpeed's overlap_comm), ZeRO-0/1's all-reduce does not; offloaded states cross
+PCIe and the host runs Adam, neither overlapped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from megatrain.config import Config, kv_heads
-from megatrain.planning.memory import StageParams, bytes_per_value
+from megatrain.planning.memory import FP32, StageParams, bytes_per_value
 
 
 @dataclass(frozen=True)
@@ -22,20 +23,23 @@ class GPU:
     tflops: float  # dense bf16 peak (no sparsity)
     intra_node_gbps: float  # per GPU, one direction, Gbit/s: NVLink/NVSwitch (or PCIe)
     inter_node_gbps: float  # per GPU, one direction, Gbit/s: the network (InfiniBand/RoCE NIC per GPU)
+    host_gbps: float = 256  # per GPU, one direction, Gbit/s: PCIe to the host (offloaded states cross it)
 
 
 # Peaks from the vendors' data sheets (SXM parts, dense); links: NVLink 4 = 450 GB/s per direction (H100/H200),
-# NVLink 3 = 300 GB/s (A100), PCIe 4.0 x16 = 32 GB/s; networks: one 400G NIC per GPU (H100/H200), 200G (A100).
+# NVLink 3 = 300 GB/s (A100), PCIe 4.0 x16 = 32 GB/s (5.0: 64 GB/s); networks: one 400G NIC per GPU (H100/H200),
+# 200G (A100).
 KNOWN_GPUS = {
-    "h100": GPU("H100 80GB SXM", 80, 989.0, 3600, 400),
-    "h200": GPU("H200 141GB SXM", 141, 989.0, 3600, 400),
+    "h100": GPU("H100 80GB SXM", 80, 989.0, 3600, 400, 512),
+    "h200": GPU("H200 141GB SXM", 141, 989.0, 3600, 400, 512),
     "a100-80g": GPU("A100 80GB SXM", 80, 312.0, 2400, 200),
     "a100-40g": GPU("A100 40GB SXM", 40, 312.0, 2400, 200),
     "l40s": GPU("L40S 48GB", 48, 362.0, 256, 100),
     "a10g": GPU("A10G 24GB", 24, 125.0, 256, 100),
     "rtx4090": GPU("RTX 4090 24GB", 24, 165.0, 256, 100),
-    "v100": GPU("V100 32GB SXM (fp16)", 32, 125.0, 1200, 100),
+    "v100": GPU("V100 32GB SXM (fp16)", 32, 125.0, 1200, 100, 128),
 }
+CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeed's CPU Adam on the host cores one rank gets (order of magnitude)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class StepTime:
     tp_s: float
     pp_s: float
     dp_s: float  # exposed (not hidden behind the backward)
+    offload_s: float  # offloaded states: PCIe transfers and the host's Adam step
     tp_bytes: float  # per rank per step
     pp_bytes: float
     dp_bytes: float
@@ -116,8 +121,15 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
         dp_bytes, hidden = 3 * share * w * local * grad_accum, 2 / 3 * compute
     tp_s, pp_s, dp_total = tp_bytes / tp_link, (pp_bytes * (grad_accum + pp - 1) / max(grad_accum, 1)) / pp_link, dp_bytes / dp_link
     dp_s = max(0.0, dp_total - hidden)
-    step = compute + tp_s + pp_s + dp_s
+    offload_s = 0.0
+    part = local / dp if p.zero_stage >= 1 else local
+    host_link = cluster.gpu.host_gbps * 1e9 / 8 * cluster.comm_efficiency
+    if p.offload_optimizer:  # gradients down, updated parameters up, Adam on the host
+        offload_s += (FP32 + w) * part / host_link + part / CPU_ADAM_PARAMS_PER_S
+    if p.offload_params:  # every micro-batch reads the partition from the host, forward and backward
+        offload_s += 2 * w * part * grad_accum / host_link
+    step = compute + tp_s + pp_s + dp_s + offload_s
     world = tp * pp * dp
     mfu = flops_per_step / (step * world * cluster.gpu.tflops * 1e12)
-    return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, tp_bytes, pp_bytes, dp_bytes, step, mfu,
+    return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, offload_s, tp_bytes, pp_bytes, dp_bytes, step, mfu,
                     t.global_batch_size * s / step)

@@ -6,6 +6,7 @@ never disagree.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,11 @@ def find_shipped(folder: str, name: str) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=16)
+def _shipped_text(folder: str, name: str) -> str:
+    return find_shipped(folder, name).read_text()
+
+
 def resolve_precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
@@ -37,7 +43,7 @@ def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = No
     ZeRO's gradient bucket."""
     p = cfg.parallel
     name = "zero3_offload.json" if (p.zero_stage == 3 and (p.offload_params or p.offload_optimizer)) else f"zero{p.zero_stage}.json"
-    ds = json.loads(find_shipped("ds_configs", name).read_text())
+    ds = json.loads(_shipped_text("ds_configs", name))
     grad_accum = validate_world(cfg, world_size)  # data-parallel size = world / (tp x pp)
     precision = resolve_precision(cfg)
     ds.update(
