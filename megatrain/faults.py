@@ -9,6 +9,8 @@ global rank R). A point with no conditions fires every time. The points:
     inf_grad     one gradient element on this rank becomes inf after the backward (an overflow)
     enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
     raise        the code at a fault point raises (a rank failing before a collective)
+    kill_before_index         preprocess (IndexedDatasetWriter) is killed (SIGKILL) between renaming its .bin and .idx
+    kill_before_sample_meta   the sample-index build is killed after saving its arrays, before the .json that marks it
 Unset (the normal case), every check is one dictionary lookup.
 """
 from __future__ import annotations
@@ -24,6 +26,14 @@ def _parse(spec: str) -> dict[str, list[dict[str, int]]]:
         point, *conds = entry.split("@")
         faults.setdefault(point, []).append({k: int(v) for k, v in (c.split("=", 1) for c in conds)})
     return faults
+
+
+def kill_here(point: str) -> None:
+    """SIGKILL this process at fault point `point` when it is injected (no cleanup runs, as with kill -9)."""
+    if os.environ.get("MEGATRAIN_FAULTS") and fires(point):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fires(point: str, step: int | None = None) -> bool:

@@ -39,6 +39,38 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove `path`.tmp<pid>* files left by a process of this host that died before its rename (kill -9, a lost
+    node); a live process's are kept. Returns what was removed."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    removed = []
+    try:
+        entries = os.listdir(folder or ".")
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(name + ".tmp"):
+            continue
+        digits = entry[len(name) + 4:].split(".")[0]
+        if not digits.isdigit() or _alive(int(digits)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, entry))
+            removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def write_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
     """Write `text` to `path` all at once, flushed to disk before the rename; `mode`: the file's permissions."""
     with atomic_path(path) as tmp:

@@ -91,7 +91,11 @@ class IndexedDatasetWriter:
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "IndexedDatasetWriter":
+        from megatrain.fileio import remove_stale_temporaries
+
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        for final in (bin_path(self.prefix), idx_path(self.prefix), f"{self.prefix}.meta.json"):
+            remove_stale_temporaries(final)  # a killed writer's half-written files
         self._bin = open(self._tmp_bin, "wb")
         return self
 
@@ -141,10 +145,16 @@ class IndexedDatasetWriter:
         if self._doc_idx[-1] != len(self._sizes):
             self.end_document()  # sequences added with add_item but no end_document
         write_index(self._tmp_idx, self.dtype, np.asarray(self._sizes, np.int32), np.asarray(self._doc_idx, np.int64))
-        # The .idx goes last: a .bin without its .idx is never mistaken for a finished dataset.
+        # The .idx goes last: a .bin without its .idx is never mistaken for a finished dataset. An older dataset's
+        # .idx goes first, so that no moment pairs the new .bin with the old .idx (a kill -9 between the renames).
+        from megatrain import faults
+
+        if os.path.exists(idx_path(self.prefix)):
+            os.remove(idx_path(self.prefix))
         for tmp, final in self._extra_files.items():
             os.replace(tmp, final)
         os.replace(self._tmp_bin, bin_path(self.prefix))
+        faults.kill_here("kill_before_index")
         os.replace(self._tmp_idx, idx_path(self.prefix))
 
     def abort(self) -> None:

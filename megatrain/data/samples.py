@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from megatrain.data.indexed import IndexedDataset
-from megatrain.fileio import atomic_path, write_atomic
+from megatrain.fileio import atomic_path, remove_stale_temporaries, write_atomic
 
 INDEX_VERSION = 2  # bump when the index construction changes, to invalidate old caches
 
@@ -179,10 +179,14 @@ def _load_or_build(cache_prefix: str, key: dict, build) -> tuple[SampleIndex, bo
     built = False
     if not distributed or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
         if not os.path.isfile(meta_path):  # the .json is written last: its presence means complete
+            from megatrain import faults
+
             index = build()
             for n in names:
+                remove_stale_temporaries(paths[n])  # a killed build's half-written arrays
                 with atomic_path(paths[n], suffix=".npy") as tmp:
                     np.save(tmp, getattr(index, n))
+            faults.kill_here("kill_before_sample_meta")
             write_atomic(meta_path, json.dumps(dict(key, epochs=index.epochs), indent=1))
             built = True
     if distributed:
