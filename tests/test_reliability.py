@@ -266,60 +266,79 @@ def _environ(pid: int) -> dict:
     return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
 
 
-def _start_two_ranks(how: str, data: str, ck: str, env: dict) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
-    """A 2-rank tiny run under torchrun, or launched bare as srun would (SLURM_* variables, no launcher watching).
-    Returns (the process to wait for, the two rank processes)."""
+def _descendant_ranks(top: int, world: int, timeout: float = 120) -> list:
+    """The rank processes under a launcher (torchrun's children, or deepspeed's launcher's grandchildren), by RANK."""
+    deadline = time.time() + timeout
+    while True:
+        found, frontier = [], [top]
+        while frontier:
+            kids = subprocess.run(["pgrep", "-P", ",".join(map(str, frontier))], capture_output=True, text=True).stdout.split()
+            frontier = [int(k) for k in kids]
+            for k in frontier:
+                env = _environ(k) if os.path.exists(f"/proc/{k}/environ") else {}
+                if "RANK" in env and "megatrain.pretrain" in pathlib.Path(f"/proc/{k}/cmdline").read_text(errors="replace"):
+                    found.append((int(env["RANK"]), k))
+        if len(found) == world or time.time() > deadline:
+            return [type("P", (), {"pid": pid})() for _, pid in sorted(found)]
+        time.sleep(0.2)
+
+
+def _start_ranks(how: str, world: int, data: str, ck: str, env: dict) -> tuple[subprocess.Popen, list]:
+    """A `world`-rank tiny run under the deepspeed launcher, torchrun, or launched bare as srun would (SLURM_*
+    variables, no launcher watching). Returns (the process to wait for, the rank processes by rank)."""
     from megatrain.training.dist_env import free_port
 
     args = ["--config", "tiny", *set_args(small_sets(data, ck, **{"train.max_steps": 10000, "checkpoint.interval": 20,
                                                                   "train.eval_interval": 0,
                                                                   "parallel.timeout_minutes": 2}))]
     port = str(free_port())
-    if how == "torchrun":
-        top = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                port, "-m", "megatrain.pretrain", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **env), start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            kids = subprocess.run(["pgrep", "-P", str(top.pid)], capture_output=True, text=True).stdout.split()
-            if len(kids) == 2 or time.time() > deadline:
-                break
-            time.sleep(0.2)
-        ranks = sorted((int(_environ(int(k)).get("RANK", -1)), int(k)) for k in kids)
-        return top, [type("P", (), {"pid": pid})() for _, pid in ranks]
-    procs = _bare_ranks(args, port, env, subprocess.PIPE)
-    return procs[0], procs
+    if how == "bare":
+        procs = _bare_ranks(args, port, env, subprocess.PIPE, world)
+        return procs[0], procs
+    launcher = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                             "--master_port", port, "-m", "megatrain.pretrain"],
+                "deepspeed": [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world),
+                              "--master_port", port, "--module", "megatrain.pretrain"]}[how]
+    top = subprocess.Popen([*launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=dict(os.environ, **env), start_new_session=True)
+    return top, _descendant_ranks(top.pid, world)
 
 
-def _bare_ranks(args: list[str], port: str, env: dict, stdout) -> list[subprocess.Popen]:
-    """`python -m megatrain.pretrain ARGS` as ranks 0 and 1 of a 2-process job with no launcher (the SLURM_*
+def _bare_ranks(args: list[str], port: str, env: dict, stdout, world: int = 2) -> list[subprocess.Popen]:
+    """`python -m megatrain.pretrain ARGS` as the ranks of a `world`-process job with no launcher (the SLURM_*
     variables srun would set), each in its own session (so a test can kill it whole)."""
     return [subprocess.Popen([sys.executable, "-m", "megatrain.pretrain", *args], stdout=stdout,
                              stderr=subprocess.STDOUT if stdout == subprocess.PIPE else subprocess.DEVNULL, text=True,
                              start_new_session=True,
-                             env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)) for r in range(2)]
+                             env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS=str(world), SLURM_LOCALID=str(r),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)) for r in range(world)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["torchrun", "bare"])
-def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, how):
-    """Every rank of the job exits non-zero within a minute (not DeepSpeed's 30-minute collective timeout), under
-    torchrun and with no launcher watching (as under srun): first a rank that raises at step 3, then a rank killed
-    with SIGKILL mid-run; the survivor says in one line that it lost the other ranks; the rerun resumes."""
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("how,world", [("torchrun", 2), ("bare", 2), ("deepspeed", 2), ("torchrun", 4), ("bare", 4),
+                                       ("deepspeed", 4)])
+def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, how, world):
+    """Every rank of the job exits non-zero within a minute (not DeepSpeed's 30-minute collective timeout), under the
+    deepspeed launcher, torchrun and with no launcher watching (as under srun), at 2 and 4 processes: first a rank
+    that raises at step 3, then a rank killed with SIGKILL mid-run (the last rank at 2, a middle one at 4); a bare
+    survivor says in one line that it lost the other ranks; the rerun resumes."""
     data = make_byte_dataset(tmp_path)
+    victim = 1 if world == 2 else 2
     for fault in ("raise", "kill"):
         ck = str(tmp_path / f"{how}-{fault}")
-        top, ranks = _start_two_ranks(how, data, ck, {"MEGATRAIN_FAULTS": "raise@step=3@rank=1"} if fault == "raise" else {})
+        faults = {"MEGATRAIN_FAULTS": f"raise@step=3@rank={victim}"} if fault == "raise" else {}
+        top, ranks = _start_ranks(how, world, data, ck, faults)
         try:
+            assert len(ranks) == world, f"found {len(ranks)} of {world} ranks under {how}"
             if fault == "kill":
-                deadline = time.time() + 180
+                deadline = time.time() + 240
                 while not os.path.isfile(os.path.join(ck, "latest")):
                     assert time.time() < deadline, "no checkpoint was saved"
                     time.sleep(0.2)
-                os.kill(ranks[1].pid, signal.SIGKILL)
+                os.kill(ranks[victim].pid, signal.SIGKILL)
             t0 = time.time()
-            out, _ = top.communicate(timeout=120)
+            out, _ = top.communicate(timeout=180)
             waited = time.time() - t0
         finally:
             for p in ranks + [top]:
@@ -327,15 +346,19 @@ def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, h
                     os.killpg(p.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        print(f"{how}/{fault}: every rank gone {waited:.1f} s after the fault")
+        print(f"{how}/{world}/{fault}: every rank gone {waited:.1f} s after the fault")
         assert top.returncode != 0 and waited < 60, (how, fault, waited, out[-3000:])
+        alive = [p.pid for p in ranks if os.path.exists(f"/proc/{p.pid}") and
+                 pathlib.Path(f"/proc/{p.pid}/stat").read_text().split()[2] != "Z"]
+        assert not alive, f"ranks still running after the launcher exited: {alive}"
         if how == "bare":
             assert all(p.wait(30) != 0 for p in ranks)
             assert "megatrain pretrain: error: rank 0 lost contact with the other ranks at step" in out, out[-3000:]
         if fault == "kill":  # the rerun resumes from the last complete checkpoint
             step = int(open(os.path.join(ck, "latest")).read()[4:])
-            run_distributed(run_configs, 2, [small_sets(data, ck, **{"train.max_steps": step + 1, "checkpoint.interval": 20,
-                                                                     "train.eval_interval": 0})], timeout=300)
+            run_distributed(run_configs, world, [small_sets(data, ck, **{"train.max_steps": step + 1,
+                                                                         "checkpoint.interval": 20,
+                                                                         "train.eval_interval": 0})], timeout=300)
             assert step + 1 in losses(ck)
 
 
