@@ -248,17 +248,29 @@ def test_on_two_ranks_a_fault_on_one_rank_skips_the_same_step_everywhere(tmp_pat
 
 
 @pytest.mark.slow
-def test_on_two_ranks_resume_with_dropout_is_exact_and_each_data_parallel_rank_has_its_own_masks(tmp_path):
+@pytest.mark.parametrize("layout", ["dp2_zero2", "tp2_sp_full_ckpt"])
+def test_on_two_ranks_resume_with_dropout_is_exact_and_ranks_holding_their_own_part_have_their_own_masks(tmp_path,
+                                                                                                         layout):
+    """Data-parallel ranks draw their own dropout masks; tensor-parallel ranks draw alike on replicated activations
+    and their own on their heads and (sequence parallel) tokens, also when a checkpointed block is recomputed; a
+    resume continues every stream exactly."""
     data = make_byte_dataset(tmp_path)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    over = {"model.dropout": 0.2, "logging.peak_tflops": 0.0, "parallel.zero_stage": 2}
+    over = {"model.dropout": 0.2, "logging.peak_tflops": 0.0}
+    over.update({"parallel.zero_stage": 2} if layout == "dp2_zero2" else
+                {"parallel.tp": 2, "parallel.sequence_parallel": True, "train.activation_checkpointing": "full"})
     run_distributed(run_configs, 2, [small_sets(data, a, **over), small_sets(data, b, **over)], timeout=600)
     with open(os.path.join(b, "latest"), "w") as f:
         f.write("step00000003")
     run_distributed(run_configs, 2, [small_sets(data, b, **over)], timeout=600)
     assert_close_curves(losses(a), losses(b), rtol=1e-6, steps=[4, 5, 6])
     r0, r1 = (torch.load(os.path.join(a, "step00000003", f"rng_rank{r}.pt"), weights_only=True) for r in (0, 1))
-    assert not torch.equal(r0["torch"], r1["torch"])  # before the fix every rank drew the same dropout masks
+    if layout == "dp2_zero2":
+        assert not torch.equal(r0["torch"], r1["torch"])  # before the fix every rank drew the same dropout masks
+    else:
+        assert torch.equal(r0["torch"], r1["torch"])  # replicated activations: the same masks on both TP ranks
+        s0, s1 = r0["tp_stream"]["model-parallel-rng"], r1["tp_stream"]["model-parallel-rng"]
+        assert not torch.equal(s0, s1)  # heads and tokens of their own: before the fix the same masks
 
 
 def _environ(pid: int) -> dict:

@@ -100,3 +100,62 @@ def _check_model(rank, world):
 @pytest.mark.parametrize("check", [_check_layers, _check_model])
 def test_tensor_parallel_equals_unsplit(check):
     run_distributed(check, 2, timeout=180)
+
+
+def _check_dropout_streams(rank, world):
+    """Attention dropout draws its own masks on each TP rank (parallel/rng.py), and the same masks again when a
+    checkpointed block is recomputed. The two ranks' heads are made identical, so equal masks would give equal
+    attention outputs: before the per-rank stream they did."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from megatrain.config import ModelConfig
+    from megatrain.model import Transformer
+    from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_tp
+    from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
+
+    g = dist.new_group(list(range(world)))
+    cfg = ModelConfig(vocab_size=64, n_layers=1, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=16, dropout=0.5)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():  # rank 1's heads (q 2-3, kv 1) := rank 0's heads (q 0-1, kv 0)
+        w, hd = model.layers[0].attn.qkv.weight, 8
+        w[2 * hd: 4 * hd] = w[0: 2 * hd]
+        w[4 * hd + hd: 4 * hd + 2 * hd] = w[4 * hd: 4 * hd + hd]
+        w[6 * hd + hd: 6 * hd + 2 * hd] = w[6 * hd: 6 * hd + hd]
+    apply_tp(model, g)
+    apply_tp_dropout_streams(model, sequence_parallel=False, seed=tp_stream_seed(1234, 0, rank))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(*args, **kwargs):
+        y = sdpa(*args, **kwargs)
+        seen.append(y.detach().clone())
+        return y
+
+    F.scaled_dot_product_attention = record
+    try:
+        tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(7)  # the default stream alike on both ranks, as Run.start_rng seeds a TP group
+        model.eval()
+        model(tokens)
+        model.train()
+        model(tokens)
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")  # deepspeed.checkpointing asks DeepSpeed's comm for the rank
+        apply_activation_checkpointing(model, "full")
+        loss = model(tokens, tokens)
+        loss.backward()  # the block is recomputed: its attention runs again
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    mine = torch.stack(seen)
+    other = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(other, mine, group=g)
+    assert torch.equal(other[0][0], other[1][0])  # eval: the two ranks' heads compute the same
+    assert not torch.equal(other[0][1], other[1][1])  # training: each rank drops its own pattern
+    torch.testing.assert_close(mine[3], mine[2], rtol=0, atol=0)  # the recompute drew the forward's masks
+
+
+def test_attention_dropout_differs_across_tp_ranks_and_replays_on_recompute():
+    run_distributed(_check_dropout_streams, 2, timeout=180)

@@ -48,6 +48,11 @@ def rng_state() -> dict:
              "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    from megatrain.parallel.rng import tp_stream_state
+
+    tp = tp_stream_state()
+    if tp:  # the per-TP-rank dropout stream (parallel/rng.py)
+        state["tp_stream"] = tp
     return state
 
 
@@ -58,6 +63,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, py, None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if "tp_stream" in state:
+        from megatrain.parallel.rng import set_tp_stream_state
+
+        set_tp_stream_state(state["tp_stream"])
 
 
 def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict, extra: dict | None = None) -> str:

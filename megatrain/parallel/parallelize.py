@@ -139,8 +139,15 @@ def parallelize(model: Transformer, cfg, layout, grid):
     """Everything, in order: TP split -> activation checkpointing -> pipeline stages. Returns the module to
     hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
     tp_group = grid.get_slice_parallel_group()
-    # NOTE: TP first: checkpointing must wrap the split blocks, and the pipeline cuts the final modules.
+    # NOTE: TP first: checkpointing must wrap the split blocks (and their dropout streams, which it then restores for
+    # the recompute), and the pipeline cuts the final modules.
     apply_tp(model, tp_group, cfg.parallel.sequence_parallel)
+    if layout.tp > 1:
+        from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
+
+        replica = grid.get_pipe_parallel_rank() * layout.dp + grid.get_data_parallel_rank()
+        apply_tp_dropout_streams(model, cfg.parallel.sequence_parallel,
+                                 tp_stream_seed(cfg.train.seed, replica, grid.get_slice_parallel_rank()))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, grid, cfg.parallel.partition_activations)
     if layout.pp == 1:
         return model

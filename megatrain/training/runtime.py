@@ -133,14 +133,20 @@ class Run:
         measuring the MFU peak): the resumed checkpoint's RNG states, so the dropout masks continue exactly; in a
         fresh run a seed of this rank's own. Every data-parallel rank draws its own dropout masks (identical masks
         on every replica would waste the data parallelism's samples); the tensor-parallel ranks of one replica draw
-        alike, as the activations between their split layers are replicas that must stay equal."""
+        alike, as the activations between their split layers are replicas that must stay equal, except where each
+        holds its own part (attention heads; tokens under sequence parallelism: parallel/rng.py)."""
         from megatrain.checkpoint.io import set_rng_state
 
         if self.saved_rng is not None:
             set_rng_state(self.saved_rng)
             self.saved_rng = None
             return
-        torch.manual_seed(self.cfg.train.seed * 1_000_003 + 7919 * (self.pp_rank * self.layout.dp + self.dp_rank) + 1)
+        replica = self.pp_rank * self.layout.dp + self.dp_rank
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + 7919 * replica + 1)
+        if self.layout.tp > 1 and self.cfg.model.dropout > 0:  # attention's (and SP's) own stream per TP rank
+            from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
+
+            seed_tp_stream(tp_stream_seed(self.cfg.train.seed, replica, self.tp_rank))
 
     def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
         from megatrain.checkpoint import io as checkpoint
