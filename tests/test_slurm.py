@@ -135,3 +135,65 @@ def test_finetune_sbatch_runs_to_the_end_and_equals_one_rank(cluster, reference,
     assert "world 2 = tp 1 x pp 1 x dp 2" in log.read_text() and (Path(two) / "best").exists()
     assert_close_curves(losses(one), losses(two), rtol=1e-5)
     assert_close_curves(losses(one, "eval"), losses(two, "eval"), rtol=1e-5)
+
+
+def test_a_rank_killed_under_srun_ends_the_job_in_seconds_and_a_resubmit_resumes(cluster, reference, tmp_path):
+    """kill -9 of one rank (the second node's) of a 2-node srun job: the job ends FAILED within a minute, not at
+    DeepSpeed's 30-minute collective timeout; a resubmitted job resumes from the last complete checkpoint."""
+    import os
+    import pathlib
+    import signal
+
+    data, _, _ = reference
+    ckpt, log = tmp_path / "ckpt", tmp_path / "job.out"
+    env = {**cluster.env(), **RANK_ENV, "MEGATRAIN_LAUNCHERS": str(SBATCH.parent.parent), "MEGATRAIN_LAUNCH_MODE": "srun"}
+    args = set_args(small_sets(data, str(ckpt), **{"train.max_steps": 100000, "train.eval_interval": 0,
+                                                   "checkpoint.interval": 10, "parallel.timeout_minutes": 2}))
+
+    def submit(output):
+        sub = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                              "--cpus-per-task=1", "--time=10", "--no-requeue", f"--output={output}", str(SBATCH),
+                              "--config", "tiny", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert sub.returncode == 0, sub.stderr
+        return sub.stdout.strip().split(";")[0]
+
+    def rank_pid(rank: int) -> int | None:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"megatrain.pretrain" in cmd and f"SLURM_PROCID={rank}".encode() in environ and \
+                    f"SLURM_JOB_ID={job}".encode() in environ:
+                return int(pid)
+        return None
+
+    job = submit(log)
+    context = lambda: (f"job: {cluster.job(job)}\n" + (log.read_text()[-3000:] if log.exists() else "(no job output)")  # noqa: E731
+                       + "\n" + cluster.logs())
+    try:
+        wait_for(lambda: (ckpt / "latest").exists(), 180, "a checkpoint saved", context)
+        pid = wait_for(lambda: rank_pid(1), 30, "rank 1's process", context)
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.time()
+        state = wait_for(lambda: finished(cluster.job(job)), 120, "the job ended", context)
+        took = time.time() - t0
+    finally:
+        cluster.run(f"scancel {job}", check=False)
+    print(f"\nsrun: rank 1 killed, job {state['JobState']} {took:.1f} s later")
+    assert state["JobState"] == "FAILED" and took < 60, context()
+    assert "task 1: Killed" in log.read_text(), context()  # srun saw the rank die (and ended the others)
+    step = int((ckpt / "latest").read_text()[4:])
+    args = set_args(small_sets(data, str(ckpt), **{"train.max_steps": step + 2, "train.eval_interval": 0,
+                                                   "checkpoint.interval": 10}))
+    log2 = tmp_path / "rerun.out"
+    job = submit(log2)
+    try:
+        state = wait_for(lambda: finished(cluster.job(job)), 240, "the resubmitted job ended", context)
+    finally:
+        cluster.run(f"scancel {job}", check=False)
+    assert state["JobState"] == "COMPLETED", log2.read_text()[-3000:]
+    assert f"resumed from {ckpt}/step{step:08d} at step {step}" in log2.read_text()
+    assert step + 2 in losses(str(ckpt))
