@@ -29,3 +29,21 @@ def test_write_atomic_text_and_mode(tmp_path):
     assert target.read_text() == "second\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert os.listdir(tmp_path) == ["note"]
+
+
+def test_a_half_written_metrics_row_is_cut_reading_only_the_tail(tmp_path):
+    """A run killed mid-row leaves half a line in metrics.jsonl: the resumed run cuts it (and nothing else), however
+    long the file or the half line (the cut reads back from the end in blocks)."""
+    from megatrain.training.metrics import _drop_partial_line
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(f'{{"step": {i}, "loss": 1.0}}\n' for i in range(5000))
+    for tail in ('{"step": 5000, "lo', '{"x": "' + "y" * 200_000):  # a short and a block-spanning half line
+        path.write_text(rows + tail)
+        _drop_partial_line(str(path))
+        assert path.read_text() == rows
+    _drop_partial_line(str(path))  # whole lines: unchanged
+    assert path.read_text() == rows
+    path.write_text('{"step": 1, "lo')  # only half a line
+    _drop_partial_line(str(path))
+    assert path.read_text() == ""

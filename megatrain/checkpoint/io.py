@@ -198,14 +198,19 @@ def _fmt(layout: dict) -> str:
     return f"tp {layout.get('tp')}, pp {layout.get('pp')}, dp {layout.get('dp')}, ZeRO-{layout.get('zero_stage')}"
 
 
-def safe_globals() -> list:
-    """What a DeepSpeed rank file may hold beyond tensors and containers: three of DeepSpeed's record classes (a loss
-    scaler, the ZeRO stage, a fragment address) and numpy scalars. Nothing else is unpickled: no code runs."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+# The only classes a DeepSpeed rank file may name besides tensors and containers: a loss scaler, the ZeRO stage, a
+# fragment address. safe_globals() allows these classes; checkpoint/reader.py reads each into a plain stand-in.
+DEEPSPEED_RECORDS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
 
-    return [LossScaler, ZeroStageEnum, fragment_address, *numpy_scalars()]
+
+def safe_globals() -> list:
+    """What a DeepSpeed rank file may hold beyond tensors and containers: DEEPSPEED_RECORDS and numpy scalars.
+    Nothing else is unpickled: no code runs."""
+    import importlib
+
+    classes = [getattr(importlib.import_module(module), name) for module, name in (r.rsplit(".", 1) for r in DEEPSPEED_RECORDS)]
+    return [*classes, *numpy_scalars()]
 
 
 def numpy_scalars() -> list:

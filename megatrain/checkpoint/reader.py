@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from megatrain.checkpoint.io import STATE_FILE, numpy_scalars, read_latest
+from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
@@ -74,10 +74,9 @@ class _Stage(int):
     """Stands in for DeepSpeed's ZeroStageEnum (an int)."""
 
 
-# DeepSpeed's pickled classes that rank files hold, each read into a plain stand-in (weights_only stays on)
-_DEEPSPEED_RECORDS = [(_Record, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-                      (_Stage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-                      (_Record, "deepspeed.utils.tensor_fragment.fragment_address")]
+# DeepSpeed's pickled classes that rank files hold (io.DEEPSPEED_RECORDS, the one list), each read into a plain
+# stand-in (weights_only stays on)
+_DEEPSPEED_RECORDS = [(_Stage if name.endswith("ZeroStageEnum") else _Record, name) for name in DEEPSPEED_RECORDS]
 
 
 def _load_meta(path: str):

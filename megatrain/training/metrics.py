@@ -69,12 +69,20 @@ def _drop_partial_line(path: str) -> None:
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
         if f.read(1) == b"\n":
             return
-        f.seek(0)
-        data = f.read()
-        f.truncate(data.rfind(b"\n") + 1)
+        pos = end
+        while pos > 0:  # back from the end, a block at a time, to the last complete line
+            start = max(0, pos - 65536)
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 def _wandb_id(run_dir: str) -> str:
