@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -350,6 +351,12 @@ def ffn_width(m: ModelConfig) -> int:
         return 4 * m.d_model
     hidden = int(8 * m.d_model / 3)
     return -(-hidden // m.ff_multiple) * m.ff_multiple
+
+
+def padded_vocab_size(n: int, pad_vocab_multiple: int, tp: int) -> int:
+    """The embedding rows for an n-piece tokenizer: rounded up to pad_vocab_multiple and to a multiple of tp."""
+    step = math.lcm(pad_vocab_multiple, tp)
+    return -(-n // step) * step
 
 
 def kv_heads(m: ModelConfig) -> int:

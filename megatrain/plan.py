@@ -14,9 +14,8 @@ fits by predicted step time and prints the best as --set lines.
 from __future__ import annotations
 
 import argparse
-import math
 
-from megatrain.config import Config, ConfigError
+from megatrain.config import Config, ConfigError, padded_vocab_size
 
 GiB = 2**30
 
@@ -81,8 +80,8 @@ def resolve_model(cfg: Config) -> None:
             from megatrain.data import build_tokenizer
 
             n = build_tokenizer(cfg.data.tokenizer).vocab_size
-        step = math.lcm(m.pad_vocab_multiple, cfg.parallel.tp)
-        m.vocab_size = -(-n // step) * step
+        cfg.tokenizer_vocab = n  # the search pads it again for each tp, as training would
+        m.vocab_size = padded_vocab_size(n, m.pad_vocab_multiple, cfg.parallel.tp)
 
 
 def _gib(n: float) -> str:

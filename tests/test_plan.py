@@ -144,6 +144,20 @@ def test_search_finds_fitting_layouts_fastest_first(capsys):
     assert again.peak == best.peak and again.time.step_s == best.time.step_s
 
 
+def test_search_pads_a_tokenizers_vocabulary_for_each_tp():
+    """With model.vocab_size left to the tokenizer (the built-in corpus's 2048 pieces), tp=3 pads it to a multiple of
+    3 as training does, instead of ruling the layout out."""
+    from megatrain.plan import resolve_model
+    from megatrain.planning.search import candidate_layouts
+
+    cfg = load_config("tiny", ["model.n_heads=6", "model.n_kv_heads=3", "model.d_model=192", "train.global_batch_size=6",
+                               "train.micro_batch_size=1"])
+    resolve_model(cfg)
+    assert cfg.model.vocab_size == 2048
+    sizes = {c.parallel.tp: c.model.vocab_size for c in candidate_layouts(cfg, 3, 8)}
+    assert sizes == {1: 2048, 3: 2112}
+
+
 def test_plan_command_prints_and_refuses_bad_input(capsys):
     assert cli_main(["plan", "--config", "llama-1.3b", "--set", "model.vocab_size=32000", "--gpus", "1",
                      "--gpu-memory", "24", "--gpu-tflops", "165"]) == 0

@@ -5,7 +5,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-from megatrain.config import Config, ConfigError
+from megatrain.config import Config, ConfigError, padded_vocab_size
 from megatrain.planning.memory import (Activations, ModelStates, StageParams, activations, local_numel,
                                        model_states, parameter_table, stage_params)
 from megatrain.planning.timing import Cluster, StepTime, step_time
@@ -99,6 +99,9 @@ def with_layout(cfg: Config, **keys) -> Config:
     for k, v in keys.items():
         section, key = k.split("__")
         setattr(getattr(out, section), key, v)
+    n = getattr(cfg, "tokenizer_vocab", 0)
+    if n:  # the vocabulary came from the tokenizer: padded for this layout's tp, as training pads it
+        out.model.vocab_size = padded_vocab_size(n, out.model.pad_vocab_multiple, out.parallel.tp)
     return out
 
 

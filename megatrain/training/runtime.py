@@ -9,7 +9,6 @@ An entrypoint adds only what is its own: its data, its task (batches, loss, FLOP
 """
 from __future__ import annotations
 
-import math
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, validate_world
+from megatrain.config import Config, ConfigError, padded_vocab_size, validate_world
 from megatrain.parallel.topology import Layout
 
 
@@ -206,8 +205,7 @@ def resolve_vocab(cfg: Config, tokenizer) -> None:
     """model.vocab_size from the tokenizer (rounded up to pad_vocab_multiple and to a multiple of tp) when 0;
     a set value smaller than the tokenizer's vocabulary is refused."""
     if cfg.model.vocab_size == 0:
-        m = math.lcm(cfg.model.pad_vocab_multiple, cfg.parallel.tp)
-        cfg.model.vocab_size = -(-tokenizer.vocab_size // m) * m
+        cfg.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.model.pad_vocab_multiple, cfg.parallel.tp)
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"config key model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size}")
