@@ -53,6 +53,30 @@ def last_step(metrics: str) -> int:
     return 0
 
 
+def summarize(a, samples: list, run_dir: str, seconds: float, complete: bool) -> dict | None:
+    """The figures from the samples so far (after step 1,000), written to a.out; None before step 1,000."""
+    after = [s for s in samples if s["step"] >= 1000]
+    if not after:
+        return None
+    first, last = after[0], after[-1]
+    settled = [s for s in samples if s["step"] >= a.interval * (a.keep_last + 1)]
+    result = dict(
+        complete=complete, steps=a.steps, seconds=round(seconds), interval=a.interval, keep_last=a.keep_last,
+        rss_mib_at_step=[first["step"], first["rss_mib"]], rss_mib_at_end=[last["step"], last["rss_mib"]],
+        rss_growth_pct=round(100 * (last["rss_mib"] / first["rss_mib"] - 1), 2),
+        rss_max_mib=max(s["rss_mib"] for s in after),
+        fds_after_start=[min(s["fds"] for s in after), max(s["fds"] for s in after)],
+        disk_mib_once_keep_last_reached=settled[0]["disk_mib"] if settled else None,
+        disk_mib_max_after=max(s["disk_mib"] for s in settled) if settled else None,
+        checkpoints_left=sorted(d for d in os.listdir(run_dir) if d.startswith("step")),
+        samples=samples,
+    )
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20000)
@@ -72,40 +96,29 @@ def main() -> int:
     log = open(os.path.join(run_dir, "soak.log"), "w")
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    samples = []
+    samples: list[dict] = []
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    written = time.time()
     while proc.poll() is None:
         try:
             samples.append(dict(t=round(time.time() - t0, 1), step=last_step(metrics), rss_mib=round(rss_mib(proc.pid), 1),
                                 fds=len(os.listdir(f"/proc/{proc.pid}/fd")), disk_mib=round(disk_mib(run_dir), 1)))
         except (OSError, ValueError):  # the process ended between poll() and the read
             pass
+        if time.time() - written > 60:  # a run cut short still leaves its figures so far
+            summarize(a, samples, run_dir, time.time() - t0, complete=False)
+            written = time.time()
         time.sleep(a.sample_seconds)
     if proc.returncode != 0:
         print(f"bench_soak: the run failed (exit {proc.returncode}); see {run_dir}/soak.log", file=sys.stderr)
         return 1
-    after = [s for s in samples if s["step"] >= 1000]
-    if not after:
+    result = summarize(a, samples, run_dir, time.time() - t0, complete=True)
+    if result is None:
         print("bench_soak: no sample after step 1,000; run more steps", file=sys.stderr)
         return 1
-    first, last = after[0], after[-1]
-    settled = [s for s in samples if s["step"] >= a.interval * (a.keep_last + 1)]
-    result = dict(
-        steps=a.steps, seconds=round(time.time() - t0), interval=a.interval, keep_last=a.keep_last,
-        rss_mib_at_step=[first["step"], first["rss_mib"]], rss_mib_at_end=[last["step"], last["rss_mib"]],
-        rss_growth_pct=round(100 * (last["rss_mib"] / first["rss_mib"] - 1), 2),
-        rss_max_mib=max(s["rss_mib"] for s in after),
-        fds_after_start=[min(s["fds"] for s in after), max(s["fds"] for s in after)],
-        disk_mib_once_keep_last_reached=settled[0]["disk_mib"] if settled else None,
-        disk_mib_max_after=max(s["disk_mib"] for s in settled) if settled else None,
-        checkpoints_left=sorted(d for d in os.listdir(run_dir) if d.startswith("step")),
-        samples=samples,
-    )
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"soak: {a.steps:,} steps in {result['seconds']:,} s | RSS {first['rss_mib']:.1f} MiB at step {first['step']:,} "
-          f"-> {last['rss_mib']:.1f} MiB at step {last['step']:,} ({result['rss_growth_pct']:+.2f}%, max "
+    first, last = result["rss_mib_at_step"], result["rss_mib_at_end"]
+    print(f"soak: {a.steps:,} steps in {result['seconds']:,} s | RSS {first[1]:.1f} MiB at step {first[0]:,} "
+          f"-> {last[1]:.1f} MiB at step {last[0]:,} ({result['rss_growth_pct']:+.2f}%, max "
           f"{result['rss_max_mib']:.1f}) | open fds {result['fds_after_start'][0]}-{result['fds_after_start'][1]} | "
           f"disk {result['disk_mib_once_keep_last_reached']} MiB once {a.keep_last} checkpoints exist, at most "
           f"{result['disk_mib_max_after']} MiB after | checkpoints left {result['checkpoints_left']} -> {a.out}")
