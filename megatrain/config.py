@@ -279,6 +279,8 @@ def _flatten(tree: dict, where: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: expected a mapping of sections (model:, data:, train:, ...)")
     for section, values in tree.items():
+        if not isinstance(section, str):  # YAML keys can be null, numbers, lists...
+            raise ConfigError(f"{where}: {section!r} is not a section name (model:, data:, train:, ...)")
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown config section {section!r}{_suggest(section, SECTIONS)}")
         if values is None:

@@ -59,6 +59,7 @@ def world(tmp_path_factory):
     (w / "hosts_dup").write_text("node1 slots=1\nnode1 slots=1\n")
     (w / "hosts_ok").write_text("node1 slots=1\nnode2 slots=1\n")
     (w / "dup_key.yaml").write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    (w / "null_section.yaml").write_text("?\n")  # a mapping whose key is null (found by the long fuzz run)
     (w / "not_a_dir").write_text("x")
     # a dataset made with a 400-piece sentencepiece tokenizer (pretrained with data.tokenizer=byte: refused)
     for argv in (["train-tokenizer", "--input", str(w / "data" / "c.jsonl"), "--vocab-size", "400", "--output", str(w / "sp")],
@@ -125,6 +126,7 @@ CASES = [
     ("impossible layout", pretrain("parallel.tp=3", out="{w}/run7"), "parallel.tp", "{w}/run7"),
     ("zero stage 5", pretrain("parallel.zero_stage=5", out="{w}/run8"), "parallel.zero_stage", "{w}/run8"),
     ("YAML key given twice", ["pretrain", "--config", "{w}/dup_key.yaml"], "lr", "{w}/runs"),
+    ("YAML section named null", ["pretrain", "--config", "{w}/null_section.yaml"], "not a section name", "{w}/runs"),
     ("missing config file", ["pretrain", "--config", "{w}/nope.yaml"], "nope.yaml", "{w}/runs"),
     ("missing data", pretrain("data.path={w}/nothing", out="{w}/run9"), "data.path", "{w}/run9"),
     ("truncated .bin", pretrain("data.path={w}/trunc", out="{w}/run10"), "trunc", "{w}/run10"),
