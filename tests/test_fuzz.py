@@ -177,6 +177,7 @@ def test_fuzz_ci_sized(target):
 
 
 @pytest.mark.fuzz
+@pytest.mark.timeout(7200)  # 10^5 examples take longer than the suite's 600 s per test (which cut every target short)
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_fuzz_long(target):
     TARGETS[target](LONG_EXAMPLES)
