@@ -316,6 +316,29 @@ def _start_ranks(how: str, world: int, data: str, ck: str, env: dict) -> tuple[s
     return top, _descendant_ranks(top.pid, world)
 
 
+def losses_so_far(ck: str) -> set[int]:
+    """The steps metrics.jsonl has logged so far (none before it exists)."""
+    try:
+        return {r["step"] for r in map(json.loads, open(os.path.join(ck, "metrics.jsonl")).read().splitlines()[:-1])
+                if "loss" in r}
+    except (OSError, ValueError):
+        return set()
+
+
+def _still_running(pids: list[int], within: float) -> list[int]:
+    """Of `pids`, those still running (not gone, not a zombie) after waiting up to `within` seconds for them."""
+    def running(pid):
+        try:
+            return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + within
+    while any(running(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if running(p)]
+
+
 def _bare_ranks(args: list[str], port: str, env: dict, stdout, world: int = 2) -> list[subprocess.Popen]:
     """`python -m megatrain.pretrain ARGS` as the ranks of a `world`-process job with no launcher (the SLURM_*
     variables srun would set), each in its own session (so a test can kill it whole)."""
@@ -349,9 +372,15 @@ def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, h
                     assert time.time() < deadline, "no checkpoint was saved"
                     time.sleep(0.2)
                 os.kill(ranks[victim].pid, signal.SIGKILL)
+            else:  # the clock starts at step 2 (the raise comes at step 3), not at the launch: start-up is not the fault
+                deadline = time.time() + 240
+                while top.poll() is None and 2 not in losses_so_far(ck):
+                    assert time.time() < deadline, "step 2 was never logged"
+                    time.sleep(0.1)
             t0 = time.time()
             out, _ = top.communicate(timeout=180)
             waited = time.time() - t0
+            lingering = _still_running([p.pid for p in ranks], within=30)  # before the cleanup below kills them
         finally:
             for p in ranks + [top]:
                 try:
@@ -360,9 +389,7 @@ def test_a_rank_that_raises_or_dies_takes_the_others_down_in_seconds(tmp_path, h
                     pass
         print(f"{how}/{world}/{fault}: every rank gone {waited:.1f} s after the fault")
         assert top.returncode != 0 and waited < 60, (how, fault, waited, out[-3000:])
-        alive = [p.pid for p in ranks if os.path.exists(f"/proc/{p.pid}") and
-                 pathlib.Path(f"/proc/{p.pid}/stat").read_text().split()[2] != "Z"]
-        assert not alive, f"ranks still running after the launcher exited: {alive}"
+        assert not lingering, f"ranks still running 30 s after the {how} job ended: {lingering}"
         if how == "bare":
             assert all(p.wait(30) != 0 for p in ranks)
             assert "megatrain pretrain: error: rank 0 lost contact with the other ranks at step" in out, out[-3000:]
