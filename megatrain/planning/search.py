@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -122,22 +123,17 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int):
     batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share."""
     G = cfg.train.global_batch_size
     for tp in _divisors(gpus):
-        if tp > gpus_per_node:
-            continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            if pp > cfg.model.n_layers or G % dp:
+            if tp > gpus_per_node or pp > cfg.model.n_layers or G % dp:
                 continue
-            for zero, offload in _zero_options(pp):
-                for mb in (1, 2, 4, 8, 16, 32):
-                    if (G // dp) % mb:
-                        continue
-                    for ckpt in ("none", "selective", "full"):
-                        for sp in ((False, True) if tp > 1 else (False,)):
-                            yield with_layout(cfg, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
-                                              parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
-                                              parallel__offload_params=offload[1], train__micro_batch_size=mb,
-                                              train__activation_checkpointing=ckpt)
+            micro = [mb for mb in (1, 2, 4, 8, 16, 32) if (G // dp) % mb == 0]
+            for (zero, offload), mb, ckpt, sp in itertools.product(_zero_options(pp), micro, ("none", "selective", "full"),
+                                                                   (False, True) if tp > 1 else (False,)):
+                yield with_layout(cfg, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
+                                  parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
+                                  parallel__offload_params=offload[1], train__micro_batch_size=mb,
+                                  train__activation_checkpointing=ckpt)
 
 
 def search(cfg: Config, cluster: Cluster, precision: str) -> tuple[list[LayoutPlan], int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatrain.config import Config, kv_heads
+from megatrain.config import Config
 from megatrain.planning.memory import FP32, StageParams, bytes_per_value
 
 
@@ -87,10 +87,10 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
     s, b = cfg.data.seq_len, t.micro_batch_size
     tokens_mb = b * s
     flops_per_step = train_flops_per_token(m, s) * t.global_batch_size * s
-    proj, mix = block_flops_per_token(m, s, causal=m.objective == "causal")
+    attention_proj, mlp, mix = block_flops_per_token(m, s, causal=m.objective == "causal")
+    proj = attention_proj + mlp
     # recomputed in the backward: the whole block's forward (full), or attention's (selective: its projections too)
-    attention_proj = 2 * m.d_model * m.d_model * 2 + 4 * m.d_model * kv_heads(m) * (m.d_model // m.n_heads)
-    recompute = {"full": proj + mix, "selective": mix + attention_proj, "none": 0.0}[t.activation_checkpointing]
+    recompute = {"full": proj + mix, "selective": attention_proj + mix, "none": 0.0}[t.activation_checkpointing]
     head = 2 * m.d_model * m.vocab_size
     rate = cluster.gpu.tflops * 1e12 * cluster.compute_efficiency
 

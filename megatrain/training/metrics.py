@@ -13,24 +13,23 @@ from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
 
 
-def block_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> tuple[float, float]:
-    """Forward FLOPs per token of one block (2 per multiply-add): (the matmuls with weights, attention's own).
+def block_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> tuple[float, float, float]:
+    """Forward FLOPs per token of one block (2 per multiply-add): (attention's projections, the MLP, attention's own).
 
-    Weights: QKV projection (GQA: fewer K/V columns), output projection, and the MLP (three matrices for SwiGLU, two
-    for GELU). Attention: the scores QK^T and the weighted sum AV over seq_len keys (halved when causal: on average a
-    token attends to half the sequence)."""
+    Projections: QKV (GQA: fewer K/V columns) and the output projection. MLP: three matrices for SwiGLU, two for GELU.
+    Attention: the scores QK^T and the weighted sum AV over seq_len keys (halved when causal: on average a token
+    attends to half the sequence)."""
     d, hd = m.d_model, m.d_model // m.n_heads
     q_dim, kv_dim = m.n_heads * hd, kv_heads(m) * hd
     attn_proj = 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d
     mlp = 2 * d * ffn_width(m) * (3 if m.mlp == "swiglu" else 2)
     attn_mix = 2 * 2 * seq_len * q_dim * (0.5 if causal else 1.0)
-    return attn_proj + mlp, attn_mix
+    return attn_proj, mlp, attn_mix
 
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Forward-pass FLOPs per token: every block plus the LM head (embedding lookups excluded)."""
-    weights, attention = block_flops_per_token(m, seq_len, causal)
-    return m.n_layers * (weights + attention) + 2 * m.d_model * m.vocab_size
+    return m.n_layers * sum(block_flops_per_token(m, seq_len, causal)) + 2 * m.d_model * m.vocab_size
 
 
 def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
