@@ -76,7 +76,7 @@ def part1(args) -> dict:
     hf_cfg._attn_implementation = "sdpa"
     hf = LlamaForCausalLM(hf_cfg)
     n_ours, n_hf = ours.num_params(), sum(p.numel() for p in hf.parameters())
-    mm = max(measured_matmul_tflops(n=1024, repeat=10) for _ in range(3))
+    mm = measured_matmul_tflops(n=1024, trials=3, repeat=10)
     results = {}
     # interleave the two models so drift in this machine's speed hits both alike
     for rnd in range(args.rounds):

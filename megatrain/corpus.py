@@ -22,8 +22,9 @@ VOCAB_SIZE = 2048  # small: the tiny model's embedding stays cheap and each piec
 
 
 def cache_root() -> str:
-    base = os.environ.get("MEGATRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megatrain")
-    return os.path.join(base, f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}")
+    from megatrain.fileio import cache_dir
+
+    return os.path.join(cache_dir(), f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}")
 
 
 def source_files() -> list[str]:

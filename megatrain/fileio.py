@@ -106,3 +106,8 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_dir() -> str:
+    """Where megatrain keeps what it builds or measures once per machine: $MEGATRAIN_CACHE, else ~/.cache/megatrain."""
+    return os.environ.get("MEGATRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megatrain")

@@ -58,7 +58,7 @@ def run(cfg: Config) -> dict:
     from megatrain.heads import build_model
     from megatrain.tasks import finetune_task
     from megatrain.training.loop import train
-    from megatrain.training.metrics import peak_tflops
+    from megatrain.training.metrics import Throughput
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
     check(cfg)
@@ -105,9 +105,7 @@ def run(cfg: Config) -> dict:
     init.close()
     engine = run.engine(model)
     state = run.resume(engine)
-    peak, _ = peak_tflops(cfg)
-    seq = task.max_len
-    state = train(run, engine, train_set, valid_set, task, state, task.flops_per_token(cfg.model, seq), peak)
+    state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len))
     result = dict(step=state.step)
     if test_set is not None and state.step >= cfg.train.max_steps:
         result.update(test(run, engine, task, test_set))

@@ -72,7 +72,7 @@ def setup_data(cfg: Config):
 def run(cfg: Config) -> dict:
     from megatrain.model import Transformer
     from megatrain.training.loop import train
-    from megatrain.training.metrics import peak_tflops
+    from megatrain.training.metrics import Throughput
     from megatrain.tasks import pretraining_task
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
@@ -96,11 +96,9 @@ def run(cfg: Config) -> dict:
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")
     task = pretraining_task(cfg, tok)
-    peak, peak_src = peak_tflops(cfg)
-    flops_per_token = task.flops_per_token(cfg.model, cfg.data.seq_len)
-    log0(f"FLOPs/token (train) {flops_per_token:,.0f} | MFU peak {peak:.2f} TFLOP/s ({peak_src})")
+    throughput = Throughput.of(run, task, cfg.data.seq_len)
     t0 = time.perf_counter()
-    state = train(run, engine, train_ds, valid_ds, task, state, flops_per_token, peak)
+    state = train(run, engine, train_ds, valid_ds, task, state, throughput)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")
     if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and run.layout.tp == run.layout.pp == 1:
         print_sample(engine, cfg, tok)

@@ -69,10 +69,10 @@ class Task:
         """The mean loss over the micro-batch's targets (through the engine, so DeepSpeed's hooks run)."""
         return engine(*batch.model_inputs())
 
-    def flops_per_token(self, m: ModelConfig, seq_len: int) -> float:
+    def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
         from megatrain.training.metrics import train_flops_per_token
 
-        return train_flops_per_token(m, seq_len)
+        return train_flops_per_token(m, seq_len, whole_attention)
 
     @torch.no_grad()
     def evaluate(self, run, engine, valid, prefix: str = "val") -> dict:
@@ -162,13 +162,14 @@ class FinetuneTask(Task):
     def rows_per_epoch(self, train: Examples) -> int:
         return len(train)
 
-    def flops_per_token(self, m: ModelConfig, seq_len: int) -> float:
+    def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
         """A task head replaces the LM head (whose FLOPs are most of a small model's): count the blocks only."""
         import dataclasses
 
         from megatrain.training.metrics import train_flops_per_token
 
-        return train_flops_per_token(dataclasses.replace(m, vocab_size=0) if self.name != "sft" else m, seq_len)
+        blocks = dataclasses.replace(m, vocab_size=0) if self.name != "sft" else m
+        return train_flops_per_token(blocks, seq_len, whole_attention)
 
     # -- evaluation -------------------------------------------------------------------------------------------------
 

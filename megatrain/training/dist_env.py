@@ -19,6 +19,7 @@ class RankInfo:
     master_addr: str
     master_port: int
     launcher: str  # deepspeed/torchrun | slurm | single
+    ranks_on_node: int = 1  # ranks of the job on this machine (known once the process group is up)
 
 
 def free_port() -> int:
@@ -89,7 +90,39 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
         load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
+    info.ranks_on_node = count_ranks_on_node()
     return info
+
+
+def count_ranks_on_node() -> int:
+    """How many ranks of the job run on this machine (by host name; a collective)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return 1
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
+def share_cpu_cores(ranks_on_node: int) -> str:
+    """On CPU, give each rank its share of the node's cores as torch threads (torch's default, every core for every
+    rank, oversubscribes them when ranks share a node), unless OMP_NUM_THREADS says otherwise (the user's, or
+    torchrun's 1 per rank). Returns the line that says what was chosen."""
+    import torch
+
+    from megatrain.training.metrics import cpu_cores
+
+    cores = cpu_cores()
+    if "OMP_NUM_THREADS" in os.environ:
+        why = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    elif ranks_on_node == 1:
+        why = "torch's default; set OMP_NUM_THREADS to choose"
+    else:
+        torch.set_num_threads(max(1, cores // ranks_on_node))
+        why = "its share of the cores; set OMP_NUM_THREADS to choose"
+    return (f"CPU threads: {torch.get_num_threads()} per rank ({why}); {ranks_on_node} rank(s) of the job share this "
+            f"node's {cores} cores")
 
 
 def prebuild_ops() -> None:
@@ -101,7 +134,6 @@ def prebuild_ops() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
 
     t0 = time.perf_counter()
     name = load_comm_op()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from megatrain.fileio import write_atomic
 from megatrain.tasks import Batch, Task
 from megatrain.tasks.base import is_pipeline, micro_batch_ids
 from megatrain.training.engine import grad_norm, rank_mean
-from megatrain.training.metrics import MetricsLogger
+from megatrain.training.metrics import MetricsLogger, Throughput
 from megatrain.training.runtime import Run, TrainState
 
 
@@ -76,10 +77,11 @@ def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
     return max(1, int(n))
 
 
-def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float, float, int]:
+def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.Tensor | float, float, int]:
     """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
-    data-parallel ranks it is the loss: the mean over every target of the global batch), without ZeRO the gradient
-    norm (DeepSpeed keeps none then), and the tokens the global batch held (padding not counted)."""
+    data-parallel ranks it is the loss: the mean over every target of the global batch; a tensor on the device, read
+    only when a line is logged, so a step waits for no device-to-host copy), without ZeRO the gradient norm (DeepSpeed
+    keeps none then), and the tokens the global batch held (padding not counted)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
     tokens = run.layout.dp * sum(int((b.segments > 0).sum()) if b.segments is not None else b.tokens.numel()
                                  for b in batches)
@@ -88,7 +90,7 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float,
         return share, float("nan"), tokens
     total = global_targets(run, task, batches)
     scale = run.grad_accum * run.layout.dp / total  # DeepSpeed divides by both; each micro-batch weighs its targets
-    share, norm = torch.zeros((), dtype=torch.float64), float("nan")
+    share, norm = torch.zeros((), dtype=torch.float64, device=engine.device), float("nan")
     for m, batch in enumerate(batches):
         n = task.targets(batch)
         loss = task.loss(engine, batch)
@@ -101,8 +103,8 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[float,
         if m == len(batches) - 1 and run.cfg.parallel.zero_stage == 0:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
         engine.step()
-        share += loss.detach().double().cpu() * n / total
-    return float(share), norm, tokens
+        share += loss.detach().double() * (n / total)
+    return share, norm, tokens
 
 
 def _inject_inf_grad(engine):
@@ -187,15 +189,36 @@ def _eval_line(step: int, row: dict) -> str:
     return f"step {step:>6} | " + " | ".join(shown)
 
 
-def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, flops_per_token: float,
-          peak: float) -> TrainState:
+@dataclass
+class Window:
+    """What passed since the last log line, started afresh as one unit: the steps, the summed loss shares of those not
+    skipped, the tokens the steps held and the seconds spent in them (not evaluating or saving: those are not steps)."""
+
+    steps: int = 0
+    good: int = 0
+    loss: torch.Tensor | float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def row(self, run: Run, engine, throughput: Throughput) -> dict:
+        """The window's loss (averaged over the ranks), tokens/s, TFLOP/s per rank and MFU (both FLOP conventions)."""
+        # the shares of the data-parallel ranks add up to the loss; TP/PP replicas hold equal shares
+        loss = rank_mean(float(self.loss) / self.good if self.good else float("nan"), engine.device) * run.layout.dp
+        tps = self.tokens / self.seconds
+        tflops = tps * throughput.flops_per_token / run.world / 1e12
+        peak = throughput.peak or float("nan")
+        return dict(loss=loss, tokens_per_s=tps, tflops_per_device=tflops, mfu=tflops / peak,
+                    mfu_whole_attention=tflops * throughput.flops_per_token_whole / throughput.flops_per_token / peak,
+                    seconds_per_step=self.seconds / self.steps)
+
+
+def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, throughput: Throughput) -> TrainState:
     cfg, layout = run.cfg, run.layout
     rank0 = run.rank == 0
     t = cfg.train
     logger = MetricsLogger(cfg, cfg.checkpoint.dir, t.max_steps, state.step, enabled=rank0)
     stop = StopRequest(t.exit_duration_minutes)
-    # the throughput window: its steps, tokens and the seconds spent in those steps only (not evaluating or saving)
-    window_loss, window_good, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0, 0.0
+    window = Window()
     bad = BadSteps(engine, t.max_bad_steps)
     last_saved = state.step
     stage0 = cfg.parallel.zero_stage == 0
@@ -207,35 +230,30 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, f
         while state.step < t.max_steps:
             t0 = time.perf_counter()
             share, norm0, tokens = train_step(run, engine, task, train_ds, state.step)
-            window_secs += time.perf_counter() - t0
-            window_tokens += tokens
+            window.seconds += time.perf_counter() - t0
+            window.tokens += tokens
+            window.steps += 1
             state.step += 1
             state.consumed_samples += t.global_batch_size
-            window_steps += 1
             if bad.after_step():
                 note_bad_step(logger, cfg, state.step, bad)
             else:
-                window_loss += share
-                window_good += 1
+                window.loss += share
+                window.good += 1
             logger.advance()
             every = cfg.parallel.drift_check_interval
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
                 drift_check(engine, cfg, run.grid, state.step)
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
-                secs = window_secs
-                # the shares of the data-parallel ranks add up to the loss; TP/PP replicas hold equal shares
-                loss_avg = rank_mean(window_loss / window_good if window_good else float("nan"), engine.device) * layout.dp
-                tps = window_tokens / secs
-                tflops = tps * flops_per_token / dist.get_world_size() / 1e12
-                row = dict(step=state.step, loss=loss_avg, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
-                           tokens_per_s=tps, tflops_per_device=tflops, mfu=tflops / peak if peak else float("nan"),
-                           consumed_samples=state.consumed_samples, seconds_per_step=secs / window_steps,
-                           skipped_steps=bad.total)
-                logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {loss_avg:.4f} | lr {row['lr']:.2e} | "
-                                f"grad norm {row['grad_norm']:.3f} | {tps:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device"
-                                + (f" | MFU {row['mfu']:.1%}" if peak else ""))
-                logger.advance(0, f"loss {loss_avg:.3f}")
-                window_loss, window_good, window_steps, window_tokens, window_secs = 0.0, 0, 0, 0, 0.0
+                row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
+                           consumed_samples=state.consumed_samples, skipped_steps=bad.total,
+                           **window.row(run, engine, throughput))
+                logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                                f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tokens/s | "
+                                f"{row['tflops_per_device']:.3f} TFLOP/s/device"
+                                + (f" | MFU {row['mfu']:.1%}" if throughput.peak else ""))
+                logger.advance(0, f"loss {row['loss']:.3f}")
+                window = Window()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
                 row = task.evaluate(run, engine, valid_ds)
                 logger.log(dict(step=state.step, kind="eval", **row), _eval_line(state.step, row))

@@ -43,6 +43,7 @@ class Run:
     rank: int
     grad_accum: int  # micro-batches per optimizer step on each data-parallel rank
     precision: str  # fp32 | bf16 | fp16 (train.precision resolved for this machine)
+    ranks_on_node: int = 1  # ranks of the job sharing this machine (they share its CPU cores, for the MFU peak)
     saved: dict | None = None  # megatrain.json of the checkpoint resumed from, if any
     saved_rng: dict | None = None  # that checkpoint's RNG states for this rank, restored by start_rng()
 
@@ -51,7 +52,7 @@ class Run:
         """Check the layout before any process group exists (one line for every impossible one), then start
         torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it)."""
         from megatrain.parallel.topology import build_grid, check_layout
-        from megatrain.training.dist_env import discover, init_distributed
+        from megatrain.training.dist_env import discover, init_distributed, share_cpu_cores
         from megatrain.training.engine import resolve_precision
 
         me = discover()
@@ -63,8 +64,11 @@ class Run:
             if took_over:
                 print(took_over, flush=True)
         info = init_distributed(cfg.parallel.timeout_minutes)
+        if not torch.cuda.is_available():
+            log0(share_cpu_cores(info.ranks_on_node))
         grad_accum = validate_world(cfg, dist.get_world_size())
-        return cls(cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum, resolve_precision(cfg))
+        return cls(cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum, resolve_precision(cfg),
+                   info.ranks_on_node)
 
     @property
     def world(self) -> int:

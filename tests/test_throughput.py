@@ -1,0 +1,90 @@
+"""MFU a user can trust: the two FLOP conventions, the CPU peak measured once per machine (cached with its conditions)
+and shared among the ranks of a node, and a 2-rank run on shared cores that never logs more than 100%."""
+import json
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from training_utils import make_byte_dataset, run_configs, small_sets
+
+
+def test_whole_attention_adds_back_the_causal_half_and_nothing_else():
+    """The comparable figure (PaLM, nanoGPT, Megatron count causal attention whole): the difference is exactly the
+    halved QK^T and AV products, 3 x n_layers x (2 x 2 x s x d) / 2 per token; MLM models count it whole already."""
+    from megatrain.config import load_config
+    from megatrain.training.metrics import train_flops_per_token
+
+    m = load_config("tiny").model
+    s = 128
+    halved, whole = train_flops_per_token(m, s), train_flops_per_token(m, s, whole_attention=True)
+    assert whole - halved == 3 * m.n_layers * (2 * 2 * s * m.d_model) / 2
+    m.objective = "mlm"
+    assert train_flops_per_token(m, s) == train_flops_per_token(m, s, whole_attention=True) == whole
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tmp_path, monkeypatch):
+    from megatrain.training import metrics
+
+    monkeypatch.setenv("MEGATRAIN_CACHE", str(tmp_path))
+    measured = []
+    real = metrics.measured_matmul_tflops
+    monkeypatch.setattr(metrics, "measured_matmul_tflops", lambda *a, **k: measured.append(1) or real(*a, **k))
+    threads = torch.get_num_threads()
+    peak, where = metrics.cpu_node_peak_tflops()
+    assert peak > 0 and "measured now" in where and measured == [1]
+    assert torch.get_num_threads() == threads  # measured on every core, then put back
+    table = json.load(open(tmp_path / "cpu-peak.json"))
+    (key, entry), = table.items()
+    assert f"{metrics.cpu_cores()} cores" in key and "torch" in key
+    assert entry["tflops"] == pytest.approx(peak, rel=1e-3)
+    assert {"measured", "load_average_1min", "how"} <= set(entry) and "2048 x 2048" in entry["how"]
+    again, where = metrics.cpu_node_peak_tflops()  # the next run reads it: no second measurement
+    assert again == entry["tflops"] and "cached in" in where and measured == [1]
+    (tmp_path / "cpu-peak.json").write_text("{not json")  # a damaged cache is measured again and rewritten
+    metrics.cpu_node_peak_tflops()
+    assert measured == [1, 1] and list(json.load(open(tmp_path / "cpu-peak.json"))) == [key]
+    busy = {key: dict(entry, load_average_1min=metrics.cpu_cores() * 4.0)}  # measured while other work ran: say so
+    (tmp_path / "cpu-peak.json").write_text(json.dumps(busy))
+    assert "the machine was busy then" in metrics.cpu_node_peak_tflops()[1] and measured == [1, 1]
+
+
+def test_ranks_sharing_a_node_split_its_cores_unless_omp_num_threads_says(monkeypatch):
+    from megatrain.training.dist_env import share_cpu_cores
+    from megatrain.training.metrics import cpu_cores
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        line = share_cpu_cores(2)
+        assert torch.get_num_threads() == max(1, cpu_cores() // 2)
+        assert f"{torch.get_num_threads()} per rank" in line and f"2 rank(s) of the job share this node's {cpu_cores()}" in line
+        torch.set_num_threads(threads)
+        assert "torch's default" in share_cpu_cores(1) and torch.get_num_threads() == threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert "OMP_NUM_THREADS=1" in share_cpu_cores(2) and torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_ranks_on_shared_cores_never_log_mfu_above_100_percent(tmp_path, monkeypatch):
+    """Issue 13 saw a 2-rank tiny run on 2 cores log MFU 110-113%: each rank measured torch.mm on every core while the
+    other rank ran too, and both trained on every core. Now one rank measures the node while the other waits, each
+    rank's peak is half of it, and each trains on its half of the cores."""
+    monkeypatch.setenv("MEGATRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    data = make_byte_dataset(tmp_path)
+    ck = str(tmp_path / "ck")
+    big_matmuls = {"model.d_model": 256, "model.n_heads": 4, "data.seq_len": 128, "model.max_seq_len": 128,
+                   "train.global_batch_size": 16, "train.micro_batch_size": 8, "train.max_steps": 8,
+                   "train.log_interval": 2, "train.eval_interval": 4, "train.eval_iters": 1, "checkpoint.interval": 0,
+                   "parallel.zero_stage": 2, "logging.peak_tflops": 0.0}
+    run_distributed(run_configs, 2, [small_sets(data, ck, **big_matmuls)], timeout=300)
+    rows = [json.loads(x) for x in open(os.path.join(ck, "metrics.jsonl"))]
+    train = [r for r in rows if r.get("kind", "train") == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    for r in train:
+        assert 0 < r["mfu"] <= 1.0, r
+        assert r["mfu_whole_attention"] > r["mfu"]
+    assert len(json.load(open(tmp_path / "cache" / "cpu-peak.json"))) == 1  # measured once, by one rank
