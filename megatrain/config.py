@@ -72,6 +72,9 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sample (the model sees seq_len, predicts seq_len)
     split: str = "969,30,1"  # train/valid/test weights, split by documents
     cache_dir: str = ""  # where sample indices are cached; empty: next to the data
+    # where the training windows start: fixed (every seq_len tokens of the epoch's stream) or random (each epoch from
+    # an offset in [0, seq_len) drawn by train.seed for that epoch: one long document is cut differently every epoch)
+    sample_offsets: str = "fixed"
     mlm_probability: float = 0.15  # share of tokens masked for the mlm objective (80% mask, 10% random, 10% kept)
 
 
@@ -181,6 +184,7 @@ CHOICES = {
     "model.position": ("rope", "learned"),
     "model.mlp": ("swiglu", "gelu"),
     "model.objective": ("causal", "mlm"),
+    "data.sample_offsets": ("fixed", "random"),
     "model.fused_kernels": ("auto", "on", "off"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.lr_schedule": ("cosine", "linear", "constant"),

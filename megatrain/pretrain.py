@@ -65,7 +65,7 @@ def setup_data(cfg: Config):
     n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_len,
                                                [t.max_steps * t.global_batch_size, n_valid, 0], t.seed,
-                                               cfg.data.cache_dir or None)
+                                               cfg.data.cache_dir or None, cfg.data.sample_offsets)
     return tok, train_ds, valid_ds
 
 

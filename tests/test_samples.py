@@ -1,4 +1,5 @@
 """GPT samples: the right tokens across document boundaries and epochs, blends, cached indices."""
+import json
 import os
 
 import numpy as np
@@ -67,6 +68,41 @@ def test_a_longer_run_keeps_the_served_order_and_serves_the_unseen_samples_next(
     rest_of_epoch = set(longer.shuffle_idx[n:two_epochs].tolist())
     assert not second_epoch_served & rest_of_epoch
     assert second_epoch_served | rest_of_epoch == set(range(per_epoch, two_epochs))
+
+
+def test_random_offsets_cut_every_epoch_at_its_own_offset_and_extend_without_reordering(tmp_path):
+    """data.sample_offsets=random: epoch e's windows are e*T + r_e + k*seq_len of the epoch's shuffled stream, inside
+    the epoch, r_e drawn per epoch (one long document is cut differently every epoch); more samples add epochs and
+    change nothing already served; the fixed layout is the same as before the option existed."""
+    from megatrain.data.samples import epoch_offset
+
+    ds, docs = make_dataset(tmp_path / "d", n_docs=12)
+    total = sum(len(d) for d in docs)
+    seq_len = 8
+    n = (3 * total) // seq_len
+    g = GPTSampleDataset(ds, seq_len, n, seed=2, cache_dir=str(tmp_path / "c"), offsets="random")
+    stream = np.concatenate([docs[d] for d in g.doc_order])
+    shifts = [epoch_offset(2, e, seq_len) for e in range(g.epochs)]
+    assert len(set(shifts)) > 1
+    starts = np.concatenate([e * total + r + seq_len * np.arange((total - 1 - r) // seq_len)
+                             for e, r in enumerate(shifts)])
+    for i in range(n):
+        s = int(g.shuffle_idx[i])
+        np.testing.assert_array_equal(g[i], stream[starts[s]: starts[s] + seq_len + 1])
+        pieces = np.concatenate([docs[d][lo:lo + k] for d, lo, k in g.documents_of(i)])
+        np.testing.assert_array_equal(pieces, g[i])
+        assert starts[s] // total == (starts[s] + seq_len) // total  # the window stays inside its epoch
+    longer = GPTSampleDataset(ds, seq_len, 2 * n, seed=2, cache_dir=str(tmp_path / "c"), offsets="random")
+    np.testing.assert_array_equal(longer.shuffle_idx[:n], g.shuffle_idx)
+    np.testing.assert_array_equal(np.stack([longer[i] for i in range(n)]), np.stack([g[i] for i in range(n)]))
+    fixed = GPTSampleDataset(ds, seq_len, n, seed=2, cache_dir=str(tmp_path / "c"))
+    assert fixed.cache_prefix != g.cache_prefix and "offsets" not in json.load(open(fixed.cache_prefix + ".json"))
+    with pytest.raises(SampleIndexError, match="needs at least 2 x data.seq_len"):
+        GPTSampleDataset(ds, total, 2, seed=2, cache_dir=str(tmp_path / "c"), offsets="random")
+    train, valid, _ = build_gpt_datasets(str(tmp_path / "d"), "80,20,0", seq_len, [20, 5, 0], seed=2,
+                                         cache_dir=str(tmp_path / "c"), sample_offsets="random")
+    assert json.load(open(train.cache_prefix + ".json"))["offsets"] == "random"
+    assert "offsets" not in json.load(open(valid.cache_prefix + ".json"))  # the validation windows stay fixed
 
 
 def test_splits_are_disjoint_document_ranges(tmp_path):

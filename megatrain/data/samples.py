@@ -9,6 +9,10 @@ samples overlap by one token (the last input's target). Three indices define the
                                           S samples of the whole epochs the stream needs
     shuffle_idx  int64[n_samples]         the order samples are served in: epoch by epoch, each shuffled
 
+With offsets="random" (data.sample_offsets, for the training split) epoch e's windows start at e * tokens_per_epoch + r_e
++ k * seq_len, r_e in [0, seq_len) drawn from a seed of that epoch, and stay inside it: one long document is cut
+differently every epoch. A sample is read from its start, seq_len + 1 tokens on (sample_idx's last row is a sentinel).
+
 All three are built with vectorised numpy (no Python loop per sample or document), saved next to the
 data under a hash of everything that shapes them, built by one rank while the others wait, and
 memory-mapped on load. `GPTSampleDataset[i]` depends only on i, so a resumed run continues from the
@@ -64,21 +68,40 @@ class SampleIndex:
     epochs: int
 
 
-def build_sample_index(doc_sizes: np.ndarray, docs: np.ndarray, seq_len: int, num_samples: int, seed: int) -> SampleIndex:
+def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
+    """Where epoch `epoch`'s windows start (data.sample_offsets=random): its own seed, so more epochs change none."""
+    return int(np.random.RandomState((seed * 7919 + 104729 * (epoch + 1)) % 2**32).randint(seq_len))
+
+
+def build_sample_index(doc_sizes: np.ndarray, docs: np.ndarray, seq_len: int, num_samples: int, seed: int,
+                       offsets: str = "fixed") -> SampleIndex:
     """Build the three indices for `num_samples` samples over `docs` (ids into `doc_sizes`)."""
     docs = np.asarray(docs, dtype=np.int64)
     tokens_per_epoch = int(np.asarray(doc_sizes, np.int64)[docs].sum()) if len(docs) else 0
     if tokens_per_epoch <= 1:
         raise SampleIndexError(f"the split holds {tokens_per_epoch} tokens: too few to make any sample")
-    needed = num_samples * seq_len + 1
-    epochs = max(1, -(-needed // tokens_per_epoch))
+    if offsets == "random":
+        if tokens_per_epoch < 2 * seq_len:
+            raise SampleIndexError(f"the split holds {tokens_per_epoch} tokens: data.sample_offsets=random needs at "
+                                   f"least 2 x data.seq_len ({2 * seq_len}); use data.sample_offsets=fixed")
+        # epoch e holds (T - 1 - r_e) // seq_len windows of seq_len + 1 tokens, starting at e*T + r_e
+        shifts, per_epoch = [], []
+        while sum(per_epoch) < num_samples:
+            shifts.append(epoch_offset(seed, len(shifts), seq_len))
+            per_epoch.append((tokens_per_epoch - 1 - shifts[-1]) // seq_len)
+        epochs = len(shifts)
+        bounds = np.concatenate([[0], np.cumsum(per_epoch)]).tolist()
+        starts = np.concatenate([e * tokens_per_epoch + r + seq_len * np.arange(k + (e == epochs - 1), dtype=np.int64)
+                                 for e, (r, k) in enumerate(zip(shifts, per_epoch))])  # + the sentinel
+    else:
+        epochs = max(1, -(-(num_samples * seq_len + 1) // tokens_per_epoch))
+        # Every sample the whole epochs hold: S(e) = (e * tokens_per_epoch - 1) // seq_len start in the first e epochs.
+        bounds = [(e * tokens_per_epoch - 1) // seq_len if e else 0 for e in range(epochs + 1)]
+        starts = np.arange(bounds[-1] + 1, dtype=np.int64) * seq_len
     rng = np.random.RandomState(seed % 2**32)
     doc_order = np.concatenate([rng.permutation(docs) for _ in range(epochs)])
-    # Every sample the whole epochs hold: S(e) = (e * tokens_per_epoch - 1) // seq_len start in the first e epochs.
-    bounds = [(e * tokens_per_epoch - 1) // seq_len if e else 0 for e in range(epochs + 1)]
     # End of each document in the stream, then the start of every sample located by binary search.
     ends = np.cumsum(np.asarray(doc_sizes, np.int64)[doc_order])
-    starts = np.arange(bounds[-1] + 1, dtype=np.int64) * seq_len
     where = np.searchsorted(ends, starts, side="right")
     offset = starts - np.concatenate([[0], ends])[where]
     sample_idx = np.stack([where, offset], axis=1).astype(np.int64)
@@ -102,6 +125,7 @@ class GPTSampleDataset:
         split: str = "1",
         split_name: str = "train",
         cache_dir: str | None = None,
+        offsets: str = "fixed",
     ):
         if seq_len < 1 or num_samples < 1:
             raise SampleIndexError(f"seq_len and num_samples must be positive (got {seq_len}, {num_samples})")
@@ -113,11 +137,13 @@ class GPTSampleDataset:
             raise SampleIndexError(f"{indexed.prefix}: the {split_name} split of {split!r} holds no documents")
         key = dict(version=INDEX_VERSION, prefix=os.path.abspath(indexed.prefix), n_seq=len(indexed),
                    n_tokens=indexed.num_tokens, docs=[start, stop], seq_len=seq_len, num_samples=num_samples, seed=seed)
+        if offsets != "fixed":  # (fixed keeps the key, so the indices cached before this option stay valid)
+            key["offsets"] = offsets
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         base = cache_dir or os.path.dirname(os.path.abspath(indexed.prefix))
         self.cache_prefix = os.path.join(base, f"{os.path.basename(indexed.prefix)}.{split_name}.{digest}")
         index, self.built_now = _load_or_build(self.cache_prefix, key, lambda: build_sample_index(
-            indexed.sizes, np.arange(start, stop), seq_len, num_samples, seed))
+            indexed.sizes, np.arange(start, stop), seq_len, num_samples, seed, offsets))
         self.doc_order, self.sample_idx, self.shuffle_idx = index.doc_order, index.sample_idx, index.shuffle_idx
         self.epochs = index.epochs
         # Every token of the dataset as one flat array, and where each sequence starts in it.
@@ -128,32 +154,36 @@ class GPTSampleDataset:
         return self.num_samples
 
     def _span(self, i: int) -> tuple[int, int, int, int]:
-        s = int(self.shuffle_idx[i])
-        d0, o0, d1, o1 = self.sample_idx[s: s + 2].ravel().tolist()
-        return d0, o0, d1, o1
+        """(position in doc_order, offset) of sample i's first token and of its last: seq_len + 1 tokens on."""
+        d0, o0 = self.sample_idx[int(self.shuffle_idx[i])].tolist()
+        d, left = d0, o0 + self.seq_len + 1  # tokens from the start of stream document d to the sample's end
+        while left > (size := int(self.indexed.sizes[self.doc_order[d]])):
+            left -= size
+            d += 1
+        return d0, o0, d, left - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Sample i: `seq_len + 1` token ids (a fresh int64 array)."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        d0, o0, d1, o1 = self._span(i)
+        d, o = self.sample_idx[int(self.shuffle_idx[i])].tolist()
         # Hot path: one int64 output filled piece by piece straight from the mapped tokens.
-        tokens, start = self._tokens, self._start
-        if d0 == d1:
-            a = start[self.doc_order[d0]] + o0
-            return tokens[a: a + o1 - o0 + 1].astype(np.int64)
-        out = np.empty(self.seq_len + 1, np.int64)
-        docs = self.doc_order[d0: d1 + 1].tolist()
-        a = start[docs[0]] + o0
-        n = start[docs[0] + 1] - a
-        out[:n] = tokens[a: a + n]
-        for doc in docs[1:-1]:
-            a, b = start[doc], start[doc + 1]
-            out[n: n + b - a] = tokens[a:b]
-            n += b - a
-        a = start[docs[-1]]
-        out[n:] = tokens[a: a + o1 + 1]
-        return out
+        tokens, start, n = self._tokens, self._start, self.seq_len + 1
+        doc = int(self.doc_order[d])
+        a = int(start[doc]) + o
+        if int(start[doc + 1]) - a >= n:
+            return tokens[a: a + n].astype(np.int64)
+        out = np.empty(n, np.int64)
+        filled = 0
+        while True:
+            take = min(n - filled, int(start[doc + 1]) - a)
+            out[filled: filled + take] = tokens[a: a + take]
+            filled += take
+            if filled == n:
+                return out
+            d += 1
+            doc = int(self.doc_order[d])
+            a = int(start[doc])
 
     def documents_of(self, i: int) -> list[tuple[int, int, int]]:
         """Where sample i came from: (document id, first token offset, token count) per piece."""
@@ -275,10 +305,12 @@ def build_gpt_datasets(
     num_samples: Sequence[int],
     seed: int = 1234,
     cache_dir: str | None = None,
+    sample_offsets: str = "fixed",
 ) -> list:
     """Train/valid/test datasets (None where a split is empty or asks for 0 samples), blended when
     `data_path` names several weighted prefixes. Components are over-provisioned by 0.5%, as Megatron
-    does, so rounding never starves the blend."""
+    does, so rounding never starves the blend. `sample_offsets` (data.sample_offsets) applies to the training split: the
+validation and test windows stay fixed, so their losses compare across settings."""
     blend = parse_data_path(data_path)
     indexed = [IndexedDataset(p) for _, p in blend]
     out = []
@@ -288,12 +320,13 @@ def build_gpt_datasets(
         if n <= 0 or fracs[split_i] == 0:
             out.append(None)
             continue
+        offsets = sample_offsets if name == "train" else "fixed"
         if len(blend) == 1:
-            out.append(GPTSampleDataset(indexed[0], seq_len, n, seed, split, name, cache_dir))
+            out.append(GPTSampleDataset(indexed[0], seq_len, n, seed, split, name, cache_dir, offsets))
             continue
         weights = [w for w, _ in blend]
         per = BlendedDataset.samples_per_dataset(weights, n)
-        comps = [GPTSampleDataset(ix, seq_len, int(np.ceil(k * 1.005)), seed + j, split, name, cache_dir)
+        comps = [GPTSampleDataset(ix, seq_len, int(np.ceil(k * 1.005)), seed + j, split, name, cache_dir, offsets)
                  for j, (ix, k) in enumerate(zip(indexed, per))]
         out.append(BlendedDataset(comps, weights, n))
     return out
