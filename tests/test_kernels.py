@@ -252,3 +252,13 @@ def test_cuda_parity(dtype):
     logits, labels = _t(33, 50257, device="cuda", dtype=dtype, scale=3.0), torch.randint(0, 50257, (33,), device="cuda")
     labels[2] = -100
     _compare(ops.cross_entropy, reference.cross_entropy, (logits, labels), dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's answer where there is no GPU")
+def test_gpu_bench_script_says_in_one_line_that_there_is_no_gpu():
+    """bench/gpu.sh runs the GPU checks unattended where a GPU is; elsewhere it runs nothing and says so."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu.sh")
+    r = subprocess.run(["bash", script], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHON=sys.executable))
+    assert r.returncode == 2 and r.stdout.strip() == ("bench/gpu.sh: no CUDA device here (torch.cuda.is_available() is "
+                                                      "false); nothing to run") and not r.stderr, (r.stdout, r.stderr)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks in one unattended run (under 8 minutes on one H100/H200), everything under one results folder:
+#   1. build megatrain's CUDA kernels (csrc/*.cu) in place           -> build.log
+#   2. pytest -m gpu (the kernels against the pure-PyTorch reference) -> pytest-gpu.log
+#   3. the kernel table: fused vs eager, and bandwidth as a fraction of the device's HBM peak
+#                                                                     -> bench_kernels.log, bench_kernels_cuda.json
+#   4. llama-1.3b, bf16, 20 steps on this GPU: tokens/s and MFU      -> llama-1.3b.log, llama-1.3b/metrics.jsonl
+#
+#   bash bench/gpu.sh [RESULTS_DIR]      (default: bench/results/gpu-<date>)
+#
+# Needs a CUDA torch; step 4 also needs deepspeed (pip install deepspeed, or the wheels carried to the machine).
+# On a machine without a CUDA device it prints one line and exits with status 2. Each step has its own time limit;
+# a step that fails is recorded in summary.txt and the next one still runs; the exit status is the number of failed
+# steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "bench/gpu.sh: no CUDA device here (torch.cuda.is_available() is false); nothing to run"
+  exit 2
+fi
+OUT=${1:-bench/results/gpu-$(date +%Y%m%d-%H%M)}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())" \
+  | tee "$SUMMARY"
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT/NAME.log, note the result
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local verdict="ok"
+  [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit} s"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && verdict="FAILED (exit $rc)"
+  [ $rc -ne 0 ] && failed=$((failed + 1))
+  printf '%-16s %-24s %4d s   %s\n' "$name" "$verdict" $(( $(date +%s) - t0 )) "$OUT/$name.log" | tee -a "$SUMMARY"
+}
+
+export MEGATRAIN_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+step build 240 "$PY" setup.py build_ext --inplace
+step pytest-gpu 90 "$PY" -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
+step bench_kernels 120 "$PY" bench/bench_kernels.py --device cuda --out "$OUT/bench_kernels_cuda.json"
+# 20 optimizer steps of 8 x 2048 tokens on the built-in corpus (its tokenizer and data are built first, once, on the
+# CPU); ZeRO-0 on one GPU, no evaluation or checkpoint: the log lines every 5 steps carry tokens/s and MFU
+step llama-1.3b 240 "$PY" -m megatrain pretrain --config llama-1.3b --set train.precision=bf16 \
+  --set train.max_steps=20 --set train.global_batch_size=8 --set train.micro_batch_size=4 --set train.warmup_steps=2 \
+  --set train.log_interval=5 --set train.eval_interval=0 --set checkpoint.interval=0 --set parallel.zero_stage=0 \
+  --set logging.tensorboard=false --set checkpoint.dir="$OUT/llama-1.3b"
+grep -h "bandwidth\|training step\|speed" "$OUT/bench_kernels.log" 2>/dev/null | tail -n 12 >> "$SUMMARY"
+grep -h "MFU" "$OUT/llama-1.3b.log" 2>/dev/null | tail -n 2 >> "$SUMMARY"
+echo "$failed step(s) failed; results in $OUT" | tee -a "$SUMMARY"
+exit $failed
