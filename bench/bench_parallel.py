@@ -12,6 +12,15 @@ side in one run:
     Measured after an optimizer step, so gradients ZeRO has already released are not counted;
   * step time of each layout relative to TP=1 (pure data parallel).
 Results go to bench/results/bench_parallel.json.
+
+    python bench/bench_parallel.py --startup [--presets llama-350m,llama-1.3b]
+
+Start-up memory instead (issue 13 point 3): for each preset under TP=2 and under DP=2 ZeRO-3, each way of building the
+model (`meta`: shapes on the meta device, each rank filled with only its share; `whole`: every rank builds the whole
+model, then slices it, as before), the peak resident memory (VmHWM) of each rank above its RSS before the model,
+after the model is built and cut, after deepspeed.initialize, and (llama-350m) after one optimizer step, against the
+rank's share of the fp32 parameters (target: start-up peak <= 1.2x the share + a fixed base). Results go to
+bench/results/bench_parallel_startup.json.
 """
 from __future__ import annotations
 
@@ -123,6 +132,90 @@ def worker(args) -> None:
             json.dump(dict(psi=psi, bytes_per_rank=rows, step_s=float(np.median(times[1:]))), f)
 
 
+STARTUP_LAYOUTS = [("tp2 ZeRO-1", {"parallel.tp": 2, "parallel.zero_stage": 1}),
+                   ("dp2 ZeRO-3", {"parallel.zero_stage": 3})]
+
+
+def proc_status_mib(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def startup_worker(args) -> None:
+    """One rank: the peak RSS above the start of each phase of starting a run (under torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatrain.config import load_config
+    from megatrain.model import Transformer
+    from megatrain.parallel.parallelize import build_on_meta, parallelize
+    from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.training.dist_env import init_distributed
+    from megatrain.training.engine import build_engine
+
+    sets = json.loads(args.sets)
+    way = sets.pop("way")
+    preset = sets.pop("preset")
+    cfg = load_config(preset, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    layout = check_layout(cfg, int(os.environ["WORLD_SIZE"]))
+    init_distributed()
+    grid = build_grid(layout)
+    base = proc_status_mib("VmRSS")
+    if way == "whole":
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+    else:
+        model = build_on_meta(cfg.model)
+    module = parallelize(model, cfg, layout, grid)
+    share = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    if layout.tp == 1:
+        share /= layout.dp  # ZeRO-3: the rank's partition
+    row = dict(share_mib=share, built_mib=proc_status_mib("VmHWM") - base)
+    del model
+    engine, *_ = build_engine(cfg, module, dist.get_world_size(), mpu=grid)
+    row["initialized_mib"] = proc_status_mib("VmHWM") - base
+    if args.steps:
+        x = torch.randint(0, cfg.model.vocab_size, (1, 128))
+        engine.backward(engine(x, x))
+        engine.step()
+        row["stepped_mib"] = proc_status_mib("VmHWM") - base
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        with open(args.result, "w") as f:
+            json.dump(rows, f)
+
+
+def startup(args, env: dict) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for preset in args.presets.split(","):
+            steps = 1 if preset == "llama-350m" else 0  # llama-1.3b's Adam states do not fit 2 ranks in 24 GiB
+            for name, over in STARTUP_LAYOUTS:
+                for way in ("whole", "meta"):
+                    out = os.path.join(scratch, f"{len(results)}.json")
+                    sets = {"preset": preset, "way": way, "data.seq_len": 128, "train.micro_batch_size": 1,
+                            "train.global_batch_size": 2 if "dp2" in name else 1, "model.vocab_size": 32000, **over}
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), __file__, "--worker", "--startup", "--sets", json.dumps(sets), "--result",
+                           out, "--steps", str(steps)]
+                    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    if run.returncode != 0:
+                        sys.exit(f"{run.stdout[-3000:]}{run.stderr[-3000:]}\nbench_parallel --startup: {preset} {name} "
+                                 f"{way} failed (exit {run.returncode}); its ranks' last output is above")
+                    rows = json.load(open(out))
+                    results[f"{preset} | {name} | {way}"] = rows
+                    r = max(rows, key=lambda r: r["built_mib"])
+                    print(f"{preset:11s} {name:11s} {way:6s} share {r['share_mib']:8.0f} MiB | built {r['built_mib']:8.0f} "
+                          f"MiB ({r['built_mib'] / r['share_mib']:.2f}x share) | initialized {r['initialized_mib']:8.0f} MiB"
+                          + (f" | after a step {r['stepped_mib']:8.0f} MiB" if "stepped_mib" in r else ""), flush=True)
+    out = args.out.replace(".json", "_startup.json")
+    write_atomic(out, json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -132,14 +225,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_parallel.json"))
+    ap.add_argument("--startup", action="store_true", help="start-up memory per rank, meta vs whole builds")
+    ap.add_argument("--presets", default="llama-350m,llama-1.3b", help="with --startup: the presets to build")
     args = ap.parse_args()
     if args.worker:
-        return worker(args)
+        return startup_worker(args) if args.startup else worker(args)
     base = {"model.n_layers": args.layers, "model.d_model": args.width, "model.n_heads": 8, "model.n_kv_heads": 8,
             "model.vocab_size": 8192, "model.max_seq_len": 256, "data.seq_len": 256, "train.micro_batch_size": 4,
             "train.global_batch_size": 16}
     results = {}
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if args.startup:
+        return startup(args, env)
     with tempfile.TemporaryDirectory() as scratch:  # the ranks' result files
         for name, over in LAYOUTS:
             if ONLY and ONLY not in name and name != "dp2 ZeRO-1":

@@ -199,17 +199,10 @@ class Transformer(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2 * n_layers)."""
-        std = self.cfg.init_std
+        """Every parameter by init_parameter_, in named_parameters() order (parallel/parallelize.materialize
+        draws the same values one tensor at a time for a model built on the meta device)."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() == 1:
-                nn.init.ones_(p)  # norm weights
-            elif name.endswith(("o_proj.weight", "down.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            init_parameter_(self.cfg, name, p)
 
     def features(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, cache: KVCache | None = None,
                  pos: int = 0) -> torch.Tensor:
@@ -256,6 +249,18 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n
+
+
+def init_parameter_(cfg: ModelConfig, name: str, p: torch.Tensor) -> torch.Tensor:
+    """The initial value of parameter `name`, in place: zeros for biases, ones for norm weights, Normal(0, init_std)
+    for matrices, residual-output projections scaled by 1/sqrt(2 * n_layers)."""
+    if name.endswith("bias"):
+        return nn.init.zeros_(p)
+    if p.dim() == 1:
+        return nn.init.ones_(p)  # norm weights
+    if name.endswith(("o_proj.weight", "down.weight")):
+        return nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    return nn.init.normal_(p, 0.0, cfg.init_std)
 
 
 def segment_mask(segments: torch.Tensor, causal: bool) -> torch.Tensor:

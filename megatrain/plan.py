@@ -126,11 +126,12 @@ def render(plan, cluster, title: str) -> list[str]:
     if est is not None:
         lines.append(f"  DeepSpeed's estimate_zero{p.zero_stage}_model_states_mem_needs: {est / GiB:.2f} GiB per GPU "
                      f"(this plan's model states: {max(x.device + x.gathered for x in st) / GiB:.2f} GiB)")
-    from megatrain.planning.memory import startup_host_bytes
+    from megatrain.planning.memory import startup_host_bytes, whole_model_host_bytes
 
-    boot = startup_host_bytes(cfg.model)
-    lines.append(f"  start-up: every rank builds the whole model in fp32 host memory first: {boot / GiB:.1f} GiB per rank, "
-                 f"{boot * cluster.gpus_per_node / GiB:.1f} GiB per node of {cluster.gpus_per_node}")
+    boot, whole = startup_host_bytes(cfg.model, p.tp, p.pp), whole_model_host_bytes(cfg.model)
+    lines.append(f"  start-up host memory: {boot / GiB:.1f} GiB per rank, {boot * cluster.gpus_per_node / GiB:.1f} GiB per "
+                 f"node of {cluster.gpus_per_node} (the rank's share in fp32; starting from weights, checkpoint.init or "
+                 f"finetune, every rank holds the whole model: {whole / GiB:.1f} GiB)")
     if plan.host:
         lines.append(f"  host memory for offloaded states: {plan.host / GiB:.1f} GiB per rank")
     tm = plan.time

@@ -71,6 +71,7 @@ def setup_data(cfg: Config):
 
 def run(cfg: Config) -> dict:
     from megatrain.model import Transformer
+    from megatrain.parallel.parallelize import build_on_meta
     from megatrain.training.loop import train
     from megatrain.training.metrics import Throughput
     from megatrain.tasks import pretraining_task
@@ -83,14 +84,18 @@ def run(cfg: Config) -> dict:
     resolve_vocab(cfg, tok)
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
-    torch.manual_seed(cfg.train.seed)  # every rank builds the same full model, then keeps its slice
-    model = Transformer(cfg.model)
-    log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
+    if init is not None and not run.will_resume():  # weights only: the optimizer and the step start afresh
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)  # whole on every rank, loaded, then sliced
+        init.load_into(model)
+        init_line = f"initialized from {init.where} (weights only; the optimizer starts afresh)"
+    else:  # shapes only: each rank allocates just its share when parallelize materializes it (the same values)
+        model, init_line = build_on_meta(cfg.model), None
     if init is not None:
-        if not run.will_resume():  # weights only: the optimizer and the step start afresh
-            init.load_into(model)
-            log0(f"initialized from {init.where} (weights only; the optimizer starts afresh)")
         init.close()
+    log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
+    if init_line:
+        log0(init_line)
     engine = run.engine(model)
     state = run.resume(engine)
     if state.step >= cfg.train.max_steps:

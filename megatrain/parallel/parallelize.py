@@ -1,12 +1,17 @@
-"""Parallelism applied in one place to the plain model: apply_tp, apply_activation_checkpointing.
+"""Parallelism applied in one place to the plain model: apply_tp, materialize, apply_activation_checkpointing and
+apply_pipeline.
 
-The model in model.py knows nothing of ranks. These functions rewrite it in place, slicing the weights
-of a fully initialised model so that a TP run starts from exactly the weights an unsplit run has.
-NOTE (order): apply_tp before apply_activation_checkpointing (checkpointing wraps the TP blocks), and
-both before deepspeed.initialize (ZeRO partitions whatever parameters exist at that point).
+The model in model.py knows nothing of ranks. These functions rewrite it in place. A model built on the meta device
+(`build_on_meta`: shapes, no values) is cut first and filled last: each rank allocates only its TP slices of its
+pipeline stage, with exactly the values the unsplit model built by `torch.manual_seed(seed); Transformer(cfg)` has.
+A model with values (weights loaded before the split) is sliced as it is.
+NOTE (order): apply_tp, then materialize (right after the cut, only this rank's stage), then
+apply_activation_checkpointing (checkpointing wraps the TP blocks), then the pipeline cut, and all of it before
+deepspeed.initialize (ZeRO partitions whatever parameters exist at that point).
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -14,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megatrain.parallel.sharding import shard, split_of
-from megatrain.model import LayerNorm, RMSNorm, Transformer
+from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                 mark_tp, vocab_parallel_cross_entropy)
 
@@ -92,7 +97,8 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
             if isinstance(mod, (LayerNorm, RMSNorm)):
                 for p in mod.parameters():
                     p.sequence_parallel = True
-        _sum_sequence_parallel_grads(model, group)
+        if not any(p.is_meta for p in model.parameters()):  # a meta-built model gets them in parallelize
+            _sum_sequence_parallel_grads(model, group)
     return model
 
 
@@ -135,13 +141,68 @@ def check_tp_drift(model: nn.Module, group, step: int) -> None:
                                f"{float(other[int(bad.nonzero()[0]), 0]):.9g}); stopping before it spreads")
 
 
+def build_on_meta(cfg) -> Transformer:
+    """The model's shapes without its values: nothing allocated until materialize fills this rank's share."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, keep=None) -> None:
+    """Give the parameters of a meta-built (and TP-cut) `model` that `keep(name)` selects (default: all; a pipeline
+    stage's) exactly the values `torch.manual_seed(seed); Transformer(model.cfg)` gives the unsplit model: the
+    construction draws of nn.Linear and nn.Embedding are made again, module by module, then each full tensor's
+    reset_parameters value is drawn one at a time and this rank keeps its TP slice. Peak memory: this rank's share
+    plus the largest single tensor."""
+    cfg = model.cfg
+    ours = {n: p for n, p in model.named_parameters() if keep is None or keep(n)}
+    reference = build_on_meta(cfg)  # the unsplit model: its modules and parameters in the order they draw
+    # Every full tensor is drawn into this one buffer: no allocation per tensor, whose freed memory the C allocator
+    # would keep (a 101M-parameter model's start-up grew past the whole model's size that way).
+    scratch = torch.empty(max(p.numel() for p in reference.parameters()))
+
+    def space(shape: torch.Size) -> torch.Tensor:
+        return scratch[:shape.numel()].view(shape)
+
+    torch.manual_seed(seed)
+    for mod in reference.modules():  # what building nn.Linear / nn.Embedding on the CPU draws, in the same order
+        if type(mod) in (nn.Linear, nn.Embedding):
+            stand_in = copy.deepcopy(mod)  # on the meta device: nothing allocated
+            for pname, p in list(stand_in.named_parameters(recurse=False)):
+                setattr(stand_in, pname, nn.Parameter(space(p.shape), requires_grad=False))
+            stand_in.reset_parameters()  # the same draws in the same order; the values are not kept
+    for name, ref in reference.named_parameters():  # then Transformer.reset_parameters, one full tensor at a time
+        with torch.no_grad():
+            full = init_parameter_(cfg, name, space(ref.shape))
+        mine = ours.get(name)
+        if mine is None:  # another stage's
+            continue
+        value = shard(full, split_of(name, cfg), tp, tp_rank).clone()  # its own memory: the buffer is drawn again
+        if value.shape != mine.shape:
+            raise RuntimeError(f"materialize: {name} is {tuple(mine.shape)} on this rank, its slice {tuple(value.shape)}")
+        new = nn.Parameter(value.to(mine.dtype), requires_grad=mine.requires_grad)
+        new.__dict__.update(mine.__dict__)  # the TP marks (tensor_model_parallel, sequence_parallel, ...)
+        torch.utils.swap_tensors(mine, new)  # every module holding it (TP layer, pipeline layer, tied head) sees it
+
+
 def parallelize(model: Transformer, cfg, layout, grid):
-    """Everything, in order: TP split -> activation checkpointing -> pipeline stages. Returns the module to
-    hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
+    """Everything, in order: TP split -> values for a meta-built model -> activation checkpointing -> pipeline
+    stages. Returns the module to hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
     tp_group = grid.get_slice_parallel_group()
     # NOTE: TP first: checkpointing must wrap the split blocks (and their dropout streams, which it then restores for
-    # the recompute), and the pipeline cuts the final modules.
+    # the recompute), and the pipeline cuts the final modules. A meta-built model gets its values right after the TP
+    # cut (only its slices are allocated), and only for this rank's pipeline stage (PipelineModule moves the layers
+    # it builds to the device: they need values by then).
     apply_tp(model, tp_group, cfg.parallel.sequence_parallel)
+    if any(p.is_meta for p in model.parameters()):
+        keep = None
+        if layout.pp > 1:
+            from megatrain.parallel.pipeline import stage_holds
+
+            keep = stage_holds(cfg.model, grid.get_stage_id(), layout.pp)
+        materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep)
+        if layout.tp > 1 and cfg.parallel.sequence_parallel:
+            # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
+            _sum_sequence_parallel_grads(model, tp_group)
     if layout.tp > 1:
         from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
 

@@ -73,6 +73,26 @@ def _tied_head_forward(embed_pipe: EmbedPipe, x):
     return embed_pipe.lm_head(x)
 
 
+def stage_holds(cfg, stage: int, stages: int):
+    """Whether pipeline stage `stage` holds a canonical parameter: DeepSpeed's own cut of the layer list (the
+    partition_balanced that PipelineModule's "type:BlockPipe" runs, over [embedding, L blocks, norm, head]); with tied
+    embeddings the last stage holds the embedding too. Known before the cut, so a meta-built model can be given values
+    for this stage only (PipelineModule moves its layers to the device as it builds them: they need values by then)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from megatrain.parallel.sharding import pipeline_layer_of
+
+    n = cfg.n_layers
+    parts = partition_balanced(weights=[0] + [1] * n + [0, 0], num_parts=stages)
+    lo, hi = parts[stage], parts[stage + 1]
+
+    def holds(name: str) -> bool:
+        layer = pipeline_layer_of(name, n)
+        return lo <= layer < hi or (cfg.tie_embeddings and stage == stages - 1 and layer == 0)
+
+    return holds
+
+
 def apply_pipeline(model: Transformer, topology, seq_shards: int = 1):
     """Wrap the (possibly TP-split, checkpointed) model as a PipelineModule over `topology`."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -99,6 +119,10 @@ def apply_pipeline(model: Transformer, topology, seq_shards: int = 1):
         last = [LayerSpec(FinalNormPipe, model), LayerSpec(HeadPipe, model)]
     module = PipelineModule(layers=[first, *blocks, *last], loss_fn=loss, topology=topology,
                             partition_method="type:BlockPipe")
+    # (a meta-built model was given values for this stage by stage_holds' prediction of this very cut: check it)
+    if any(p.is_meta for p in module.parameters()):
+        raise RuntimeError(f"pipeline stage {module.stage_id}: a parameter has no values (stage_holds predicted "
+                           f"another cut than PipelineModule's {module.parts})")
     # Every rank built the whole model; keep only this stage's weights in memory (the layer specs still
     # reference the other stages' modules, so release their storage explicitly).
     mine = {id(p) for p in module.parameters()}

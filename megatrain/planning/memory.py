@@ -239,6 +239,14 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     return Activations(int(per_mb * in_flight + pipe_buffers), int(tokens * recompute), in_flight, int(receive))
 
 
-def startup_host_bytes(m: ModelConfig) -> int:
-    """pretrain/finetune build the whole model in fp32 on every rank before TP slices it and ZeRO partitions it."""
+def startup_host_bytes(m: ModelConfig, tp: int = 1, pp: int = 1) -> int:
+    """Host memory a rank's model takes at start-up, before DeepSpeed moves and partitions it: pretrain builds the model
+    on the meta device and gives each rank only its TP slice of its pipeline stage, in fp32, drawing every full tensor
+    into one buffer of the largest one's size (ZeRO-3 partitions that share afterwards)."""
+    largest = max(numel for _, numel, _ in parameter_table(m))
+    return FP32 * (max(s.local for s in stage_params(m, tp, pp, 0)) + largest)
+
+
+def whole_model_host_bytes(m: ModelConfig) -> int:
+    """What a rank holds when it builds the whole model first: starting from weights (checkpoint.init, finetune)."""
     return FP32 * total_params(m)
