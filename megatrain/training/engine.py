@@ -118,13 +118,17 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
 
     ds_config = deepspeed_config(cfg, world_size, local_params=sum(p.numel() for p in model.parameters()))
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+    # fused: one kernel over all parameters (CPU and CUDA) where the default loops over them one at a time in Python
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                                  fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # a PipelineModule brings its own mpu (its grid); a plain module gets ours
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config, mpu=mpu)
     if cfg.parallel.zero_stage == 0 and not hasattr(engine.optimizer, "overflow"):
         engine.optimizer = SkipNonFinite(engine.optimizer)
+        if engine.dp_world_size == 1:  # no replica to average with: DeepSpeed's flatten/all-reduce/copy is pure overhead
+            engine.enable_backward_allreduce = False
     elif resolve_precision(cfg) == "bf16" and hasattr(engine.optimizer, "check_grad_overflow"):
         engine.optimizer.check_grad_overflow = True  # ZeRO-1/2 under bf16 would otherwise step on a NaN norm
     return engine, engine.optimizer, scheduler, ds_config
