@@ -230,6 +230,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
         while state.step < t.max_steps:
             t0 = time.perf_counter()
             share, norm0, tokens = train_step(run, engine, task, train_ds, state.step)
+            if engine.device.type == "cuda" and ((state.step + 1) % t.log_interval == 0 or state.step + 1 == t.max_steps):
+                torch.cuda.synchronize()  # the steps queue on the GPU unread until a line is logged: count their time
             window.seconds += time.perf_counter() - t0
             window.tokens += tokens
             window.steps += 1
