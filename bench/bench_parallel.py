@@ -202,9 +202,13 @@ def startup(args, env: dict) -> None:
                            str(free_port()), __file__, "--worker", "--startup", "--sets", json.dumps(sets), "--result",
                            out, "--steps", str(steps)]
                     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    if run.returncode != 0:
-                        sys.exit(f"{run.stdout[-3000:]}{run.stderr[-3000:]}\nbench_parallel --startup: {preset} {name} "
-                                 f"{way} failed (exit {run.returncode}); its ranks' last output is above")
+                    if run.returncode != 0:  # e.g. the OOM killer: a row that says so, and on to the next
+                        killed = "SIGKILL" in run.stdout + run.stderr
+                        results[f"{preset} | {name} | {way}"] = dict(failed=run.returncode, killed=killed)
+                        print(f"{preset:11s} {name:11s} {way:6s} did not start (exit {run.returncode}"
+                              f"{', a rank was SIGKILLed: out of memory?' if killed else ''}); its last output:\n"
+                              f"{(run.stdout + run.stderr)[-1500:]}", flush=True)
+                        continue
                     rows = json.load(open(out))
                     results[f"{preset} | {name} | {way}"] = rows
                     r = max(rows, key=lambda r: r["built_mib"])
