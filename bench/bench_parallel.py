@@ -137,10 +137,9 @@ STARTUP_LAYOUTS = [("tp2 ZeRO-1", {"parallel.tp": 2, "parallel.zero_stage": 1}),
 
 
 def proc_status_mib(key: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    from megatrain.training.runtime import proc_status_bytes
+
+    return (proc_status_bytes(key) or float("nan")) / 2**20
 
 
 def startup_worker(args) -> None:

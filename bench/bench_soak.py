@@ -19,12 +19,13 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from megatrain.training.runtime import proc_status_bytes  # noqa: E402
+
 
 def rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return (proc_status_bytes("VmRSS", pid) or float("nan")) / 2**20
 
 
 def disk_mib(folder: str) -> float:

@@ -84,10 +84,9 @@ def _start_up_peak(rank, world, results):
 
 
 def _status_mib(key: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
+    from megatrain.training.runtime import proc_status_bytes
+
+    return proc_status_bytes(key) / 2**20
 
 
 def test_each_rank_allocates_only_its_share_at_start_up():

@@ -169,15 +169,25 @@ class Run:
             log0(f"  rank {r:>3}: pp {pp} dp {dp} tp {tp} | {n / 1e6:8.2f}M parameters | {m}")
 
 
+def proc_status_bytes(key: str, pid: int | str = "self") -> int | None:
+    """A memory figure of /proc/PID/status in bytes (VmRSS: resident now, VmHWM: its peak); None where there is no
+    /proc (not Linux) or no such key."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: /proc's VmHWM, which starts afresh at exec (getrusage's ru_maxrss keeps
     the RSS of the process it was forked from: a rank spawned by a 1.2 GB parent reported 1.3 GB before doing a thing)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux (bytes on macOS: close enough)
 
 
