@@ -26,3 +26,35 @@ def test_slurm_nodelists():
     assert _first_slurm_host("gpu1,gpu2") == "gpu1"
     assert _first_slurm_host("a-[1-2]") == "a-1"
     assert _first_slurm_host("single") == "single"
+
+
+def _shm_buffers_are_unlinked_and_still_work(rank, world, path_out):
+    import os
+
+    import torch
+
+    os.environ["LOCAL_SIZE"] = str(world)  # as the deepspeed launcher sets it on one node
+    from deepspeed import comm
+    from megatrain.training.dist_env import discover, init_distributed, shm_buffer_path
+
+    init_distributed()
+    path_out.put(shm_buffer_path(discover()))
+    t = torch.full((1000,), float(rank + 1))
+    comm.inference_all_reduce(t)  # DeepSpeed's shared-memory all-reduce: its mappings outlive the names
+    assert torch.equal(t, torch.full((1000,), float(sum(range(1, world + 1))))), t[:4]
+
+
+def test_deepspeeds_cpu_shared_memory_leaves_nothing_in_dev_shm():
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never removes it; megatrain unlinks the
+    names once every rank has mapped them, and the shared-memory all-reduce still works."""
+    import multiprocessing as mp
+    import os
+
+    from distributed import run_distributed
+
+    paths = mp.get_context("spawn").Queue()
+    run_distributed(_shm_buffers_are_unlinked_and_still_work, 2, paths, timeout=300)
+    for _ in range(2):
+        path = paths.get(timeout=5)
+        assert "deepspeed_allreduce_buffer" in path
+        assert not os.path.exists(path), path

@@ -90,8 +90,31 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
         load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if acc.device_name() == "cpu":
+        unlink_shm_buffer(info)
     info.ranks_on_node = count_ranks_on_node()
     return info
+
+
+def shm_buffer_path(info: RankInfo) -> str:
+    """The /dev/shm file DeepSpeed's CPU collectives map for this rank (csrc/cpu/comm/shm.cpp names it)."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+
+
+def unlink_shm_buffer(info: RankInfo) -> None:
+    """DeepSpeed's CPU accelerator gives each rank of a one-node job a 69 MB shared-memory file that every rank maps,
+    and never removes it: each run left 69 MB per rank of RAM behind in /dev/shm (tmpfs), for good. Once every rank
+    has mapped every file (the barrier: DeepSpeed maps them all inside init_distributed), the names can go; the
+    mappings live until the processes end, so nothing is left behind even by a rank that is killed."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("LOCAL_SIZE", 0)) != info.world_size:  # DeepSpeed's own test: not all ranks on one node,
+        return  # no shared memory (and every rank takes the same branch: the barrier below is everyone's or no one's)
+    dist.barrier()
+    try:
+        os.unlink(shm_buffer_path(info))
+    except FileNotFoundError:  # the op was not built: no file
+        pass
 
 
 def count_ranks_on_node() -> int:
