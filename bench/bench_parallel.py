@@ -152,7 +152,7 @@ def startup_worker(args) -> None:
     from megatrain.parallel.parallelize import build_on_meta, parallelize
     from megatrain.parallel.topology import build_grid, check_layout
     from megatrain.training.dist_env import init_distributed
-    from megatrain.training.engine import build_engine
+    from megatrain.training.engine import build_engine, numel
 
     sets = json.loads(args.sets)
     way = sets.pop("way")
@@ -168,7 +168,7 @@ def startup_worker(args) -> None:
     else:
         model = build_on_meta(cfg.model)
     module = parallelize(model, cfg, layout, grid)
-    share = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    share = sum(numel(p) * 4 for p in module.parameters()) / 2**20  # fp32, full sizes (ZeRO-3 may have partitioned)
     if layout.tp == 1:
         share /= layout.dp  # ZeRO-3: the rank's partition
     row = dict(share_mib=share, built_mib=proc_status_mib("VmHWM") - base)
@@ -193,7 +193,9 @@ def startup(args, env: dict) -> None:
         for preset in args.presets.split(","):
             steps = 1 if preset == "llama-350m" else 0  # llama-1.3b's Adam states do not fit 2 ranks in 24 GiB
             for name, over in STARTUP_LAYOUTS:
-                for way in ("whole", "meta"):
+                if ONLY and ONLY not in name:
+                    continue
+                for way in args.ways.split(","):
                     out = os.path.join(scratch, f"{len(results)}.json")
                     sets = {"preset": preset, "way": way, "data.seq_len": 128, "train.micro_batch_size": 1,
                             "train.global_batch_size": 2 if "dp2" in name else 1, "model.vocab_size": 32000, **over}
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_parallel.json"))
     ap.add_argument("--startup", action="store_true", help="start-up memory per rank, meta vs whole builds")
     ap.add_argument("--presets", default="llama-350m,llama-1.3b", help="with --startup: the presets to build")
+    ap.add_argument("--ways", default="whole,meta", help="with --startup: the ways to build (whole, meta)")
     args = ap.parse_args()
     if args.worker:
         return startup_worker(args) if args.startup else worker(args)

@@ -147,11 +147,13 @@ def build_on_meta(cfg) -> Transformer:
         return Transformer(cfg)
 
 
-def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, keep=None) -> None:
+def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, keep=None, partition=None) -> None:
     """Give the parameters of a meta-built (and TP-cut) `model` that `keep(name)` selects (default: all; a pipeline
     stage's) exactly the values `torch.manual_seed(seed); Transformer(model.cfg)` gives the unsplit model: the
     construction draws of nn.Linear and nn.Embedding are made again, module by module, then each full tensor's
-    reset_parameters value is drawn one at a time and this rank keeps its TP slice. Peak memory: this rank's share
+    reset_parameters value is drawn one at a time and this rank keeps its TP slice. `partition(parameter)`, if
+    given, is called on each parameter the moment it has its value, which it reads straight from the buffer the full
+    tensor was drawn into (ZeRO-3 keeps this rank's partition of it). Peak memory: this rank's share (or partition)
     plus the largest single tensor."""
     cfg = model.cfg
     ours = {n: p for n, p in model.named_parameters() if keep is None or keep(n)}
@@ -176,12 +178,36 @@ def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, ke
         mine = ours.get(name)
         if mine is None:  # another stage's
             continue
-        value = shard(full, split_of(name, cfg), tp, tp_rank).clone()  # its own memory: the buffer is drawn again
+        value = shard(full, split_of(name, cfg), tp, tp_rank)
+        # its own memory, as the buffer is drawn again; unless partition takes its part out before that
+        value = value.contiguous() if partition is not None else value.clone()
         if value.shape != mine.shape:
             raise RuntimeError(f"materialize: {name} is {tuple(mine.shape)} on this rank, its slice {tuple(value.shape)}")
         new = nn.Parameter(value.to(mine.dtype), requires_grad=mine.requires_grad)
         new.__dict__.update(mine.__dict__)  # the TP marks (tensor_model_parallel, sequence_parallel, ...)
         torch.utils.swap_tensors(mine, new)  # every module holding it (TP layer, pipeline layer, tied head) sees it
+        if partition is not None:
+            partition(mine)
+
+
+def zero3_partitioner(cfg, grid):
+    """`partition` for materialize under ZeRO-3: deepspeed.zero.Init on one parameter at a time, with the group,
+    dtype and config deepspeed.initialize would partition the model with (its data-parallel group, the run's
+    precision). Init(module=...) converts every parameter of the module it is given: a holder of one converts it."""
+    import deepspeed
+
+    from megatrain.training.engine import deepspeed_config, resolve_precision
+
+    ds = deepspeed_config(cfg, dist.get_world_size())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.half}.get(resolve_precision(cfg), torch.float)
+
+    def partition(p: nn.Parameter) -> None:
+        holder = nn.Module()
+        holder.register_parameter("p", p)
+        deepspeed.zero.Init(module=holder, data_parallel_group=grid.get_data_parallel_group(), config_dict_or_path=ds,
+                            dtype=dtype, mpu=grid)
+
+    return partition
 
 
 def parallelize(model: Transformer, cfg, layout, grid):
@@ -199,7 +225,10 @@ def parallelize(model: Transformer, cfg, layout, grid):
             from megatrain.parallel.pipeline import stage_holds
 
             keep = stage_holds(cfg.model, grid.get_stage_id(), layout.pp)
-        materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep)
+        # NOTE: under ZeRO-3 each parameter is partitioned the moment it has its value, so the rank never holds the
+        # whole model (deepspeed.initialize then finds every parameter already partitioned)
+        partition = zero3_partitioner(cfg, grid) if cfg.parallel.zero_stage == 3 else None
+        materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
         if layout.tp > 1 and cfg.parallel.sequence_parallel:
             # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
             _sum_sequence_parallel_grads(model, tp_group)

@@ -82,6 +82,16 @@ def decay_groups(named: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
     return decay, no_decay
 
 
+def numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full element count, also once ZeRO-3 has partitioned it (its .numel() is then 0)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def ndim(p: torch.nn.Parameter) -> int:
+    """A parameter's full number of dimensions, also once ZeRO-3 has partitioned it (its data is then 1-D, empty)."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW's two groups: decay on matrices only (tied heads follow the embedding, which gets none)."""
     params, seen = [], set()
@@ -89,7 +99,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append((name, p))
-    decay, no_decay = decay_groups([(n, p.dim()) for n, p in params])
+    decay, no_decay = decay_groups([(n, ndim(p)) for n, p in params])
     groups = [{"params": [params[i][1] for i in decay], "weight_decay": weight_decay},
               {"params": [params[i][1] for i in no_decay], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]  # LoRA on an LM trains matrices only: DeepSpeed drops an empty group
@@ -116,7 +126,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
     """deepspeed.initialize with a torch AdamW (no JIT-built op needed) and the LR schedule."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, world_size, local_params=sum(p.numel() for p in model.parameters()))
+    ds_config = deepspeed_config(cfg, world_size, local_params=sum(numel(p) for p in model.parameters()))
     t = cfg.train
     # fused: one kernel over all parameters (CPU and CUDA) where the default loops over them one at a time in Python
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,

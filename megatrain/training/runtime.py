@@ -102,10 +102,10 @@ class Run:
         """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize."""
         from megatrain.checkpoint.io import harden
         from megatrain.parallel.parallelize import parallelize
-        from megatrain.training.engine import build_engine
+        from megatrain.training.engine import build_engine, numel
 
         module = parallelize(model, self.cfg, self.layout, self.grid)
-        local_params = sum(p.numel() for p in module.parameters())  # before ZeRO-3 partitions them
+        local_params = sum(numel(p) for p in module.parameters())  # the full sizes, also of ZeRO-3's partitions
         engine, _, _, _ = build_engine(self.cfg, module, self.world, mpu=None if self.layout.pp > 1 else self.grid)
         harden(engine)  # NOTE: before any load or save of a checkpoint
         if log_ranks:
