@@ -113,6 +113,7 @@ def _zero3_start_up(rank, world, results):
     from megatrain.model import Transformer
     from megatrain.parallel.parallelize import build_on_meta, parallelize
     from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.planning.memory import startup_host_bytes
     from megatrain.training.engine import numel
 
     def config(**model):
@@ -138,7 +139,8 @@ def _zero3_start_up(rank, world, results):
     share = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters()) / 2**20
     largest = max(p.numel() for p in build_on_meta(big.model).parameters()) * 4 / 2**20
     full = sum(p.numel() for p in build_on_meta(big.model).parameters()) * 4 / 2**20
-    results.put((rank, peak - before, share, largest, full))
+    planned = startup_host_bytes(big.model, dp=world, zero_stage=3, precision="fp32") / 2**20  # megatrain plan's line
+    results.put((rank, peak - before, share, largest, full, planned))
 
 
 def test_zero3_ranks_partition_the_model_as_it_is_built():
@@ -150,7 +152,8 @@ def test_zero3_ranks_partition_the_model_as_it_is_built():
     results = mp.get_context("spawn").Queue()
     run_distributed(_zero3_start_up, 2, results, timeout=300)
     for _ in range(2):
-        rank, grown, share, largest, full = results.get(timeout=5)
+        rank, grown, share, largest, full, planned = results.get(timeout=5)
         assert share == pytest.approx(full / 2, rel=0.05)
         assert grown <= 1.2 * share + largest + 64, (rank, grown, share, largest, full)
         assert grown < full
+        assert planned == pytest.approx(share + largest, rel=0.01)  # and what megatrain plan prints

@@ -239,12 +239,17 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     return Activations(int(per_mb * in_flight + pipe_buffers), int(tokens * recompute), in_flight, int(receive))
 
 
-def startup_host_bytes(m: ModelConfig, tp: int = 1, pp: int = 1) -> int:
-    """Host memory a rank's model takes at start-up, before DeepSpeed moves and partitions it: pretrain builds the model
-    on the meta device and gives each rank only its TP slice of its pipeline stage, in fp32, drawing every full tensor
-    into one buffer of the largest one's size (ZeRO-3 partitions that share afterwards)."""
+def startup_host_bytes(m: ModelConfig, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: int = 0,
+                       precision: str = "fp32") -> int:
+    """Host memory a rank's model takes at start-up, before deepspeed.initialize: pretrain builds the model on the
+    meta device and gives each rank only its TP slice of its pipeline stage, in fp32, drawing every full tensor into
+    one buffer of the largest one's size. Under ZeRO-3 each parameter is partitioned (in the run's precision) as soon
+    as it is drawn, so the rank holds its partition and that buffer."""
     largest = max(numel for _, numel, _ in parameter_table(m))
-    return FP32 * (max(s.local for s in stage_params(m, tp, pp, 0)) + largest)
+    local = max(s.local for s in stage_params(m, tp, pp, 0))
+    if zero_stage == 3:
+        return bytes_per_value(precision) * -(-local // dp) + FP32 * largest
+    return FP32 * (local + largest)
 
 
 def whole_model_host_bytes(m: ModelConfig) -> int:
