@@ -116,21 +116,24 @@ def _zero3_start_up(rank, world, results):
     from megatrain.planning.memory import startup_host_bytes
     from megatrain.training.engine import numel
 
-    def config(**model):
-        sets = ["parallel.zero_stage=3", "train.micro_batch_size=1", "train.global_batch_size=2", "train.seed=5"]
+    def config(precision="fp32", **model):
+        sets = ["parallel.zero_stage=3", "train.micro_batch_size=1", "train.global_batch_size=2", "train.seed=5",
+                f"train.precision={precision}"]
         return load_config("tiny", sets + [f"model.{k}={v}" for k, v in model.items()])
 
-    small = config(vocab_size=256)
     deepspeed.init_distributed("gloo")  # DeepSpeed's comm over the process group the harness made
-    layout = check_layout(small, world)
-    grid = build_grid(layout)
-    model = parallelize(build_on_meta(small.model), small, layout, grid)  # also the lazy imports, before the baseline
-    assert all(hasattr(p, "ds_id") and p.ds_tensor.numel() < numel(p) for p in model.parameters())
-    torch.manual_seed(5)
-    want = Transformer(small.model).state_dict()
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        for name, p in model.named_parameters():
-            assert torch.equal(p.data, want[name]), name
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):  # fp32 also warms up, before the baseline
+        small = config(precision, vocab_size=256)
+        layout = check_layout(small, world)
+        grid = build_grid(layout)
+        model = parallelize(build_on_meta(small.model), small, layout, grid)
+        assert all(hasattr(p, "ds_id") and p.ds_tensor.numel() < numel(p) for p in model.parameters())
+        assert all(p.ds_tensor.dtype == dtype for p in model.parameters())  # as deepspeed.initialize would cast them
+        torch.manual_seed(5)
+        want = Transformer(small.model).state_dict()
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            for name, p in model.named_parameters():
+                assert torch.equal(p.data, want[name].to(dtype)), name
 
     big = config(vocab_size=8192, n_layers=8, n_heads=16, n_kv_heads=16, d_model=1024)
     before = _status_mib("VmRSS")

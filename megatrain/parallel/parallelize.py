@@ -202,6 +202,9 @@ def zero3_partitioner(cfg, grid):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.half}.get(resolve_precision(cfg), torch.float)
 
     def partition(p: nn.Parameter) -> None:
+        # NOTE: cast first: Init(module=...) partitions in the parameter's own dtype (only Init as a context casts);
+        # deepspeed.initialize casts a module it has to partition itself before it does so, to the same dtype
+        p.data = p.data.to(dtype)
         holder = nn.Module()
         holder.register_parameter("p", p)
         deepspeed.zero.Init(module=holder, data_parallel_group=grid.get_data_parallel_group(), config_dict_or_path=ds,

@@ -139,7 +139,7 @@ def model_states(P: int, persistent: int, dp: int, zero_stage: int, precision: s
     (12 bytes per parameter over dp); ZeRO-2 keeps only its partition of the gradients, and so does ZeRO-1 when every
     micro-batch ends a step (no accumulation) or under a pipeline; ZeRO-1 accumulating micro-batches keeps the full
     gradients plus its reduce bucket. ZeRO-3 partitions the parameters too, except those below the persistence
-    threshold, and keeps one reduce bucket. Under bf16/fp16 the partition's gradient is converted to fp32 for the
+    threshold, and keeps one reduce bucket; in fp32 its master is the parameters' partition itself. Under bf16/fp16 the partition's gradient is converted to fp32 for the
     step (4 more bytes per parameter over dp). Offloaded states live on the host, where the accumulation of several
     micro-batches keeps an fp32 gradient partition of its own."""
     w = bytes_per_value(precision)
@@ -168,6 +168,8 @@ def model_states(P: int, persistent: int, dp: int, zero_stage: int, precision: s
     if offload_optimizer:
         host = opt + FP32 * part + (FP32 * part if grad_accum > 1 else 0)
         return ModelStates(params, (0, 0), (0, host), (bucket, 0), gathered)
+    if not mixed:  # fp32: the parameters' partition is the master (training/engine.share_fp32_master)
+        opt = 8 * part
     return ModelStates(params, (w * part + fp32_grad, 0), (opt, 0), (bucket, 0), gathered)
 
 

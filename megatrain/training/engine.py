@@ -135,6 +135,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
     # a PipelineModule brings its own mpu (its grid); a plain module gets ours
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config, mpu=mpu)
+    if cfg.parallel.zero_stage == 3:
+        share_fp32_master(engine.optimizer)
     if cfg.parallel.zero_stage == 0 and not hasattr(engine.optimizer, "overflow"):
         engine.optimizer = SkipNonFinite(engine.optimizer)
         if engine.dp_world_size == 1:  # no replica to average with: DeepSpeed's flatten/all-reduce/copy is pure overhead
@@ -142,6 +144,25 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
     elif resolve_precision(cfg) == "bf16" and hasattr(engine.optimizer, "check_grad_overflow"):
         engine.optimizer.check_grad_overflow = True  # ZeRO-1/2 under bf16 would otherwise step on a NaN norm
     return engine, engine.optimizer, scheduler, ds_config
+
+
+def share_fp32_master(zero3) -> int:
+    """ZeRO-3 keeps an fp32 master partition next to the partition of the parameters. When the parameters are fp32
+    already, DeepSpeed means to use them as the master (stage3.py's _create_fp32_partitions aliases the two, and its
+    step copies one onto the other, which is then no copy), but its test compares a torch.device with a device name,
+    which is never equal: an fp32 run held every partition twice, 4 bytes per parameter / N above 16 Psi / N. Make
+    the alias DeepSpeed meant (not with optimizer offload, whose master lives elsewhere). Returns the bytes freed."""
+    if getattr(zero3, "offload_optimizer", True):
+        return 0
+    freed = 0
+    for lp, hp in zip(zero3.fp16_partitioned_groups_flat, zero3.fp32_partitioned_groups_flat):
+        if lp is None or hp.data_ptr() == lp.data_ptr() or (lp.dtype, lp.device, lp.shape) != (hp.dtype, hp.device, hp.shape):
+            continue
+        if not torch.equal(lp, hp):  # a fresh master is a copy of the parameters; anything else is not ours to merge
+            continue
+        freed += hp.numel() * hp.element_size()
+        hp.data = lp.data
+    return freed
 
 
 class SkipNonFinite:
