@@ -139,9 +139,9 @@ def model_states(P: int, persistent: int, dp: int, zero_stage: int, precision: s
     (12 bytes per parameter over dp); ZeRO-2 keeps only its partition of the gradients, and so does ZeRO-1 when every
     micro-batch ends a step (no accumulation) or under a pipeline; ZeRO-1 accumulating micro-batches keeps the full
     gradients plus its reduce bucket. ZeRO-3 partitions the parameters too, except those below the persistence
-    threshold, and keeps one reduce bucket; in fp32 its master is the parameters' partition itself. Under bf16/fp16 the partition's gradient is converted to fp32 for the
-    step (4 more bytes per parameter over dp). Offloaded states live on the host, where the accumulation of several
-    micro-batches keeps an fp32 gradient partition of its own."""
+    threshold, and keeps one reduce bucket; in fp32 its master is the parameters' partition itself. Under bf16/fp16
+    the partition's gradient is converted to fp32 for the step (4 more bytes per parameter over dp). Offloaded states
+    live on the host, where the accumulation of several micro-batches keeps an fp32 gradient partition of its own."""
     w = bytes_per_value(precision)
     part = P / dp
     mixed = w == 2
