@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
     init.close()
     engine = run.engine(model)
     state = run.resume(engine)
-    state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len))
+    state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len, engine.module))
     result = dict(step=state.step)
     if test_set is not None and state.step >= cfg.train.max_steps:
         result.update(test(run, engine, task, test_set))

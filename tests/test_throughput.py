@@ -24,6 +24,39 @@ def test_whole_attention_adds_back_the_causal_half_and_nothing_else():
     assert train_flops_per_token(m, s) == train_flops_per_token(m, s, whole_attention=True) == whole
 
 
+@pytest.mark.parametrize("model_sets", [[], ["model.norm=layernorm", "model.mlp=gelu", "model.position=learned",
+                                                "model.tie_embeddings=true", "model.bias=true"]], ids=["llama", "gpt-tied"])
+@pytest.mark.parametrize("frozen", ["none", "lora", "first-2-blocks", "lora-on-attention"])
+def test_the_flop_count_is_what_autograd_computes_with_frozen_weights(frozen, model_sets):
+    """The count an MFU divides is torch's own FlopCounterMode count of a forward and backward (matmuls; attention's
+    products are left out of both by taking seq_len 0 in the formula): a LoRA fine-tune computes no weight gradient for
+    its frozen matrices (the 3x count claimed 1.5x their FLOPs, and logged MFU 100% in the SmolLM2 QA example), blocks
+    before the first trainable one run no backward, and the adapters add their own."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatrain.config import load_config
+    from megatrain.heads import apply_lora
+    from megatrain.model import Transformer
+    from megatrain.training.metrics import frozen_flops_adjustment, train_flops_per_token
+
+    m = load_config("tiny", ["model.vocab_size=512", "model.fused_kernels=off", *model_sets]).model
+    torch.manual_seed(0)
+    model = Transformer(m)
+    if frozen.startswith("lora"):
+        apply_lora(model, 8, 16, 0.0, "qkv,o_proj" if frozen == "lora-on-attention" else "qkv,o_proj,gate_up,up,down")
+    elif frozen == "first-2-blocks":
+        for name, p in model.named_parameters():
+            p.requires_grad = not name.startswith(("embed.", "pos_embed.", "layers.0.", "layers.1."))
+    x = torch.randint(0, 512, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x).backward()
+    counted = counter.get_total_flops() / x.numel()
+    assert set(map(str, counter.get_flop_counts()["Global"])) <= {"aten.mm", "aten.addmm"}  # matmuls, no attention kernel
+    assert train_flops_per_token(m, 0) + frozen_flops_adjustment(model, m, 0) == counted
+    if frozen != "none":
+        assert frozen_flops_adjustment(model, m, 0) < 0
+
+
 def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tmp_path, monkeypatch):
     from megatrain.training import metrics
 

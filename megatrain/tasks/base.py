@@ -69,6 +69,8 @@ class Task:
         """The mean loss over the micro-batch's targets (through the engine, so DeepSpeed's hooks run)."""
         return engine(*batch.model_inputs())
 
+    counts_lm_head = True  # flops_per_token includes the LM head
+
     def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
         from megatrain.training.metrics import train_flops_per_token
 
@@ -162,13 +164,17 @@ class FinetuneTask(Task):
     def rows_per_epoch(self, train: Examples) -> int:
         return len(train)
 
+    @property
+    def counts_lm_head(self) -> bool:
+        return self.name == "sft"
+
     def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
         """A task head replaces the LM head (whose FLOPs are most of a small model's): count the blocks only."""
         import dataclasses
 
         from megatrain.training.metrics import train_flops_per_token
 
-        blocks = dataclasses.replace(m, vocab_size=0) if self.name != "sft" else m
+        blocks = m if self.counts_lm_head else dataclasses.replace(m, vocab_size=0)
         return train_flops_per_token(blocks, seq_len, whole_attention)
 
     # -- evaluation -------------------------------------------------------------------------------------------------

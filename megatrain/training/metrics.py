@@ -48,6 +48,51 @@ def train_flops_per_token(m: ModelConfig, seq_len: int, whole_attention: bool = 
     return 3 * forward_flops_per_token(m, seq_len, causal=m.objective == "causal" and not whole_attention)
 
 
+def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = True, head: bool = True) -> float:
+    """FLOPs per token to add to the 3x count of a model with frozen parameters (LoRA, finetune.freeze), so that the
+    count is what autograd computes (tested against torch's FlopCounterMode): less a frozen matrix's weight gradient
+    (its forward FLOPs again); less the whole backward (twice the forward) of a block with nothing trainable in it or
+    before it; less the first projection's input gradient when nothing before it trains; plus LoRA's adapters (3x
+    their forward). `head`: the count includes the LM head (pretraining, sft), a frozen one spares its weight gradient.
+    0 for a model with nothing frozen, or that is not the plain Transformer (a pipeline's stages)."""
+    from megatrain.model import Transformer
+    from megatrain.training.engine import ndim, numel
+
+    params = dict(model.named_parameters())
+    if not isinstance(model, Transformer) or all(p.requires_grad for p in params.values()):
+        return 0.0
+
+    def trains(prefix: str) -> bool:
+        return any(p.requires_grad for n, p in params.items() if n.startswith(prefix))
+
+    def adapter(name: str) -> int:  # a LoRA matrix's elements: its forward FLOPs per token / 2 (this rank's slice)
+        return numel(params[name]) if name in params else 0
+
+    def frozen_share(prefix: str) -> float:
+        mats = [p for n, p in params.items() if n.startswith(prefix) and n.endswith(".weight") and ndim(p) == 2]
+        total = sum(numel(p) for p in mats)
+        return sum(numel(p) for p in mats if not p.requires_grad) / total if total else 0.0
+
+    attn_proj, mlp, attn_mix = block_flops_per_token(m, seq_len, causal)
+    hd = m.d_model // m.n_heads
+    qkv = 2 * m.d_model * (m.n_heads + 2 * kv_heads(m)) * hd  # forward FLOPs of the first projection
+    change, upstream = 0.0, trains("embed.") or trains("pos_embed.")
+    for i in range(m.n_layers):
+        pre = f"layers.{i}."
+        if not upstream and not trains(pre):
+            change -= 2 * (attn_proj + mlp + attn_mix)
+            continue
+        if not upstream and not trains(pre + "attn_norm."):  # qkv's input needs no gradient: that matmul is spared
+            change -= qkv + 2 * adapter(pre + "attn.qkv.lora_A")
+        upstream = True
+        change -= attn_proj * frozen_share(pre + "attn.") + mlp * frozen_share(pre + "mlp.")
+        change += 3 * 2 * sum(adapter(n) for n in params if n.startswith(pre) and ".lora_" in n)  # x A^T, then B
+    lm_head = params.get("lm_head.weight", params.get("embed.weight"))  # tied: the embedding is the head
+    if head and m.vocab_size and lm_head is not None and not lm_head.requires_grad:
+        change -= 2 * m.d_model * m.vocab_size
+    return change
+
+
 @dataclass
 class Throughput:
     """What turns a step's tokens and seconds into TFLOP/s and MFU."""
@@ -57,15 +102,22 @@ class Throughput:
     peak: float  # TFLOP/s one rank can reach (its share of the node on CPU); 0: unknown, no MFU
 
     @classmethod
-    def of(cls, run, task, seq_len: int) -> "Throughput":
-        """The run's FLOP counts and MFU peak, and a line saying what they are (a collective on CPU: see peak_tflops)."""
+    def of(cls, run, task, seq_len: int, model=None) -> "Throughput":
+        """The run's FLOP counts (less what `model`'s frozen parameters spare) and MFU peak, and a line saying what
+        they are (a collective on CPU: see peak_tflops)."""
         from megatrain.training.runtime import log0
 
         m = run.cfg.model
         peak, where = peak_tflops(run.cfg, run.precision, run.ranks_on_node)
-        t = cls(task.flops_per_token(m, seq_len), task.flops_per_token(m, seq_len, whole_attention=True), peak)
+        counts = []
+        for whole in (False, True):
+            change = 0.0 if model is None else frozen_flops_adjustment(
+                model, m, seq_len, causal=m.objective == "causal" and not whole, head=task.counts_lm_head)
+            counts.append(task.flops_per_token(m, seq_len, whole_attention=whole) + change)
+        t = cls(*counts, peak)
+        frozen = "" if model is None or counts[0] == task.flops_per_token(m, seq_len) else ", frozen weights: no gradients"
         log0(f"FLOPs/token (train) {t.flops_per_token:,.0f} ({t.flops_per_token_whole:,.0f} counting causal attention "
-             f"whole) | MFU peak {peak:.3f} TFLOP/s per rank ({where})")
+             f"whole{frozen}) | MFU peak {peak:.3f} TFLOP/s per rank ({where})")
         return t
 
 
