@@ -42,8 +42,9 @@ def ds_config(micro: int) -> dict:
             "steps_per_print": 10**9}
 
 
-def time_engine(model, step_fn, micro: int, steps: int, warmup: int = 2) -> float:
-    """Seconds per optimizer step of `model` trained through deepspeed.initialize (ZeRO-1, torch AdamW)."""
+def time_engine(model, step_fn, micro: int, steps: int, warmup: int = 2, breakdown: dict | None = None) -> float:
+    """Seconds per optimizer step of `model` trained through deepspeed.initialize (ZeRO-1, torch AdamW); with
+    `breakdown`, also fills it with op_breakdown's split of a step (profiled after the timed steps)."""
     import deepspeed
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -56,8 +57,32 @@ def time_engine(model, step_fn, micro: int, steps: int, warmup: int = 2) -> floa
         engine.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    if breakdown is not None:
+        breakdown.update(op_breakdown(engine, step_fn))
     times.sort()
     return times[len(times) // 2]  # median
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")  # where torch spends a Linear's FLOPs on CPU
+
+
+def op_breakdown(engine, step_fn, steps: int = 2) -> dict:
+    """Where one training step's time goes, by torch's profiler (self CPU time of each op): the matmuls, the attention
+    kernel, and the rest with its five biggest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.backward(step_fn(engine))
+            engine.step()
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    matmul = sum(t for k, t in ops.items() if k in MATMUL_OPS)
+    attention = sum(t for k, t in ops.items() if "scaled_dot_product" in k or "flash_attention" in k)
+    rest = sorted(((t, k) for k, t in ops.items() if k not in MATMUL_OPS and "scaled_dot_product" not in k
+                   and "flash_attention" not in k), reverse=True)[:5]
+    return dict(matmul=matmul / total, attention=attention / total, rest=1 - (matmul + attention) / total,
+                top_rest={k: t / total for t, k in rest})
 
 
 def part1(args) -> dict:
@@ -84,9 +109,12 @@ def part1(args) -> dict:
     mm = measured_matmul_tflops(n=1024, trials=3, repeat=10)
     results = {}
     # interleave the two models so drift in this machine's speed hits both alike
+    split = {"megatrain": {}, "hf": {}}  # profiled in the last round, after its timed steps
     for rnd in range(args.rounds):
-        t_ours = time_engine(ours, lambda e: e(x, y), B, args.steps)
-        t_hf = time_engine(hf, lambda e: e(input_ids=x, labels=x).loss, B, args.steps)
+        last = rnd == args.rounds - 1
+        t_ours = time_engine(ours, lambda e: e(x, y), B, args.steps, breakdown=split["megatrain"] if last else None)
+        t_hf = time_engine(hf, lambda e: e(input_ids=x, labels=x).loss, B, args.steps,
+                           breakdown=split["hf"] if last else None)
         results.setdefault("ours", []).append(t_ours)
         results.setdefault("hf", []).append(t_hf)
         print(f"round {rnd + 1}: megatrain {t_ours * 1e3:.0f} ms/step, HF Llama {t_hf * 1e3:.0f} ms/step", flush=True)
@@ -99,7 +127,7 @@ def part1(args) -> dict:
                          seq=T, micro_batch=B), params_megatrain=n_ours, params_hf=n_hf,
                megatrain_tokens_per_s=tok / t_ours, hf_tokens_per_s=tok / t_hf, speedup_vs_hf=t_hf / t_ours,
                torch_mm_tflops=mm, megatrain_tflops=ours_tflops, hf_tflops=hf_tflops,
-               megatrain_fraction_of_mm=ours_tflops / mm, hf_fraction_of_mm=hf_tflops / mm)
+               megatrain_fraction_of_mm=ours_tflops / mm, hf_fraction_of_mm=hf_tflops / mm, step_time_split=split)
     print(f"\nLlama-shaped {args.layers}x{args.width}, seq {T}, batch {B}, fp32, ZeRO-1, 1 process "
           f"({n_ours / 1e6:.1f}M params):")
     print(f"  megatrain          {tok / t_ours:>9,.0f} tokens/s   {ours_tflops * 1e3:6.1f} GFLOP/s  "
@@ -107,6 +135,10 @@ def part1(args) -> dict:
     print(f"  HF LlamaForCausalLM{tok / t_hf:>9,.0f} tokens/s   {hf_tflops * 1e3:6.1f} GFLOP/s  {hf_tflops / mm:5.1%} of torch.mm")
     print(f"  speed-up vs HF: {t_hf / t_ours:.2f}x (target >= 1.3x); torch.mm: {mm * 1e3:.1f} GFLOP/s; "
           f"megatrain at {ours_tflops / mm:.0%} of it (target >= 80%)")
+    for who, sp in split.items():  # the bound: a step can go no faster than its matmuls at torch.mm's rate
+        top = ", ".join(f"{k} {v:.1%}" for k, v in sp["top_rest"].items())
+        print(f"  {who:9s} step time: matmuls {sp['matmul']:.1%}, attention {sp['attention']:.1%}, "
+              f"the rest {sp['rest']:.1%} ({top})")
     return out
 
 
