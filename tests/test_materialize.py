@@ -105,7 +105,7 @@ def test_each_rank_allocates_only_its_share_at_start_up():
 
 
 def _zero3_start_up(rank, world, results):
-    """ZeRO-3 over 2 ranks: the meta-built model is partitioned module by module as materialize fills it. Its
+    """ZeRO-3 over 2 ranks: the meta-built model is partitioned parameter by parameter as materialize fills it. Its
     partitions gather back to the unsplit model's weights, and the start-up peak stays near the rank's partition."""
     import deepspeed
 

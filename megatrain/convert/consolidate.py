@@ -19,8 +19,8 @@ from megatrain.checkpoint.io import STATE_FILE
 from megatrain.checkpoint.reader import CONSOLIDATED, CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
 from megatrain.fileio import atomic_dir
+from megatrain.training.engine import PRECISION_DTYPE
 
-DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
 
 
@@ -61,7 +61,7 @@ def consolidate(src: str, out: str, tag: str | None = None, dtype: str = "fp32",
     check_output(out, force)
     t0 = time.perf_counter()
     with CheckpointReader(src, tag, merge_lora=True) as reader, atomic_dir(out, replace=force) as tmp:
-        write_consolidated(reader, tmp, DTYPE[dtype])
+        write_consolidated(reader, tmp, PRECISION_DTYPE[dtype])
     n = sum(torch.Size(reader.shape(k)).numel() for k in reader.names())
     size = os.path.getsize(os.path.join(out, CONSOLIDATED))
     print(f"consolidated {reader.where}: {len(reader.names())} tensors, {n / 1e6:.2f}M parameters, {dtype}, "

@@ -23,7 +23,8 @@ from megatrain.checkpoint.hf import (LLAMA, Family, HFWeights, check_hf_weights,
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
 from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
-from megatrain.convert.consolidate import DTYPE, check_output
+from megatrain.convert.consolidate import check_output
+from megatrain.training.engine import PRECISION_DTYPE
 from megatrain.fileio import atomic_dir
 
 TOLERANCE = 1e-4  # max |logit difference| a conversion may show (both models run in float64 for the check)
@@ -88,7 +89,7 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
         vocab = min(m.true_vocab_size or (tok.vocab_size if tok else m.vocab_size), m.vocab_size)  # padding rows go
         with atomic_dir(out, replace=force) as tmp:
             t0 = time.perf_counter()
-            n_files = _write_hf_weights(reader, tmp, fam, vocab, DTYPE[dtype], limit)
+            n_files = _write_hf_weights(reader, tmp, fam, vocab, PRECISION_DTYPE[dtype], limit)
             seconds = time.perf_counter() - t0
             nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
             hf_config(m, fam, vocab, tok).save_pretrained(tmp)
@@ -99,7 +100,7 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
                 save_hf_tokenizer(tok, tmp, m.max_seq_len)
             ok = True
             if verify:
-                ok = check_parity(_megatrain_model(reader, DTYPE[dtype]), tmp, vocab)
+                ok = check_parity(_megatrain_model(reader, PRECISION_DTYPE[dtype]), tmp, vocab)
             if not ok:
                 raise CheckpointError(f"the export does not compute megatrain's model (max |logit difference| above "
                                       f"{TOLERANCE}); nothing was written to {out}")

@@ -196,10 +196,10 @@ def zero3_partitioner(cfg, grid):
     precision). Init(module=...) converts every parameter of the module it is given: a holder of one converts it."""
     import deepspeed
 
-    from megatrain.training.engine import deepspeed_config, resolve_precision
+    from megatrain.training.engine import PRECISION_DTYPE, deepspeed_config, resolve_precision
 
     ds = deepspeed_config(cfg, dist.get_world_size())
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.half}.get(resolve_precision(cfg), torch.float)
+    dtype = PRECISION_DTYPE[resolve_precision(cfg)]
 
     def partition(p: nn.Parameter) -> None:
         # NOTE: cast first: Init(module=...) partitions in the parameter's own dtype (only Init as a context casts);

@@ -29,6 +29,9 @@ def _shipped_text(folder: str, name: str) -> str:
     return find_shipped(folder, name).read_text()
 
 
+PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision's tensors
+
+
 def resolve_precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision

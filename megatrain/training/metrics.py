@@ -109,13 +109,13 @@ class Throughput:
 
         m = run.cfg.model
         peak, where = peak_tflops(run.cfg, run.precision, run.ranks_on_node)
-        counts = []
+        counts, changes = [], []
         for whole in (False, True):
-            change = 0.0 if model is None else frozen_flops_adjustment(
-                model, m, seq_len, causal=m.objective == "causal" and not whole, head=task.counts_lm_head)
-            counts.append(task.flops_per_token(m, seq_len, whole_attention=whole) + change)
+            changes.append(0.0 if model is None else frozen_flops_adjustment(
+                model, m, seq_len, causal=m.objective == "causal" and not whole, head=task.counts_lm_head))
+            counts.append(task.flops_per_token(m, seq_len, whole_attention=whole) + changes[-1])
         t = cls(*counts, peak)
-        frozen = "" if model is None or counts[0] == task.flops_per_token(m, seq_len) else ", frozen weights: no gradients"
+        frozen = ", frozen weights: no gradients" if changes[0] else ""
         log0(f"FLOPs/token (train) {t.flops_per_token:,.0f} ({t.flops_per_token_whole:,.0f} counting causal attention "
              f"whole{frozen}) | MFU peak {peak:.3f} TFLOP/s per rank ({where})")
         return t
