@@ -73,17 +73,34 @@ def test_time_limit_saves_exits_and_leaves_the_stop_note(tmp_path, monkeypatch):
 
 def _stop_reasons(rank, world):
     import signal
+    import time
+
+    import torch.distributed as dist
 
     from megatrain.training.loop import StopRequest
 
     stop = StopRequest(0)
-    assert stop.reason("cpu") is None
+    assert stop.reason(1, "cpu", log_step=True) is None
     if rank == 1:  # srun signals each task itself: one rank may see USR1 a step before the others
         os.kill(os.getpid(), signal.SIGUSR1)
-    assert stop.reason("cpu") == "SIGUSR1"
+    assert stop.reason(2, "cpu", log_step=True) == "SIGUSR1"
     if rank == 0:
         os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.reason("cpu") == "SIGTERM"  # disagreeing ranks: the later entry of StopRequest.REASONS wins
+    assert stop.reason(3, "cpu", log_step=True) == "SIGTERM"  # disagreeing ranks: the later entry of REASONS wins
+
+    # Between log steps the ranks look only at the step they agreed on, set by the slowest rank's step time.
+    stop = StopRequest(0)
+    stop.CHECK_SECONDS = 1.0
+    time.sleep(0.05 if rank == 0 else 0.2)  # one step: rank 1 is the slow one, so it sets the next check
+    assert stop.reason(1, "cpu", log_step=True) is None
+    agreed = [None] * world
+    dist.all_gather_object(agreed, stop.next_check)
+    assert agreed[0] == agreed[1] and 2 <= agreed[0] <= 1 + int(1.0 / 0.2), agreed
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    for step in range(2, agreed[0]):  # no collective here: rank 1 would hang in one rank 0 never joined
+        assert stop.reason(step, "cpu", log_step=False) is None
+    assert stop.reason(agreed[0], "cpu", log_step=False) == "SIGUSR1"
 
 
 def test_every_rank_records_the_stop_reason_of_the_rank_that_was_signalled():

@@ -27,15 +27,21 @@ from megatrain.training.runtime import Run, TrainState
 
 
 class StopRequest:
-    """SIGUSR1/SIGTERM (e.g. Slurm's --signal=USR1@120) or a time limit -> save and exit cleanly."""
+    """SIGUSR1/SIGTERM (e.g. Slurm's --signal=USR1@120) or a time limit -> save and exit cleanly.
+
+    Ranks must agree on the step they stop at, which takes a collective, and a collective is a host sync on GPU: so
+    they compare notes only at log steps and every ~CHECK_SECONDS of steps between them (agreed at each check, from
+    the slowest rank's step time), not every step. One rank needs no collective and looks every step."""
 
     TIME_LIMIT = "time limit (train.exit_duration_minutes)"
     # What a stop can be, in the order that wins when ranks disagree; ranks all-reduce the index (MAX).
     REASONS = (None, TIME_LIMIT, "SIGUSR1", "SIGTERM")
+    CHECK_SECONDS = 20.0  # longest wait between checks: well inside Slurm's usual --signal=USR1@120
 
     def __init__(self, minutes: float):
         self.deadline = time.time() + minutes * 60 if minutes > 0 else None
         self.signalled = None
+        self.next_check, self.checked_step, self.checked_at = 1, 0, time.perf_counter()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(sig, self._handler)
@@ -45,13 +51,25 @@ class StopRequest:
     def _handler(self, signum, frame):
         self.signalled = signal.Signals(signum).name
 
-    def reason(self, device) -> str | None:
-        """The same on every rank, though one may get the signal before the others (srun signals each task)."""
-        local = self.signalled or (self.TIME_LIMIT if self.deadline and time.time() > self.deadline else None)
-        code = torch.tensor([self.REASONS.index(local)], dtype=torch.int64, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        return self.REASONS[int(code.item())]
+    def _local(self) -> str | None:
+        return self.signalled or (self.TIME_LIMIT if self.deadline and time.time() > self.deadline else None)
+
+    def reason(self, step: int, device, log_step: bool) -> str | None:
+        """Why to stop after `step`, the same on every rank (one may get the signal before the others: srun signals
+        each task); None when it is not a check step (`log_step`, or the step agreed at the last check)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self._local()
+        if not log_step and step < self.next_check:
+            return None
+        now = time.perf_counter()
+        per_step = (now - self.checked_at) / max(1, step - self.checked_step)
+        every = max(1, int(self.CHECK_SECONDS / max(per_step, 1e-6)))
+        # One all-reduce: the stop (MAX of the index) and the next check (MIN of the ranks' intervals, as -MAX of -).
+        code = torch.tensor([self.REASONS.index(self._local()), -every], dtype=torch.int64, device=device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        why, every = code.tolist()
+        self.next_check, self.checked_step, self.checked_at = step - every, step, now
+        return self.REASONS[why]
 
 
 def note_stop(why: str, step: int) -> None:
@@ -246,7 +264,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
             every = cfg.parallel.drift_check_interval
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
                 drift_check(engine, cfg, run.grid, state.step)
-            if state.step % t.log_interval == 0 or state.step == t.max_steps:
+            log_step = state.step % t.log_interval == 0 or state.step == t.max_steps
+            if log_step:
                 row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
                            consumed_samples=state.consumed_samples, skipped_steps=bad.total,
                            **window.row(run, engine, throughput))
@@ -278,7 +297,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 last_saved = state.step
             if faults.fires("raise", state.step):
                 raise RuntimeError(f"injected fault at step {state.step} (MEGATRAIN_FAULTS)")
-            why = stop.reason(engine.device)
+            why = stop.reason(state.step, engine.device, log_step)
             if why:
                 if last_saved != state.step:
                     run.save(engine, state, extra())
