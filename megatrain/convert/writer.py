@@ -109,7 +109,8 @@ def write(job: Job, world: int) -> bool:
             try:
                 _spawned_rank(0, 1, free_port(), job)
             finally:
-                dist.destroy_process_group()
+                if dist.is_initialized():  # _spawned_rank ends it, unless it failed
+                    dist.destroy_process_group()
                 os.environ.clear()
                 os.environ.update(saved)
         else:
@@ -133,6 +134,13 @@ def _spawned_rank(rank: int, world: int, port: int, job: Job) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     write_rank(job)
+    import torch.distributed as dist
+
+    # NOTE: end the process group before this process exits: left to the interpreter's teardown, a gloo thread can
+    # still be joinable when its object is destroyed, and the rank dies of SIGABRT ("terminate called without an
+    # active exception") after writing everything; the parent then throws the finished output away
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def write_rank(job: Job) -> None:
