@@ -12,6 +12,7 @@ on finetune.valid_file (keeping DIR/best by finetune.metric_for_best), and repor
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -55,7 +56,7 @@ def check(cfg: Config) -> None:
 
 def run(cfg: Config) -> dict:
     from megatrain.data import build_tokenizer
-    from megatrain.heads import build_model
+    from megatrain.heads import build_model, new_part_value
     from megatrain.tasks import finetune_task
     from megatrain.training.loop import train
     from megatrain.training.metrics import Throughput
@@ -85,8 +86,8 @@ def run(cfg: Config) -> dict:
         steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
         cfg.train.max_steps = steps
         cfg.train.warmup_steps = min(cfg.train.warmup_steps, steps // 10)
-    torch.manual_seed(cfg.train.seed)  # the head and adapters: the same start on every rank and every layout
-    model = build_model(cfg)
+    with torch.device("meta"):  # shapes only: each rank allocates just its share when parallelize fills it
+        model = build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log0(f"megatrain finetune {f.task} | {run.describe(total)} | trainable {trainable / 1e6:.2f}M of "
@@ -96,14 +97,19 @@ def run(cfg: Config) -> dict:
     log0(f"data: {len(train_set)} training {unit}" + (f" ({train_set.truncated} {cut})" if train_set.truncated else "")
          + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
          + (f" | labels {', '.join(f.labels[:12])}{' ...' if len(f.labels) > 12 else ''}" if f.labels else ""))
-    if not run.will_resume():
-        fresh = init.load_into(model)
-        heads = sorted({n.split(".")[0] for n in fresh if "lora_" not in n})
-        adapters = sum("lora_" in n for n in fresh)
+    # finetune.init's weights, one full tensor at a time, of which each rank keeps its slice; the head and adapters
+    # start from values seeded by train.seed and their names (the same on every layout)
+    weights, new = init.weights(model, functools.partial(new_part_value, cfg))
+    if run.will_resume():  # the checkpoint holds every weight: nothing to read but its values
+        shapes = {n: p.shape for n, p in model.named_parameters()}  # the full ones, before parallelize cuts them
+        weights = lambda name: torch.zeros(shapes[name])  # noqa: E731
+    else:
+        heads = sorted({n.split(".")[0] for n in new if "lora_" not in n})
+        adapters = sum("lora_" in n for n in new)
         log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
              + (f", {adapters} LoRA matrices" if adapters else ""))
+    engine = run.engine(model, weights)
     init.close()
-    engine = run.engine(model)
     state = run.resume(engine)
     state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len, engine.module))
     result = dict(step=state.step)

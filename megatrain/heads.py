@@ -18,6 +18,7 @@ and A like a row-parallel weight's columns (parallel/sharding.py), so the adapte
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn as nn
@@ -90,6 +91,22 @@ class SpanExtractor(_Headed):
         if labels is None:
             return logits
         return (F.cross_entropy(logits[..., 0], labels[:, 0]) + F.cross_entropy(logits[..., 1], labels[:, 1])) / 2
+
+
+def new_part_value(cfg: Config, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting value of a part a fine-tuning model adds to the pretrained one (a task head, LoRA adapters) when
+    the model is built on the meta device and filled from finetune.init: drawn from a generator of its own, seeded by
+    train.seed and the name, so the same whatever the layout. A head's weight ~ N(0, init_std) and its bias 0; LoRA's
+    A as nn.Linear's default (kaiming uniform, a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and B = 0, so the model
+    starts unchanged."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.zeros(shape)
+    if name.endswith(".lora_A"):
+        bound = 1 / math.sqrt(shape[1])
+        t.uniform_(-bound, bound, generator=g)
+    elif name.endswith(".weight"):
+        t.normal_(0.0, cfg.model.init_std, generator=g)
+    return t
 
 
 # -- LoRA ---------------------------------------------------------------------------------------------------------

@@ -126,14 +126,14 @@ def render(plan, cluster, title: str) -> list[str]:
     if est is not None:
         lines.append(f"  DeepSpeed's estimate_zero{p.zero_stage}_model_states_mem_needs: {est / GiB:.2f} GiB per GPU "
                      f"(this plan's model states: {max(x.device + x.gathered for x in st) / GiB:.2f} GiB)")
-    from megatrain.planning.memory import startup_host_bytes, whole_model_host_bytes
+    from megatrain.planning.memory import startup_host_bytes
 
     boot = startup_host_bytes(cfg.model, plan.tp, plan.pp, plan.dp, p.zero_stage, plan.precision)
-    whole = whole_model_host_bytes(cfg.model)
+    read = startup_host_bytes(cfg.model, plan.tp, plan.pp, plan.dp, p.zero_stage, plan.precision, from_weights=True)
     share = f"its ZeRO-3 partition in {plan.precision}" if p.zero_stage == 3 else "the rank's share in fp32"
     lines.append(f"  start-up host memory: {boot / GiB:.1f} GiB per rank, {boot * cluster.gpus_per_node / GiB:.1f} GiB per "
                  f"node of {cluster.gpus_per_node} ({share} and one full tensor; starting from weights, checkpoint.init "
-                 f"or finetune, every rank holds the whole model: {whole / GiB:.1f} GiB)")
+                 f"or finetune.init, one more as read: {read / GiB:.1f} GiB per rank)")
     if plan.host:
         lines.append(f"  host memory for offloaded states: {plan.host / GiB:.1f} GiB per rank")
     tm = plan.time

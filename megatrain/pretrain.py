@@ -70,7 +70,6 @@ def setup_data(cfg: Config):
 
 
 def run(cfg: Config) -> dict:
-    from megatrain.model import Transformer
     from megatrain.parallel.parallelize import build_on_meta
     from megatrain.training.loop import train
     from megatrain.training.metrics import Throughput
@@ -84,19 +83,18 @@ def run(cfg: Config) -> dict:
     resolve_vocab(cfg, tok)
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
+    # Shapes only: each rank allocates just its share when parallelize fills it, with the initial values (the same
+    # on every layout) or its slices of checkpoint.init's weights, read one tensor at a time
+    model, weights, init_line = build_on_meta(cfg.model), None, None
     if init is not None and not run.will_resume():  # weights only: the optimizer and the step start afresh
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model)  # whole on every rank, loaded, then sliced
-        init.load_into(model)
+        weights, _ = init.weights(model)
         init_line = f"initialized from {init.where} (weights only; the optimizer starts afresh)"
-    else:  # shapes only: each rank allocates just its share when parallelize materializes it (the same values)
-        model, init_line = build_on_meta(cfg.model), None
-    if init is not None:
-        init.close()
     log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
     if init_line:
         log0(init_line)
-    engine = run.engine(model)
+    engine = run.engine(model, weights)
+    if init is not None:
+        init.close()
     state = run.resume(engine)
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")

@@ -2,8 +2,9 @@
 output, or a Hugging Face folder (read through checkpoint/hf.py's maps, as `convert from-hf` does).
 
     src = WeightSource(path)            # nothing loaded yet: the model's shape and tokenizer spec are known
-    fresh = src.load_into(model)        # every parameter the model shares with it, one tensor at a time; returns the
-                                        # names left as the model initialised them (a new task head, LoRA adapters)
+    weights, new = src.weights(model)   # model built on the meta device; weights(name) reads one full tensor, for
+    run.engine(model, weights)          # parallelize.fill to keep this rank's slice of; `new`: the parameters the
+                                        # source lacks (a task head, LoRA adapters), valued by new_value(name, shape)
 """
 from __future__ import annotations
 
@@ -65,25 +66,28 @@ class WeightSource:
 
         return from_hf_tensor(name, self.model, self.family, self.hf.get)
 
-    def load_into(self, model: torch.nn.Module) -> list[str]:
-        """Copy every parameter `model` shares with the source; a parameter the source lacks is refused unless it is
-        one a fine-tuning model adds (a task head, LoRA adapters), which keep their initial values."""
+    def weights(self, model: torch.nn.Module, new_value=None):
+        """(weights, new) for `model` as built, before any split (on the meta device: shapes only): weights(name) is
+        the full tensor of a parameter, the source's, or new_value(name, shape) for one of the parts a fine-tuning
+        model adds (a task head, LoRA adapters), listed in `new`. A model with any other parameter the source lacks
+        is refused here, before anything is read; a tensor of another shape when it is read."""
         have = self._names()
-        params = dict(model.named_parameters())
-        fresh = [n for n in params if n not in have]
-        missing = [n for n in fresh if not any(part in n for part in NEW_PARTS)]
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        new = [n for n in shapes if n not in have]
+        missing = [n for n in new if new_value is None or not any(part in n for part in NEW_PARTS)]
         if missing:
             raise CheckpointError(f"{self.where}: has no {missing[0]} (and {len(missing) - 1} more); it is not a model "
                                   f"of this shape")
-        with torch.no_grad():
-            for name, p in params.items():
-                if name in have:
-                    t = self._tensor(name)
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise CheckpointError(f"{self.where}: {name} has shape {tuple(t.shape)}, the model "
-                                              f"{tuple(p.shape)}")
-                    p.copy_(t)
-        return fresh
+
+        def weights(name: str) -> torch.Tensor:
+            if name not in have:
+                return new_value(name, shapes[name])
+            t = self._tensor(name)
+            if tuple(t.shape) != shapes[name]:
+                raise CheckpointError(f"{self.where}: {name} has shape {tuple(t.shape)}, the model {shapes[name]}")
+            return t
+
+        return weights, new
 
     def close(self) -> None:
         if self.reader:

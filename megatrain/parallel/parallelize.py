@@ -3,9 +3,10 @@ apply_pipeline.
 
 The model in model.py knows nothing of ranks. These functions rewrite it in place. A model built on the meta device
 (`build_on_meta`: shapes, no values) is cut first and filled last: each rank allocates only its TP slices of its
-pipeline stage, with exactly the values the unsplit model built by `torch.manual_seed(seed); Transformer(cfg)` has.
-A model with values (weights loaded before the split) is sliced as it is.
-NOTE (order): apply_tp, then materialize (right after the cut, only this rank's stage), then
+pipeline stage, with exactly the values the unsplit model built by `torch.manual_seed(seed); Transformer(cfg)` has
+(materialize), or its slices of the weights the run starts from, read one full tensor at a time (fill). A model
+with values (weights loaded before the split) is sliced as it is.
+NOTE (order): apply_tp, then materialize or fill (right after the cut, only this rank's stage), then
 apply_activation_checkpointing (checkpointing wraps the TP blocks), then the pipeline cut, and all of it before
 deepspeed.initialize (ZeRO partitions whatever parameters exist at that point).
 """
@@ -178,16 +179,30 @@ def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, ke
         mine = ours.get(name)
         if mine is None:  # another stage's
             continue
-        value = shard(full, split_of(name, cfg), tp, tp_rank)
-        # its own memory, as the buffer is drawn again; unless partition takes its part out before that
-        value = value.contiguous() if partition is not None else value.clone()
-        if value.shape != mine.shape:
-            raise RuntimeError(f"materialize: {name} is {tuple(mine.shape)} on this rank, its slice {tuple(value.shape)}")
-        new = nn.Parameter(value.to(mine.dtype), requires_grad=mine.requires_grad)
-        new.__dict__.update(mine.__dict__)  # the TP marks (tensor_model_parallel, sequence_parallel, ...)
-        torch.utils.swap_tensors(mine, new)  # every module holding it (TP layer, pipeline layer, tied head) sees it
-        if partition is not None:
-            partition(mine)
+        _place(mine, name, full, cfg, tp, tp_rank, partition)
+
+
+def fill(model: Transformer, weights, tp: int = 1, tp_rank: int = 0, keep=None, partition=None) -> None:
+    """Like materialize, with the values `weights(name)` gives: the full tensor of each parameter (the weights a
+    run starts from: checkpoint.init, finetune.init), read one at a time; this rank keeps its TP slice (or its ZeRO-3
+    partition). Peak memory: this rank's share plus the largest single tensor (twice: as read, and its slice)."""
+    cfg = model.cfg
+    for name, mine in [(n, p) for n, p in model.named_parameters() if keep is None or keep(n)]:
+        _place(mine, name, weights(name), cfg, tp, tp_rank, partition)
+
+
+def _place(mine: nn.Parameter, name: str, full: torch.Tensor, cfg, tp: int, tp_rank: int, partition) -> None:
+    """Give the meta parameter `mine` its TP slice of `full`, in place: its own copy, so that `full` can go (or be
+    drawn again), unless `partition` takes its part out first."""
+    value = shard(full, split_of(name, cfg), tp, tp_rank)
+    value = value.contiguous() if partition is not None else value.clone()
+    if value.shape != mine.shape:
+        raise RuntimeError(f"{name} is {tuple(mine.shape)} on this rank, its slice {tuple(value.shape)}")
+    new = nn.Parameter(value.to(mine.dtype), requires_grad=mine.requires_grad)
+    new.__dict__.update(mine.__dict__)  # the TP marks (tensor_model_parallel, sequence_parallel, ...)
+    torch.utils.swap_tensors(mine, new)  # every module holding it (TP layer, pipeline layer, tied head) sees it
+    if partition is not None:
+        partition(mine)
 
 
 def zero3_partitioner(cfg, grid):
@@ -213,9 +228,10 @@ def zero3_partitioner(cfg, grid):
     return partition
 
 
-def parallelize(model: Transformer, cfg, layout, grid):
-    """Everything, in order: TP split -> values for a meta-built model -> activation checkpointing -> pipeline
-    stages. Returns the module to hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
+def parallelize(model: Transformer, cfg, layout, grid, weights=None):
+    """Everything, in order: TP split -> values for a meta-built model (`weights(name)`'s full tensors if given, else
+    materialize's draws) -> activation checkpointing -> pipeline stages. Returns the module to hand to
+    deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
     tp_group = grid.get_slice_parallel_group()
     # NOTE: TP first: checkpointing must wrap the split blocks (and their dropout streams, which it then restores for
     # the recompute), and the pipeline cuts the final modules. A meta-built model gets its values right after the TP
@@ -231,7 +247,10 @@ def parallelize(model: Transformer, cfg, layout, grid):
         # NOTE: under ZeRO-3 each parameter is partitioned the moment it has its value, so the rank never holds the
         # whole model (deepspeed.initialize then finds every parameter already partitioned)
         partition = zero3_partitioner(cfg, grid) if cfg.parallel.zero_stage == 3 else None
-        materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
+        if weights is not None:
+            fill(model, weights, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
+        else:
+            materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
         if layout.tp > 1 and cfg.parallel.sequence_parallel:
             # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
             _sum_sequence_parallel_grads(model, tp_group)

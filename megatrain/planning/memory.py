@@ -242,18 +242,15 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
 
 
 def startup_host_bytes(m: ModelConfig, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: int = 0,
-                       precision: str = "fp32") -> int:
-    """Host memory a rank's model takes at start-up, before deepspeed.initialize: pretrain builds the model on the
-    meta device and gives each rank only its TP slice of its pipeline stage, in fp32, drawing every full tensor into
-    one buffer of the largest one's size. Under ZeRO-3 each parameter is partitioned (in the run's precision) as soon
-    as it is drawn, so the rank holds its partition and that buffer."""
+                       precision: str = "fp32", from_weights: bool = False) -> int:
+    """Host memory a rank's model takes at start-up, before deepspeed.initialize: the model is built on the meta
+    device and each rank gets only its TP slice of its pipeline stage, in fp32, every full tensor drawn into one
+    buffer of the largest one's size. Under ZeRO-3 each parameter is partitioned (in the run's precision) as soon as
+    it is drawn, so the rank holds its partition and that buffer. Starting from weights (checkpoint.init,
+    finetune.init) the full tensors are read one at a time instead: one more of them, as read, next to its slice."""
     largest = max(numel for _, numel, _ in parameter_table(m))
     local = max(s.local for s in stage_params(m, tp, pp, 0))
+    full_tensors = FP32 * largest * (2 if from_weights else 1)
     if zero_stage == 3:
-        return bytes_per_value(precision) * -(-local // dp) + FP32 * largest
-    return FP32 * (local + largest)
-
-
-def whole_model_host_bytes(m: ModelConfig) -> int:
-    """What a rank holds when it builds the whole model first: starting from weights (checkpoint.init, finetune)."""
-    return FP32 * total_params(m)
+        return bytes_per_value(precision) * -(-local // dp) + full_tensors
+    return FP32 * local + full_tensors

@@ -1,8 +1,8 @@
 """One run's wiring, shared by every entrypoint (pretrain, finetune, the checkpoint writer of `convert`).
 
     run = Run.start(cfg)             # layout checked, process groups up, grid, accumulation, precision
-    model = Transformer(cfg.model)   # the plain model, built alike on every rank (seeded by the caller)
-    engine = run.engine(model)       # TP/PP applied in one place, then deepspeed.initialize
+    model = build_on_meta(cfg.model) # the plain model's shapes, alike on every rank (or a model with values)
+    engine = run.engine(model)       # TP/PP applied in one place, each rank's values, then deepspeed.initialize
     state = run.resume(engine)       # from checkpoint.dir/latest, if there is one
 
 An entrypoint adds only what is its own: its data, its task (batches, loss, FLOPs) and what it prints.
@@ -98,13 +98,15 @@ class Run:
                 f"ZeRO-{self.cfg.parallel.zero_stage} | {self.precision} | {n_params / 1e6:.2f}M parameters | "
                 f"grad accumulation {self.grad_accum}")
 
-    def engine(self, model, log_ranks: bool = True):
-        """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize."""
+    def engine(self, model, weights=None, log_ranks: bool = True):
+        """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize. A model
+        built on the meta device gets this rank's slices of `weights(name)`'s full tensors, or else of its seeded
+        initial values."""
         from megatrain.checkpoint.io import harden
         from megatrain.parallel.parallelize import parallelize
         from megatrain.training.engine import build_engine, numel
 
-        module = parallelize(model, self.cfg, self.layout, self.grid)
+        module = parallelize(model, self.cfg, self.layout, self.grid, weights)
         local_params = sum(numel(p) for p in module.parameters())  # the full sizes, also of ZeRO-3's partitions
         engine, _, _, _ = build_engine(self.cfg, module, self.world, mpu=None if self.layout.pp > 1 else self.grid)
         harden(engine)  # NOTE: before any load or save of a checkpoint
