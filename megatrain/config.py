@@ -57,6 +57,7 @@ class ModelConfig:
     position: str = "rope"  # rope | learned
     rope_theta: float = 10000.0  # RoPE base frequency
     mlp: str = "swiglu"  # swiglu | gelu
+    gelu: str = "tanh"  # mlp=gelu's form: tanh (GPT-2's approximation) | erf (the exact one: nanoGPT, BERT, Pythia)
     bias: bool = False  # biases in linear layers and layernorm
     tie_embeddings: bool = False  # share the input embedding with the output projection
     dropout: float = 0.0  # dropout on attention probabilities, residual branches and embeddings
@@ -183,6 +184,7 @@ CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.position": ("rope", "learned"),
     "model.mlp": ("swiglu", "gelu"),
+    "model.gelu": ("tanh", "erf"),
     "model.objective": ("causal", "mlm"),
     "data.sample_offsets": ("fixed", "random"),
     "model.fused_kernels": ("auto", "on", "off"),

@@ -136,6 +136,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fused = fused
         self.swiglu = cfg.mlp == "swiglu"
+        self.gelu = "tanh" if cfg.gelu == "tanh" else "none"  # F.gelu's `approximate`
         ff = ffn_width(cfg)
         if self.swiglu:
             self.gate_up = nn.Linear(cfg.d_model, 2 * ff, bias=cfg.bias)
@@ -149,9 +150,11 @@ class MLP(nn.Module):
         k = ops if self.fused else reference
         if self.swiglu:
             return self.down(k.swiglu(self.gate_up(x)))
-        if self.up_bias is not None:
+        if self.up_bias is not None and self.gelu == "tanh":  # the fused kernel is the tanh form
             return self.down(k.bias_gelu(self.up(x), self.up_bias))
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        h = self.up(x) if self.up_bias is None else self.up(x) + self.up_bias
+        # NOTE: on CPU the exact form is the faster one (baby GPT: 1.6 against 4.4 ms a step; bench/baby_profile.py)
+        return self.down(F.gelu(h, approximate=self.gelu))
 
 
 class Block(nn.Module):

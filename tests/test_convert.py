@@ -104,8 +104,9 @@ def _tiny_hf(kind: str, path: str, seed: int = 0) -> None:
                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                                  sliding_window=None))
     else:
+        act = "gelu" if kind == "gpt2-erf" else "gelu_new"  # the exact GeLU (model.gelu=erf) or GPT-2's tanh form
         model = GPT2LMHeadModel(GPT2Config(vocab_size=301, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                           bos_token_id=0, eos_token_id=0))
+                                           activation_function=act, bos_token_id=0, eos_token_id=0))
     model.save_pretrained(path)
 
 
@@ -130,6 +131,13 @@ def hf_round_trip(kind: str, tmp_path, tp: int) -> None:
         la = AutoModelForCausalLM.from_pretrained(src).eval()(x).logits
         lb = AutoModelForCausalLM.from_pretrained(back).eval()(x).logits
     torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
+
+
+def test_gpt2_with_the_exact_gelu_round_trips(tmp_path):
+    """activation_function "gelu" (erf; refused before) becomes model.gelu=erf: from-hf's logit check against
+    transformers passes and to-hf writes "gelu" back."""
+    hf_round_trip("gpt2-erf", tmp_path, tp=1)
+    assert json.load(open(tmp_path / "gpt2-erf-1-back" / "config.json"))["activation_function"] == "gelu"
 
 
 def test_llama_from_hf_round_trips_and_starts_a_pretraining_run(tmp_path):

@@ -229,15 +229,17 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
                         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                         init_std=c.get("initializer_range", 0.02))
     else:
-        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            refuse(f"activation_function {c['activation_function']!r} (megatrain's GeLU is the tanh form)")
+        act = c.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            refuse(f"activation_function {act!r} (megatrain's GeLU is gelu_new's tanh form or the exact gelu)")
         if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True) \
                 or c.get("add_cross_attention"):
             refuse("attention scaled by layer, unscaled or with cross-attention")
         d = c.get("n_embd", 768)
         m = ModelConfig(vocab_size=V, n_layers=c.get("n_layer", 12), n_heads=c.get("n_head", 12), d_model=d,
                         d_ff=c.get("n_inner") or 4 * d, max_seq_len=c.get("n_positions", 1024), norm="layernorm",
-                        norm_eps=c.get("layer_norm_epsilon", 1e-5), position="learned", mlp="gelu", bias=True,
+                        norm_eps=c.get("layer_norm_epsilon", 1e-5), position="learned", mlp="gelu",
+                        gelu="erf" if act == "gelu" else "tanh", bias=True,
                         tie_embeddings=bool(c.get("tie_word_embeddings", True)),
                         init_std=c.get("initializer_range", 0.02))
     return fam, m, V, arch

@@ -50,7 +50,8 @@ def hf_config(m: ModelConfig, fam: Family, vocab: int, tok):
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=vocab, n_positions=m.max_seq_len, n_embd=m.d_model, n_layer=m.n_layers,
-                      n_head=m.n_heads, n_inner=ffn_width(m), activation_function="gelu_new",
+                      n_head=m.n_heads, n_inner=ffn_width(m),
+                      activation_function="gelu_new" if m.gelu == "tanh" else "gelu",
                       layer_norm_epsilon=m.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
                       architectures=[fam.architecture], **ids)
