@@ -95,11 +95,11 @@ def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
     return max(1, int(n))
 
 
-def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.Tensor | float, float, int]:
+def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.Tensor | float, ...]:
     """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
     data-parallel ranks it is the loss: the mean over every target of the global batch; a tensor on the device, read
-    only when a line is logged, so a step waits for no device-to-host copy), without ZeRO the gradient norm (DeepSpeed
-    keeps none then), and the tokens the global batch held (padding not counted)."""
+    only when a line is logged, so a step waits for no device-to-host copy), without ZeRO the gradient norm (a tensor
+    too; DeepSpeed keeps none then), and the tokens the global batch held (padding not counted)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
     tokens = run.layout.dp * sum(int((b.segments > 0).sum()) if b.segments is not None else b.tokens.numel()
                                  for b in batches)
@@ -119,7 +119,8 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
         if hook is not None:
             hook.remove()
         if m == len(batches) - 1 and run.cfg.parallel.zero_stage == 0:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
+            # a tensor, read only when a line is logged (no host sync a step on GPU)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
         engine.step()
         share += loss.detach().double() * (n / total)
     return share, norm, tokens
@@ -266,7 +267,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 drift_check(engine, cfg, run.grid, state.step)
             log_step = state.step % t.log_interval == 0 or state.step == t.max_steps
             if log_step:
-                row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=norm0 if stage0 else grad_norm(engine),
+                row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=float(norm0) if stage0 else grad_norm(engine),
                            consumed_samples=state.consumed_samples, skipped_steps=bad.total,
                            **window.row(run, engine, throughput))
                 logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
