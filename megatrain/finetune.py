@@ -100,7 +100,7 @@ def run(cfg: Config) -> dict:
     # finetune.init's weights, one full tensor at a time, of which each rank keeps its slice; the head and adapters
     # start from values seeded by train.seed and their names (the same on every layout)
     weights, new = init.weights(model, functools.partial(new_part_value, cfg))
-    if run.will_resume():  # the checkpoint holds every weight: nothing to read but its values
+    if run.will_resume():  # nothing to read from finetune.init: the checkpoint's weights replace these zeros
         shapes = {n: p.shape for n, p in model.named_parameters()}  # the full ones, before parallelize cuts them
         weights = lambda name: torch.zeros(shapes[name])  # noqa: E731
     else:
