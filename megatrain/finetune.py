@@ -97,13 +97,13 @@ def run(cfg: Config) -> dict:
     log0(f"data: {len(train_set)} training {unit}" + (f" ({train_set.truncated} {cut})" if train_set.truncated else "")
          + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
          + (f" | labels {', '.join(f.labels[:12])}{' ...' if len(f.labels) > 12 else ''}" if f.labels else ""))
-    # finetune.init's weights, one full tensor at a time, of which each rank keeps its slice; the head and adapters
-    # start from values seeded by train.seed and their names (the same on every layout)
-    weights, new = init.weights(model, functools.partial(new_part_value, cfg))
     if run.will_resume():  # nothing to read from finetune.init: the checkpoint's weights replace these zeros
         shapes = {n: p.shape for n, p in model.named_parameters()}  # the full ones, before parallelize cuts them
         weights = lambda name: torch.zeros(shapes[name])  # noqa: E731
     else:
+        # finetune.init's weights, one full tensor at a time, of which each rank keeps its slice; the head and adapters
+        # start from values seeded by train.seed and their names (the same on every layout)
+        weights, new = init.weights(model, functools.partial(new_part_value, cfg))
         heads = sorted({n.split(".")[0] for n in new if "lora_" not in n})
         adapters = sum("lora_" in n for n in new)
         log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
