@@ -140,19 +140,47 @@ def test_wandb_keeps_one_run_across_restarts(tmp_path, monkeypatch):
     assert ids[0] == ids[1] == open(tmp_path / "wandb_id").read()
 
 
+def test_zero0_clips_as_torch_does_and_skips_a_non_finite_gradient():
+    """SkipNonFinite (fp32 ZeRO-0 without a pipeline): one foreach norm gives the reported norm and the clip, equal to
+    torch's clip_grad_norm_ (parameters without a gradient left out); a NaN gradient skips the update."""
+    from megatrain.training.engine import SkipNonFinite
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(10, 5)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, ref):
+        p.grad = torch.randn_like(p) * 3
+        q.grad = p.grad.clone()
+    ours[1].grad = ref[1].grad = None
+    opt = SkipNonFinite(torch.optim.SGD(ours, lr=0.1), clip=1.0)
+    want = torch.nn.utils.clip_grad_norm_([q for q in ref if q.grad is not None], 1.0)
+    opt.step()
+    torch.optim.SGD(ref, lr=0.1).step()
+    assert float(opt._global_grad_norm) == pytest.approx(float(want), rel=1e-6) and float(want) > 1.0
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q)
+    before = [p.detach().clone() for p in ours]
+    ours[0].grad = torch.full_like(ours[0], float("nan"))
+    opt.step()
+    assert opt.overflow and all(torch.equal(p, b) for p, b in zip(ours, before))
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_at_every_zero_stage(tmp_path):
-    """Same global batch, fp32: the per-step losses of 2 ranks equal 1 rank's for ZeRO 1/2/3 (to 1e-5);
-    a ZeRO-3 checkpoint consolidates with DeepSpeed's zero_to_fp32 to the same validation loss; 2-rank
+    """Same global batch, fp32: the per-step losses and gradient norms of 2 ranks equal 1 rank's for ZeRO 1/2/3 (to
+    1e-5; the norm is clipped to 1 in the first steps, by DeepSpeed's ZeRO optimizers there and by SkipNonFinite in
+    the ZeRO-0 reference); a ZeRO-3 checkpoint consolidates with DeepSpeed's zero_to_fp32 to the same validation loss; 2-rank
     ZeRO-2 and ZeRO-3 runs resume on the same curve."""
     data = make_byte_dataset(tmp_path)
     ref = str(tmp_path / "ref")
     run_distributed(run_configs, 1, [small_sets(data, ref, **{"parallel.zero_stage": 0})], timeout=300)
     runs = {s: str(tmp_path / f"z{s}") for s in (1, 2, 3)}
     run_distributed(run_configs, 2, [small_sets(data, d, **{"parallel.zero_stage": s}) for s, d in runs.items()], timeout=600)
+    assert max(losses(ref, key="grad_norm").values()) > 1.0  # the clip is at work
     for s, d in runs.items():
         assert_close_curves(losses(ref), losses(d), rtol=1e-5)
         assert_close_curves(losses(ref, "eval"), losses(d, "eval"), rtol=1e-5)
+        assert_close_curves(losses(ref, key="grad_norm"), losses(d, key="grad_norm"), rtol=1e-5)
 
     # DeepSpeed's own consolidation of the ZeRO-3 checkpoint gives the same validation loss in one process
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -35,9 +35,10 @@ def set_args(sets: list[str]) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def losses(ckpt: str, kind: str = "train") -> dict[int, float]:
+def losses(ckpt: str, kind: str = "train", key: str | None = None) -> dict[int, float]:
+    """Step -> the train (or eval) loss of a run's metrics.jsonl; `key` another train column (grad_norm)."""
     rows = [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
-    key = "loss" if kind == "train" else "val_loss"
+    key = key or ("loss" if kind == "train" else "val_loss")
     out = {}
     for r in rows:  # a resumed run appends: the later row for a step wins
         if r.get("kind", "train") == kind and key in r:

@@ -95,20 +95,20 @@ def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
     return max(1, int(n))
 
 
-def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.Tensor | float, ...]:
+def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.Tensor | float, int]:
     """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
     data-parallel ranks it is the loss: the mean over every target of the global batch; a tensor on the device, read
-    only when a line is logged, so a step waits for no device-to-host copy), without ZeRO the gradient norm (a tensor
-    too; DeepSpeed keeps none then), and the tokens the global batch held (padding not counted)."""
+    only when a line is logged, so a step waits for no device-to-host copy) and the tokens the global batch held
+    (padding not counted)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
     tokens = run.layout.dp * sum(int((b.segments > 0).sum()) if b.segments is not None else b.tokens.numel()
                                  for b in batches)
     if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
         share = float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp
-        return share, float("nan"), tokens
+        return share, tokens
     total = global_targets(run, task, batches)
     scale = run.grad_accum * run.layout.dp / total  # DeepSpeed divides by both; each micro-batch weighs its targets
-    share, norm = torch.zeros((), dtype=torch.float64, device=engine.device), float("nan")
+    share = torch.zeros((), dtype=torch.float64, device=engine.device)
     for m, batch in enumerate(batches):
         n = task.targets(batch)
         loss = task.loss(engine, batch)
@@ -118,12 +118,9 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
         engine.backward(loss * (n * scale))
         if hook is not None:
             hook.remove()
-        if m == len(batches) - 1 and run.cfg.parallel.zero_stage == 0:
-            # a tensor, read only when a line is logged (no host sync a step on GPU)
-            norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
         engine.step()
         share += loss.detach().double() * (n / total)
-    return share, norm, tokens
+    return share, tokens
 
 
 def _inject_inf_grad(engine):
@@ -240,7 +237,6 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
     window = Window()
     bad = BadSteps(engine, t.max_bad_steps)
     last_saved = state.step
-    stage0 = cfg.parallel.zero_stage == 0
     best = Best(run, task) if cfg.finetune.task else None
     extra = (lambda: best.state()) if best is not None else (lambda: None)  # noqa: E731
     engine.train()
@@ -248,7 +244,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
     try:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
-            share, norm0, tokens = train_step(run, engine, task, train_ds, state.step)
+            share, tokens = train_step(run, engine, task, train_ds, state.step)
             if engine.device.type == "cuda" and ((state.step + 1) % t.log_interval == 0 or state.step + 1 == t.max_steps):
                 torch.cuda.synchronize()  # the steps queue on the GPU unread until a line is logged: count their time
             window.seconds += time.perf_counter() - t0
@@ -267,7 +263,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 drift_check(engine, cfg, run.grid, state.step)
             log_step = state.step % t.log_interval == 0 or state.step == t.max_steps
             if log_step:
-                row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=float(norm0) if stage0 else grad_norm(engine),
+                row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=grad_norm(engine),
                            consumed_samples=state.consumed_samples, skipped_steps=bad.total,
                            **window.row(run, engine, throughput))
                 logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
