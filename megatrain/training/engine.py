@@ -199,10 +199,11 @@ class SkipNonFinite:
         self.optimizer = optimizer
         self.overflow = False
         self.clip = clip  # None: a pipeline's (DeepSpeed clips)
-        # what each parameter's squared gradient norm adds to the sum over every rank (see above)
+
         def counted(p) -> bool:  # TP rank 0 counts every gradient, the others their TP-split ones
             return tp_rank == 0 or (tp > 1 and getattr(p, "tensor_model_parallel", False))
 
+        # what each parameter's squared gradient norm adds to the sum over every rank (see above)
         self.share = {id(p): counted(p) / dp for g in optimizer.param_groups for p in g["params"]}
 
     def step(self, closure=None):
