@@ -108,8 +108,7 @@ def run(cfg: Config) -> dict:
         adapters = sum("lora_" in n for n in new)
         log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
              + (f", {adapters} LoRA matrices" if adapters else ""))
-    engine = run.engine(model, weights)
-    init.close()
+    engine = run.engine(model, weights, release=init.close)
     state = run.resume(engine)
     state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len, engine.module))
     result = dict(step=state.step)

@@ -92,9 +92,7 @@ def run(cfg: Config) -> dict:
     log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
     if init_line:
         log0(init_line)
-    engine = run.engine(model, weights)
-    if init is not None:
-        init.close()
+    engine = run.engine(model, weights, release=init.close if init is not None else None)
     state = run.resume(engine)
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")

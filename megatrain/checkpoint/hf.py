@@ -161,6 +161,10 @@ class HFWeights:
                 raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0][:200]})") from None
         return self.files[file]
 
+    def close(self) -> None:
+        """Unmap the files (their pages read so far count in this process's resident memory until then)."""
+        self.files.clear()
+
     def key(self, name: str) -> str | None:
         """The stored name of `name` (some files drop the model./transformer. prefix)."""
         for k in (name, name.split(".", 1)[1]):

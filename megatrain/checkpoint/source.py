@@ -92,3 +92,5 @@ class WeightSource:
     def close(self) -> None:
         if self.reader:
             self.reader.close()
+        if self.hf:
+            self.hf.close()

@@ -98,15 +98,19 @@ class Run:
                 f"ZeRO-{self.cfg.parallel.zero_stage} | {self.precision} | {n_params / 1e6:.2f}M parameters | "
                 f"grad accumulation {self.grad_accum}")
 
-    def engine(self, model, weights=None, log_ranks: bool = True):
+    def engine(self, model, weights=None, log_ranks: bool = True, release=None):
         """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize. A model
         built on the meta device gets this rank's slices of `weights(name)`'s full tensors, or else of its seeded
-        initial values."""
+        initial values; `release()`, if given, is called once they are placed (closing the weights' files before
+        DeepSpeed allocates its states: a Hugging Face folder's safetensors are memory-mapped, and every page read
+        counts in the rank's resident memory while they stay open)."""
         from megatrain.checkpoint.io import harden
         from megatrain.parallel.parallelize import parallelize
         from megatrain.training.engine import build_engine, numel
 
         module = parallelize(model, self.cfg, self.layout, self.grid, weights)
+        if release is not None:
+            release()
         local_params = sum(numel(p) for p in module.parameters())  # the full sizes, also of ZeRO-3's partitions
         engine, _, _, _ = build_engine(self.cfg, module, self.world, mpu=None if self.layout.pp > 1 else self.grid)
         harden(engine)  # NOTE: before any load or save of a checkpoint
