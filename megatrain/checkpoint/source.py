@@ -3,8 +3,9 @@ output, or a Hugging Face folder (read through checkpoint/hf.py's maps, as `conv
 
     src = WeightSource(path)            # nothing loaded yet: the model's shape and tokenizer spec are known
     weights, new = src.weights(model)   # model built on the meta device; weights(name) reads one full tensor, for
-    run.engine(model, weights)          # parallelize.fill to keep this rank's slice of; `new`: the parameters the
-                                        # source lacks (a task head, LoRA adapters), valued by new_value(name, shape)
+    run.engine(model, weights,          # parallelize.fill to keep this rank's slice of; `new`: the parameters the
+               release=src.close)       # source lacks (a task head, LoRA adapters), valued by new_value(name, shape);
+                                        # the files close once every slice is placed
 """
 from __future__ import annotations
 
