@@ -142,13 +142,12 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
                                                            config=ds_config, mpu=mpu)
     if cfg.parallel.zero_stage == 3:
         share_fp32_master(engine.optimizer)
+    if clips_in_skip_non_finite(cfg) and hasattr(engine.optimizer, "overflow"):  # DeepSpeed was told not to clip
+        raise RuntimeError("DeepSpeed wrapped the fp32 ZeRO-0 optimizer: SkipNonFinite cannot clip for it")
     if cfg.parallel.zero_stage == 0 and not hasattr(engine.optimizer, "overflow"):
-        if clips_in_skip_non_finite(cfg):
-            tp_rank = mpu.get_slice_parallel_rank() if mpu is not None else 0
-            engine.optimizer = SkipNonFinite(engine.optimizer, cfg.train.grad_clip, cfg.parallel.tp, tp_rank,
-                                             engine.dp_world_size)
-        else:  # a pipeline: DeepSpeed clips over its stages
-            engine.optimizer = SkipNonFinite(engine.optimizer)
+        clip = cfg.train.grad_clip if clips_in_skip_non_finite(cfg) else None  # None: a pipeline's DeepSpeed clips
+        tp_rank = mpu.get_slice_parallel_rank() if mpu is not None else 0
+        engine.optimizer = SkipNonFinite(engine.optimizer, clip, cfg.parallel.tp, tp_rank, engine.dp_world_size)
         if engine.dp_world_size == 1:  # no replica to average with: DeepSpeed's flatten/all-reduce/copy is pure overhead
             engine.enable_backward_allreduce = False
     elif resolve_precision(cfg) == "bf16" and hasattr(engine.optimizer, "check_grad_overflow"):
