@@ -142,10 +142,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
                                                            config=ds_config, mpu=mpu)
     if cfg.parallel.zero_stage == 3:
         share_fp32_master(engine.optimizer)
-    if clips_in_skip_non_finite(cfg) and hasattr(engine.optimizer, "overflow"):  # DeepSpeed was told not to clip
+    clips = clips_in_skip_non_finite(cfg)  # then deepspeed_config told DeepSpeed not to clip
+    if clips and hasattr(engine.optimizer, "overflow"):
         raise RuntimeError("DeepSpeed wrapped the fp32 ZeRO-0 optimizer: SkipNonFinite cannot clip for it")
     if cfg.parallel.zero_stage == 0 and not hasattr(engine.optimizer, "overflow"):
-        clip = cfg.train.grad_clip if clips_in_skip_non_finite(cfg) else None  # None: a pipeline's DeepSpeed clips
+        clip = cfg.train.grad_clip if clips else None  # None: a pipeline's DeepSpeed clips
         tp_rank = mpu.get_slice_parallel_rank() if mpu is not None else 0
         engine.optimizer = SkipNonFinite(engine.optimizer, clip, cfg.parallel.tp, tp_rank, engine.dp_world_size)
         if engine.dp_world_size == 1:  # no replica to average with: DeepSpeed's flatten/all-reduce/copy is pure overhead
