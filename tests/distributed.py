@@ -9,17 +9,22 @@ from megatrain.training.dist_env import free_port
 def _entry(fn, rank, world, port, args, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import faulthandler
+
     import torch.distributed as dist
 
+    from megatrain.training.dist_env import end_distributed
+
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT, SIGSEGV) says where each of its threads was
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         fn(rank, world, *args)
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # no barrier: the other ranks may never reach it
             dist.destroy_process_group()
+        raise
+    end_distributed()  # as the entrypoints do: every rank done, then the groups end before the interpreter does
 
 
 def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> None:

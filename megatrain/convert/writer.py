@@ -21,6 +21,7 @@ import torch
 
 from megatrain.checkpoint.reader import KEYS, CheckpointReader
 from megatrain.config import Config, ConfigError, apply_overrides, config_from_dict, parse_set, validate, validate_world
+from megatrain.training.dist_env import end_distributed, free_port
 
 # What a reshard may change: the layout, and the micro-batch that has to fit it (the global batch stays).
 RESHARDABLE = ("parallel.", "train.micro_batch_size")
@@ -96,10 +97,9 @@ def write(job: Job, world: int) -> bool:
         if launched != world:
             raise ConfigError(f"--world-size {world}, but the launcher started {launched} ranks; make them agree")
         write_rank(job)
+        end_distributed()
         return int(os.environ["RANK"]) == 0
     import torch.multiprocessing as mp
-
-    from megatrain.training.dist_env import free_port
 
     try:
         if world == 1:  # this process is the one rank: no interpreter to start
@@ -134,13 +134,7 @@ def _spawned_rank(rank: int, world: int, port: int, job: Job) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     write_rank(job)
-    import torch.distributed as dist
-
-    # NOTE: end the process group before this process exits: left to the interpreter's teardown, a gloo thread can
-    # still be joinable when its object is destroyed, and the rank dies of SIGABRT ("terminate called without an
-    # active exception") after writing everything; the parent then throws the finished output away
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()  # else a rank can die of SIGABRT after writing everything, and the parent drops the output
 
 
 def write_rank(job: Job) -> None:

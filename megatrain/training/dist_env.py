@@ -88,12 +88,35 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
         torch.cuda.set_device(info.local_rank)
     else:
         load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
+    import faulthandler
+
+    if not faulthandler.is_enabled():  # a rank dying of a signal (SIGSEGV, SIGABRT) prints where its threads were
+        faulthandler.enable()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     if acc.device_name() == "cpu":
         unlink_shm_buffer(info)
     info.ranks_on_node = count_ranks_on_node()
     return info
+
+
+def end_distributed() -> None:
+    """End torch.distributed in a rank whose work succeeded, before the interpreter's own teardown: every rank waits
+    for the others (no collective of theirs left half-done), then the process groups go, gloo's threads with them.
+
+    NOTE: left to the teardown, a gloo worker thread can outlive the interpreter and die taking the GIL to free a
+    tensor; the rank then exits with SIGABRT ("terminate called without an active exception") after finishing
+    everything, and its launcher calls the whole job failed. Not for a rank that failed: its peers may never reach
+    the barrier (that path keeps the teardown as it was)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    gc.collect()  # engines and their pending work from earlier runs in this process, freed while the groups exist
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def shm_buffer_path(info: RankInfo) -> str:
