@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's fine-tuning worked examples on real data, from SmolLM2-135M-Instruct (LoRA), each task:
-# finetune -> evaluate -> predict. Writes runs/smol-{sentiment,ner,qa} and their predictions; 63 min in the last run on a
+# finetune -> evaluate -> predict. Writes runs/smol-{sentiment,ner,qa} and their predictions; 53 min in the last run on a
 # 2-core CPU. Needs the data and the model first (see the README's "Worked examples on real data"):
 #   python bench/real_data.py --fetch                        # -> data/real
 #   hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir smollm2-135m   # any HF folder of the model
