@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.command(args) or 0)
+        rc = int(module.command(args) or 0)
     except user_error_types() as e:
         if not getattr(e, "quiet", False):  # an error every rank raises alike is said by rank 0
             print(f"megatrain {args.command}: error: {e}", file=sys.stderr)
@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"megatrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    if "torch.distributed" in sys.modules:  # never imports torch for a command that did not (preprocess, plan, ...)
+        from megatrain.training.dist_env import end_distributed
+
+        end_distributed()  # this rank's work is done: the process groups end before the interpreter does
+    return rc
 
 
 if __name__ == "__main__":

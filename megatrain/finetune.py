@@ -20,7 +20,6 @@ import sys
 import torch
 
 from megatrain.config import Config, ConfigError, load_config
-from megatrain.training.dist_env import end_distributed
 from megatrain.training.runtime import log0
 
 
@@ -154,7 +153,6 @@ def test(run, engine, task, test_set) -> dict:
 
 def command(args: argparse.Namespace) -> int:
     run(load_config(args.config, args.set))
-    end_distributed()  # this rank's work is done: the process groups end before the interpreter does
     return 0
 
 

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import build_gpt_datasets, build_tokenizer
 from megatrain.fileio import read_json
-from megatrain.training.dist_env import end_distributed
 from megatrain.training.runtime import log0
 
 
@@ -133,7 +132,6 @@ def print_sample(engine, cfg: Config, tok) -> None:
 def command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run(cfg)
-    end_distributed()  # this rank's work is done: the process groups end before the interpreter does
     return 0
 
 

@@ -161,3 +161,17 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path, corpus_jsonl, docs):
         assert r.returncode == 1 and msg in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not any(n.startswith("q.") for n in os.listdir(tmp_path))
+
+
+def test_preprocess_and_data_info_never_import_torch(tmp_path, corpus_jsonl):
+    """Data preparation runs where torch is not wanted (a login node, a CPU-only tokenising job): `megatrain preprocess`
+    and `data-info` go through the same `cli.main` as pretrain, whose end of run touches torch.distributed only where
+    the command imported it."""
+    prefix = str(tmp_path / "p")
+    code = ("import sys; from megatrain.cli import main; "
+            f"rcs = [main(['preprocess', '--input', {corpus_jsonl!r}, '--tokenizer', 'byte', '--output-prefix', "
+            f"{prefix!r}, '--no-progress']), main(['data-info', {prefix!r}])]; "
+            "print('rcs', rcs, 'torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rcs [0, 0] torch imported: False" in r.stdout, r.stdout[-2000:]

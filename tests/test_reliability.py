@@ -230,9 +230,10 @@ def test_a_full_disk_during_a_save_stops_cleanly_and_the_rerun_resumes(tmp_path)
 
 
 def test_a_finished_run_ends_its_process_groups_before_the_interpreter_does(tmp_path):
-    """`megatrain pretrain` returns with torch.distributed ended (after a barrier): left to the interpreter's teardown,
-    a gloo thread can die taking the GIL, and a rank that finished everything exits with SIGABRT ("terminate called
-    without an active exception"; 3 two-rank CI tests failed so). The race is rare; what is checked is the order."""
+    """`megatrain pretrain` returns (through cli.main, as every command does) with torch.distributed ended (after a
+    barrier): left to the interpreter's teardown, a gloo thread can die taking the GIL, and a rank that finished
+    everything exits with SIGABRT ("terminate called without an active exception"; 3 two-rank CI tests failed so).
+    The race is rare; what is checked is the order."""
     data = make_byte_dataset(tmp_path)
     args = ["pretrain", "--config", "tiny", *set_args(small_sets(data, str(tmp_path / "ck"), **{"train.max_steps": 2}))]
     code = ("import sys, torch.distributed as dist; from megatrain.cli import main; rc = main(sys.argv[1:]); "
