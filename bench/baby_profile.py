@@ -149,6 +149,10 @@ def main() -> None:
     write_atomic(args.out, json.dumps(res, indent=2))
     print(f"wrote {args.out}")
 
+    from megatrain.training.dist_env import end_distributed
+
+    end_distributed()  # the process group the engines used ends before the interpreter does (a gloo thread can abort it)
+
 
 if __name__ == "__main__":
     main()

@@ -236,7 +236,11 @@ def main() -> None:
     ap.add_argument("--ways", default="whole,meta", help="with --startup: the ways to build (whole, meta)")
     args = ap.parse_args()
     if args.worker:
-        return startup_worker(args) if args.startup else worker(args)
+        from megatrain.training.dist_env import end_distributed
+
+        (startup_worker if args.startup else worker)(args)
+        end_distributed()  # else a rank that finished can die of SIGABRT in the teardown, and the layout reads failed
+        return
     base = {"model.n_layers": args.layers, "model.d_model": args.width, "model.n_heads": 8, "model.n_kv_heads": 8,
             "model.vocab_size": 8192, "model.max_seq_len": 256, "data.seq_len": 256, "train.micro_batch_size": 4,
             "train.global_batch_size": 16}
