@@ -43,11 +43,12 @@ def ds_config(micro: int) -> dict:
 
 
 def time_engine(model, step_fn, micro: int, steps: int, warmup: int = 2, breakdown: dict | None = None) -> float:
-    """Seconds per optimizer step of `model` trained through deepspeed.initialize (ZeRO-1, torch AdamW); with
+    """Seconds per optimizer step of `model` trained through deepspeed.initialize (ZeRO-1, torch's fused AdamW); with
     `breakdown`, also fills it with op_breakdown's split of a step (profiled after the timed steps)."""
     import deepspeed
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused, as megatrain's own engine builds it (training/engine.build_engine); HF gets the same optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(micro))
     times = []
     for i in range(warmup + steps):
