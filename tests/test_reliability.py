@@ -228,7 +228,6 @@ def test_a_full_disk_during_a_save_stops_cleanly_and_the_rerun_resumes(tmp_path)
     assert [x["step"] for x in resumed if x.get("kind", "train") == "train"][-3:] == [4, 5, 6]
 
 
-
 def test_a_finished_run_ends_its_process_groups_before_the_interpreter_does(tmp_path):
     """`megatrain pretrain` returns (through cli.main, as every command does) with torch.distributed ended (after a
     barrier): left to the interpreter's teardown, a gloo thread can die taking the GIL, and a rank that finished
@@ -241,6 +240,7 @@ def test_a_finished_run_ends_its_process_groups_before_the_interpreter_does(tmp_
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "initialized after the run: False" in r.stdout, r.stdout[-2000:]
+
 
 # --- several ranks (slow tier) ----------------------------------------------------------------------------------
 

@@ -97,6 +97,8 @@ def write(job: Job, world: int) -> bool:
         if launched != world:
             raise ConfigError(f"--world-size {world}, but the launcher started {launched} ranks; make them agree")
         write_rank(job)
+        # NOTE: here, not only in cli.main: ranks > 0 then leave at once, rather than wait at a barrier through rank
+        # 0's parity check and rename (cli.main's own call finds nothing left to end)
         end_distributed()
         return int(os.environ["RANK"]) == 0
     import torch.multiprocessing as mp
