@@ -6,6 +6,7 @@ Launchers set different variables: the DeepSpeed launcher and torchrun set RANK/
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -86,18 +87,43 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         torch.cuda.set_device(info.local_rank)
-    else:
+    elif info.world_size > 1:
         load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
     import faulthandler
 
     if not faulthandler.is_enabled():  # a rank dying of a signal (SIGSEGV, SIGABRT) prints where its threads were
         faulthandler.enable()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
-                               verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
+    with comm_op_skipped(acc.device_name() == "cpu" and info.world_size == 1):
+        deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
+                                   verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     if acc.device_name() == "cpu":
         unlink_shm_buffer(info)
     info.ranks_on_node = count_ranks_on_node()
     return info
+
+
+@contextlib.contextmanager
+def comm_op_skipped(skip: bool):
+    """Keep DeepSpeed from building or loading its CPU shared-memory collectives op while `skip` is true.
+
+    A one-process run has no peer to reduce with, yet DeepSpeed's torch backend builds that C++ op whenever its
+    builder is marked compatible (about a minute of compiling on the first run on a machine). The op is looked up in
+    `deepspeed.ops.__compatible_ops__` only while the backend is created, so it is marked unavailable for that
+    moment and restored after: a later multi-rank start in another process builds it as before."""
+    import deepspeed.ops
+
+    if not skip:
+        yield
+        return
+    table = deepspeed.ops.__compatible_ops__
+    saved = dict(table)
+    for name in [n for n in table if "shm_comm" in n]:
+        table[name] = False
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
 
 
 def end_distributed() -> None:
