@@ -2,9 +2,10 @@
 
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=100", "parallel.zero_stage=2"])
 
-Every knob has a default and a one-line comment here; YAML presets in configs/ override a few. An
-unknown key, a value of the wrong type or an impossible combination raises ConfigError with one line
-naming the key (and the closest known name for a typo).
+Every knob has a default and a comment here: the comment lines right above its line and the comment at the end of
+it. They are the key's documentation: `python -m megatrain.config_docs` turns them into docs/configuration.md, and a
+test fails on a key without one. YAML presets in configs/ override a few. An unknown key, a value of the wrong type
+or an impossible combination raises ConfigError with one line naming the key (and the closest known name for a typo).
 """
 from __future__ import annotations
 
@@ -42,127 +43,232 @@ class RunStopped(RuntimeError):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 0  # 0: take it from the tokenizer (rounded up to pad_vocab_multiple)
-    pad_vocab_multiple: int = 64  # round the embedding rows up to a multiple of this (fast matmuls, TP-divisible)
-    true_vocab_size: int = 0  # rows of vocab_size that are real tokens (from-hf sets it when it pads); 0: the tokenizer's
-    n_layers: int = 2  # Transformer blocks
-    n_heads: int = 4  # attention (query) heads
-    n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0: same as n_heads (plain MHA)
-    d_model: int = 128  # residual stream width
-    d_ff: int = 0  # MLP hidden width; 0: 4*d_model for gelu, 8/3*d_model rounded to ff_multiple for swiglu
-    ff_multiple: int = 64  # swiglu hidden width is rounded up to a multiple of this
-    max_seq_len: int = 256  # longest sequence (learned positions table size, RoPE cache length)
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-5  # epsilon inside the norm
-    position: str = "rope"  # rope | learned
-    rope_theta: float = 10000.0  # RoPE base frequency
-    mlp: str = "swiglu"  # swiglu | gelu
+    """The network: a decoder-only Transformer, or a bidirectional encoder with objective=mlm. A run that starts from
+    weights (checkpoint.init, finetune.init) takes every key here from them but dropout and fused_kernels; setting one
+    to another value is refused."""
+
+    # embedding (and LM head) rows; 0: the tokenizer's vocabulary rounded up to a multiple of pad_vocab_multiple and
+    # of parallel.tp; a set value below the tokenizer's vocabulary is refused
+    vocab_size: int = 0
+    pad_vocab_multiple: int = 64  # round the embedding rows up to a multiple of this (fast matmuls); at least 1
+    # how many of the vocab_size rows are real tokens (conversion from Hugging Face sets it when it pads); generation,
+    # lm-eval and the Hugging Face export use only these; 0: the tokenizer's vocabulary
+    true_vocab_size: int = 0
+    n_layers: int = 2  # Transformer blocks; at least 1, and at least parallel.pp
+    # attention (query) heads: they divide d_model and are divisible by parallel.tp; with RoPE the head size
+    # d_model / n_heads is even
+    n_heads: int = 4
+    # key/value heads for grouped-query attention: they divide n_heads and are divisible by parallel.tp; 0: n_heads
+    # (plain multi-head attention)
+    n_kv_heads: int = 0
+    d_model: int = 128  # residual stream width (the hidden size)
+    # MLP hidden width; 0: 4 x d_model for mlp=gelu, 8/3 x d_model rounded up to a multiple of ff_multiple for swiglu
+    d_ff: int = 0
+    ff_multiple: int = 64  # with d_ff=0 and mlp=swiglu, the hidden width is rounded up to a multiple of this
+    # the longest sequence the model reads (rows of the learned position table, length of the RoPE tables);
+    # data.seq_len may not exceed it
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"  # rmsnorm (Llama) | layernorm (GPT-2; with a bias when bias is true)
+    norm_eps: float = 1e-5  # the epsilon added to the mean square (rmsnorm) or variance (layernorm) in the norm
+    # rope (rotary embeddings on queries and keys) | learned (a table of absolute positions added to the token
+    # embeddings, GPT-2)
+    position: str = "rope"
+    rope_theta: float = 10000.0  # RoPE base frequency (position=rope)
+    mlp: str = "swiglu"  # swiglu (gated SiLU MLP, Llama) | gelu (two linear layers around a GELU, GPT-2)
     gelu: str = "tanh"  # mlp=gelu's form: tanh (GPT-2's approximation) | erf (the exact one: nanoGPT, BERT, Pythia)
-    bias: bool = False  # biases in linear layers and layernorm
-    tie_embeddings: bool = False  # share the input embedding with the output projection
-    dropout: float = 0.0  # dropout on attention probabilities, residual branches and embeddings
+    bias: bool = False  # biases in the linear layers and the layernorm (GPT-2); false: none (Llama)
+    tie_embeddings: bool = False  # the LM head (output projection) shares the input embedding's weight
+    # dropout probability on attention probabilities, residual branches and embeddings, in [0, 1); 0: off
+    dropout: float = 0.0
     init_std: float = 0.02  # std of the normal init; residual output projections get init_std/sqrt(2*n_layers)
-    objective: str = "causal"  # causal (GPT next-token) | mlm (BERT-style masked LM, bidirectional)
-    fused_kernels: str = "auto"  # auto (fused ops when megatrain._C is built) | on | off (plain PyTorch)
+    # causal (GPT-style next-token prediction) | mlm (BERT-style masked LM, bidirectional attention; needs a
+    # tokenizer with a mask token, masks data.mlm_probability of the tokens)
+    objective: str = "causal"
+    # auto (megatrain's fused ops when its extension megatrain._C is built, else the PyTorch reference) | on (the
+    # fused ops; an error when the extension is not built) | off (plain PyTorch)
+    fused_kernels: str = "auto"
 
 
 @dataclass
 class DataConfig:
-    path: Any = None  # dataset prefix (P for P.bin/P.idx), or a blend [w1, P1, w2, P2, ...]; unset: built-in corpus
-    tokenizer: str = "byte"  # tokenizer spec the dataset was made with (see `megatrain preprocess --help`)
-    seq_len: int = 128  # tokens per training sample (the model sees seq_len, predicts seq_len)
-    split: str = "969,30,1"  # train/valid/test weights, split by documents
-    cache_dir: str = ""  # where sample indices are cached; empty: next to the data
-    # where the training windows start: fixed (every seq_len tokens of the epoch's stream) or random (each epoch from
-    # an offset in [0, seq_len) drawn by train.seed for that epoch: one long document is cut differently every epoch)
+    """The pretraining data: a tokenized dataset (or the built-in corpus), how it is split and cut into samples."""
+
+    # dataset prefix P of P.bin/P.idx (written by megatrain preprocess), or a weighted blend [w1, P1, w2, P2, ...],
+    # e.g. [0.7, data/web, 0.3, data/code]; unset: the built-in corpus
+    path: str | list | None = None
+    # the tokenizer the data was made with: byte, a sentencepiece .model file, a tokenizer.json, or a folder holding
+    # one (see megatrain preprocess --help); unset with checkpoint.init or finetune.init: theirs (a tokenizer of
+    # another vocabulary than theirs is refused)
+    tokenizer: str = "byte"
+    # tokens per training sample (the model reads seq_len tokens and predicts the next seq_len); at most
+    # model.max_seq_len (starting from weights, cut to their max_seq_len unless set)
+    seq_len: int = 128
+    # train/valid/test weights (up to three, comma-separated, scaled to sum to 1); the documents are split in
+    # contiguous ranges in this proportion
+    split: str = "969,30,1"
+    cache_dir: str = ""  # where the sample indices are cached; empty: next to the data
+    # where the training windows start: fixed (every seq_len tokens of each epoch's shuffled stream) | random (each
+    # epoch from its own offset in [0, seq_len) drawn from train.seed: one long document is cut differently every
+    # epoch; resumable, and an extended run keeps what was served). Validation windows stay fixed
     sample_offsets: str = "fixed"
-    mlm_probability: float = 0.15  # share of tokens masked for the mlm objective (80% mask, 10% random, 10% kept)
+    # objective=mlm: the share of tokens made targets, in (0, 1); of those 80% become the mask token, 10% a random
+    # token and 10% stay as they are
+    mlm_probability: float = 0.15
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200  # optimizer steps
-    seed: int = 1234  # seed for init, data order and dropout
-    global_batch_size: int = 16  # samples per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 4  # samples per forward/backward on one rank; accumulation fills the rest
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 20  # linear warmup from 0 to lr
-    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    """The optimization: steps, batch, AdamW and its learning-rate schedule, evaluation, precision, stopping."""
+
+    # optimizer steps; a rerun with a larger value resumes and goes on (the schedule follows the new length);
+    # finetune.epochs > 0 sets it
+    max_steps: int = 200
+    # seed for the initial weights, data order, random sample offsets, MLM masking and dropout; a fine-tuning
+    # run's new parts (task head, LoRA adapters) start from it and their names
+    seed: int = 1234
+    # samples per optimizer step over all data-parallel ranks, the same whatever the world size; a multiple of
+    # micro_batch_size x data-parallel ranks
+    global_batch_size: int = 16
+    micro_batch_size: int = 4  # samples per forward/backward on one rank; gradient accumulation fills the rest
+    lr: float = 1e-3  # peak learning rate, reached at the end of the warmup
+    min_lr: float = 1e-4  # learning rate at max_steps for the cosine and linear schedules; at most lr
+    # linear warmup from 0 to lr over this many steps; finetune.epochs caps it at a tenth of the run
+    warmup_steps: int = 20
+    # after the warmup: cosine (decay to min_lr at max_steps) | linear (the same, in a straight line) | constant (lr)
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.1  # AdamW decay for matrices; norms, biases and embeddings get none
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0: off
-    eval_interval: int = 100  # run validation every this many steps (and at the end); 0: never
-    eval_iters: int = 10  # validation micro-batches per evaluation
-    log_interval: int = 10  # console/metrics line every this many steps
+    grad_clip: float = 1.0  # clip the global gradient norm (over every rank) to this; 0: off
+    # run validation every this many steps and at the end; 0: never. Fine-tuning evaluates finetune.valid_file
+    eval_interval: int = 100
+    # validation global batches (of global_batch_size samples) per pretraining evaluation; fine-tuning evaluates
+    # its whole finetune.valid_file
+    eval_iters: int = 10
+    # a console line and a metrics.jsonl row (loss, lr, grad norm, tokens/s, TFLOP/s, MFU) every this many steps
+    # and at the last; at least 1
+    log_interval: int = 10
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    exit_duration_minutes: float = 0.0  # save and exit cleanly after this many minutes; 0: no limit
-    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute attention)
+    # save a checkpoint and exit 0 this many minutes after training started (a rerun resumes); 0: no limit
+    exit_duration_minutes: float = 0.0
+    # none | full (recompute each block in the backward pass) | selective (recompute attention only)
+    activation_checkpointing: str = "none"
     max_bad_steps: int = 3  # a non-finite loss or gradient norm skips that update; this many in a row stop the run
 
 
 @dataclass
 class ParallelConfig:
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
-    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (stage >= 1)
-    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
-    tp: int = 1  # tensor-parallel ranks: attention heads, MLP, embedding and LM head split Megatron-style
-    pp: int = 1  # pipeline-parallel stages (DeepSpeed PipelineModule, 1F1B); needs zero_stage <= 1
-    sequence_parallel: bool = False  # with tp > 1: norms/dropout on sequence shards, reduce-scatter/all-gather
+    """How the ranks share the work: ZeRO data parallelism, tensor and pipeline parallelism. The world size is
+    tp x pp x data-parallel ranks."""
+
+    # DeepSpeed ZeRO stage: 0 (none), 1 (optimizer state sharded over data-parallel ranks), 2 (and gradients),
+    # 3 (and parameters); with pp > 1: 0 or 1
+    zero_stage: int = 1
+    offload_optimizer: bool = False  # ZeRO's optimizer state in CPU memory (zero_stage >= 1)
+    offload_params: bool = False  # ZeRO-3's parameters in CPU memory (zero_stage=3)
+    # tensor-parallel ranks: attention heads, MLP, embedding and LM head split Megatron-style; divides
+    # model.n_heads and model.n_kv_heads
+    tp: int = 1
+    # pipeline-parallel stages (DeepSpeed PipelineModule, 1F1B, equal numbers of blocks); needs zero_stage <= 1;
+    # not for fine-tuning
+    pp: int = 1
+    # with tp > 1: norms and dropout on sequence shards (reduce-scatter and all-gather at the TP borders); a
+    # fine-tuning run: sft only
+    sequence_parallel: bool = False
     partition_activations: bool = False  # with activation checkpointing and tp > 1: split saved inputs over TP ranks
-    drift_check_interval: int = 100  # compare TP-replicated weights (norms, biases) across TP ranks every N steps; 0: off
-    timeout_minutes: float = 10.0  # a collective that waits longer than this fails (a lost rank, a hung peer); DeepSpeed: 30
+    # compare the weights every TP rank holds whole (norms, row-parallel biases) across the TP group by checksum
+    # every this many steps (and at step 1); a mismatch stops the run naming the parameter; 0: off
+    drift_check_interval: int = 100
+    # a collective that waits longer than this fails (a lost rank, a hung peer) instead of hanging; above 0.
+    # DeepSpeed's own default is 30
+    timeout_minutes: float = 10.0
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "runs/tiny"  # checkpoints, metrics.jsonl and TensorBoard events go here
-    interval: int = 100  # save every this many steps (and at the end); 0: only at the end
-    resume: bool = True  # continue from dir/latest when it exists
-    keep_last: int = 0  # keep only this many newest checkpoints; 0: keep all
-    init: str = ""  # start from these weights (a checkpoint of any layout, or a convert output); the model's shape and
-    #                 tokenizer come from it and the optimizer starts afresh. Resuming checkpoint.dir/latest wins.
+    """Where a run saves, when, and what it starts from."""
+
+    # the run's folder: checkpoints (step00000100/ ..., the latest and best pointers), megatrain.json,
+    # metrics.jsonl and TensorBoard events
+    dir: str = "runs/tiny"
+    # save every this many steps and at the end (and on SIGUSR1/SIGTERM or train.exit_duration_minutes); 0: only
+    # at the end
+    interval: int = 100
+    # continue from dir/latest when it exists (under the layout it was saved with; megatrain convert reshard
+    # rewrites it for another); false: start afresh
+    resume: bool = True
+    keep_last: int = 0  # keep only this many newest checkpoints (never the one `best` names); 0: keep all
+    # start from these weights (a checkpoint of any layout, or a convert output); the model's shape and tokenizer
+    # come from it and the optimizer starts afresh; resuming checkpoint.dir/latest wins
+    init: str = ""
 
 
 @dataclass
 class LoggingConfig:
+    """Where the metrics go besides the console and checkpoint.dir/metrics.jsonl, and the MFU denominator."""
+
     tensorboard: bool = True  # write TensorBoard events to checkpoint.dir/tensorboard
-    wandb: bool = False  # log to Weights & Biases
+    wandb: bool = False  # also log to Weights & Biases (the wandb package)
     wandb_project: str = "megatrain"  # W&B project
     wandb_mode: str = "offline"  # offline | online | disabled (offline needs no network)
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0: known GPU table, or measured torch.mm on CPU
-    progress_bar: str = "auto"  # auto (on a terminal) | on | off
+    # per-device peak TFLOP/s for MFU; 0: a table of data-sheet peaks on a GPU (for the run's precision), on CPU
+    # the node's fp32 torch.mm rate, measured once and cached in ~/.cache/megatrain/cpu-peak.json
+    peak_tflops: float = 0.0
+    progress_bar: str = "auto"  # a progress bar on stderr: auto (when stderr is a terminal) | on | off
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = ""  # sft | classify | tokens | qa; empty: not a fine-tuning run
-    init: str = ""  # the pretrained model: a megatrain checkpoint of any layout, a convert output, or a Hugging Face
-    #                 folder (read through from-hf's maps); the model's shape and tokenizer come from it
-    train_file: str = ""  # training examples (see format)
-    valid_file: str = ""  # evaluated every train.eval_interval steps; the best checkpoint is kept by metric_for_best
-    test_file: str = ""  # evaluated once at the end
-    format: str = "auto"  # auto (from the extension) | jsonl | csv | tsv | conll | squad
+    """A fine-tuning run (megatrain finetune): the task, the pretrained model, the files, LoRA and freezing."""
+
+    # sft (instruction tuning of the LM) | classify (a label per text) | tokens (a tag per word, e.g. NER) | qa
+    # (an answer span in a context, SQuAD-style); empty: not a fine-tuning run
+    task: str = ""
+    # the pretrained model: a megatrain checkpoint of any layout, a convert output, or a Hugging Face folder (read
+    # through from-hf's maps); the model's shape and tokenizer come from it
+    init: str = ""
+    train_file: str = ""  # training examples in the task's format (see format); required
+    # evaluated every train.eval_interval steps; the best checkpoint by metric_for_best is named in DIR/best;
+    # empty: no validation
+    valid_file: str = ""
+    test_file: str = ""  # evaluated once at the end, with the weights DIR/best names (the last without valid_file)
+    # auto (from the extension, .gz aside: .jsonl, .ndjson and .json are jsonl, .csv csv, .tsv tsv, anything else
+    # conll; qa reads SQuAD JSON as well) | jsonl | csv | tsv | conll | squad
+    format: str = "auto"
     text_column: str = "text"  # classify: the field (jsonl) or column (csv/tsv) holding the text
     text_pair_column: str = "text_pair"  # classify: an optional second text (pairs are joined by end-of-document)
     label_column: str = "label"  # classify: the field or column holding the label (any string)
-    max_seq_len: int = 0  # tokens per example (longer ones are truncated, counted in the log); 0: model.max_seq_len
-    epochs: float = 0.0  # when > 0: train.max_steps = epochs x training examples (rows, for sft) / global batch
-    metric_for_best: str = ""  # the evaluation metric that picks DIR/best; empty: the task's own (listed in README)
+    # tokens per example (longer ones are truncated, counted in the log; qa cuts a long context into windows
+    # instead); 0: model.max_seq_len
+    max_seq_len: int = 0
+    # when > 0: train.max_steps = epochs x training rows / train.global_batch_size, rounded up (rows: packed
+    # sequences for sft, context windows for qa, examples otherwise), and train.warmup_steps at most a tenth of it
+    epochs: float = 0.0
+    # the evaluation metric that picks DIR/best (lower is better for val_loss and val_ppl, higher for the rest);
+    # empty: the task's own: val_loss (sft), val_accuracy (classify), val_f1 (tokens, qa)
+    metric_for_best: str = ""
     patience: int = 0  # stop after this many evaluations without a better metric_for_best; 0: never stop early
-    labels: list = field(default_factory=list)  # classify/tokens: the label names in id order (derived from train_file)
-    scheme: str = "iob2"  # tokens: iob1 | iob2 | bioes, checked on every file
-    pooling: str = "auto"  # classify: auto (last real token for a causal model, mean for mlm) | last | mean | first
-    pack: bool = True  # sft: several examples per sequence (attention never crosses them)
-    doc_stride: int = 64  # qa: context tokens shared by consecutive windows of a long context
-    max_answer_tokens: int = 30  # qa: the longest answer span predicted
-    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets (the rest frozen); 0: full fine-tuning
-    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank
-    lora_dropout: float = 0.0  # dropout on the adapters' input
-    lora_targets: str = "qkv,o_proj,gate_up,up,down"  # the projections that get adapters (of those the model has)
-    freeze: str = ""  # comma-separated: embeddings, blocks:N (the first N blocks), all_but_head
+    # classify/tokens: the label names in id order; empty: the training file's labels, sorted (saved with every
+    # checkpoint, so a resumed run keeps the order)
+    labels: list = field(default_factory=list)
+    scheme: str = "iob2"  # tokens: the tagging scheme, iob1 | iob2 | bioes; every file is checked against it
+    # classify: what the head reads: auto (last for a causal model, mean for mlm) | last (the last real token) |
+    # mean (of the real tokens) | first (the first token)
+    pooling: str = "auto"
+    # sft: several examples per sequence (attention and positions never cross them); false: one per sequence
+    pack: bool = True
+    doc_stride: int = 64  # qa: context tokens shared by consecutive windows of a long context; at least 1
+    max_answer_tokens: int = 30  # qa: the longest answer span predicted, in tokens; at least 1
+    # LoRA adapters of this rank on lora_targets, every other weight but the task head frozen; 0: full fine-tuning
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank; above 0
+    lora_dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
+    # the projections of every block that get adapters, comma-separated: qkv, o_proj (attention), gate_up (swiglu
+    # MLP), up (gelu MLP), down; those the model lacks are skipped, but one at least must exist
+    lora_targets: str = "qkv,o_proj,gate_up,up,down"
+    # parameters to freeze, comma-separated: embeddings, blocks:N (the first N blocks), all_but_head; empty: none
+    freeze: str = ""
 
 
 @dataclass
