@@ -13,7 +13,6 @@ bench_train.py --nanogpt runs this after its side-by-side training runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatrain.fileio import write_atomic  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 B, T = 12, 64  # nanoGPT's baby GPT: batch 12, block 64
 
@@ -146,7 +145,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "baby_profile.json"))
     args = ap.parse_args()
     res = side_by_side(args.nanogpt, args.steps, args.rounds)
-    write_atomic(args.out, json.dumps(res, indent=2))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
     from megatrain.training.dist_env import end_distributed

@@ -12,7 +12,6 @@ Results go to bench/results/bench_compile.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,8 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatrain.config import load_config  # noqa: E402
-from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.model import Transformer  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -65,11 +64,12 @@ def main() -> None:
         comp.append(ms_per_iter(compiled))
     res = dict(config=args.config, threads=torch.get_num_threads(), batch=[B, T], iters=args.iters,
                eager_ms=eager, compiled_ms=comp, first_compiled_step_s=compile_s,
+               eager_median_ms=statistics.median(eager), compiled_median_ms=statistics.median(comp),
                speedup=statistics.median(eager) / statistics.median(comp))
     print(f"{args.config}: eager {statistics.median(eager):.1f} ms/iteration, torch.compile "
           f"{statistics.median(comp):.1f} ms/iteration ({res['speedup']:.2f}x), first compiled step {compile_s:.1f} s "
           f"({torch.get_num_threads()} threads)")
-    write_atomic(args.out, json.dumps(res, indent=2))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
 

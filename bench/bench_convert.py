@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.training.dist_env import free_port  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, float | None]:
@@ -136,7 +136,7 @@ def main() -> None:
             print(f"{'':<14}(checkpoint {size / 1e9:.2f} GB on disk, {weights / 1e9:.2f} GB of fp32 weights)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_atomic(args.out, json.dumps(results, indent=1))
+    write_results(args.out, results, indent=1)
     print(f"results: {args.out}")
 
 

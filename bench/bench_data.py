@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -27,7 +26,7 @@ from megatrain.data import GPTSampleDataset, IndexedDataset  # noqa: E402
 from megatrain.data.preprocess import preprocess  # noqa: E402
 from megatrain.data.samples import build_sample_index  # noqa: E402
 from megatrain.data.train_tokenizer import train_tokenizer  # noqa: E402
-from megatrain.fileio import write_atomic  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 
 def make_corpus(path: str, n_bytes: int, seed: int = 0) -> None:
@@ -74,7 +73,7 @@ def main() -> None:
     if not os.path.isfile(corpus) or os.path.getsize(corpus) < args.tokens:
         print(f"writing a {args.tokens / 1e6:.0f} MB synthetic corpus ...", flush=True)
         make_corpus(corpus, int(args.tokens * 1.02))
-    res: dict = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores", python=platform.python_version())
+    res: dict = {}
 
     # -- preprocess throughput ---------------------------------------------------------------------
     small = os.path.join(args.workdir, "small.jsonl")
@@ -138,7 +137,7 @@ def main() -> None:
                         bare_ndarray_reads_per_s=bare_best, ratio_vs_memmap=ours_best / raw_best,
                         ratio_vs_bare=ours_best / bare_best, share_spanning_documents=float(crossing))
     res["index_build"] = dict(seconds=build_s, tokens=ds.num_tokens, documents=ds.num_documents, samples=n_samples)
-    write_atomic(args.out, json.dumps(res, indent=2))
+    write_results(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -24,7 +24,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from megatrain.fileio import write_atomic  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 G, MICRO, WARMUP = 16, 8, 2
 HF_SCRIPT = r"""
@@ -181,7 +181,7 @@ def main() -> None:
         full, lo = results["rows"][-2], results["rows"][-1]
         print(f"{'':<10}LoRA peak memory / full: megatrain {lo['megatrain_peak_rss_mib'] / full['megatrain_peak_rss_mib']:.2f}x, "
               f"HF {lo['hf_peak_rss_mib'] / full['hf_peak_rss_mib']:.2f}x")
-    write_atomic(args.out, json.dumps(results, indent=1))
+    write_results(args.out, results, indent=1)
     print(f"results: {args.out}")
 
 

@@ -12,7 +12,6 @@ Results go to bench/results/bench_kernels[_cuda].json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatrain import kernels  # noqa: E402
-from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.kernels import ops, reference  # noqa: E402
 from megatrain.model import rope_tables  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 GPU_BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
 
@@ -133,7 +132,8 @@ def bench_op(name, device, dtype, size, repeat):
         mem[label] = m.bytes
     f, e = statistics.median(tf), statistics.median(te)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    return dict(fused_ms=f * 1e3, eager_ms=e * 1e3, speedup=e / f, fused_peak_mib=mem["fused"] / 2**20,
+    shapes = [list(x.shape) for x in inputs if torch.is_tensor(x)]
+    return dict(shapes=shapes, fused_ms=f * 1e3, eager_ms=e * 1e3, speedup=e / f, fused_peak_mib=mem["fused"] / 2**20,
                 eager_peak_mib=mem["eager"] / 2**20, memory_ratio=(mem["fused"] / mem["eager"]) if mem["eager"] else None,
                 fused_gbs=nbytes * itemsize / f / 1e9 if nbytes else None)
 
@@ -187,7 +187,7 @@ def main() -> None:
         mem = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "n/a"
         bw = ""
         if peak_bw and r["fused_gbs"]:
-            r["bandwidth_fraction"] = r["fused_gbs"] / peak_bw
+            r["device_peak_gbs"], r["bandwidth_fraction"] = peak_bw, r["fused_gbs"] / peak_bw
             bw = f"  {r['fused_gbs']:.0f} GB/s ({r['bandwidth_fraction']:.0%})"
         print(f"{name:24s} {r['fused_ms']:9.2f} {r['eager_ms']:9.2f} {r['speedup']:6.2f}x {r['fused_peak_mib']:10.1f} "
               f"{r['eager_peak_mib']:10.1f} {mem:>6s}{bw}", flush=True)
@@ -200,7 +200,7 @@ def main() -> None:
           f"-> {on / off:.2f}x")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    "bench_kernels.json" if device == "cpu" else "bench_kernels_cuda.json")
-    write_atomic(out, json.dumps(res, indent=2))
+    write_results(out, res)
     print(f"wrote {out}")
 
 

@@ -35,8 +35,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.training.dist_env import free_port  # noqa: E402
+from results_file import run_meta, write_results  # noqa: E402
 
 LAYOUTS = [  # name, overrides
     ("dp2 ZeRO-1", {"parallel.zero_stage": 1}),
@@ -218,7 +218,7 @@ def startup(args, env: dict) -> None:
                           f"MiB ({r['built_mib'] / r['share_mib']:.2f}x share) | initialized {r['initialized_mib']:8.0f} MiB"
                           + (f" | after a step {r['stepped_mib']:8.0f} MiB" if "stepped_mib" in r else ""), flush=True)
     out = args.out.replace(".json", "_startup.json")
-    write_atomic(out, json.dumps(results, indent=2))
+    write_results(out, results, meta=run_meta(env=("BENCH_ONLY",)))
     print(f"wrote {out}")
 
 
@@ -279,7 +279,7 @@ def main() -> None:
         print(f"{name:16s} {max(r['bytes_per_rank']) / 2**20:>14.1f} MiB {r['theory_bytes'] / 2**20:>6.1f} MiB "
               f"{r['ratio_to_theory']:>5.2f}x {(r['theory_bytes'] + r['bucket_bytes']) / 2**20:>6.1f} MiB "
               f"{r['ratio_to_theory_and_bucket']:>5.2f}x {r['step_s'] * 1e3:>6.0f}ms {t_ref / r['step_s']:>7.2f}x")
-    write_atomic(args.out, json.dumps(results, indent=2))
+    write_results(args.out, results, meta=run_meta(env=("BENCH_ONLY",)))
     print(f"wrote {args.out}")
 
 

@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatrain.training.runtime import proc_status_bytes  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -73,8 +74,7 @@ def summarize(a, samples: list, run_dir: str, seconds: float, complete: bool) ->
         samples=samples,
     )
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_results(a.out, result, indent=1)
     return result
 
 

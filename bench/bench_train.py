@@ -1,20 +1,21 @@
 """Training-speed benchmark: megatrain vs. Hugging Face Llama through DeepSpeed, and baby GPT.
 
-    python bench/bench_train.py [--steps 6] [--baby-data ../shared/data/tinyshakespeare.txt]
+    python bench/bench_train.py [--nanogpt DIR] [--baby-set KEY=VALUE ...] [--baby-data FILE] [--skip part1|part2]
 
 Part 1 (one process, fp32, ZeRO-1, the same Llama-shaped dims, batch and sequence length): megatrain's
-training tokens/s next to `transformers.LlamaForCausalLM` trained through DeepSpeed in the same run
-(target >= 1.3x), and megatrain's achieved model FLOP/s (embeddings excluded) next to this machine's
-measured torch.mm FLOP/s (target >= 80%).
+training tokens/s next to `transformers.LlamaForCausalLM` trained through DeepSpeed in the same run, and the
+model FLOP/s of each (embeddings excluded) next to this machine's torch.mm FLOP/s, measured in the same run.
 Part 2: nanoGPT's CPU "baby GPT" (configs/baby-gpt.yaml: char/byte level on tinyshakespeare, 4 layers,
 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3, no dropout, evaluation over 20 batches every
 250): validation loss after 2000 iterations, ms per iteration and wall time. With `--nanogpt DIR` (a checkout of
 karpathy/nanoGPT, copied to a scratch folder) nanoGPT's own train.py runs the same setting on the same text, 90/10
 split (`--device=cpu --compile=False --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`), one after the other in this run, and the
-ratios are printed (target: megatrain's wall time <= 0.7x nanoGPT's at val <= 1.88); without it, the figures
-issue 13 measured stand in as the reference. `--baby-set KEY=VALUE` (repeatable) adds a megatrain override.
-Results go to bench/results/bench_train.json.
+ratios are printed; without it there is no baseline: megatrain's figures are printed alone, with no ratio.
+After each training run its final model is evaluated again over 200 batches, nanoGPT's default eval_iters
+(outside the timed runs), so the validation loss is compared at 20 and at 200 batches.
+`--baby-set KEY=VALUE` (repeatable) adds a megatrain override.
+Results go to bench/results/bench_train.json (bench/results_file.py: with the command, commit, date and machine).
 """
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from megatrain.config import ModelConfig, ffn_width  # noqa: E402
-from megatrain.fileio import write_atomic  # noqa: E402
 from megatrain.training.metrics import measured_matmul_tflops, train_flops_per_token  # noqa: E402
+from results_file import run_meta, write_results  # noqa: E402
+
+EVAL_DURING_RUN = 20  # validation batches of each evaluation during the timed runs (both sides)
+EVAL_AFTER_RUN = 200  # validation batches of the evaluation after each run: nanoGPT's default eval_iters
 
 
 def ds_config(micro: int) -> dict:
@@ -144,10 +148,6 @@ def part1(args) -> dict:
     return out
 
 
-NANOGPT_REFERENCE = dict(wall_seconds=[68.9, 75.2], val_loss=1.8857, ms_per_iteration=[31.6, 33.1],
-                        source="issue 13's side-by-side runs on this machine")
-
-
 def run_nanogpt(checkout: str, text_file: str, iters: int) -> dict:
     """nanoGPT's baby GPT from a copy of its checkout, on this text (its prepare.py splits 90/10)."""
     import re
@@ -159,26 +159,66 @@ def run_nanogpt(checkout: str, text_file: str, iters: int) -> dict:
     data = os.path.join(work, "data", "shakespeare_char")
     shutil.copy(text_file, os.path.join(data, "input.txt"))
     subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
-    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-           "--eval_iters=20", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-           f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--dropout=0.0", f"--out_dir={work}/out"]
+    # the config's eval_interval (250), or every `iters` in a shorter run: the last iteration is always evaluated
+    args = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--block_size=64",
+            "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", "--dropout=0.0", f"--out_dir={work}/out", f"--eval_interval={min(250, iters)}"]
+
+    def train_py(*extra: str) -> subprocess.CompletedProcess:
+        run = subprocess.run([sys.executable, "train.py", *args, *extra], cwd=work, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{run.stdout[-2000:]}{run.stderr[-2000:]}\nbench_train: nanoGPT's train.py failed")
+        return run
+
+    def val_loss_at(out: str, step: int) -> float:
+        evals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", out)
+        return next(float(v) for s, _, v in reversed(evals) if int(s) == step)
+
     t0 = time.perf_counter()
-    run = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    # always_save_checkpoint: the model of every evaluation is saved (the config saves only a better one), so the
+    # checkpoint left is the last iteration's
+    run = train_py(f"--eval_iters={EVAL_DURING_RUN}", "--always_save_checkpoint=True")
     wall = time.perf_counter() - t0
-    if run.returncode != 0:
-        sys.exit(f"{run.stdout[-2000:]}{run.stderr[-2000:]}\nbench_train: nanoGPT's train.py failed")
-    evals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", run.stdout)
     iter_ms = [float(ms) for ms in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", run.stdout)]
+    # nanoGPT's own evaluation of that model at its default eval_iters: train.py resumed from the checkpoint
+    # evaluates at the step it resumes at, before it steps (it then takes one more step, past max_iters, and stops)
+    again = train_py(f"--eval_iters={EVAL_AFTER_RUN}", "--init_from=resume")
     shutil.rmtree(work, ignore_errors=True)
-    return dict(val_loss=float(evals[-1][2]), iterations=int(evals[-1][0]), wall_seconds=wall,
+    losses = {str(EVAL_DURING_RUN): val_loss_at(run.stdout, iters), str(EVAL_AFTER_RUN): val_loss_at(again.stdout, iters)}
+    return dict(val_loss_by_eval_batches=losses, iterations=iters, wall_seconds=wall,
                 ms_per_iteration=statistics.median(iter_ms))
+
+
+def megatrain_val_loss(ckpt: str, batches: int) -> float:
+    """The validation loss of the model saved in `ckpt` over the first `batches` global batches of the run's
+    validation samples, computed as the training loop evaluates (a run with train.eval_iters=`batches` logs the same
+    figure), in this process without DeepSpeed."""
+    from types import SimpleNamespace
+
+    from megatrain.checkpoint.reader import CheckpointReader
+    from megatrain.data import build_gpt_datasets
+    from megatrain.generate import load_weights
+    from megatrain.model import Transformer
+    from megatrain.parallel.topology import Layout
+    from megatrain.predict import LocalEngine
+    from megatrain.tasks.lm import CausalLM
+
+    with CheckpointReader(ckpt) as reader:
+        cfg = reader.cfg
+        model = Transformer(cfg.model)
+        load_weights(model, reader)
+    t = cfg.train
+    t.eval_iters = batches
+    # the datasets as pretrain.setup_data builds them; more validation samples only append to the sample order
+    _, valid, _ = build_gpt_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_len,
+                                     [t.max_steps * t.global_batch_size, batches * t.global_batch_size, 0], t.seed,
+                                     cfg.data.cache_dir or None, cfg.data.sample_offsets)
+    run = SimpleNamespace(cfg=cfg, layout=Layout(1, 1, 1), dp_rank=0, grad_accum=t.global_batch_size // t.micro_batch_size)
+    return CausalLM().evaluate(run, LocalEngine(model), valid)["val_loss"]
 
 
 def part2(args) -> dict:
     """Baby GPT through the real CLI (its own process), on tinyshakespeare; nanoGPT beside it with --nanogpt."""
-    if not os.path.isfile(args.baby_data):
-        print(f"skipping baby GPT: {args.baby_data} not found (pass --baby-data)")
-        return {}
     work = tempfile.mkdtemp(prefix="megatrain-baby-")
     prefix = os.path.join(work, "shakespeare")
     src = os.path.join(work, "shakespeare.jsonl")
@@ -192,7 +232,8 @@ def part2(args) -> dict:
                     "--output-prefix", prefix], check=True, capture_output=True)
     ckpt = os.path.join(work, "run")
     sets = [f"data.path={prefix}", f"checkpoint.dir={ckpt}", "logging.tensorboard=false", "data.split=1,1,0",
-            f"train.max_steps={args.baby_steps}", "train.eval_iters=20", "logging.progress_bar=off", *args.baby_set]
+            f"train.max_steps={args.baby_steps}", f"train.eval_iters={EVAL_DURING_RUN}", "logging.progress_bar=off",
+            *args.baby_set]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "megatrain", "pretrain", "--config", "baby-gpt",
                     *[a for s in sets for a in ("--set", s)]], check=True)
@@ -201,27 +242,30 @@ def part2(args) -> dict:
     evals = [r for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if "seconds_per_step" in r]
     ms = 1e3 * sum(r["seconds_per_step"] for r in train) / len(train)
-    out = dict(val_loss=evals[-1]["val_loss"], iterations=evals[-1]["step"], ms_per_iteration=ms, wall_seconds=wall,
+    losses = {str(EVAL_DURING_RUN): evals[-1]["val_loss"], str(EVAL_AFTER_RUN): megatrain_val_loss(ckpt, EVAL_AFTER_RUN)}
+    out = dict(val_loss_by_eval_batches=losses, iterations=evals[-1]["step"], ms_per_iteration=ms, wall_seconds=wall,
                overrides=args.baby_set)
-    if args.nanogpt:
+    sides = [("megatrain", out)]
+    if args.nanogpt:  # the baseline runs in this run, or there is none
         ref = run_nanogpt(args.nanogpt, args.baby_data, args.baby_steps)
         ref["source"] = f"nanoGPT's train.py from {args.nanogpt}, in this run"
-    else:
-        ref = NANOGPT_REFERENCE
-    out["nanogpt"] = ref
-    ref_wall = ref["wall_seconds"] if not isinstance(ref["wall_seconds"], list) else min(ref["wall_seconds"])
-    ref_ms = ref["ms_per_iteration"] if not isinstance(ref["ms_per_iteration"], list) else min(ref["ms_per_iteration"])
-    out["wall_ratio"], out["ms_ratio"] = wall / ref_wall, ms / ref_ms
-    print(f"\nbaby GPT (nanoGPT shakespeare_char CPU setting), {args.baby_steps} iterations; nanoGPT: {ref['source']}")
-    print(f"  {'':10s} {'val loss':>9s} {'ms/iteration':>13s} {'wall s':>8s}")
-    print(f"  {'megatrain':10s} {out['val_loss']:9.4f} {ms:13.1f} {wall:8.1f}")
-    print(f"  {'nanoGPT':10s} {ref['val_loss']:9.4f} {ref_ms:13.1f} {ref_wall:8.1f}")
-    print(f"  megatrain / nanoGPT: wall {out['wall_ratio']:.2f}x, ms/iteration {out['ms_ratio']:.2f}x "
-          f"(target: wall <= 0.7x at val <= 1.88)")
-    if args.nanogpt:  # where the time of a step goes, the two side by side in this process
-        from baby_profile import side_by_side
+        out["nanogpt"] = ref
+        out["wall_ratio"], out["ms_ratio"] = wall / ref["wall_seconds"], ms / ref["ms_per_iteration"]
+        sides.append(("nanoGPT", ref))
+    print(f"\nbaby GPT (nanoGPT shakespeare_char CPU setting), {args.baby_steps} iterations")
+    print(f"  {'':10s} {f'val loss ({EVAL_DURING_RUN})':>14s} {f'val loss ({EVAL_AFTER_RUN})':>15s} "
+          f"{'ms/iteration':>13s} {'wall s':>8s}")
+    for name, r in sides:
+        v = r["val_loss_by_eval_batches"]
+        print(f"  {name:10s} {v[str(EVAL_DURING_RUN)]:14.4f} {v[str(EVAL_AFTER_RUN)]:15.4f} "
+              f"{r['ms_per_iteration']:13.1f} {r['wall_seconds']:8.1f}")
+    if not args.nanogpt:
+        print("  no nanoGPT run (--nanogpt DIR runs it beside megatrain): no ratio")
+        return out
+    print(f"  megatrain / nanoGPT: wall {out['wall_ratio']:.2f}x, ms/iteration {out['ms_ratio']:.2f}x")
+    from baby_profile import side_by_side  # where the time of a step goes, the two side by side in this process
 
-        out["step_profile"] = side_by_side(args.nanogpt)
+    out["step_profile"] = side_by_side(args.nanogpt)
     return out
 
 
@@ -242,12 +286,20 @@ def main() -> None:
     ap.add_argument("--skip", choices=["part1", "part2"], action="append", default=[])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_train.json"))
     args = ap.parse_args()
-    res = json.load(open(args.out)) if os.path.isfile(args.out) else {}  # a skipped part keeps its last figures
-    if "part2" not in args.skip:
+    meta = run_meta()
+    old = json.load(open(args.out)) if os.path.isfile(args.out) else {}
+    res = {}
+    for key, part in (("baby_gpt", "part2"), ("vs_hf_llama", "part1")):
+        if key in old and (part in args.skip or (part == "part2" and not os.path.isfile(args.baby_data))):
+            # a part not run keeps its last figures, with the run that measured them
+            res[key] = {"meta": old[key].get("meta", old.get("meta")), **old[key]}
+    if "part2" not in args.skip and os.path.isfile(args.baby_data):
         res["baby_gpt"] = part2(args)  # first: its own process, before this one holds DeepSpeed state
+    elif "part2" not in args.skip:
+        print(f"skipping baby GPT: {args.baby_data} not found (pass --baby-data)")
     if "part1" not in args.skip:
         res["vs_hf_llama"] = part1(args)
-    write_atomic(args.out, json.dumps(res, indent=2))
+    write_results(args.out, res, meta=meta)
     print(f"wrote {args.out}")
 
     from megatrain.training.dist_env import end_distributed
