@@ -8,8 +8,10 @@ The plan prints, per rank (per pipeline stage when pp > 1): parameters, gradient
 config's ZeRO stage and precision keep them (device and, with offload, host), ZeRO-3's gathered parameters, the
 activations of the micro-batches in flight (with activation checkpointing and sequence parallelism), the peak, and
 the host memory every rank needs at start-up; then the FLOPs per step (the training log's count), the pipeline
-bubble, what TP, PP and DP/ZeRO send, the predicted step time and MFU. --search ranks every layout of the GPUs that
-fits by predicted step time and prints the best as --set lines.
+bubble, what TP, PP and DP/ZeRO send, and the step time they add up to at an assumed share of the GPUs' peak
+(--compute-efficiency, printed as an assumption); the MFU line, shown when the layout spends part of the step on
+something other than the model's FLOPs, is that assumption times the share they fill. --search ranks every layout of
+the GPUs that fits by predicted step time and prints the best as --set lines.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intra-node-gbps", type=float, metavar="B1", help="per-GPU link within a node, Gbit/s one way")
     p.add_argument("--inter-node-gbps", type=float, metavar="B2", help="per-GPU network between nodes, Gbit/s one way")
     p.add_argument("--compute-efficiency", type=float, default=0.6,
-                   help="share of the peak a step's matmuls reach (default 0.6)")
+                   help="assumed share of the peak a step's matmuls reach (default 0.6); compute time follows from it")
     p.add_argument("--search", action="store_true", help="rank every layout of the GPUs that fits")
     p.add_argument("--top", type=int, default=5, help="--search: layouts to print (default 5)")
 
@@ -140,17 +142,28 @@ def render(plan, cluster, title: str) -> list[str]:
     if tm is None:
         lines.append("\n(no step time: give --gpu or --gpu-tflops)")
         return lines
-    lines += ["", f"time per step ({cluster.gpus} x {cluster.gpu.tflops:g} TFLOP/s at {cluster.compute_efficiency:.0%}, "
-                  f"links {cluster.gpu.intra_node_gbps:g} / {cluster.gpu.inter_node_gbps:g} Gbit/s within / between "
-                  f"nodes of {cluster.gpus_per_node})",
+    lines += ["", f"time per step ({cluster.gpus} x {cluster.gpu.tflops:g} TFLOP/s peak, links "
+                  f"{cluster.gpu.intra_node_gbps:g} / {cluster.gpu.inter_node_gbps:g} Gbit/s within / between nodes of "
+                  f"{cluster.gpus_per_node})",
+              "  " + assumptions(cluster),
               f"  FLOPs per step       {tm.flops_per_step:.3e} (model FLOPs, as the training log counts them)",
               f"  compute              {tm.compute_s:8.3f} s (pipeline bubble {tm.bubble_s:.3f} s)",
               f"  TP all-reduces       {tm.tp_s:8.3f} s ({tm.tp_bytes / 1e9:.2f} GB per rank)",
               f"  PP sends             {tm.pp_s:8.3f} s ({tm.pp_bytes / 1e9:.2f} GB per rank)",
               f"  DP/ZeRO collectives  {tm.dp_s:8.3f} s exposed ({tm.dp_bytes / 1e9:.2f} GB per rank)",
               *([f"  {'host offload':<21}{tm.offload_s:8.3f} s (PCIe transfers, Adam on the host)"] if tm.offload_s else []),
-              f"  step                 {tm.step_s:8.3f} s | {tm.tokens_per_s:,.0f} tokens/s | predicted MFU {tm.mfu:.1%}"]
+              f"  step                 {tm.step_s:8.3f} s | {tm.tokens_per_s:,.0f} tokens/s"]
+    if tm.model_share < 1 - 1e-6:  # at 1.0 the MFU would only be the assumption read back
+        lines.append(f"  MFU                  {tm.mfu:.1%} = the assumed {cluster.compute_efficiency:.0%} x "
+                     f"{tm.model_share:.1%}, the step's share in model FLOPs (the rest: bubble, recompute, "
+                     f"exposed communication, offload)")
     return lines
+
+
+def assumptions(cluster) -> str:
+    """The rates the step time rests on: chosen, not measured."""
+    return (f"assumed: {cluster.compute_efficiency:.0%} of peak in matmuls (--compute-efficiency), "
+            f"{cluster.comm_efficiency:.0%} of a link's rate in collectives")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -178,15 +191,17 @@ def command(args: argparse.Namespace) -> int:
                           f"{smallest / GiB:.1f} GiB per GPU of {usable_bytes(cluster) / GiB:.1f} GiB usable; add GPUs "
                           f"or shorten data.seq_len")
     print(title)
+    print(assumptions(cluster) + "; 'model' below: the step's share in model FLOPs (MFU = the assumed "
+          f"{cluster.compute_efficiency:.0%} x it)")
     print(f"{len(fits)} layouts fit; fastest first:")
     print(f"  {'#':>2} {'tp':>3} {'pp':>3} {'dp':>4} {'ZeRO':>4} {'offload':>8} {'mb':>3} {'ckpt':>9} {'sp':>3} "
-          f"{'peak GiB':>9} {'step s':>8} {'MFU':>6}")
+          f"{'peak GiB':>9} {'step s':>8} {'model':>6}")
     for i, pl in enumerate(fits[: args.top], 1):
         c = pl.cfg
         off = "+".join(k for k, on in (("opt", c.parallel.offload_optimizer), ("param", c.parallel.offload_params)) if on)
         print(f"  {i:>2} {pl.tp:>3} {pl.pp:>3} {pl.dp:>4} {c.parallel.zero_stage:>4} {off or '-':>8} {c.train.micro_batch_size:>3} "
               f"{c.train.activation_checkpointing:>9} {'y' if c.parallel.sequence_parallel else '-':>3} "
-              f"{pl.peak / GiB:>9.1f} {pl.time.step_s:>8.2f} {pl.time.mfu:>6.1%}")
+              f"{pl.peak / GiB:>9.1f} {pl.time.step_s:>8.2f} {pl.time.model_share:>6.1%}")
     print("\nbest layout:\n  " + fits[0].sets())
     print("\n".join([""] + render(fits[0], cluster, "plan of the best layout:")[1:]))
     return 0

@@ -8,6 +8,7 @@ the plan's (tests/plan_measure.py says how they are measured).
 """
 import json
 import os
+import re
 
 import pytest
 
@@ -162,7 +163,7 @@ def test_plan_command_prints_and_refuses_bad_input(capsys):
     assert cli_main(["plan", "--config", "llama-1.3b", "--set", "model.vocab_size=32000", "--gpus", "1",
                      "--gpu-memory", "24", "--gpu-tflops", "165"]) == 0
     out = capsys.readouterr().out
-    assert "peak" in out and "predicted MFU" in out and "fit" in out
+    assert "peak" in out and "assumed: 60% of peak in matmuls" in out and "fit" in out
     cases = [
         (["--config", "tiny", "--set", "parallel.tp=3", "--gpus", "3", "--gpu", "h100"], "not divisible by tp=3"),
         (["--config", "tiny", "--gpus", "3", "--gpu", "h100", "--set", "parallel.tp=2"], "does not divide"),
@@ -176,6 +177,31 @@ def test_plan_command_prints_and_refuses_bad_input(capsys):
         assert cli_main(["plan", *args]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_plan_states_its_efficiency_as_an_assumption(capsys):
+    """--compute-efficiency is chosen, not measured: the plan prints it as an assumption and never reads it back as
+    an MFU. The MFU line appears only where the layout spends part of the step on something other than the model's
+    FLOPs (here a pipeline bubble and recomputed blocks), as the assumption times the share those FLOPs fill."""
+    base = ["plan", "--config", "llama-1.3b", "--set", "model.vocab_size=32000", "--gpu", "h100",
+            "--compute-efficiency", "0.4"]
+    assert cli_main([*base, "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed: 40% of peak in matmuls (--compute-efficiency)" in out, out
+    assert "MFU" not in out, out  # one GPU, nothing recomputed: an MFU would be the 40% printed back
+    assert cli_main([*base, "--gpus", "8", "--set", "parallel.pp=2", "--set", "parallel.zero_stage=1",
+                     "--set", "train.activation_checkpointing=full"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed: 40% of peak in matmuls (--compute-efficiency)" in out, out
+    found = re.search(r"MFU +([\d.]+)% = the assumed 40% x ([\d.]+)%, the step's share in model FLOPs", out)
+    assert found, out
+    mfu, share = map(float, found.groups())
+    assert 0 < share < 100 and abs(mfu - 0.4 * share) <= 0.08, (mfu, share)  # both rounded to 0.1
+    # --search ranks layouts by the share, and states the assumption once above the table
+    assert cli_main([*base, "--gpus", "2", "--search", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "peak GiB" in line)
+    assert "assumed: 40% of peak in matmuls (--compute-efficiency)" in out and "MFU" not in header, out
 
 
 def test_shipped_presets_plan(capsys):

@@ -58,7 +58,15 @@ def run_configs(rank, world, runs):
 
 
 def assert_close_curves(a: dict, b: dict, rtol: float, steps=None):
-    steps = steps or sorted(a)
-    got = np.array([b[s] for s in steps])
-    want = np.array([a[s] for s in steps])
+    """b's values within rtol of a's at `steps` (default: every step of a). Fails when there is nothing to compare
+    (an empty curve, no steps), when b lacks a step, and on a NaN or inf on either side: two runs that both diverged
+    do not match, and an empty comparison proves nothing."""
+    steps = sorted(a) if steps is None else list(steps)
+    assert steps, f"nothing to compare: no steps (reference curve {a!r})"
+    missing = [s for s in steps if s not in a or s not in b]
+    assert not missing, f"steps {missing} missing from a curve: {a!r} vs {b!r}"
+    got = np.array([b[s] for s in steps], dtype=np.float64)
+    want = np.array([a[s] for s in steps], dtype=np.float64)
+    bad = [s for s, x, y in zip(steps, want, got) if not (np.isfinite(x) and np.isfinite(y))]
+    assert not bad, f"not finite at steps {bad}: {a!r} vs {b!r}"
     np.testing.assert_allclose(got, want, rtol=rtol, err_msg=f"steps {steps}")

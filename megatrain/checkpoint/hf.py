@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatrain.checkpoint.io import why_unreadable
 from megatrain.checkpoint.reader import CheckpointError
 from megatrain.config import ModelConfig, kv_heads
 from megatrain.parallel.sharding import split_of
@@ -150,15 +151,21 @@ class HFWeights:
             path = os.path.join(self.dir, file)
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: named by the weight index but missing")
-            try:
-                if self.kind == "safetensors":
-                    from safetensors import safe_open
+            if self.kind == "safetensors":
+                from safetensors import SafetensorError, safe_open
 
+                try:
                     self.files[file] = safe_open(path, "pt")
-                else:
+                except (SafetensorError, OSError) as e:  # a header that does not describe the file, an I/O error
+                    raise CheckpointError(f"{path}: unreadable ({str(e).strip()[:200]})") from None
+            else:
+                try:
                     self.files[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0][:200]})") from None
+                except Exception as e:
+                    why = why_unreadable(path, e)  # None: an intact file and another error, raised as it is
+                    if why is None:
+                        raise
+                    raise CheckpointError(f"{path}: unreadable: {why}") from None
         return self.files[file]
 
     def close(self) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
@@ -221,14 +224,62 @@ def numpy_scalars() -> list:
 
 
 def load_rank_file(path: str, map_location=None):
-    """torch.load with weights_only on and only safe_globals() allowed; any other pickled global is refused."""
+    """torch.load with weights_only on and only safe_globals() allowed; any other pickled global is refused. A file
+    that is missing, damaged or refused is a ConfigError (one line); any other error is raised as it is."""
+    allowed = safe_globals()  # outside the try: a DeepSpeed without these classes is not a damaged file
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a class outside the allow-list, a truncated or foreign file
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not loaded ({why}); megatrain loads only tensors and DeepSpeed's records from a "
-                          f"checkpoint, never pickled code: is the file damaged, or not written by megatrain?") from None
+    except Exception as e:
+        why = why_unreadable(path, e)
+        if why is None:
+            raise
+        raise ConfigError(f"{path}: not loaded: {why}") from None
+
+
+def why_unreadable(path: str, error: Exception) -> str | None:
+    """One line on why torch.load(path, weights_only=True) raised `error` when the file is the cause: it cannot be
+    opened, it is damaged, or it names a global outside the allow-list. None when the file is intact and the error
+    is something else (a torch or DeepSpeed incompatibility, a bug): the caller raises it as it is.
+
+    torch reads the pickle inside its zip archive without checking it, so a garbled byte there can surface as almost
+    any exception (UnicodeDecodeError, KeyError, TypeError, ...). Whether the file is damaged is therefore decided
+    by checking the archive (its directory, and every record against its CRC-32), not by the exception's type; this
+    reads the whole file, on this failure path only."""
+    try:
+        damage = _archive_damage(path)
+    except OSError as e:  # missing, a directory, no permission: the same error as torch's
+        return f"cannot be read ({e.strerror or e})"
+    if damage:
+        return f"the file is damaged: {damage}"
+    if isinstance(error, pickle.UnpicklingError):  # an intact file: weights_only refused what it names
+        return (f"{_refused(error)}; megatrain loads only tensors and DeepSpeed's records from a checkpoint, never "
+                f"pickled code (a file not written by megatrain, or by another DeepSpeed?)")
+    if isinstance(error, OSError):
+        return f"cannot be read ({error})"
+    return None
+
+
+def _archive_damage(path: str) -> str | None:
+    """What is wrong with a torch.save zip archive, or None when it is whole and every record matches its CRC."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError) as e:
+        return f"not a whole zip archive ({e}): cut short, overwritten, or not written by torch.save"
+    return f"its record {bad} fails its CRC check (overwritten bytes)" if bad else None
+
+
+def _refused(error: Exception) -> str:
+    """What weights_only refused, from torch's message (the rest of it is advice on loading the file anyway)."""
+    text = str(error)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it names {named.group(1)}, which weights_only refused"
+    marker = "WeightsUnpickler error:"
+    detail = [line.split(marker)[1] for line in text.splitlines() if marker in line]
+    detail = (detail or text.strip().splitlines() or [type(error).__name__])[0].strip()[:200]
+    return f"weights_only refused it ({detail})"
 
 
 def harden(engine) -> None:

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest
+from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest, why_unreadable
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
@@ -87,9 +87,11 @@ def _load_meta(path: str):
     try:
         with torch.serialization.safe_globals(_DEEPSPEED_RECORDS + numpy_scalars()):
             return torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, a class outside the allow-list
-        why = str(e).splitlines()[0][:200]
-        raise CheckpointError(f"{path}: unreadable ({why}); the checkpoint is damaged") from None
+    except Exception as e:
+        why = why_unreadable(path, e)  # None: an intact file and another error (an incompatibility, a bug), raised
+        if why is None:
+            raise
+        raise CheckpointError(f"{path}: unreadable: {why}") from None
 
 
 def _where(t: torch.Tensor) -> tuple[int, torch.dtype]:

@@ -47,8 +47,8 @@ class Cluster:
     gpu: GPU
     gpus: int  # in the job
     gpus_per_node: int
-    compute_efficiency: float = 0.6  # the share of peak a training step's matmuls reach (0.5-0.7 is typical)
-    comm_efficiency: float = 0.8  # the share of a link's rate a collective reaches (NCCL bus bandwidth)
+    compute_efficiency: float = 0.6  # assumed: the share of peak a step's matmuls reach (0.5-0.7 is typical)
+    comm_efficiency: float = 0.8  # assumed: the share of a link's rate a collective reaches (NCCL bus bandwidth)
 
     def link_bytes_per_s(self, ranks_apart: int, group: int) -> float:
         """A group of `group` ranks whose neighbours are `ranks_apart` apart: within a node, or across nodes."""
@@ -70,7 +70,9 @@ class StepTime:
     pp_bytes: float
     dp_bytes: float
     step_s: float
-    mfu: float
+    model_share: float  # of the step, the time the model FLOPs take at the assumed rate (bubble, recompute,
+    #                     exposed communication and offload are the rest): 1.0 when nothing but the model computes
+    mfu: float  # compute_efficiency x model_share: follows from the assumption, measures nothing
     tokens_per_s: float
 
 
@@ -130,6 +132,6 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
         offload_s += 2 * w * part * grad_accum / host_link
     step = compute + tp_s + pp_s + dp_s + offload_s
     world = tp * pp * dp
-    mfu = flops_per_step / (step * world * cluster.gpu.tflops * 1e12)
-    return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, offload_s, tp_bytes, pp_bytes, dp_bytes, step, mfu,
-                    t.global_batch_size * s / step)
+    model_share = flops_per_step / (world * rate) / step
+    return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, offload_s, tp_bytes, pp_bytes, dp_bytes, step,
+                    model_share, cluster.compute_efficiency * model_share, t.global_batch_size * s / step)
