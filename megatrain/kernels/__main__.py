@@ -18,7 +18,7 @@ def cases(device: str, dtype: torch.dtype):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
 
     T, D, V = 7, 37, 301
-    cos, sin = (t.to(device) for t in _rope_tables(T, 10))
+    cos, sin = (t.to(device) for t in reference.rope_tables(10, T, 10000.0))
     labels = torch.randint(0, V, (T * 3,), generator=g).to(device)
     labels[1] = -100
     return [
@@ -31,12 +31,6 @@ def cases(device: str, dtype: torch.dtype):
         ("linear_cross_entropy", lambda h, w, y: ops.linear_cross_entropy(h, w, y, chunk=8),
          reference.linear_cross_entropy, (r(T * 3, D), r(V, D, scale=0.2), labels)),
     ]
-
-
-def _rope_tables(T: int, D: int):
-    from megatrain.model import rope_tables
-
-    return rope_tables(D, T, 10000.0)
 
 
 def parity(fused, ref, inputs) -> float:

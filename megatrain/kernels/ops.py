@@ -170,9 +170,7 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, label_smooth
         _check_labels(labels, logits.shape[-1] * (dist.get_world_size(group) if group is not None else 1), ignore_index)
     if not use_fused(logits) or not rows.is_contiguous():
         if group is not None and dist.get_world_size(group) > 1:
-            from megatrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
-
-            return vocab_parallel_cross_entropy(logits, labels, group, ignore_index)
+            return reference.vocab_parallel_cross_entropy(logits, labels, group, ignore_index)
         return reference.cross_entropy(logits, labels, ignore_index, label_smoothing)
     return _CrossEntropy.apply(rows, labels.reshape(-1), ignore_index, label_smoothing, group, inplace_backward)
 
