@@ -221,10 +221,12 @@ def test_training_losses_equal_with_fused_kernels_on_and_off(tmp_path):
 def test_check_cli_and_reference_fallback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "cpu: implementation cpu" in r.stdout and r.stdout.count("parity ok") == 7
+    assert "cpu: implementation cpu" in r.stdout
+    assert r.stdout.count("parity ok") == len(ops.SELF_CHECKS) * len(kernels.FUSED_DTYPES["cpu"])  # every op and dtype
     env = {**os.environ, "MEGATRAIN_DISABLE_KERNELS": "1"}
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "implementation reference (" in r.stdout and "MEGATRAIN_DISABLE_KERNELS" in r.stdout
+    assert "nothing to check on cpu" in r.stdout
     code = ("import torch; from megatrain.config import ModelConfig; from megatrain.model import Transformer; "
             "m = Transformer(ModelConfig(vocab_size=50, fused_kernels='auto')); x = torch.randint(0, 50, (2, 9)); "
             "l = m(x[:, :-1], x[:, 1:]); l.backward(); print('trained', m.fused, round(l.item(), 3))")
@@ -336,6 +338,30 @@ def test_selfcheck_stays_out_of_the_callers_graph_and_random_streams(selfcheck_o
     with torch.no_grad():
         assert not ops.rms_norm(torch.randn(3, 8), torch.ones(8), 1e-5).requires_grad  # first use under no_grad
     assert selfcheck.verdicts()[("rms_norm", torch.device("cpu"), torch.float32)]
+
+
+def test_check_cli_fails_on_a_wrong_kernel(monkeypatch, capsys):
+    from megatrain.kernels import __main__ as cli
+
+    _break(monkeypatch, "ce_grad", lambda *a: torch.ops.megatrain.ce_grad(*a) * 0.5)
+    assert cli.main(["--check"]) == 1
+    failed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "parity FAILED" in line]
+    assert failed == ["cross_entropy", "linear_cross_entropy"] * len(kernels.FUSED_DTYPES["cpu"])
+
+
+def test_check_cli_fails_when_the_extension_is_built_but_does_not_load():
+    """An extension that fails to import (built against another torch, say) is a failure, not 'nothing to check'."""
+    code = ("import sys, runpy\n"
+            "class Broken:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'megatrain._C':\n"
+            "            raise ImportError('_C.so: undefined symbol: _ZN3c10')\n"
+            "sys.meta_path.insert(0, Broken())\n"
+            "sys.argv = ['megatrain.kernels', '--check']\n"
+            "runpy.run_module('megatrain.kernels', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout.startswith("megatrain._C is built but does not load: _C.so: undefined "
+                                                     "symbol"), (r.stdout, r.stderr)
 
 
 def _selfcheck_agreed_across_ranks(rank, world):
