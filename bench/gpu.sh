@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks in one unattended run (under 8 minutes on one H100/H200), everything under one results folder:
 #   1. build megatrain's CUDA kernels (csrc/*.cu) in place           -> build.log
-#   2. pytest -m gpu (the kernels against the pure-PyTorch reference) -> pytest-gpu.log
-#   3. the kernel table: fused vs eager, and bandwidth as a fraction of the device's HBM peak
+#   2. the kernels load on this GPU and agree with the reference      -> kernels-check.log
+#      (python -m megatrain.kernels --check --require-cuda)
+#   3. pytest -m gpu (the kernels against the pure-PyTorch reference) -> pytest-gpu.log
+#      a GPU test that was skipped did not check anything: a skip counts as a failed step
+#   4. the kernel table: fused vs eager, and bandwidth as a fraction of the device's HBM peak
 #                                                                     -> bench_kernels.log, bench_kernels_cuda.json
-#   4. llama-1.3b, bf16, 20 steps on this GPU: tokens/s and MFU      -> llama-1.3b.log, llama-1.3b/metrics.jsonl
+#   5. llama-1.3b, bf16, 20 steps on this GPU: tokens/s and MFU      -> llama-1.3b.log, llama-1.3b/metrics.jsonl
 #
 #   bash bench/gpu.sh [RESULTS_DIR]      (default: bench/results/gpu-<date>)
 #
-# Needs a CUDA torch; step 4 also needs deepspeed (pip install deepspeed, or the wheels carried to the machine).
+# Needs a CUDA torch; step 5 also needs deepspeed (pip install deepspeed, or the wheels carried to the machine).
 # On a machine without a CUDA device it prints one line and exits with status 2. Each step has its own time limit;
 # a step that fails is recorded in summary.txt and the next one still runs; the exit status is the number of failed
 # steps.
@@ -41,7 +44,15 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT/
 export MEGATRAIN_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 step build 240 "$PY" setup.py build_ext --inplace
-step pytest-gpu 90 "$PY" -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
+step kernels-check 120 "$PY" -m megatrain.kernels --check --require-cuda
+step pytest-gpu 90 "$PY" -m pytest -m gpu tests/test_kernels.py -q -rs -p no:cacheprovider
+# -rs lists the skips as "SKIPPED [count] file:line: reason"; sum the counts
+skipped=$(awk '/^SKIPPED \[[0-9]+\]/ { n += substr($2, 2, length($2) - 2) } END { print n + 0 }' "$OUT/pytest-gpu.log")
+if [ "$skipped" -ne 0 ]; then
+  failed=$((failed + 1))
+  printf '%-16s %-24s %s\n' "pytest-gpu" "FAILED ($skipped skipped)" "a skipped GPU test checked nothing: see $OUT/pytest-gpu.log" \
+    | tee -a "$SUMMARY"
+fi
 step bench_kernels 120 "$PY" bench/bench_kernels.py --device cuda --out "$OUT/bench_kernels_cuda.json"
 # 20 optimizer steps of 8 x 2048 tokens on the built-in corpus (its tokenizer and data are built first, once, on the
 # CPU); ZeRO-0 on one GPU, no evaluation or checkpoint: the log lines every 5 steps carry tokens/s and MFU

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from megatrain.config import ModelConfig, ffn_width, kv_heads
 from megatrain.kernels import ops, reference
+from megatrain.kernels.reference import rope_tables
 
 IGNORE_INDEX = -100
 
@@ -55,15 +56,6 @@ def build_norm(cfg: ModelConfig, fused: bool = False) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps, fused)
     return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias, fused)
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [max_len, head_dim] for the rotate-half convention."""
-    # always computed on the CPU (also inside a meta-device build: the tables are a function of the config)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
 
 
 def fused_kernels_enabled(setting: str) -> bool:

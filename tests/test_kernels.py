@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatrain import kernels
-from megatrain.kernels import ops, reference
+from megatrain.kernels import ops, reference, selfcheck
 
 pytestmark = pytest.mark.skipif(not kernels.built(), reason="megatrain._C not built: fused kernels fall back to the reference")
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA kernel parity runs on a GPU machine")
@@ -221,10 +221,12 @@ def test_training_losses_equal_with_fused_kernels_on_and_off(tmp_path):
 def test_check_cli_and_reference_fallback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "cpu: implementation cpu" in r.stdout and r.stdout.count("parity ok") == 7
+    assert "cpu: implementation cpu" in r.stdout
+    assert r.stdout.count("parity ok") == len(ops.SELF_CHECKS) * len(kernels.FUSED_DTYPES["cpu"])  # every op and dtype
     env = {**os.environ, "MEGATRAIN_DISABLE_KERNELS": "1"}
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "implementation reference (" in r.stdout and "MEGATRAIN_DISABLE_KERNELS" in r.stdout
+    assert "nothing to check on cpu" in r.stdout
     code = ("import torch; from megatrain.config import ModelConfig; from megatrain.model import Transformer; "
             "m = Transformer(ModelConfig(vocab_size=50, fused_kernels='auto')); x = torch.randint(0, 50, (2, 9)); "
             "l = m(x[:, :-1], x[:, 1:]); l.backward(); print('trained', m.fused, round(l.item(), 3))")
@@ -239,6 +241,156 @@ def test_check_cli_and_reference_fallback(tmp_path):
     assert not out.exists()  # nothing left behind
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         "megatrain pretrain: error: config key model.fused_kernels: 'on', but megatrain's extension is not built"), r.stderr
+
+
+# -- the self-check on first use (selfcheck.py), on the CPU kernels with one made wrong on purpose -------------------
+
+
+class _Faulty:
+    """torch.ops.megatrain with the kernel `name` replaced by `fault` (a wrong answer, or an exception)."""
+
+    def __init__(self, name, fault):
+        self.name, self.fault = name, fault
+
+    def __getattr__(self, attr):
+        return self.fault if attr == self.name else getattr(torch.ops.megatrain, attr)
+
+
+def _break(monkeypatch, name, fault):
+    monkeypatch.setattr(ops, "_ops", lambda: _Faulty(name, fault))
+
+
+@pytest.fixture
+def selfcheck_on(monkeypatch):
+    """The self-check as it runs on a GPU, here on the CPU kernels; verdicts forgotten before and after."""
+    monkeypatch.setenv("MEGATRAIN_KERNEL_SELFCHECK", "1")
+    selfcheck.reset()
+    yield
+    selfcheck.reset()
+
+
+def _loss_and_grads(fused_kernels):
+    """A tiny Llama-style model (RMSNorm, RoPE, SwiGLU, the chunked LM-head loss): its loss and gradients."""
+    from megatrain.config import ModelConfig
+    from megatrain.model import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, n_layers=2, n_heads=2, d_model=32, max_seq_len=16,
+                                fused_kernels=fused_kernels))
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in m.parameters()]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_selfcheck_turns_off_a_kernel_that_gives_a_wrong_answer(selfcheck_on, monkeypatch, capsys):
+    _break(monkeypatch, "swiglu_fwd", lambda gate_up: torch.ops.megatrain.swiglu_fwd(gate_up) * 1.1)
+    reference_run = _loss_and_grads("off")
+    monkeypatch.delenv("MEGATRAIN_KERNEL_SELFCHECK")  # unchecked (the CPU default), the fault reaches the gradients
+    with pytest.raises(AssertionError):
+        _assert_same(_loss_and_grads("on"), reference_run)
+    monkeypatch.setenv("MEGATRAIN_KERNEL_SELFCHECK", "1")
+    selfcheck.reset()
+    capsys.readouterr()
+    _assert_same(_loss_and_grads("on"), reference_run)  # checked: swiglu runs the reference, the rest stays fused
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatrain: fused kernel swiglu on cpu float32 disagrees with the "
+                                                   "reference (max error "), lines
+    cpu = torch.device("cpu")
+    assert selfcheck.verdicts() == {(op, cpu, torch.float32): op != "swiglu"
+                                    for op in ("rms_norm", "rope", "swiglu", "linear_cross_entropy")}
+    _loss_and_grads("on")  # the verdict is kept: no second check, no second line
+    assert capsys.readouterr().err == ""
+
+
+def test_selfcheck_turns_off_a_kernel_that_raises(selfcheck_on, monkeypatch, capsys):
+    def fault(*args):
+        raise RuntimeError("injected fault\nsecond line")
+
+    _break(monkeypatch, "rms_norm_bwd", fault)  # the forward is right: only the backward fails
+    _assert_same(_loss_and_grads("on"), _loss_and_grads("off"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["megatrain: fused kernel rms_norm on cpu float32 raised RuntimeError: injected fault; using "
+                     "the PyTorch reference for it in this process"]
+    assert [op for (op, _, _), ok in selfcheck.verdicts().items() if not ok] == ["rms_norm"]
+
+
+def test_selfcheck_stays_out_of_the_callers_graph_and_random_streams(selfcheck_on):
+    """The check runs inside the caller's forward: it must add nothing to the caller's graph or saved-tensor hooks,
+    work under no_grad, and draw nothing from the global generator (a recomputed forward must replay it)."""
+    packed = []
+    x = torch.randn(4, 2 * 37, requires_grad=True)
+    state = torch.get_rng_state()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = ops.swiglu(x)  # first use: checked here
+    assert ("swiglu", torch.device("cpu"), torch.float32) in selfcheck.verdicts()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(packed) == 1  # only swiglu's own saved input
+    y.sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    reference.swiglu(ref).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    with torch.no_grad():
+        assert not ops.rms_norm(torch.randn(3, 8), torch.ones(8), 1e-5).requires_grad  # first use under no_grad
+    assert selfcheck.verdicts()[("rms_norm", torch.device("cpu"), torch.float32)]
+
+
+def test_check_cli_fails_on_a_wrong_kernel(monkeypatch, capsys):
+    from megatrain.kernels import __main__ as cli
+
+    _break(monkeypatch, "ce_grad", lambda *a: torch.ops.megatrain.ce_grad(*a) * 0.5)
+    assert cli.main(["--check"]) == 1
+    failed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "parity FAILED" in line]
+    assert failed == ["cross_entropy", "linear_cross_entropy"] * len(kernels.FUSED_DTYPES["cpu"])
+
+
+def test_check_cli_fails_when_the_extension_is_built_but_does_not_load():
+    """An extension that fails to import (built against another torch, say) is a failure, not 'nothing to check'."""
+    code = ("import sys, runpy\n"
+            "class Broken:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'megatrain._C':\n"
+            "            raise ImportError('_C.so: undefined symbol: _ZN3c10')\n"
+            "sys.meta_path.insert(0, Broken())\n"
+            "sys.argv = ['megatrain.kernels', '--check']\n"
+            "runpy.run_module('megatrain.kernels', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout.startswith("megatrain._C is built but does not load: _C.so: undefined "
+                                                     "symbol"), (r.stdout, r.stderr)
+
+
+def _selfcheck_agreed_across_ranks(rank, world):
+    """Rank 1's cross-entropy kernel is wrong: both ranks must take the reference vocab-parallel path (their
+    collectives differ from the fused path's), and get the reference's loss and gradients."""
+    import torch.distributed as dist
+
+    os.environ["MEGATRAIN_KERNEL_SELFCHECK"] = "1"
+    if rank == 1:
+        ops._ops = lambda: _Faulty("ce_stats", lambda *a: [t * 1.1 for t in torch.ops.megatrain.ce_stats(*a)])
+    g = dist.new_group(list(range(world)))
+    torch.manual_seed(0)
+    logits, labels = torch.randn(11, 64) * 3, torch.randint(0, 64, (11,))
+    shard = logits.chunk(world, -1)[rank].clone().requires_grad_()
+    loss = ops.cross_entropy(shard, labels, group=g)
+    assert selfcheck.verdicts() == {("cross_entropy", torch.device("cpu"), torch.float32): False}
+    full = logits.clone().requires_grad_()
+    ref = reference.cross_entropy(full, labels)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(shard.grad, full.grad.chunk(world, -1)[rank])
+
+
+@pytest.mark.slow
+def test_selfcheck_verdict_is_agreed_across_a_tensor_parallel_group():
+    from distributed import run_distributed
+
+    run_distributed(_selfcheck_agreed_across_ranks, 2, timeout=120)
 
 
 @GPU

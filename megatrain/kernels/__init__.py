@@ -3,7 +3,9 @@ and a chunked LM-head + cross-entropy.
 
 `megatrain._C` (built from csrc/ by setup.py) registers the ops under torch.ops.megatrain with a CPU and,
 when built with CUDA, a CUDA implementation. If it is missing, every op falls back to reference.py with
-a one-line notice. `python -m megatrain.kernels --check` says which implementation each op uses and why.
+a one-line notice. Each op's kernels are checked against the reference the first time a process uses them on a
+GPU (selfcheck.py). `python -m megatrain.kernels --check` says which implementation each op uses and why, and
+checks every kernel against the reference.
 """
 from __future__ import annotations
 
@@ -14,13 +16,16 @@ import sys
 import torch
 
 _LOAD_ERROR: str | None = None
-if os.environ.get("MEGATRAIN_DISABLE_KERNELS", "") not in ("", "0"):
+_DISABLED = os.environ.get("MEGATRAIN_DISABLE_KERNELS", "") not in ("", "0")
+_ABSENT = False  # no megatrain._C at all (never built), as opposed to one that fails to load
+if _DISABLED:
     _LOAD_ERROR = "disabled by MEGATRAIN_DISABLE_KERNELS"
 else:
     try:
         import megatrain._C  # noqa: F401  (registers torch.ops.megatrain.*)
     except ImportError as e:  # not built (MEGATRAIN_BUILD_KERNELS=0, or an isolated pip build without torch)
         _LOAD_ERROR = str(e).splitlines()[0]
+        _ABSENT = isinstance(e, ModuleNotFoundError) and e.name == "megatrain._C"
 
 _NOTICE_SHOWN = False
 FUSED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float64),
@@ -34,6 +39,11 @@ def built() -> bool:
 def load_error() -> str | None:
     """Why megatrain._C did not load (None when it did)."""
     return None if _LOAD_ERROR is None else str(_LOAD_ERROR)
+
+
+def broken() -> bool:
+    """megatrain._C is there but does not load (built against another torch, a library missing)."""
+    return _LOAD_ERROR is not None and not _DISABLED and not _ABSENT
 
 
 def cuda_built() -> bool:

@@ -1,13 +1,15 @@
 """Autograd wrappers around torch.ops.megatrain, each with the reference as its fallback.
 
-Every public function takes the same arguments as its twin in reference.py and returns the same thing.
+Every public function takes the same arguments as its twin in reference.py and returns the same thing. An op
+runs its kernels only where the extension has them for the tensor's device and dtype and they passed the
+self-check on first use (selfcheck.py, with the cases at the end of this file).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from megatrain.kernels import reference, use_fused
+from megatrain.kernels import reference, selfcheck, use_fused
 
 IGNORE_INDEX = -100
 
@@ -18,6 +20,12 @@ def _ops():
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _fused(op: str, x: torch.Tensor, group=None) -> bool:
+    """Whether `op` runs its kernels on x: the extension has them for x's device and dtype, and they agreed with
+    the reference the first time this process used them there."""
+    return use_fused(x) and selfcheck.passed(op, SELF_CHECKS[op], x.device, x.dtype, group)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -87,27 +95,29 @@ class _BiasGelu(torch.autograd.Function):
 
 
 def rms_norm(x, weight, eps: float):
-    return _RMSNorm.apply(x, weight, eps) if use_fused(x) else reference.rms_norm(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps) if _fused("rms_norm", x) else reference.rms_norm(x, weight, eps)
 
 
 def layer_norm(x, weight, bias, eps: float):
-    return _LayerNorm.apply(x, weight, bias, eps) if use_fused(x) else reference.layer_norm(x, weight, bias, eps)
+    if _fused("layer_norm", x):
+        return _LayerNorm.apply(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
 
 
 def rope(x, cos, sin):
     """x [B, T, H, D] (last dim contiguous, e.g. a view of the fused QKV output) -> contiguous [B, T, H, D].
     cos/sin [T, D], or [B, T, D] for positions that differ by row (packed examples: the reference path)."""
-    if not use_fused(x) or x.stride(-1) != 1 or cos.dim() == 3:
+    if x.stride(-1) != 1 or cos.dim() == 3 or not _fused("rope", x):
         return reference.rope(x, cos, sin)
     return _Rope.apply(x, cos[: x.shape[1]], sin[: x.shape[1]])
 
 
 def swiglu(gate_up):
-    return _SwiGLU.apply(gate_up) if use_fused(gate_up) else reference.swiglu(gate_up)
+    return _SwiGLU.apply(gate_up) if _fused("swiglu", gate_up) else reference.swiglu(gate_up)
 
 
 def bias_gelu(x, bias):
-    return _BiasGelu.apply(x, bias) if use_fused(x) else reference.bias_gelu(x, bias)
+    return _BiasGelu.apply(x, bias) if _fused("bias_gelu", x) else reference.bias_gelu(x, bias)
 
 
 # -- softmax cross-entropy: statistics forward, gradient written over the logits backward --------------
@@ -168,11 +178,9 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, label_smooth
     rows = _rows(logits)
     if group is not None or use_fused(logits):  # the plain cross-entropy checks its labels itself
         _check_labels(labels, logits.shape[-1] * (dist.get_world_size(group) if group is not None else 1), ignore_index)
-    if not use_fused(logits) or not rows.is_contiguous():
+    if not rows.is_contiguous() or not _fused("cross_entropy", logits, group):
         if group is not None and dist.get_world_size(group) > 1:
-            from megatrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
-
-            return vocab_parallel_cross_entropy(logits, labels, group, ignore_index)
+            return reference.vocab_parallel_cross_entropy(logits, labels, group, ignore_index)
         return reference.cross_entropy(logits, labels, ignore_index, label_smoothing)
     return _CrossEntropy.apply(rows, labels.reshape(-1), ignore_index, label_smoothing, group, inplace_backward)
 
@@ -220,7 +228,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
                          chunk: int = 1024):
     """Cross-entropy of hidden @ weight.T against labels without materialising the full logits."""
-    if not use_fused(hidden):
+    if not _fused("linear_cross_entropy", hidden):
         return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, label_smoothing)
     _check_labels(labels, weight.shape[0], ignore_index)
     return _LinearCrossEntropy.apply(_rows(hidden), weight, labels.reshape(-1), ignore_index, label_smoothing, chunk)
+
+
+# -- the self-check's cases (selfcheck.py): tiny inputs of odd widths, the kernels called directly ------------------
+
+_T, _D, _V = 7, 37, 301  # rows, features, vocabulary: small, and not multiples of any block size
+
+
+def _rope_case(draw):
+    cos, sin = (t.to(draw.device, draw.dtype) for t in reference.rope_tables(10, _T, 10000.0))
+    return _Rope.apply, reference.rope, (draw.floats(2, _T, 3, 10), cos, sin)
+
+
+SELF_CHECKS = {  # op -> draw -> (fused fn, reference fn, inputs)
+    "rms_norm": lambda d: (_RMSNorm.apply, reference.rms_norm, (d.floats(3, _T, _D), d.floats(_D), 1e-5)),
+    "layer_norm": lambda d: (_LayerNorm.apply, reference.layer_norm,
+                             (d.floats(3, _T, _D), d.floats(_D), d.floats(_D), 1e-5)),
+    "rope": _rope_case,
+    "swiglu": lambda d: (_SwiGLU.apply, reference.swiglu, (d.floats(3, _T, 2 * _D),)),
+    "bias_gelu": lambda d: (_BiasGelu.apply, reference.bias_gelu, (d.floats(3, _T, _D), d.floats(_D))),
+    "cross_entropy": lambda d: (lambda x, y: _CrossEntropy.apply(x, y, IGNORE_INDEX, 0.1, None, False),
+                                lambda x, y: reference.cross_entropy(x, y, IGNORE_INDEX, 0.1),
+                                (d.floats(3 * _T, _V, scale=3.0), d.labels(3 * _T, _V))),
+    "linear_cross_entropy": lambda d: (lambda h, w, y: _LinearCrossEntropy.apply(h, w, y, IGNORE_INDEX, 0.1, 8),
+                                       lambda h, w, y: reference.linear_cross_entropy(h, w, y, IGNORE_INDEX, 0.1),
+                                       (d.floats(3 * _T, _D), d.floats(_V, _D, scale=0.2), d.labels(3 * _T, _V))),
+}

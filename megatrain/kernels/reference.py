@@ -1,7 +1,12 @@
-"""The plain PyTorch version of every fused op: the fallback, and what the kernels are tested against."""
+"""The plain PyTorch version of every fused op: the fallback, and what the kernels are tested against.
+
+Also the rules both sides share: the RoPE tables (the model builds them, rope takes them) and the cross-entropy
+over logits split along the vocabulary (the tensor-parallel loss; ops.cross_entropy falls back to it).
+"""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -14,6 +19,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [max_len, head_dim] for the rotate-half convention."""
+    # always computed on the CPU (also inside a meta-device build: the tables are a function of the config)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -47,3 +61,46 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0) -> torch.Tensor:
     """The LM head and the loss, with the full [tokens, vocab] logits in memory."""
     return cross_entropy(hidden @ weight.t(), labels, ignore_index, label_smoothing)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split along the vocabulary, without gathering them: three all-reduces
+    of [tokens]-sized tensors (max, sum of exp, target logit). Backward: softmax - one_hot, locally."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, ignore_index):
+        logits = logits.float()
+        v_local = logits.shape[-1]
+        start = dist.get_rank(group) * v_local
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        local = labels - start
+        valid = labels != ignore_index
+        mine = (local >= 0) & (local < v_local) & valid
+        target = torch.zeros_like(row_max)
+        idx = local.clamp(0, v_local - 1)
+        target[mine] = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1)[mine]
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack([sum_exp, target])
+        dist.all_reduce(both, group=group)
+        sum_exp, target = both[0], both[1]
+        loss = (sum_exp.log() - target) * valid
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(exp, sum_exp, idx, mine, valid)
+        ctx.count = count
+        return loss.sum() / count
+
+    @staticmethod
+    def backward(ctx, g):
+        exp, sum_exp, idx, mine, valid = ctx.saved_tensors
+        grad = exp / sum_exp.unsqueeze(-1)  # softmax, this rank's slice of the vocabulary
+        grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
+        grad *= (valid.to(grad.dtype) * (g / ctx.count)).unsqueeze(-1)
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, labels, group, ignore_index: int = -100):
+    """Mean cross-entropy of [..., V/tp] logit shards against global labels."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, group, ignore_index)

@@ -15,6 +15,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the vocab-parallel loss is the reference of the fused one (kernels/ops.py falls back to it): it lives with it
+from megatrain.kernels.reference import vocab_parallel_cross_entropy  # noqa: F401
+
 # -- collectives (gloo lacks reduce_scatter: fall back to all_reduce + slice) --------------------------
 
 
@@ -229,46 +232,3 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_scatter_seq(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over logits split along the vocabulary, without gathering them: three all-reduces
-    of [tokens]-sized tensors (max, sum of exp, target logit). Backward: softmax - one_hot, locally."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, group, ignore_index):
-        logits = logits.float()
-        v_local = logits.shape[-1]
-        start = dist.get_rank(group) * v_local
-        row_max = logits.max(dim=-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max.unsqueeze(-1)
-        local = labels - start
-        valid = labels != ignore_index
-        mine = (local >= 0) & (local < v_local) & valid
-        target = torch.zeros_like(row_max)
-        idx = local.clamp(0, v_local - 1)
-        target[mine] = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1)[mine]
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        both = torch.stack([sum_exp, target])
-        dist.all_reduce(both, group=group)
-        sum_exp, target = both[0], both[1]
-        loss = (sum_exp.log() - target) * valid
-        count = valid.sum().clamp(min=1)
-        ctx.save_for_backward(exp, sum_exp, idx, mine, valid)
-        ctx.count = count
-        return loss.sum() / count
-
-    @staticmethod
-    def backward(ctx, g):
-        exp, sum_exp, idx, mine, valid = ctx.saved_tensors
-        grad = exp / sum_exp.unsqueeze(-1)  # softmax, this rank's slice of the vocabulary
-        grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
-        grad *= (valid.to(grad.dtype) * (g / ctx.count)).unsqueeze(-1)
-        return grad, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits, labels, group, ignore_index: int = -100):
-    """Mean cross-entropy of [..., V/tp] logit shards against global labels."""
-    return _VocabParallelCrossEntropy.apply(logits, labels, group, ignore_index)
