@@ -20,7 +20,7 @@ import sys
 import torch
 
 from megatrain.config import Config, ConfigError, load_config
-from megatrain.training.runtime import log0
+from megatrain.training.dist_env import log0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

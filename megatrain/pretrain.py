@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import build_gpt_datasets, build_tokenizer
 from megatrain.fileio import read_json
-from megatrain.training.runtime import log0
+from megatrain.training.dist_env import log0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,7 @@ def test_the_flop_count_is_what_autograd_computes_with_frozen_weights(frozen, mo
 
 
 def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tmp_path, monkeypatch):
+    from megatrain.hostinfo import cpu_cores
     from megatrain.training import metrics
 
     monkeypatch.setenv("MEGATRAIN_CACHE", str(tmp_path))
@@ -70,7 +71,7 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tm
     assert torch.get_num_threads() == threads  # measured on every core, then put back
     table = json.load(open(tmp_path / "cpu-peak.json"))
     (key, entry), = table.items()
-    assert f"{metrics.cpu_cores()} cores" in key and "torch" in key
+    assert f"{cpu_cores()} cores" in key and "torch" in key
     assert entry["tflops"] == pytest.approx(peak, rel=1e-3)
     assert {"measured", "load_average_1min", "how"} <= set(entry) and "2048 x 2048" in entry["how"]
     again, where = metrics.cpu_node_peak_tflops()  # the next run reads it: no second measurement
@@ -78,14 +79,14 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tm
     (tmp_path / "cpu-peak.json").write_text("{not json")  # a damaged cache is measured again and rewritten
     metrics.cpu_node_peak_tflops()
     assert measured == [1, 1] and list(json.load(open(tmp_path / "cpu-peak.json"))) == [key]
-    busy = {key: dict(entry, load_average_1min=metrics.cpu_cores() * 4.0)}  # measured while other work ran: say so
+    busy = {key: dict(entry, load_average_1min=cpu_cores() * 4.0)}  # measured while other work ran: say so
     (tmp_path / "cpu-peak.json").write_text(json.dumps(busy))
     assert "the machine was busy then" in metrics.cpu_node_peak_tflops()[1] and measured == [1, 1]
 
 
 def test_ranks_sharing_a_node_split_its_cores_unless_omp_num_threads_says(monkeypatch):
+    from megatrain.hostinfo import cpu_cores
     from megatrain.training.dist_env import share_cpu_cores
-    from megatrain.training.metrics import cpu_cores
 
     threads = torch.get_num_threads()
     try:

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 
 from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
+from megatrain.hostinfo import cpu_cores, cpu_model
+from megatrain.training.dist_env import log0
 
 # Dense peak TFLOP/s per GPU (vendors' data sheets, SXM parts unless named, no sparsity), for MFU when
 # logging.peak_tflops is 0, by what the matmuls run in: bf16/fp16 on tensor cores; an fp32 run's matmuls as TF32 when
@@ -105,8 +107,6 @@ class Throughput:
     def of(cls, run, task, seq_len: int, model=None) -> "Throughput":
         """The run's FLOP counts (less what `model`'s frozen parameters spare) and MFU peak, and a line saying what
         they are (a collective on CPU: see peak_tflops)."""
-        from megatrain.training.runtime import log0
-
         m = run.cfg.model
         peak, where = peak_tflops(run.cfg, run.precision, run.ranks_on_node)
         counts, changes = [], []
@@ -139,26 +139,6 @@ def measured_matmul_tflops(n: int = 2048, trials: int = 5, repeat: int = 3) -> f
     return best
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on (a Slurm or taskset cpuset, not the whole machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def cpu_node_peak_tflops() -> tuple[float, str]:
     """The node's fp32 torch.mm rate on all its cores, measured once per machine and cached in
     $MEGATRAIN_CACHE/cpu-peak.json (~/.cache/megatrain) with the conditions it was measured under; delete the file to
@@ -169,7 +149,7 @@ def cpu_node_peak_tflops() -> tuple[float, str]:
 
     cores = cpu_cores()
     path = os.path.join(cache_dir(), "cpu-peak.json")
-    key = f"{_cpu_model()} | {cores} cores | torch {torch.__version__.split('+')[0]}"
+    key = f"{cpu_model()} | {cores} cores | torch {torch.__version__.split('+')[0]}"
     table = {}
     try:
         with open(path) as f:

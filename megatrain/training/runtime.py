@@ -18,12 +18,7 @@ import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, padded_vocab_size, validate_world
 from megatrain.parallel.topology import Layout
-
-
-def log0(*args) -> None:
-    """Print on rank 0 only (or in a process with no process group)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
+from megatrain.training.dist_env import discover, init_distributed, log0, share_cpu_cores
 
 
 @dataclass
@@ -52,7 +47,6 @@ class Run:
         """Check the layout before any process group exists (one line for every impossible one), then start
         torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it)."""
         from megatrain.parallel.topology import build_grid, check_layout
-        from megatrain.training.dist_env import discover, init_distributed, share_cpu_cores
         from megatrain.training.engine import resolve_precision
 
         me = discover()
