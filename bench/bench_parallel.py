@@ -152,8 +152,9 @@ def startup_worker(args) -> None:
     from megatrain.model import Transformer
     from megatrain.parallel.parallelize import build_on_meta, parallelize
     from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.parameters import numel
     from megatrain.training.dist_env import init_distributed
-    from megatrain.training.engine import build_engine, numel
+    from megatrain.training.engine import build_engine
 
     sets = json.loads(args.sets)
     way = sets.pop("way")

@@ -33,7 +33,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from megatrain.config import ModelConfig, ffn_width  # noqa: E402
 from megatrain.fileio import write_atomic  # noqa: E402
-from megatrain.training.metrics import measured_matmul_tflops, train_flops_per_token  # noqa: E402
+from megatrain.flops import train_flops_per_token  # noqa: E402
+from megatrain.training.throughput import measured_matmul_tflops  # noqa: E402
 
 
 def ds_config(micro: int) -> dict:

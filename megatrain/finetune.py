@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict:
     from megatrain.heads import build_model, new_part_value
     from megatrain.tasks import finetune_task
     from megatrain.training.loop import train
-    from megatrain.training.metrics import Throughput
+    from megatrain.training.throughput import Throughput
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
     check(cfg)

@@ -72,7 +72,7 @@ def setup_data(cfg: Config):
 def run(cfg: Config) -> dict:
     from megatrain.parallel.parallelize import build_on_meta
     from megatrain.training.loop import train
-    from megatrain.training.metrics import Throughput
+    from megatrain.training.throughput import Throughput
     from megatrain.tasks import pretraining_task
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 

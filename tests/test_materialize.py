@@ -129,8 +129,8 @@ def _zero3_start_up(rank, world, results):
     from megatrain.model import Transformer
     from megatrain.parallel.parallelize import build_on_meta, parallelize
     from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.parameters import numel
     from megatrain.planning.memory import startup_host_bytes
-    from megatrain.training.engine import numel
 
     def config(precision="fp32", **model):
         sets = ["parallel.zero_stage=3", "train.micro_batch_size=1", "train.global_batch_size=2", "train.seed=5",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from megatrain.config import Config, ConfigError, shipped_dir, validate_world
+from megatrain.parameters import ndim, numel
 
 
 def find_shipped(folder: str, name: str) -> Path:
@@ -81,20 +82,10 @@ def decay_groups(named: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
     """Indices of (name, ndim) pairs that get weight decay (matrices) and that don't (norms, biases, embeddings).
     The optimizer holds its parameters in this order, so checkpoint readers use the same rule."""
     decay, no_decay = [], []
-    for i, (name, ndim) in enumerate(named):
+    for i, (name, dims) in enumerate(named):
         is_embedding = name.endswith(("embed.weight", "pos_embed.weight"))
-        (decay if ndim >= 2 and not is_embedding else no_decay).append(i)
+        (decay if dims >= 2 and not is_embedding else no_decay).append(i)
     return decay, no_decay
-
-
-def numel(p: torch.nn.Parameter) -> int:
-    """A parameter's full element count, also once ZeRO-3 has partitioned it (its .numel() is then 0)."""
-    return getattr(p, "ds_numel", None) or p.numel()
-
-
-def ndim(p: torch.nn.Parameter) -> int:
-    """A parameter's full number of dimensions, also once ZeRO-3 has partitioned it (its data is then 1-D, empty)."""
-    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

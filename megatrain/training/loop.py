@@ -22,7 +22,8 @@ from megatrain.fileio import write_atomic
 from megatrain.tasks import Batch, Task
 from megatrain.tasks.base import is_pipeline, micro_batch_ids
 from megatrain.training.engine import grad_norm, rank_mean
-from megatrain.training.metrics import MetricsLogger, Throughput
+from megatrain.training.metrics import MetricsLogger
+from megatrain.training.throughput import Throughput
 from megatrain.training.runtime import Run, TrainState
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, padded_vocab_size, validate_world
+from megatrain.parameters import numel
 from megatrain.parallel.topology import Layout
 from megatrain.training.dist_env import discover, init_distributed, log0, share_cpu_cores
 
@@ -100,7 +101,7 @@ class Run:
         counts in the rank's resident memory while they stay open)."""
         from megatrain.checkpoint.io import harden
         from megatrain.parallel.parallelize import parallelize
-        from megatrain.training.engine import build_engine, numel
+        from megatrain.training.engine import build_engine
 
         module = parallelize(model, self.cfg, self.layout, self.grid, weights)
         if release is not None:
