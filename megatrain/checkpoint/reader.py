@@ -34,6 +34,7 @@ from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
+from megatrain.parameters import decay_groups  # the rule that ordered the optimizer's parameters
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # what can be read: the fp32 master weights and AdamW's two moments
 CONSOLIDATED = "model.safetensors"  # the weights file of `megatrain convert consolidate` (with megatrain.json beside)
@@ -316,8 +317,6 @@ class CheckpointReader:
                     self._add(mp, name, "fp32", tp_rank, 0, t.numel(), path, t)
 
     def _index_zero0(self, mp: int, tp_rank: int, pp_rank: int) -> None:
-        from megatrain.training.engine import decay_groups  # the rule that ordered the optimizer's parameters
-
         path = self._file(f"mp_rank_{mp:02d}_model_states.pt")
         meta = _load_meta(path)
         if self._meta0 is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatrain.config import Config, ConfigError, shipped_dir, validate_world
-from megatrain.parameters import ndim, numel
+from megatrain.parameters import decay_groups, ndim, numel
 
 
 def find_shipped(folder: str, name: str) -> Path:
@@ -76,16 +76,6 @@ def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = No
         if off in zero:
             zero[off]["pin_memory"] = torch.cuda.is_available()
     return ds
-
-
-def decay_groups(named: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
-    """Indices of (name, ndim) pairs that get weight decay (matrices) and that don't (norms, biases, embeddings).
-    The optimizer holds its parameters in this order, so checkpoint readers use the same rule."""
-    decay, no_decay = [], []
-    for i, (name, dims) in enumerate(named):
-        is_embedding = name.endswith(("embed.weight", "pos_embed.weight"))
-        (decay if dims >= 2 and not is_embedding else no_decay).append(i)
-    return decay, no_decay
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -101,9 +101,9 @@ class Run:
         counts in the rank's resident memory while they stay open)."""
         from megatrain.checkpoint.io import harden
         from megatrain.parallel.parallelize import parallelize
-        from megatrain.training.engine import build_engine
+        from megatrain.training.engine import build_engine, deepspeed_config
 
-        module = parallelize(model, self.cfg, self.layout, self.grid, weights)
+        module = parallelize(model, self.cfg, self.layout, self.grid, weights, deepspeed_config(self.cfg, self.world))
         if release is not None:
             release()
         local_params = sum(numel(p) for p in module.parameters())  # the full sizes, also of ZeRO-3's partitions
