@@ -156,12 +156,7 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m megatrain.finetune` (what every launcher runs) = `megatrain finetune`."""
-    from megatrain.cli import main as cli_main
+if __name__ == "__main__":  # `python -m megatrain.finetune` (what every launcher runs) = `megatrain finetune`
+    from megatrain.cli import main
 
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["finetune", *sys.argv[1:]]))
