@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.config import ModelConfig, ffn_width, kv_heads
+from megatrain import kernels
+from megatrain.config import ConfigError, ModelConfig, ffn_width, kv_heads
 from megatrain.kernels import ops, reference
 
 IGNORE_INDEX = -100
@@ -68,13 +69,9 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def fused_kernels_enabled(setting: str) -> bool:
     """model.fused_kernels: auto (on when megatrain._C is built) | on | off."""
-    from megatrain import kernels
-
     if setting == "off":
         return False
     if setting == "on" and not kernels.built():
-        from megatrain.config import ConfigError
-
         raise ConfigError(f"config key model.fused_kernels: 'on', but megatrain's extension is not built "
                           f"({kernels.load_error()}); rebuild it (pip install -e .), or set auto (the PyTorch "
                           f"reference where it is missing) or off")

@@ -22,6 +22,7 @@ was sharded.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -33,6 +34,8 @@ import torch
 from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
+from megatrain.data.tokenizer import parse_spec
+from megatrain.heads import build_model
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
 from megatrain.parameters import decay_groups  # the rule that ordered the optimizer's parameters
 
@@ -158,10 +161,6 @@ class CheckpointReader:
 
     def _expected_params(self) -> dict[str, _Param]:
         """The model's parameters (names, full shapes) from the saved config, built on the meta device."""
-        import copy
-
-        from megatrain.heads import build_model
-
         cfg = copy.deepcopy(self.cfg)
         cfg.model.fused_kernels = "off"
         with torch.device("meta"):
@@ -441,8 +440,6 @@ class CheckpointReader:
 
 def resolve_spec(spec: str, base: str) -> str:
     """A tokenizer spec whose path is relative to `base` (a consolidated checkpoint's folder) made absolute."""
-    from megatrain.data.tokenizer import parse_spec
-
     kind, path = parse_spec(spec)
     if path is None or os.path.isabs(path):
         return spec

@@ -19,8 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megatrain.parallel.sharding import shard, split_of
+from megatrain.kernels import ops
 from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
+from megatrain.parallel.pipeline import apply_pipeline, stage_holds
+from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
+from megatrain.parallel.sharding import shard, split_of
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                 mark_tp, vocab_parallel_cross_entropy)
 
@@ -83,8 +86,6 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
             head.weight = model.embed.weight
         model.lm_head = head
         if model.fused:
-            from megatrain.kernels import ops
-
             model.loss_fn = functools.partial(ops.cross_entropy, group=group)
         else:
             model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
@@ -242,8 +243,6 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
     if any(p.is_meta for p in model.parameters()):
         keep = None
         if layout.pp > 1:
-            from megatrain.parallel.pipeline import stage_holds
-
             keep = stage_holds(cfg.model, grid.get_stage_id(), layout.pp)
         # NOTE: under ZeRO-3 each parameter is partitioned the moment it has its value, so the rank never holds the
         # whole model (deepspeed.initialize then finds every parameter already partitioned)
@@ -260,16 +259,12 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
             # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
             _sum_sequence_parallel_grads(model, tp_group)
     if layout.tp > 1:
-        from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
-
         replica = grid.get_pipe_parallel_rank() * layout.dp + grid.get_data_parallel_rank()
         apply_tp_dropout_streams(model, cfg.parallel.sequence_parallel,
                                  tp_stream_seed(cfg.train.seed, replica, grid.get_slice_parallel_rank()))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, grid, cfg.parallel.partition_activations)
     if layout.pp == 1:
         return model
-    from megatrain.parallel.pipeline import apply_pipeline
-
     return apply_pipeline(model, grid.topology(), layout.tp if cfg.parallel.sequence_parallel else 1)
 
 

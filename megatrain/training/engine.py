@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, shipped_dir, validate_world
 from megatrain.parameters import decay_groups, ndim, numel
@@ -188,8 +189,6 @@ class SkipNonFinite:
         self.share = {id(p): counted(p) / dp for g in optimizer.param_groups for p in g["params"]}
 
     def step(self, closure=None):
-        import torch.distributed as dist
-
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0)
@@ -220,8 +219,6 @@ def grad_norm(engine) -> float:
 
 def rank_mean(value: float, device) -> float:
     """Average a per-rank float over all ranks."""
-    import torch.distributed as dist
-
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
