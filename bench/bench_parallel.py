@@ -152,8 +152,9 @@ def startup_worker(args) -> None:
     from megatrain.model import Transformer
     from megatrain.parallel.parallelize import build_on_meta, parallelize
     from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.parameters import numel
     from megatrain.training.dist_env import init_distributed
-    from megatrain.training.engine import build_engine, numel
+    from megatrain.training.engine import build_engine, deepspeed_config
 
     sets = json.loads(args.sets)
     way = sets.pop("way")
@@ -168,7 +169,7 @@ def startup_worker(args) -> None:
         model = Transformer(cfg.model)
     else:
         model = build_on_meta(cfg.model)
-    module = parallelize(model, cfg, layout, grid)
+    module = parallelize(model, cfg, layout, grid, ds_config=deepspeed_config(cfg, layout.world_size))
     share = sum(numel(p) * 4 for p in module.parameters()) / 2**20  # fp32, full sizes (ZeRO-3 may have partitioned)
     if layout.tp == 1:
         share /= layout.dp  # ZeRO-3: the rank's partition

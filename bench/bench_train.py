@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from megatrain.config import ModelConfig, ffn_width  # noqa: E402
-from megatrain.training.metrics import measured_matmul_tflops, train_flops_per_token  # noqa: E402
+from megatrain.flops import train_flops_per_token  # noqa: E402
+from megatrain.training.throughput import measured_matmul_tflops  # noqa: E402
 from results_file import run_meta, write_results  # noqa: E402
 
 EVAL_DURING_RUN = 20  # validation batches of each evaluation during the timed runs (both sides)

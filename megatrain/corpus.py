@@ -16,14 +16,12 @@ from megatrain.config import ConfigError
 from megatrain.data.indexed import dataset_exists
 from megatrain.data.preprocess import preprocess
 from megatrain.data.train_tokenizer import train_tokenizer
-from megatrain.fileio import atomic_path
+from megatrain.fileio import atomic_path, cache_dir
 
 VOCAB_SIZE = 2048  # small: the tiny model's embedding stays cheap and each piece is seen often
 
 
 def cache_root() -> str:
-    from megatrain.fileio import cache_dir
-
     return os.path.join(cache_dir(), f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,8 +32,6 @@ def _parse(spec: str) -> dict[str, list[dict[str, int]]]:
 def kill_here(point: str) -> None:
     """SIGKILL this process at fault point `point` when it is injected (no cleanup runs, as with kill -9)."""
     if os.environ.get("MEGATRAIN_FAULTS") and fires(point):
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -41,7 +40,7 @@ def fires(point: str, step: int | None = None) -> bool:
     spec = os.environ.get("MEGATRAIN_FAULTS")
     if not spec:
         return False
-    import torch.distributed as dist
+    import torch.distributed as dist  # only with faults injected: preprocess imports this module, and never torch
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     return any(c.get("step", step) == step and c.get("rank", rank) == rank for c in _parse(spec).get(point, []))

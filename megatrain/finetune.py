@@ -20,7 +20,7 @@ import sys
 import torch
 
 from megatrain.config import Config, ConfigError, load_config
-from megatrain.training.runtime import log0
+from megatrain.training.dist_env import log0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict:
     from megatrain.heads import build_model, new_part_value
     from megatrain.tasks import finetune_task
     from megatrain.training.loop import train
-    from megatrain.training.metrics import Throughput
+    from megatrain.training.throughput import Throughput
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
     check(cfg)
@@ -156,12 +156,7 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m megatrain.finetune` (what every launcher runs) = `megatrain finetune`."""
-    from megatrain.cli import main as cli_main
+if __name__ == "__main__":  # `python -m megatrain.finetune` (what every launcher runs) = `megatrain finetune`
+    from megatrain.cli import main
 
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["finetune", *sys.argv[1:]]))

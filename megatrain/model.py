@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.config import ModelConfig, ffn_width, kv_heads
+from megatrain import kernels
+from megatrain.config import ConfigError, ModelConfig, ffn_width, kv_heads
 from megatrain.kernels import ops, reference
 from megatrain.kernels.reference import rope_tables
 
@@ -60,13 +61,9 @@ def build_norm(cfg: ModelConfig, fused: bool = False) -> nn.Module:
 
 def fused_kernels_enabled(setting: str) -> bool:
     """model.fused_kernels: auto (on when megatrain._C is built) | on | off."""
-    from megatrain import kernels
-
     if setting == "off":
         return False
     if setting == "on" and not kernels.built():
-        from megatrain.config import ConfigError
-
         raise ConfigError(f"config key model.fused_kernels: 'on', but megatrain's extension is not built "
                           f"({kernels.load_error()}); rebuild it (pip install -e .), or set auto (the PyTorch "
                           f"reference where it is missing) or off")

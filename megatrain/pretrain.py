@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import build_gpt_datasets, build_tokenizer
 from megatrain.fileio import read_json
-from megatrain.training.runtime import log0
+from megatrain.training.dist_env import log0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def setup_data(cfg: Config):
 def run(cfg: Config) -> dict:
     from megatrain.parallel.parallelize import build_on_meta
     from megatrain.training.loop import train
-    from megatrain.training.metrics import Throughput
+    from megatrain.training.throughput import Throughput
     from megatrain.tasks import pretraining_task
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
@@ -135,12 +135,7 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m megatrain.pretrain` (what every launcher runs) = `megatrain pretrain`."""
-    from megatrain.cli import main as cli_main
+if __name__ == "__main__":  # `python -m megatrain.pretrain` (what every launcher runs) = `megatrain pretrain`
+    from megatrain.cli import main
 
-    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["pretrain", *sys.argv[1:]]))

@@ -129,8 +129,9 @@ def _zero3_start_up(rank, world, results):
     from megatrain.model import Transformer
     from megatrain.parallel.parallelize import build_on_meta, parallelize
     from megatrain.parallel.topology import build_grid, check_layout
+    from megatrain.parameters import numel
     from megatrain.planning.memory import startup_host_bytes
-    from megatrain.training.engine import numel
+    from megatrain.training.engine import deepspeed_config
 
     def config(precision="fp32", **model):
         sets = ["parallel.zero_stage=3", "train.micro_batch_size=1", "train.global_batch_size=2", "train.seed=5",
@@ -142,7 +143,8 @@ def _zero3_start_up(rank, world, results):
         small = config(precision, vocab_size=256)
         layout = check_layout(small, world)
         grid = build_grid(layout)
-        model = parallelize(build_on_meta(small.model), small, layout, grid)
+        ds_config = deepspeed_config(small, world)
+        model = parallelize(build_on_meta(small.model), small, layout, grid, ds_config=ds_config)
         assert all(hasattr(p, "ds_id") and p.ds_tensor.numel() < numel(p) for p in model.parameters())
         assert all(p.ds_tensor.dtype == dtype for p in model.parameters())  # as deepspeed.initialize would cast them
         torch.manual_seed(5)
@@ -153,7 +155,7 @@ def _zero3_start_up(rank, world, results):
 
     big = config(vocab_size=8192, n_layers=8, n_heads=16, n_kv_heads=16, d_model=1024)
     before = _status_mib("VmRSS")
-    model = parallelize(build_on_meta(big.model), big, layout, grid)
+    model = parallelize(build_on_meta(big.model), big, layout, grid, ds_config=deepspeed_config(big, world))
     peak = _status_mib("VmHWM")
     share = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters()) / 2**20
     largest = max(p.numel() for p in build_on_meta(big.model).parameters()) * 4 / 2**20

@@ -6,7 +6,7 @@ import torch
 
 from megatrain.config import ModelConfig
 from megatrain.model import IGNORE_INDEX, KVCache, Transformer, mlm_mask
-from megatrain.training.metrics import forward_flops_per_token, train_flops_per_token
+from megatrain.flops import forward_flops_per_token, train_flops_per_token
 
 VARIANTS = {
     "llama": dict(),

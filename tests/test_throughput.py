@@ -14,7 +14,7 @@ def test_whole_attention_adds_back_the_causal_half_and_nothing_else():
     """The comparable figure (PaLM, nanoGPT, Megatron count causal attention whole): the difference is exactly the
     halved QK^T and AV products, 3 x n_layers x (2 x 2 x s x d) / 2 per token; MLM models count it whole already."""
     from megatrain.config import load_config
-    from megatrain.training.metrics import train_flops_per_token
+    from megatrain.flops import train_flops_per_token
 
     m = load_config("tiny").model
     s = 128
@@ -37,7 +37,7 @@ def test_the_flop_count_is_what_autograd_computes_with_frozen_weights(frozen, mo
     from megatrain.config import load_config
     from megatrain.heads import apply_lora
     from megatrain.model import Transformer
-    from megatrain.training.metrics import frozen_flops_adjustment, train_flops_per_token
+    from megatrain.flops import frozen_flops_adjustment, train_flops_per_token
 
     m = load_config("tiny", ["model.vocab_size=512", "model.fused_kernels=off", *model_sets]).model
     torch.manual_seed(0)
@@ -58,34 +58,35 @@ def test_the_flop_count_is_what_autograd_computes_with_frozen_weights(frozen, mo
 
 
 def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tmp_path, monkeypatch):
-    from megatrain.training import metrics
+    from megatrain.hostinfo import cpu_cores
+    from megatrain.training import throughput
 
     monkeypatch.setenv("MEGATRAIN_CACHE", str(tmp_path))
     measured = []
-    real = metrics.measured_matmul_tflops
-    monkeypatch.setattr(metrics, "measured_matmul_tflops", lambda *a, **k: measured.append(1) or real(*a, **k))
+    real = throughput.measured_matmul_tflops
+    monkeypatch.setattr(throughput, "measured_matmul_tflops", lambda *a, **k: measured.append(1) or real(*a, **k))
     threads = torch.get_num_threads()
-    peak, where = metrics.cpu_node_peak_tflops()
+    peak, where = throughput.cpu_node_peak_tflops()
     assert peak > 0 and "measured now" in where and measured == [1]
     assert torch.get_num_threads() == threads  # measured on every core, then put back
     table = json.load(open(tmp_path / "cpu-peak.json"))
     (key, entry), = table.items()
-    assert f"{metrics.cpu_cores()} cores" in key and "torch" in key
+    assert f"{cpu_cores()} cores" in key and "torch" in key
     assert entry["tflops"] == pytest.approx(peak, rel=1e-3)
     assert {"measured", "load_average_1min", "how"} <= set(entry) and "2048 x 2048" in entry["how"]
-    again, where = metrics.cpu_node_peak_tflops()  # the next run reads it: no second measurement
+    again, where = throughput.cpu_node_peak_tflops()  # the next run reads it: no second measurement
     assert again == entry["tflops"] and "cached in" in where and measured == [1]
     (tmp_path / "cpu-peak.json").write_text("{not json")  # a damaged cache is measured again and rewritten
-    metrics.cpu_node_peak_tflops()
+    throughput.cpu_node_peak_tflops()
     assert measured == [1, 1] and list(json.load(open(tmp_path / "cpu-peak.json"))) == [key]
-    busy = {key: dict(entry, load_average_1min=metrics.cpu_cores() * 4.0)}  # measured while other work ran: say so
+    busy = {key: dict(entry, load_average_1min=cpu_cores() * 4.0)}  # measured while other work ran: say so
     (tmp_path / "cpu-peak.json").write_text(json.dumps(busy))
-    assert "the machine was busy then" in metrics.cpu_node_peak_tflops()[1] and measured == [1, 1]
+    assert "the machine was busy then" in throughput.cpu_node_peak_tflops()[1] and measured == [1, 1]
 
 
 def test_ranks_sharing_a_node_split_its_cores_unless_omp_num_threads_says(monkeypatch):
+    from megatrain.hostinfo import cpu_cores
     from megatrain.training.dist_env import share_cpu_cores
-    from megatrain.training.metrics import cpu_cores
 
     threads = torch.get_num_threads()
     try:

@@ -12,6 +12,7 @@ transposed. `megatrain convert to-hf / from-hf` (convert/hf.py) are the commands
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,10 +20,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from megatrain.checkpoint.io import why_unreadable
 from megatrain.checkpoint.reader import CheckpointError
 from megatrain.config import ModelConfig, kv_heads
+from megatrain.model import Transformer
 from megatrain.parallel.sharding import split_of
 
 
@@ -152,8 +155,6 @@ class HFWeights:
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: named by the weight index but missing")
             if self.kind == "safetensors":
-                from safetensors import SafetensorError, safe_open
-
                 try:
                     self.files[file] = safe_open(path, "pt")
                 except (SafetensorError, OSError) as e:  # a header that does not describe the file, an I/O error
@@ -258,10 +259,6 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
 
 def check_hf_weights(weights: HFWeights, m: ModelConfig, fam: Family, vocab: int) -> None:
     """Every tensor the model needs is there with the shape config.json implies (one line for the first that isn't)."""
-    import dataclasses
-
-    from megatrain.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(m, fused_kernels="off"))
     for name, p in model.named_parameters():

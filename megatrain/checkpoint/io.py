@@ -11,6 +11,7 @@ so DeepSpeed's own `zero_to_fp32` and `get_fp32_state_dict_from_zero_checkpoint(
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from megatrain import faults
 from megatrain.config import Config, ConfigError, RunStopped, config_from_dict
 from megatrain.fileio import read_json, write_atomic
+from megatrain.parallel.rng import set_tp_stream_state, tp_stream_state
 
 STATE_FILE = "megatrain.json"
 
@@ -51,8 +53,6 @@ def rng_state() -> dict:
              "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    from megatrain.parallel.rng import tp_stream_state
-
     tp = tp_stream_state()
     if tp:  # the per-TP-rank dropout stream (parallel/rng.py)
         state["tp_stream"] = tp
@@ -67,8 +67,6 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     if "tp_stream" in state:
-        from megatrain.parallel.rng import set_tp_stream_state
-
         set_tp_stream_state(state["tp_stream"])
 
 
@@ -210,8 +208,6 @@ DEEPSPEED_RECORDS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed
 def safe_globals() -> list:
     """What a DeepSpeed rank file may hold beyond tensors and containers: DEEPSPEED_RECORDS and numpy scalars.
     Nothing else is unpickled: no code runs."""
-    import importlib
-
     classes = [getattr(importlib.import_module(module), name) for module, name in (r.rsplit(".", 1) for r in DEEPSPEED_RECORDS)]
     return [*classes, *numpy_scalars()]
 

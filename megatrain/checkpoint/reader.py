@@ -22,6 +22,7 @@ was sharded.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -33,7 +34,10 @@ import torch
 from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest, why_unreadable
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
+from megatrain.data.tokenizer import parse_spec
+from megatrain.heads import build_model
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
+from megatrain.parameters import decay_groups  # the rule that ordered the optimizer's parameters
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # what can be read: the fp32 master weights and AdamW's two moments
 CONSOLIDATED = "model.safetensors"  # the weights file of `megatrain convert consolidate` (with megatrain.json beside)
@@ -159,10 +163,6 @@ class CheckpointReader:
 
     def _expected_params(self) -> dict[str, _Param]:
         """The model's parameters (names, full shapes) from the saved config, built on the meta device."""
-        import copy
-
-        from megatrain.heads import build_model
-
         cfg = copy.deepcopy(self.cfg)
         cfg.model.fused_kernels = "off"
         with torch.device("meta"):
@@ -318,8 +318,6 @@ class CheckpointReader:
                     self._add(mp, name, "fp32", tp_rank, 0, t.numel(), path, t)
 
     def _index_zero0(self, mp: int, tp_rank: int, pp_rank: int) -> None:
-        from megatrain.training.engine import decay_groups  # the rule that ordered the optimizer's parameters
-
         path = self._file(f"mp_rank_{mp:02d}_model_states.pt")
         meta = _load_meta(path)
         if self._meta0 is None:
@@ -444,8 +442,6 @@ class CheckpointReader:
 
 def resolve_spec(spec: str, base: str) -> str:
     """A tokenizer spec whose path is relative to `base` (a consolidated checkpoint's folder) made absolute."""
-    from megatrain.data.tokenizer import parse_spec
-
     kind, path = parse_spec(spec)
     if path is None or os.path.isabs(path):
         return spec

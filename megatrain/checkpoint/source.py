@@ -9,14 +9,17 @@ output, or a Hugging Face folder (read through checkpoint/hf.py's maps, as `conv
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import torch
 
+from megatrain.checkpoint.hf import HFWeights, from_hf_tensor, read_hf_config
 from megatrain.checkpoint.io import STATE_FILE
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.config import ModelConfig
+from megatrain.model import Transformer
 
 NEW_PARTS = ("score.", "tagger.", "span.", "lora_")  # what a fine-tuning model adds to a pretrained one
 
@@ -30,8 +33,6 @@ class WeightSource:
     def __init__(self, path: str, tp: int = 1):
         self.path, self.reader, self.hf = path, None, None
         if is_hf_folder(path):
-            from megatrain.checkpoint.hf import HFWeights, read_hf_config
-
             self.family, m, vocab, arch = read_hf_config(path)
             step = math.lcm(m.pad_vocab_multiple, tp)  # rows TP can split; the padding is zeros, never sampled
             m.vocab_size, m.true_vocab_size = -(-vocab // step) * step, vocab
@@ -53,18 +54,12 @@ class WeightSource:
     def _names(self) -> set[str]:
         if self.reader:
             return set(self.reader.names())
-        import dataclasses
-
-        from megatrain.model import Transformer
-
         with torch.device("meta"):
             return set(dict(Transformer(dataclasses.replace(self.model, fused_kernels="off")).named_parameters()))
 
     def _tensor(self, name: str) -> torch.Tensor:
         if self.reader:
             return self.reader.tensor(name)
-        from megatrain.checkpoint.hf import from_hf_tensor
-
         return from_hf_tensor(name, self.model, self.family, self.hf.get)
 
     def weights(self, model: torch.nn.Module, new_value=None):

@@ -10,7 +10,6 @@ through one writer per format; every output appears whole under its final name o
 from __future__ import annotations
 
 import argparse
-import sys
 
 VERBS = {
     "consolidate": "one full-precision safetensors file from a checkpoint of any layout (ZeRO 0-3, TP, PP)",
@@ -85,9 +84,3 @@ def command(args: argparse.Namespace) -> int:
         return from_hf(args.hf_dir, args.output, args.set, args.world_size, trust_pickle=args.trust_pickle,
                        verify=not args.no_verify, force=args.force)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from megatrain.cli import main as cli_main
-
-    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])

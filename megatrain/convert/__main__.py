@@ -1,3 +1,6 @@
-from megatrain.convert import main
+"""`python -m megatrain.convert VERB ...` = `megatrain convert VERB ...`."""
+import sys
 
-raise SystemExit(main())
+from megatrain.cli import main
+
+raise SystemExit(main(["convert", *sys.argv[1:]]))

@@ -18,6 +18,7 @@ import torch
 from megatrain.checkpoint.io import STATE_FILE
 from megatrain.checkpoint.reader import CONSOLIDATED, CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
+from megatrain.data.tokenizer import parse_spec
 from megatrain.fileio import atomic_dir
 from megatrain.training.engine import PRECISION_DTYPE
 
@@ -31,8 +32,6 @@ def check_output(out: str, force: bool) -> None:
 
 def copy_tokenizer(spec: str, out: str) -> str:
     """Copy the files of tokenizer `spec` into `out`; the spec that finds them there, relative to `out`."""
-    from megatrain.data.tokenizer import parse_spec
-
     kind, path = parse_spec(spec)
     if kind == "byte":
         return spec

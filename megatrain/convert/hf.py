@@ -24,8 +24,13 @@ from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
 from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
 from megatrain.convert.consolidate import check_output
-from megatrain.training.engine import PRECISION_DTYPE
+from megatrain.convert.writer import Job, finish, layout_words, target_config, write
+from megatrain.data import TokenizerError, build_tokenizer
+from megatrain.data.tokenizer import save_hf_tokenizer
 from megatrain.fileio import atomic_dir
+from megatrain.generate import generate, load_weights
+from megatrain.model import Transformer
+from megatrain.training.engine import PRECISION_DTYPE
 
 TOLERANCE = 1e-4  # max |logit difference| a conversion may show (both models run in float64 for the check)
 
@@ -67,8 +72,6 @@ def parse_size(text: str) -> int:
 
 
 def _load_tokenizer(spec: str):
-    from megatrain.data import TokenizerError, build_tokenizer
-
     try:
         return build_tokenizer(spec)
     except TokenizerError as e:
@@ -96,8 +99,6 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
             hf_config(m, fam, vocab, tok).save_pretrained(tmp)
             _generation_config(tmp)
             if tok:
-                from megatrain.data.tokenizer import save_hf_tokenizer
-
                 save_hf_tokenizer(tok, tmp, m.max_seq_len)
             ok = True
             if verify:
@@ -159,9 +160,6 @@ def _generation_config(out: str) -> None:
 
 def _megatrain_model(reader: CheckpointReader, dtype: torch.dtype = torch.float32):
     """megatrain's own model from `reader` (weights rounded through `dtype`, as the export stores them)."""
-    from megatrain.generate import load_weights
-    from megatrain.model import Transformer
-
     model = Transformer(replace(reader.cfg.model, dropout=0.0))
     load_weights(model, reader)
     with torch.no_grad():
@@ -179,9 +177,6 @@ def check_parity(model, hf_dir: str, vocab: int) -> bool:
     what shows is the conversion and not rounding (a 30-layer model's fp32 logits differ by ~1e-4 from its own fp64
     ones, in transformers as in megatrain)."""
     from transformers import AutoModelForCausalLM
-
-    from megatrain.generate import generate
-    from megatrain.model import Transformer
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True).eval()
     ours = Transformer(replace(model.cfg, fused_kernels="off"))  # the plain-PyTorch path takes float64
@@ -209,8 +204,6 @@ def check_parity(model, hf_dir: str, vocab: int) -> bool:
 
 def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pickle: bool = False, verify: bool = True,
             force: bool = False) -> int:
-    from megatrain.convert.writer import Job, finish, layout_words, target_config, write
-
     check_output(out, force)
     fam, m, V, arch = read_hf_config(hf_dir)
     weights = HFWeights(hf_dir, trust_pickle)

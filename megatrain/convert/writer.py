@@ -18,10 +18,20 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from megatrain.checkpoint import io as checkpoint
+from megatrain.checkpoint.hf import load_hf_weights
 from megatrain.checkpoint.reader import KEYS, CheckpointReader
 from megatrain.config import Config, ConfigError, apply_overrides, config_from_dict, parse_set, validate, validate_world
+from megatrain.convert.consolidate import WEIGHT_SUFFIXES, check_output
+from megatrain.generate import load_weights
+from megatrain.model import Transformer
+from megatrain.parallel.sharding import canonical_name, shard, split_of
+from megatrain.parallel.topology import check_layout
 from megatrain.training.dist_env import end_distributed, free_port
+from megatrain.training.runtime import Run
 
 # What a reshard may change: the layout, and the micro-batch that has to fit it (the global batch stays).
 RESHARDABLE = ("parallel.", "train.micro_batch_size")
@@ -44,8 +54,6 @@ class Job:
 
 def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Config, int]:
     """`base` with the --set layout changes, validated for `world` ranks (default tp x pp)."""
-    from megatrain.parallel.topology import check_layout
-
     overrides = dict(parse_set(s) for s in sets)
     bad = [k for k in overrides if not k.startswith(RESHARDABLE)]
     if bad:
@@ -63,8 +71,6 @@ def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Con
 
 def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None,
             force: bool = False) -> None:
-    from megatrain.convert.consolidate import check_output
-
     check_output(out, force)
     with CheckpointReader(src, tag) as reader:
         cfg, world = target_config(config_from_dict(reader.state["config"]), sets, world)
@@ -101,12 +107,8 @@ def write(job: Job, world: int) -> bool:
         # 0's parity check and rename (cli.main's own call finds nothing left to end)
         end_distributed()
         return int(os.environ["RANK"]) == 0
-    import torch.multiprocessing as mp
-
     try:
         if world == 1:  # this process is the one rank: no interpreter to start
-            import torch.distributed as dist
-
             saved = dict(os.environ)
             try:
                 _spawned_rank(0, 1, free_port(), job)
@@ -141,13 +143,6 @@ def _spawned_rank(rank: int, world: int, port: int, job: Job) -> None:
 
 def write_rank(job: Job) -> None:
     """One rank of the writer: build the target run, load the weights (and optimizer state), save."""
-    import torch.distributed as dist
-
-    from megatrain.checkpoint import io as checkpoint
-    from megatrain.generate import load_weights
-    from megatrain.model import Transformer
-    from megatrain.training.runtime import Run
-
     cfg = config_from_dict(job.cfg)
     cfg.checkpoint.dir = job.tmp
     run = Run.start(cfg)
@@ -161,8 +156,6 @@ def write_rank(job: Job) -> None:
     if reader:
         load_weights(model, reader)
     else:
-        from megatrain.checkpoint.hf import load_hf_weights
-
         load_hf_weights(model, job.hf_dir, job.trust_pickle)
     engine = run.engine(model, log_ranks=False)
     if reader and reader.has_optimizer_state():
@@ -176,8 +169,6 @@ def write_rank(job: Job) -> None:
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
-    from megatrain.convert.consolidate import WEIGHT_SUFFIXES
-
     os.makedirs(dst)
     for name in os.listdir(src):
         if os.path.isfile(os.path.join(src, name)) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith(
@@ -187,8 +178,6 @@ def _copy_tokenizer(src: str, dst: str) -> None:
 
 def _local_names(engine, n_layers: int) -> list[tuple[str, torch.nn.Parameter]]:
     """The engine's parameters under the model's own names (a PipelineModule numbers its layers)."""
-    from megatrain.parallel.sharding import canonical_name
-
     out, seen = [], set()
     for name, p in engine.module.named_parameters():
         if id(p) not in seen:
@@ -200,8 +189,6 @@ def _local_names(engine, n_layers: int) -> list[tuple[str, torch.nn.Parameter]]:
 def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
     """The source's fp32 masters, AdamW moments, step count and LR schedule, into this rank's engine."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from megatrain.parallel.sharding import shard, split_of
 
     tp, r = run.layout.tp, run.tp_rank
     step = torch.tensor(reader.optimizer_step() or float(reader.state.get("step", 0)))
@@ -254,11 +241,9 @@ def _zero0_masters(opt) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
 
 def _restore_rng(reader: CheckpointReader, rank: int) -> None:
     """The source rank's RNG states (rank 0's where the source had fewer ranks), saved with the new checkpoint."""
-    from megatrain.checkpoint.io import set_rng_state
-
     for r in (rank, 0):
         path = os.path.join(reader.folder, f"rng_rank{r}.pt")
         if os.path.isfile(path):
-            set_rng_state(torch.load(path, weights_only=True))
+            checkpoint.set_rng_state(torch.load(path, weights_only=True))
             return
 

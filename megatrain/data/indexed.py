@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megatrain import faults
+from megatrain.fileio import remove_stale_temporaries
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
@@ -91,8 +94,6 @@ class IndexedDatasetWriter:
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "IndexedDatasetWriter":
-        from megatrain.fileio import remove_stale_temporaries
-
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         for final in (bin_path(self.prefix), idx_path(self.prefix), f"{self.prefix}.meta.json"):
             remove_stale_temporaries(final)  # a killed writer's half-written files
@@ -147,8 +148,6 @@ class IndexedDatasetWriter:
         write_index(self._tmp_idx, self.dtype, np.asarray(self._sizes, np.int32), np.asarray(self._doc_idx, np.int64))
         # The .idx goes last: a .bin without its .idx is never mistaken for a finished dataset. An older dataset's
         # .idx goes first, so that no moment pairs the new .bin with the old .idx (a kill -9 between the renames).
-        from megatrain import faults
-
         if os.path.exists(idx_path(self.prefix)):
             os.remove(idx_path(self.prefix))
         for tmp, final in self._extra_files.items():

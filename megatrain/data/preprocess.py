@@ -159,7 +159,7 @@ def _progress_bar(total_bytes: int | None, progress: bool | None):
         progress = sys.stderr.isatty()
     if not progress:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # only for a terminal (tqdm imports importlib.metadata, email, ...: skipped otherwise)
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, smoothing=0.1)
 

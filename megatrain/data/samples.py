@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from megatrain import faults
 from megatrain.data.indexed import IndexedDataset
 from megatrain.fileio import atomic_path, remove_stale_temporaries, write_atomic
 
@@ -209,8 +210,6 @@ def _load_or_build(cache_prefix: str, key: dict, build) -> tuple[SampleIndex, bo
     built = False
     if not distributed or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
         if not os.path.isfile(meta_path):  # the .json is written last: its presence means complete
-            from megatrain import faults
-
             index = build()
             for n in names:
                 remove_stale_temporaries(paths[n])  # a killed build's half-written arrays

@@ -10,6 +10,7 @@ one line, `file:line: what is wrong`.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 from dataclasses import dataclass, field
@@ -52,8 +53,6 @@ def file_format(path: str, fmt: str = "auto") -> str:
 
 
 def _open(path: str):
-    import gzip
-
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     return gzip.open(path, "rt", encoding="utf-8", newline="") if path.endswith(".gz") else \

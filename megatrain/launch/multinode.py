@@ -22,6 +22,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import megatrain
 from megatrain.fileio import write_atomic
 from megatrain.launch.hostfile import parse_hostfile
 
@@ -167,8 +168,6 @@ def probe_host(host: str, script: str, ssh_port: int | None, timeout: int) -> tu
 def preflight(hosts: list[str], venv: str, entrypoint: str, paths: list[str], checkpoint_dir: str,
               master_port: int, ssh_port: int | None = None, timeout: int = 60) -> list[str]:
     """One line per problem found, each naming its host; empty when every host is ready."""
-    import megatrain
-
     cwd = os.getcwd()
     abs_paths = [os.path.join(cwd, p) for p in paths]
     abs_ckpt = os.path.join(cwd, checkpoint_dir)

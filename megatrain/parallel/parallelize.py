@@ -19,8 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megatrain.parallel.sharding import shard, split_of
+from megatrain.kernels import ops
 from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
+from megatrain.parallel.pipeline import apply_pipeline, stage_holds
+from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
+from megatrain.parallel.sharding import shard, split_of
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                 mark_tp, vocab_parallel_cross_entropy)
 
@@ -83,8 +86,6 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
             head.weight = model.embed.weight
         model.lm_head = head
         if model.fused:
-            from megatrain.kernels import ops
-
             model.loss_fn = functools.partial(ops.cross_entropy, group=group)
         else:
             model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group)
@@ -205,16 +206,15 @@ def _place(mine: nn.Parameter, name: str, full: torch.Tensor, cfg, tp: int, tp_r
         partition(mine)
 
 
-def zero3_partitioner(cfg, grid):
+def zero3_partitioner(ds_config: dict, grid):
     """`partition` for materialize under ZeRO-3: deepspeed.zero.Init on one parameter at a time, with the group,
-    dtype and config deepspeed.initialize would partition the model with (its data-parallel group, the run's
-    precision). Init(module=...) converts every parameter of the module it is given: a holder of one converts it."""
+    dtype and config deepspeed.initialize will partition the model with (its data-parallel group; the precision
+    `ds_config`, the run's DeepSpeed JSON, enables). Init(module=...) converts every parameter of the module it is
+    given: a holder of one converts it."""
     import deepspeed
 
-    from megatrain.training.engine import PRECISION_DTYPE, deepspeed_config, resolve_precision
-
-    ds = deepspeed_config(cfg, dist.get_world_size())
-    dtype = PRECISION_DTYPE[resolve_precision(cfg)]
+    bf16, fp16 = ds_config["bf16"]["enabled"], ds_config["fp16"]["enabled"]
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32  # what deepspeed.initialize casts to
 
     def partition(p: nn.Parameter) -> None:
         # NOTE: cast first: Init(module=...) partitions in the parameter's own dtype (only Init as a context casts);
@@ -222,16 +222,18 @@ def zero3_partitioner(cfg, grid):
         p.data = p.data.to(dtype)
         holder = nn.Module()
         holder.register_parameter("p", p)
-        deepspeed.zero.Init(module=holder, data_parallel_group=grid.get_data_parallel_group(), config_dict_or_path=ds,
-                            dtype=dtype, mpu=grid)
+        deepspeed.zero.Init(module=holder, data_parallel_group=grid.get_data_parallel_group(),
+                            config_dict_or_path=ds_config, dtype=dtype, mpu=grid)
 
     return partition
 
 
-def parallelize(model: Transformer, cfg, layout, grid, weights=None):
+def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: dict | None = None):
     """Everything, in order: TP split -> values for a meta-built model (`weights(name)`'s full tensors if given, else
     materialize's draws) -> activation checkpointing -> pipeline stages. Returns the module to hand to
-    deepspeed.initialize (the model itself, or a PipelineModule when pp > 1)."""
+    deepspeed.initialize (the model itself, or a PipelineModule when pp > 1). `ds_config`: the DeepSpeed JSON the
+    engine will be built with (training/engine.deepspeed_config), needed to partition a meta-built model under ZeRO-3
+    as it is filled."""
     tp_group = grid.get_slice_parallel_group()
     # NOTE: TP first: checkpointing must wrap the split blocks (and their dropout streams, which it then restores for
     # the recompute), and the pipeline cuts the final modules. A meta-built model gets its values right after the TP
@@ -241,12 +243,14 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None):
     if any(p.is_meta for p in model.parameters()):
         keep = None
         if layout.pp > 1:
-            from megatrain.parallel.pipeline import stage_holds
-
             keep = stage_holds(cfg.model, grid.get_stage_id(), layout.pp)
         # NOTE: under ZeRO-3 each parameter is partitioned the moment it has its value, so the rank never holds the
         # whole model (deepspeed.initialize then finds every parameter already partitioned)
-        partition = zero3_partitioner(cfg, grid) if cfg.parallel.zero_stage == 3 else None
+        partition = None
+        if cfg.parallel.zero_stage == 3:
+            if ds_config is None:
+                raise ValueError("parallelize: a meta-built model under ZeRO-3 needs ds_config (the engine's JSON)")
+            partition = zero3_partitioner(ds_config, grid)
         if weights is not None:
             fill(model, weights, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
         else:
@@ -255,16 +259,12 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None):
             # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
             _sum_sequence_parallel_grads(model, tp_group)
     if layout.tp > 1:
-        from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
-
         replica = grid.get_pipe_parallel_rank() * layout.dp + grid.get_data_parallel_rank()
         apply_tp_dropout_streams(model, cfg.parallel.sequence_parallel,
                                  tp_stream_seed(cfg.train.seed, replica, grid.get_slice_parallel_rank()))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, grid, cfg.parallel.partition_activations)
     if layout.pp == 1:
         return model
-    from megatrain.parallel.pipeline import apply_pipeline
-
     return apply_pipeline(model, grid.topology(), layout.tp if cfg.parallel.sequence_parallel else 1)
 
 

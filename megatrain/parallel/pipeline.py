@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatrain.kernels import ops
 from megatrain.model import IGNORE_INDEX, Block, Transformer
+from megatrain.parallel.sharding import pipeline_layer_of
 
 
 class EmbedPipe(nn.Module):
@@ -80,8 +82,6 @@ def stage_holds(cfg, stage: int, stages: int):
     for this stage only (PipelineModule moves its layers to the device as it builds them: they need values by then)."""
     from deepspeed.runtime.utils import partition_balanced
 
-    from megatrain.parallel.sharding import pipeline_layer_of
-
     n = cfg.n_layers
     parts = partition_balanced(weights=[0] + [1] * n + [0, 0], num_parts=stages)
     lo, hi = parts[stage], parts[stage + 1]
@@ -104,8 +104,6 @@ def apply_pipeline(model: Transformer, topology, seq_shards: int = 1):
         if loss_fn is not None:
             return loss_fn(logits, labels)
         if model.fused:
-            from megatrain.kernels import ops
-
             return ops.cross_entropy(logits, labels)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 

@@ -11,6 +11,7 @@ forward's; checkpoints save it with the other RNG states (checkpoint/io.py).
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch.nn as nn
 
@@ -37,8 +38,6 @@ def seed_tp_stream(seed: int) -> None:
 
 def tp_stream_state() -> dict:
     """The stream's state to save with a checkpoint ({} when there is none)."""
-    import sys
-
     if "deepspeed" not in sys.modules:
         return {}
     return dict(_tracker().get_states())

@@ -43,7 +43,7 @@ def parameter_table(m: ModelConfig) -> tuple[tuple[str, int, tuple[int, ...]], .
 
 @functools.lru_cache(maxsize=8)
 def _parameter_table(fields: tuple) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
-    import torch
+    import torch  # torch, the model and DeepSpeed only where a figure needs them: `megatrain plan --help` imports this
 
     from megatrain.model import Transformer
 

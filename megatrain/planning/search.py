@@ -7,9 +7,11 @@ import math
 from dataclasses import dataclass
 
 from megatrain.config import Config, ConfigError, padded_vocab_size
+from megatrain.parallel.topology import check_layout
 from megatrain.planning.memory import (Activations, ModelStates, StageParams, activations, local_numel,
                                        model_states, parameter_table, stage_params)
 from megatrain.planning.timing import Cluster, StepTime, step_time
+from megatrain.training.engine import deepspeed_config
 
 GiB = 2**30
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold when the ZeRO JSON sets none
@@ -72,9 +74,6 @@ def resolve_precision(cfg: Config, for_gpus: bool) -> str:
 def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str) -> LayoutPlan:
     """The plan of cfg's own layout on `world` ranks; an impossible layout raises ConfigError (training's own checks).
     Without a cluster there is no step time."""
-    from megatrain.parallel.topology import check_layout
-    from megatrain.training.engine import deepspeed_config
-
     layout = check_layout(cfg, world)
     m, p = cfg.model, cfg.parallel
     if m.vocab_size % layout.tp:

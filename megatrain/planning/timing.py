@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatrain.config import Config
+from megatrain.flops import block_flops_per_token, train_flops_per_token
 from megatrain.planning.memory import FP32, StageParams, bytes_per_value
 
 
@@ -82,8 +83,6 @@ def _all_reduce(nbytes: float, n: int) -> float:
 
 def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int, grad_accum: int, precision: str,
               cluster: Cluster) -> StepTime:
-    from megatrain.training.metrics import block_flops_per_token, train_flops_per_token
-
     m, p, t = cfg.model, cfg.parallel, cfg.train
     w = bytes_per_value(precision)
     s, b = cfg.data.seq_len, t.micro_batch_size

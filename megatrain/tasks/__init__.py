@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from megatrain.config import Config
 from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task
+from megatrain.tasks.classify import Classify
 from megatrain.tasks.lm import SFT, CausalLM, MaskedLM
+from megatrain.tasks.qa import QA
+from megatrain.tasks.tagging import Tokens
 
 
 def pretraining_task(cfg: Config, tokenizer) -> Task:
@@ -21,10 +24,6 @@ def pretraining_task(cfg: Config, tokenizer) -> Task:
 
 
 def finetune_task(cfg: Config, tokenizer) -> FinetuneTask:
-    from megatrain.tasks.classify import Classify
-    from megatrain.tasks.qa import QA
-    from megatrain.tasks.tagging import Tokens
-
     return {"sft": SFT, "classify": Classify, "tokens": Tokens, "qa": QA}[cfg.finetune.task](cfg, tokenizer)
 
 

@@ -11,6 +11,7 @@ reports the loss and the task's metrics (the same numbers on every rank, so ever
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, ModelConfig
+from megatrain.flops import train_flops_per_token
 from megatrain.model import IGNORE_INDEX
 
 
@@ -72,8 +74,6 @@ class Task:
     counts_lm_head = True  # flops_per_token includes the LM head
 
     def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
-        from megatrain.training.metrics import train_flops_per_token
-
         return train_flops_per_token(m, seq_len, whole_attention)
 
     @torch.no_grad()
@@ -170,10 +170,6 @@ class FinetuneTask(Task):
 
     def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
         """A task head replaces the LM head (whose FLOPs are most of a small model's): count the blocks only."""
-        import dataclasses
-
-        from megatrain.training.metrics import train_flops_per_token
-
         blocks = m if self.counts_lm_head else dataclasses.replace(m, vocab_size=0)
         return train_flops_per_token(blocks, seq_len, whole_attention)
 

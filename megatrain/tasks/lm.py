@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatrain.data.readers import InputError
 from megatrain.data.task_files import field_of, read_records
 from megatrain.model import IGNORE_INDEX, mlm_mask
 from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task
@@ -71,8 +72,6 @@ class SFT(FinetuneTask):
             msgs = rec.fields["messages"]
             if not isinstance(msgs, list) or not msgs or not all(
                     isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
-                from megatrain.data.readers import InputError
-
                 raise InputError(f"{rec.where}: \"messages\" must be a list of {{\"role\": system|user|assistant, "
                                  f"\"content\": text}}")
             return msgs
@@ -133,8 +132,6 @@ class SFT(FinetuneTask):
             if any(y != IGNORE_INDEX for y in labels):
                 examples.append((ids[:-1], labels))
         if not examples:
-            from megatrain.data.readers import InputError
-
             raise InputError(f"{path}: no example has a response token left (all empty, or cut by max_seq_len)")
         order = np.random.default_rng(self.cfg.train.seed).permutation(len(examples)) if train else range(len(examples))
         rows = pack([examples[i] for i in order], self.max_len) if self.cfg.finetune.pack else \

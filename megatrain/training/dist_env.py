@@ -7,9 +7,21 @@ Launchers set different variables: the DeepSpeed launcher and torchrun set RANK/
 from __future__ import annotations
 
 import contextlib
+import datetime
+import faulthandler
+import fcntl
+import gc
 import os
 import socket
+import time
+import warnings
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatrain.hostinfo import cpu_cores
+from megatrain.launch.hostfile import expand_nodelist
 
 
 @dataclass
@@ -23,6 +35,12 @@ class RankInfo:
     ranks_on_node: int = 1  # ranks of the job on this machine (known once the process group is up)
 
 
+def log0(*args) -> None:
+    """Print on rank 0 only (or in a process with no process group)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on now."""
     with socket.socket() as s:
@@ -32,8 +50,6 @@ def free_port() -> int:
 
 def _first_slurm_host(nodelist: str) -> str:
     """'node[003-005,009],gpu1' -> 'node003' (the first host of a Slurm node list)."""
-    from megatrain.launch.hostfile import expand_nodelist
-
     return expand_nodelist(nodelist)[0]
 
 
@@ -66,14 +82,8 @@ def export(info: RankInfo) -> None:
 def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
     """Discover the rank, pick the accelerator's backend (nccl on GPU, gloo on CPU) and initialise; a collective
     that waits longer than timeout_minutes fails instead of hanging (a lost rank)."""
-    import datetime
-
     info = discover()
     export(info)
-    import warnings
-
-    import torch
-
     # DeepSpeed calls torch.distributed functions that torch 2.13 marks deprecated, once per call.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     if not torch.cuda.is_available():
@@ -81,7 +91,7 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
         # Denormal floats run ~100x slower through the CPU's vector units: a LoRA fine-tune of SmolLM2 went from 3 s
         # to minutes a step once some of its gradients got that small. Flush them to zero, as GPUs do.
         torch.set_flush_denormal(True)
-    import deepspeed
+    import deepspeed  # NOTE: here, once DS_ACCELERATOR is set: DeepSpeed picks its accelerator when imported
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -89,8 +99,6 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
         torch.cuda.set_device(info.local_rank)
     elif info.world_size > 1:
         load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
-    import faulthandler
-
     if not faulthandler.is_enabled():  # a rank dying of a signal (SIGSEGV, SIGABRT) prints where its threads were
         faulthandler.enable()
     with comm_op_skipped(acc.device_name() == "cpu" and info.world_size == 1):
@@ -134,10 +142,6 @@ def end_distributed() -> None:
     tensor; the rank then exits with SIGABRT ("terminate called without an active exception") after finishing
     everything, and its launcher calls the whole job failed. Not for a rank that failed: its peers may never reach
     the barrier (that path keeps the teardown as it was)."""
-    import gc
-
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return
     gc.collect()  # engines and their pending work from earlier runs in this process, freed while the groups exist
@@ -155,8 +159,6 @@ def unlink_shm_buffer(info: RankInfo) -> None:
     and never removes it: each run left 69 MB per rank of RAM behind in /dev/shm (tmpfs), for good. Once every rank
     has mapped every file (the barrier: DeepSpeed maps them all inside init_distributed), the names can go; the
     mappings live until the processes end, so nothing is left behind even by a rank that is killed."""
-    import torch.distributed as dist
-
     if int(os.environ.get("LOCAL_SIZE", 0)) != info.world_size:  # DeepSpeed's own test: not all ranks on one node,
         return  # no shared memory (and every rank takes the same branch: the barrier below is everyone's or no one's)
     dist.barrier()
@@ -168,8 +170,6 @@ def unlink_shm_buffer(info: RankInfo) -> None:
 
 def count_ranks_on_node() -> int:
     """How many ranks of the job run on this machine (by host name; a collective)."""
-    import torch.distributed as dist
-
     if dist.get_world_size() == 1:
         return 1
     hosts = [None] * dist.get_world_size()
@@ -181,10 +181,6 @@ def share_cpu_cores(ranks_on_node: int) -> str:
     """On CPU, give each rank its share of the node's cores as torch threads (torch's default, every core for every
     rank, oversubscribes them when ranks share a node), unless OMP_NUM_THREADS says otherwise (the user's, or
     torchrun's 1 per rank). Returns the line that says what was chosen."""
-    import torch
-
-    from megatrain.training.metrics import cpu_cores
-
     cores = cpu_cores()
     if "OMP_NUM_THREADS" in os.environ:
         why = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
@@ -200,10 +196,6 @@ def share_cpu_cores(ranks_on_node: int) -> str:
 def prebuild_ops() -> None:
     """Build (or load from cache) the C++ ops DeepSpeed JIT-compiles at start on this accelerator, once,
     so that several ranks starting together never race on the same build."""
-    import time
-
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -220,9 +212,7 @@ def load_comm_op() -> str | None:
     holding it (kill -9 during start-up) leaves it behind, and every later run then waits for it forever. Here every
     megatrain process loads the op while holding an flock on the folder (dropped by the kernel however the process
     dies), so a `lock` file found under that flock belongs to nobody alive: it is removed."""
-    import fcntl
-
-    import deepspeed.ops
+    import deepspeed.ops  # NOTE: here, once DS_ACCELERATOR is set (see init_distributed)
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 

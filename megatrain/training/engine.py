@@ -12,8 +12,10 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, shipped_dir, validate_world
+from megatrain.parameters import decay_groups, ndim, numel
 
 
 def find_shipped(folder: str, name: str) -> Path:
@@ -75,26 +77,6 @@ def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = No
         if off in zero:
             zero[off]["pin_memory"] = torch.cuda.is_available()
     return ds
-
-
-def decay_groups(named: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
-    """Indices of (name, ndim) pairs that get weight decay (matrices) and that don't (norms, biases, embeddings).
-    The optimizer holds its parameters in this order, so checkpoint readers use the same rule."""
-    decay, no_decay = [], []
-    for i, (name, ndim) in enumerate(named):
-        is_embedding = name.endswith(("embed.weight", "pos_embed.weight"))
-        (decay if ndim >= 2 and not is_embedding else no_decay).append(i)
-    return decay, no_decay
-
-
-def numel(p: torch.nn.Parameter) -> int:
-    """A parameter's full element count, also once ZeRO-3 has partitioned it (its .numel() is then 0)."""
-    return getattr(p, "ds_numel", None) or p.numel()
-
-
-def ndim(p: torch.nn.Parameter) -> int:
-    """A parameter's full number of dimensions, also once ZeRO-3 has partitioned it (its data is then 1-D, empty)."""
-    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -207,8 +189,6 @@ class SkipNonFinite:
         self.share = {id(p): counted(p) / dp for g in optimizer.param_groups for p in g["params"]}
 
     def step(self, closure=None):
-        import torch.distributed as dist
-
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0)
@@ -239,8 +219,6 @@ def grad_norm(engine) -> float:
 
 def rank_mean(value: float, device) -> float:
     """Average a per-rank float over all ranks."""
-    import torch.distributed as dist
-
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

@@ -19,11 +19,13 @@ from megatrain import faults
 from megatrain.checkpoint.io import mark_best, read_latest
 from megatrain.config import Config, RunStopped
 from megatrain.fileio import write_atomic
+from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
 from megatrain.tasks import Batch, Task
 from megatrain.tasks.base import is_pipeline, micro_batch_ids
 from megatrain.training.engine import grad_norm, rank_mean
-from megatrain.training.metrics import MetricsLogger, Throughput
+from megatrain.training.metrics import MetricsLogger
 from megatrain.training.runtime import Run, TrainState
+from megatrain.training.throughput import Throughput
 
 
 class StopRequest:
@@ -163,8 +165,6 @@ class BadSteps:
 
 def drift_check(engine, cfg: Config, grid, step: int) -> None:
     import deepspeed
-
-    from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
 
     params = [p for _, p in replicated_parameters(engine.module)]
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.parallel.zero_stage == 3):

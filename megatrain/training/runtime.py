@@ -9,6 +9,7 @@ An entrypoint adds only what is its own: its data, its task (batches, loss, FLOP
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +17,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, padded_vocab_size, validate_world
-from megatrain.parallel.topology import Layout
-
-
-def log0(*args) -> None:
-    """Print on rank 0 only (or in a process with no process group)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
+from megatrain.checkpoint import io as checkpoint
+from megatrain.checkpoint.lock import acquire
+from megatrain.checkpoint.source import WeightSource
+from megatrain.config import Config, ConfigError, ModelConfig, padded_vocab_size, validate, validate_world
+from megatrain.parallel.parallelize import parallelize
+from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
+from megatrain.parallel.topology import Layout, build_grid, check_layout
+from megatrain.parameters import numel
+from megatrain.training.dist_env import discover, init_distributed, log0, share_cpu_cores
+from megatrain.training.engine import build_engine, deepspeed_config, resolve_precision
 
 
 @dataclass
@@ -51,15 +54,9 @@ class Run:
     def start(cls, cfg: Config) -> "Run":
         """Check the layout before any process group exists (one line for every impossible one), then start
         torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it)."""
-        from megatrain.parallel.topology import build_grid, check_layout
-        from megatrain.training.dist_env import discover, init_distributed, share_cpu_cores
-        from megatrain.training.engine import resolve_precision
-
         me = discover()
         layout = check_layout(cfg, me.world_size)
         if me.rank == 0:  # one run per checkpoint.dir (a second is refused here, before any process group)
-            from megatrain.checkpoint.lock import acquire
-
             took_over = acquire(cfg.checkpoint.dir)
             if took_over:
                 print(took_over, flush=True)
@@ -104,30 +101,22 @@ class Run:
         initial values; `release()`, if given, is called once they are placed (closing the weights' files before
         DeepSpeed allocates its states: a Hugging Face folder's safetensors are memory-mapped, and every page read
         counts in the rank's resident memory while they stay open)."""
-        from megatrain.checkpoint.io import harden
-        from megatrain.parallel.parallelize import parallelize
-        from megatrain.training.engine import build_engine, numel
-
-        module = parallelize(model, self.cfg, self.layout, self.grid, weights)
+        module = parallelize(model, self.cfg, self.layout, self.grid, weights, deepspeed_config(self.cfg, self.world))
         if release is not None:
             release()
         local_params = sum(numel(p) for p in module.parameters())  # the full sizes, also of ZeRO-3's partitions
         engine, _, _, _ = build_engine(self.cfg, module, self.world, mpu=None if self.layout.pp > 1 else self.grid)
-        harden(engine)  # NOTE: before any load or save of a checkpoint
+        checkpoint.harden(engine)  # NOTE: before any load or save of a checkpoint
         if log_ranks:
             self.log_rank_table(local_params)
         return engine
 
     def will_resume(self) -> bool:
         """checkpoint.dir/latest exists and checkpoint.resume is on."""
-        from megatrain.checkpoint.io import read_latest
-
-        return self.cfg.checkpoint.resume and read_latest(self.cfg.checkpoint.dir) is not None
+        return self.cfg.checkpoint.resume and checkpoint.read_latest(self.cfg.checkpoint.dir) is not None
 
     def resume(self, engine) -> TrainState:
         """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
-        from megatrain.checkpoint import io as checkpoint
-
         saved = self.saved = checkpoint.resume(engine, self.cfg, self.record)
         if not saved:
             return TrainState()
@@ -144,22 +133,16 @@ class Run:
         on every replica would waste the data parallelism's samples); the tensor-parallel ranks of one replica draw
         alike, as the activations between their split layers are replicas that must stay equal, except where each
         holds its own part (attention heads; tokens under sequence parallelism: parallel/rng.py)."""
-        from megatrain.checkpoint.io import set_rng_state
-
         if self.saved_rng is not None:
-            set_rng_state(self.saved_rng)
+            checkpoint.set_rng_state(self.saved_rng)
             self.saved_rng = None
             return
         replica = self.pp_rank * self.layout.dp + self.dp_rank
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + 7919 * replica + 1)
         if self.layout.tp > 1 and self.cfg.model.dropout > 0:  # attention's (and SP's) own stream per TP rank
-            from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
-
             seed_tp_stream(tp_stream_seed(self.cfg.train.seed, replica, self.tp_rank))
 
     def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
-        from megatrain.checkpoint import io as checkpoint
-
         return checkpoint.save(engine, self.cfg, state.step, state.consumed_samples, self.record, extra)
 
     def log_rank_table(self, local_params: int) -> None:
@@ -205,11 +188,6 @@ def adopt_init(cfg: Config, key: str = "checkpoint.init"):
     those weights (a megatrain checkpoint of any layout, a convert output or a Hugging Face folder); a model.* key the
     config sets to something else is refused (dropout and fused_kernels may differ). Returns the WeightSource
     (nothing loaded yet), or None when the key is empty."""
-    import dataclasses
-
-    from megatrain.checkpoint.source import WeightSource
-    from megatrain.config import ModelConfig, validate
-
     section, name = key.split(".")
     path = getattr(getattr(cfg, section), name)
     if not path:

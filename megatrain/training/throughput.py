@@ -1,0 +1,133 @@
+"""A run's throughput: its FLOPs per token (the formulas of megatrain/flops.py, for its task and frozen weights) and
+the peak its MFU divides by (a GPU's data sheet, or this CPU node's measured torch.mm rate)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatrain.config import Config
+from megatrain.fileio import cache_dir, write_atomic
+from megatrain.flops import frozen_flops_adjustment
+from megatrain.hostinfo import cpu_cores, cpu_model
+from megatrain.model import Transformer
+from megatrain.training.dist_env import log0
+
+# Dense peak TFLOP/s per GPU (vendors' data sheets, SXM parts unless named, no sparsity), for MFU when
+# logging.peak_tflops is 0, by what the matmuls run in: bf16/fp16 on tensor cores; an fp32 run's matmuls as TF32 when
+# torch allows it (torch.backends.cuda.matmul.allow_tf32), else plain fp32. More specific names first.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": dict(bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.2),
+    "H200": dict(bf16=989.0, fp16=989.0, tf32=494.7, fp32=66.9),
+    "H100": dict(bf16=989.0, fp16=989.0, tf32=494.7, fp32=66.9),
+    "A100": dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5),
+    "L40S": dict(bf16=362.0, fp16=362.0, tf32=183.0, fp32=91.6),
+    "V100": dict(fp16=125.0, fp32=15.7),
+}
+
+
+@dataclass
+class Throughput:
+    """What turns a step's tokens and seconds into TFLOP/s and MFU."""
+
+    flops_per_token: float  # training FLOPs per token, causal attention halved (this project's convention)
+    flops_per_token_whole: float  # the same with attention counted whole (PaLM, nanoGPT, Megatron): comparable MFU
+    peak: float  # TFLOP/s one rank can reach (its share of the node on CPU); 0: unknown, no MFU
+
+    @classmethod
+    def of(cls, run, task, seq_len: int, model=None) -> "Throughput":
+        """The run's FLOP counts (less what `model`'s frozen parameters spare) and MFU peak, and a line saying what
+        they are (a collective on CPU: see peak_tflops)."""
+        m = run.cfg.model
+        peak, where = peak_tflops(run.cfg, run.precision, run.ranks_on_node)
+        counts, changes = [], []
+        for whole in (False, True):
+            changes.append(0.0 if not isinstance(model, Transformer) else frozen_flops_adjustment(
+                model, m, seq_len, causal=m.objective == "causal" and not whole, head=task.counts_lm_head))
+            counts.append(task.flops_per_token(m, seq_len, whole_attention=whole) + changes[-1])
+        t = cls(*counts, peak)
+        frozen = ", frozen weights: no gradients" if changes[0] else ""
+        log0(f"FLOPs/token (train) {t.flops_per_token:,.0f} ({t.flops_per_token_whole:,.0f} counting causal attention "
+             f"whole{frozen}) | MFU peak {peak:.3f} TFLOP/s per rank ({where})")
+        return t
+
+
+def measured_matmul_tflops(n: int = 2048, trials: int = 5, repeat: int = 3) -> float:
+    """This process's fp32 torch.mm throughput with its current threads: the best of `trials` timings of `repeat`
+    n x n products (the best, so a moment of other load on the machine does not lower it). Draws from a generator
+    of its own, not from torch's global RNG (the run's seeds stay untouched)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(n, n, generator=g), torch.rand(n, n, generator=g)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            torch.mm(a, b)
+        best = max(best, 2 * n**3 * repeat / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def cpu_node_peak_tflops() -> tuple[float, str]:
+    """The node's fp32 torch.mm rate on all its cores, measured once per machine and cached in
+    $MEGATRAIN_CACHE/cpu-peak.json (~/.cache/megatrain) with the conditions it was measured under; delete the file to
+    measure again. Returns (TFLOP/s, where it comes from)."""
+    cores = cpu_cores()
+    path = os.path.join(cache_dir(), "cpu-peak.json")
+    key = f"{cpu_model()} | {cores} cores | torch {torch.__version__.split('+')[0]}"
+    table = {}
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        hit = table[key]
+        where = f"this node's fp32 torch.mm, measured {hit['measured']}, cached in {path}"
+        if hit.get("load_average_1min", 0) > cores / 2:  # other work shared the cores: a low peak, a high MFU
+            where += f"; the machine was busy then (load {hit['load_average_1min']}): delete the file to measure again"
+        return float(hit["tflops"]), where
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or a damaged file: measure (and rewrite it)
+        table = table if isinstance(table, dict) else {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        tflops = measured_matmul_tflops()
+    finally:
+        torch.set_num_threads(threads)
+    when = time.strftime("%Y-%m-%d %H:%M")
+    table[key] = dict(tflops=round(tflops, 4), measured=when, load_average_1min=round(os.getloadavg()[0], 2),
+                      how=f"fp32 torch.mm of 2048 x 2048 matrices on {cores} threads, the best of 5 timings of 3")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, json.dumps(table, indent=1) + "\n")
+    except OSError:  # a read-only cache: measure again next time
+        return tflops, f"this node's fp32 torch.mm, measured now (not cached: cannot write {path})"
+    return tflops, f"this node's fp32 torch.mm, measured now, cached in {path}"
+
+
+def peak_tflops(cfg: Config, precision: str, ranks_on_node: int = 1) -> tuple[float, str]:
+    """The MFU denominator for one rank: logging.peak_tflops; on a GPU, the table for the run's precision; on CPU the
+    node's measured torch.mm rate divided among the ranks that share its cores. A collective on CPU (one rank per
+    node measures while the others wait, so the cores are its own): every rank calls it at the same point."""
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops, "logging.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        kind = precision
+        if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+            kind = "tf32"
+        for key, peaks in GPU_PEAK_TFLOPS.items():
+            if key in name and kind in peaks:
+                return peaks[kind], f"{name} dense {kind} peak"
+        return 0.0, f"no {precision} peak known for {name}: set logging.peak_tflops"
+    together = dist.is_initialized() and dist.get_world_size() > 1
+    if together and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        cpu_node_peak_tflops()  # measured (or found) first, the node's other ranks waiting at the barrier
+    if together:
+        dist.barrier()
+    node, where = cpu_node_peak_tflops()
+    if ranks_on_node == 1:
+        return node, where
+    return node / ranks_on_node, f"{node:.3f} for the node, shared by its {ranks_on_node} ranks; {where}"
