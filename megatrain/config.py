@@ -84,8 +84,9 @@ class ModelConfig:
     # causal (GPT-style next-token prediction) | mlm (BERT-style masked LM, bidirectional attention; needs a
     # tokenizer with a mask token, masks data.mlm_probability of the tokens)
     objective: str = "causal"
-    # auto (megatrain's fused ops when its extension megatrain._C is built, else the PyTorch reference) | on (the
-    # fused ops; an error when the extension is not built) | off (plain PyTorch)
+    # auto (megatrain's fused ops when its extension megatrain._C is built, else the PyTorch reference; on a GPU each
+    # op is first checked against the reference and turned off if it disagrees) | on (the fused ops; an error when
+    # the extension is not built) | off (plain PyTorch)
     fused_kernels: str = "auto"
 
 
