@@ -160,7 +160,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# Cases that train a few steps of the fixture's model first (8-9 s each): the slow tier, which CI also runs.
+SLOW_CASES = {"checkpoint of another model", "invalid step megatrain.json", "latest names a missing step",
+              "truncated rank file on resume", "vocabulary smaller than the tokenizer's"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else [])
+                                  for c in CASES])
 def test_bad_input_is_one_line_and_leaves_nothing(world, case):
     name, argv, must_name, leftover = case
     r = _run(argv, world)

@@ -101,6 +101,7 @@ def test_deepspeed_config_filled_from_ours():
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1234
 
 
+@pytest.mark.slow
 def test_cli_bad_config_is_one_line(tmp_path):
     from megatrain.data import IndexedDatasetWriter
 

@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
     return data, ck
 
 
+@pytest.mark.slow
 def test_consolidate_matches_deepspeeds_own_reader_and_generates_the_same(trained, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
@@ -67,6 +68,7 @@ def test_consolidate_matches_deepspeeds_own_reader_and_generates_the_same(traine
     assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], two[k].bfloat16()) for k in half)
 
 
+@pytest.mark.slow
 def test_a_run_exported_to_hf_generates_the_same_greedy_tokens(trained, tmp_path):
     """megatrain run -> to-hf -> transformers from_pretrained -> generate == `megatrain generate --temperature 0`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +135,7 @@ def hf_round_trip(kind: str, tmp_path, tp: int) -> None:
     torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpt2_with_the_exact_gelu_round_trips(tmp_path):
     """activation_function "gelu" (erf; refused before) becomes model.gelu=erf: from-hf's logit check against
     transformers passes and to-hf writes "gelu" back."""
@@ -140,6 +143,7 @@ def test_gpt2_with_the_exact_gelu_round_trips(tmp_path):
     assert json.load(open(tmp_path / "gpt2-erf-1-back" / "config.json"))["activation_function"] == "gelu"
 
 
+@pytest.mark.slow
 def test_llama_from_hf_round_trips_and_starts_a_pretraining_run(tmp_path):
     hf_round_trip("llama", tmp_path, tp=1)
     # checkpoint.init: the imported weights start a run (fresh optimizer); its first loss is the HF model's on that batch
@@ -182,6 +186,7 @@ def _state(ck: str) -> str:
     return os.path.join(ck, "step00000004", "megatrain.json")
 
 
+@pytest.mark.slow
 def test_reader_bad_inputs(broken, tmp_path):
     out = str(tmp_path / "out")
     empty = tmp_path / "empty"
@@ -208,6 +213,7 @@ def test_reader_bad_inputs(broken, tmp_path):
     assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.startswith("out")]
 
 
+@pytest.mark.slow
 def test_converter_bad_inputs(broken, tmp_path):
     out = str(tmp_path / "out")
     # an impossible target layout, a key reshard may not change, an MLM model for to-hf

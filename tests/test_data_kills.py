@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import make_documents, write_jsonl
 from megatrain.data.indexed import dataset_exists
@@ -34,6 +35,7 @@ def same_dataset(a, b) -> bool:
     return all(filecmp.cmp(f"{a}{ext}", f"{b}{ext}", shallow=False) for ext in (".bin", ".idx"))
 
 
+@pytest.mark.slow
 def test_preprocess_killed_anywhere_leaves_no_dataset_that_looks_complete(tmp_path):
     src = write_jsonl(tmp_path / "big.jsonl", make_documents(30000, seed=3, max_words=200))
     ref = tmp_path / "ref" / "data"

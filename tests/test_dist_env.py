@@ -1,4 +1,6 @@
 """Tier 1: rank discovery from whichever launcher started the process."""
+import pytest
+
 from megatrain.training.dist_env import _first_slurm_host, discover
 
 
@@ -44,6 +46,7 @@ def _shm_buffers_are_unlinked_and_still_work(rank, world, path_out):
     assert torch.equal(t, torch.full((1000,), float(sum(range(1, world + 1))))), t[:4]
 
 
+@pytest.mark.slow
 def test_deepspeeds_cpu_shared_memory_leaves_nothing_in_dev_shm():
     """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never removes it; megatrain unlinks the
     names once every rank has mapped them, and the shared-memory all-reduce still works."""

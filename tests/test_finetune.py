@@ -246,6 +246,7 @@ def finetune_runs(rank, world, runs):
         run(load_config(preset, sets))
 
 
+@pytest.mark.slow
 def test_classify_end_to_end_evaluate_and_predict(pretrained, tmp_path):
     train = write(tmp_path / "train.jsonl", sentiment(120, 0))
     valid = write(tmp_path / "valid.jsonl", sentiment(30, 1))
@@ -274,6 +275,7 @@ def test_classify_end_to_end_evaluate_and_predict(pretrained, tmp_path):
     assert len(preds) == 5 and all(p["prediction"] in ("neg", "pos") and 0.5 <= p["score"] <= 1 for p in preds)
 
 
+@pytest.mark.slow
 def test_a_stopped_finetune_run_resumes_on_the_same_curve(pretrained, tmp_path):
     rows = []
     for i in range(80):
@@ -291,6 +293,7 @@ def test_a_stopped_finetune_run_resumes_on_the_same_curve(pretrained, tmp_path):
     assert_close_curves(losses(full, "eval"), losses(part, "eval"), rtol=1e-6, steps=[8])
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_only_the_adapters(pretrained, tmp_path):
     """LoRA on a causal LM trains matrices only, so the no-decay group is empty (DeepSpeed dropped it and the LR
     schedule, built for two groups, failed at the first step)."""
@@ -320,6 +323,7 @@ def one_error_line(r, match: str) -> None:
     assert len(errors) == 1 and match in errors[0], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_bad_inputs(pretrained, tmp_path):
     good = write(tmp_path / "good.jsonl", sentiment(20, 0))
     out = str(tmp_path / "out")

@@ -200,12 +200,14 @@ def _vocab_parallel(rank, world):
         torch.testing.assert_close(shard.grad, full.grad.chunk(world, -1)[rank], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_vocab_parallel_fused_cross_entropy():
     from distributed import run_distributed
 
     run_distributed(_vocab_parallel, 2, timeout=120)
 
 
+@pytest.mark.slow
 def test_training_losses_equal_with_fused_kernels_on_and_off(tmp_path):
     from distributed import run_distributed
     from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
@@ -218,6 +220,7 @@ def test_training_losses_equal_with_fused_kernels_on_and_off(tmp_path):
     assert_close_curves(losses(off), losses(on), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_check_cli_and_reference_fallback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megatrain.kernels", "--check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

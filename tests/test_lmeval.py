@@ -43,6 +43,7 @@ metric_list: [{{metric: exact_match}}]
 }
 
 
+@pytest.mark.slow
 def test_megatrain_lm_gives_the_numbers_of_lm_evals_hf_model_on_the_export(trained, tmp_path, monkeypatch):  # noqa: F811
     from lm_eval.models.huggingface import HFLM
 

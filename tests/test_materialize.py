@@ -56,6 +56,7 @@ def _tp_slices_equal_the_unsplit_weights(rank, world):
             model(tokens[:, :-1], tokens[:, 1:]).backward()  # the materialized parameters train
 
 
+@pytest.mark.slow
 def test_tensor_parallel_ranks_materialize_their_slices_of_the_same_weights():
     run_distributed(_tp_slices_equal_the_unsplit_weights, 2, timeout=180)
 
@@ -104,6 +105,7 @@ def _status_mib(key: str) -> float:
 
 
 @pytest.mark.parametrize("source", [False, True], ids=["initial-values", "starting-weights"])
+@pytest.mark.slow
 def test_each_rank_allocates_only_its_share_at_start_up(source):
     """TP=2 on a 118M-parameter model (450 MiB in fp32): each rank's start-up peak stays within 1.2x its half plus the
     largest single tensor (every full tensor is drawn into one buffer of that size; starting weights: each read
@@ -164,6 +166,7 @@ def _zero3_start_up(rank, world, results):
     results.put((rank, peak - before, share, largest, full, planned))
 
 
+@pytest.mark.slow
 def test_zero3_ranks_partition_the_model_as_it_is_built():
     """DP=2 ZeRO-3 on the 118M-parameter model: each rank's start-up peak stays within 1.2x its partition plus the
     largest single tensor and 64 MiB, where building it whole (and leaving the partitioning to deepspeed.initialize)

@@ -65,6 +65,7 @@ def _measure_and_compare(tmp_path, monkeypatch, name, world, sets):
     print("\n".join(report))
 
 
+@pytest.mark.slow
 def test_plan_matches_a_measured_run(tmp_path, monkeypatch):
     """One layout in the default tier: 1 rank, ZeRO-1 accumulating 4 micro-batches (the full gradients and the
     reduce bucket), full activation checkpointing."""

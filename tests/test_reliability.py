@@ -76,6 +76,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_names_code_is_refused_and_the_code_never_runs(tmp_path):
     """DeepSpeed itself reads rank files with weights_only=False (its engine's load of mp_rank_00_model_states.pt):
     before the fix, resuming from this checkpoint created the marker file."""
@@ -203,6 +204,7 @@ def test_hugging_face_weights_damaged_or_not(tmp_path, monkeypatch):
 
 # --- exact resume with dropout ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_with_dropout_continues_the_same_curve(tmp_path):
     """Before the fix steps 4-6 differed: the RNG state was restored, then measuring the MFU peak drew from it."""
     data = make_byte_dataset(tmp_path)
@@ -216,6 +218,7 @@ def test_resume_with_dropout_continues_the_same_curve(tmp_path):
     assert_close_curves(losses(a, "eval"), losses(b, "eval"), rtol=1e-6, steps=[6])
 
 
+@pytest.mark.slow
 def test_continuing_with_another_seed_is_refused(tmp_path):
     """The seed orders the data: a resumed run with another one would serve samples again and skip others."""
     data = make_byte_dataset(tmp_path)
@@ -228,6 +231,7 @@ def test_continuing_with_another_seed_is_refused(tmp_path):
 # --- non-finite steps -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.slow
 def test_a_nan_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, zero):
     data = make_byte_dataset(tmp_path)
     ck = str(tmp_path / "ck")
@@ -252,6 +256,7 @@ def test_a_nan_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, zero):
 
 # --- one run per checkpoint directory ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_runs_directory_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
     data = make_byte_dataset(tmp_path)
     ck = str(tmp_path / "ck")
@@ -290,6 +295,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_stops_cleanly_and_the_rerun_resumes(tmp_path):
     """On a real 2.5 MiB tmpfs (in a private mount namespace, `unshare -rm`) when the machine allows one: the
     step-3 checkpoint fits, the step-6 one does not. Else the write path is made to fail with ENOSPC (faults)."""
@@ -329,6 +335,7 @@ def test_a_full_disk_during_a_save_stops_cleanly_and_the_rerun_resumes(tmp_path)
     assert [x["step"] for x in resumed if x.get("kind", "train") == "train"][-3:] == [4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_finished_run_ends_its_process_groups_before_the_interpreter_does(tmp_path):
     """`megatrain pretrain` returns (through cli.main, as every command does) with torch.distributed ended (after a
     barrier): left to the interpreter's teardown, a gloo thread can die taking the GIL, and a rank that finished

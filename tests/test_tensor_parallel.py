@@ -98,6 +98,7 @@ def _check_model(rank, world):
 
 
 @pytest.mark.parametrize("check", [_check_layers, _check_model])
+@pytest.mark.slow
 def test_tensor_parallel_equals_unsplit(check):
     run_distributed(check, 2, timeout=180)
 
@@ -157,5 +158,6 @@ def _check_dropout_streams(rank, world):
     torch.testing.assert_close(mine[3], mine[2], rtol=0, atol=0)  # the recompute drew the forward's masks
 
 
+@pytest.mark.slow
 def test_attention_dropout_differs_across_tp_ranks_and_replays_on_recompute():
     run_distributed(_check_dropout_streams, 2, timeout=180)

@@ -57,6 +57,7 @@ def test_the_flop_count_is_what_autograd_computes_with_frozen_weights(frozen, mo
         assert frozen_flops_adjustment(model, m, 0) < 0
 
 
+@pytest.mark.slow
 def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tmp_path, monkeypatch):
     from megatrain.hostinfo import cpu_cores
     from megatrain.training import throughput
@@ -72,7 +73,7 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached_with_its_conditions(tm
     table = json.load(open(tmp_path / "cpu-peak.json"))
     (key, entry), = table.items()
     assert f"{cpu_cores()} cores" in key and "torch" in key
-    assert entry["tflops"] == pytest.approx(peak, rel=1e-3)
+    assert entry["tflops"] == pytest.approx(peak, abs=1e-4)  # the file keeps 4 decimals
     assert {"measured", "load_average_1min", "how"} <= set(entry) and "2048 x 2048" in entry["how"]
     again, where = throughput.cpu_node_peak_tflops()  # the next run reads it: no second measurement
     assert again == entry["tflops"] and "cached in" in where and measured == [1]
@@ -102,6 +103,7 @@ def test_ranks_sharing_a_node_split_its_cores_unless_omp_num_threads_says(monkey
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_ranks_on_shared_cores_never_log_mfu_above_100_percent(tmp_path, monkeypatch):
     """Issue 13 saw a 2-rank tiny run on 2 cores log MFU 110-113%: each rank measured torch.mm on every core while the
     other rank ran too, and both trained on every core. Now one rank measures the node while the other waits, each

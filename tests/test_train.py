@@ -56,6 +56,7 @@ def test_single_rank_trains_saves_resumes_and_generates(tmp_path):
                                                                                "tokens"), r.stderr
 
 
+@pytest.mark.slow
 def test_time_limit_saves_exits_and_leaves_the_stop_note(tmp_path, monkeypatch):
     """train.exit_duration_minutes: save, exit cleanly, tell a job script (MEGATRAIN_STOP_FILE); the rerun resumes."""
     data = make_byte_dataset(tmp_path)
@@ -103,10 +104,12 @@ def _stop_reasons(rank, world):
     assert stop.reason(agreed[0], "cpu", log_step=False) == "SIGUSR1"
 
 
+@pytest.mark.slow
 def test_every_rank_records_the_stop_reason_of_the_rank_that_was_signalled():
     run_distributed(_stop_reasons, 2, timeout=120)
 
 
+@pytest.mark.slow
 def test_mlm_objective_trains_and_logs_everywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     data = make_byte_dataset(tmp_path)
@@ -216,6 +219,7 @@ def test_two_ranks_match_one_rank_at_every_zero_stage(tmp_path):
         assert_close_curves(losses(ref), losses(runs[s]), rtol=1e-5, steps=[4, 5, 6])
 
 
+@pytest.mark.slow
 def test_masked_loss_is_normalised_over_the_whole_global_batch(tmp_path):
     """MLM masks a different number of tokens in every micro-batch: the loss is the mean over every masked token of
     the global batch, so micro-batches of 1, 2 or 8 (8, 4 or 1 accumulation steps) give the same losses and updates."""
