@@ -228,6 +228,9 @@ def load_comm_op() -> str | None:
             os.remove(stale)
             print(f"removed {stale}, left by a build that was killed (it would make every later start wait forever)",
                   flush=True)
+        if not os.path.exists(os.path.join(folder, f"{builder.NAME}.so")):  # the first multi-rank CPU run here
+            print(f"building DeepSpeed's CPU collectives op {builder.NAME} once for this machine (about a minute; "
+                  f"cached in {folder}; `python -m megatrain.training.dist_env --prebuild` does it ahead)", flush=True)
         builder.load(verbose=False)
     return builder.NAME
 
