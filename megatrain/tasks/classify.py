@@ -2,7 +2,8 @@
 
 Files: jsonl {"text": ..., "label": ..., ["text_pair": ...]}, or csv/tsv with a header row; finetune.text_column,
 text_pair_column and label_column name other fields. Labels are any strings: the set in the training file, sorted,
-becomes the run's labels (unless finetune.labels names them; saved with every checkpoint); a label in another file that training never saw is refused.
+becomes the run's labels (unless finetune.labels names them; saved with every checkpoint); a label in another file
+that training never saw is refused.
 A causal model reads the text, an end-of-document token (and the pair, and another one) and is classified at that
 last token, which has read everything; see heads.SequenceClassifier for the pooling.
 """
