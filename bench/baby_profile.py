@@ -35,7 +35,7 @@ def megatrain_side():
     from megatrain.training.runtime import resolve_vocab
 
     cfg = load_config("baby-gpt", [])
-    resolve_vocab(cfg, build_tokenizer(cfg.data.tokenizer))
+    cfg = cfg.replaced({"model": resolve_vocab(cfg, build_tokenizer(cfg.data.tokenizer))})
     torch.manual_seed(0)
     engine, *_ = build_engine(cfg, Transformer(cfg.model), 1)
     engine.train()

@@ -205,11 +205,10 @@ def megatrain_val_loss(ckpt: str, batches: int) -> float:
     from megatrain.tasks.lm import CausalLM
 
     with CheckpointReader(ckpt) as reader:
-        cfg = reader.cfg
+        cfg = reader.cfg.replaced({"train.eval_iters": batches})
         model = Transformer(cfg.model)
         load_weights(model, reader)
     t = cfg.train
-    t.eval_iters = batches
     # the datasets as pretrain.setup_data builds them; more validation samples only append to the sample order
     _, valid, _ = build_gpt_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_len,
                                      [t.max_steps * t.global_batch_size, batches * t.global_batch_size, 0], t.seed,

@@ -9,6 +9,7 @@ or an impossible combination raises ConfigError with one line naming the key (an
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -41,8 +42,20 @@ class RunStopped(RuntimeError):
     stopped and how to continue."""
 
 
+class _Section:
+    """A config section: read-only once its Config is frozen (load_config freezes what the user asked for; what a
+    run derives goes in a Resolved, never back into the sections)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            section = type(self).__name__.removesuffix("Config").lower()
+            raise ConfigError(f"config key {section}.{name}: the config is read-only after validation (what a run "
+                              f"derives goes in its Resolved)")
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The network: a decoder-only Transformer, or a bidirectional encoder with objective=mlm. A run that starts from
     weights (checkpoint.init, finetune.init) takes every key here from them but dropout and fused_kernels; setting one
     to another value is refused."""
@@ -91,7 +104,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """The pretraining data: a tokenized dataset (or the built-in corpus), how it is split and cut into samples."""
 
     # dataset prefix P of P.bin/P.idx (written by megatrain preprocess), or a weighted blend [w1, P1, w2, P2, ...],
@@ -118,7 +131,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The optimization: steps, batch, AdamW and its learning-rate schedule, evaluation, precision, stopping."""
 
     # optimizer steps; a rerun with a larger value resumes and goes on (the schedule follows the new length);
@@ -159,7 +172,7 @@ class TrainConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     """How the ranks share the work: ZeRO data parallelism, tensor and pipeline parallelism. The world size is
     tp x pp x data-parallel ranks."""
 
@@ -187,7 +200,7 @@ class ParallelConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """Where a run saves, when, and what it starts from."""
 
     # the run's folder: checkpoints (step00000100/ ..., the latest and best pointers), megatrain.json,
@@ -206,7 +219,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_Section):
     """Where the metrics go besides the console and checkpoint.dir/metrics.jsonl, and the MFU denominator."""
 
     tensorboard: bool = True  # write TensorBoard events to checkpoint.dir/tensorboard
@@ -220,7 +233,7 @@ class LoggingConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Section):
     """A fine-tuning run (megatrain finetune): the task, the pretrained model, the files, LoRA and freezing."""
 
     # sft (instruction tuning of the LM) | classify (a label per text) | tokens (a tag per word, e.g. NER) | qa
@@ -284,6 +297,75 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def freeze(self) -> "Config":
+        """Make every section read-only (an assignment raises ConfigError); returns self."""
+        for name in SECTIONS:
+            getattr(self, name).__dict__["_frozen"] = True
+        self.__dict__["_frozen"] = True
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise ConfigError(f"config: cannot set {name!r}, the config is read-only after validation")
+        object.__setattr__(self, name, value)
+
+    def replaced(self, changes: dict[str, Any]) -> "Config":
+        """A new Config with `changes` ({"section.key": value}, or {"section": a whole section}); this one stays as
+        it is. The copy is frozen when this one is, and keeps `explicit`."""
+        sections = {name: copy.deepcopy(getattr(self, name)) for name in SECTIONS}
+        for dotted, value in changes.items():
+            section, _, key = dotted.partition(".")
+            if key:
+                sections[section] = dataclasses.replace(sections[section], **{key: value})
+            else:
+                sections[section] = dataclasses.replace(value)
+        new = Config(**{name: dataclasses.replace(sec) for name, sec in sections.items()})  # unfrozen copies
+        if "explicit" in self.__dict__:
+            new.explicit = set(self.explicit)
+        return new.freeze() if self.__dict__.get("_frozen") else new
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run derives from its config and its inputs: the values the run uses where the config leaves them to it.
+    Saved with every checkpoint (megatrain.json's `resolved`) beside the config as the user asked it (`config`);
+    `apply` lays them over that config to give the run's effective one."""
+
+    model: ModelConfig  # the model's shape: the config's, or checkpoint.init's/finetune.init's; vocab_size padded
+    tokenizer: str  # data.tokenizer, or the init's tokenizer, or the built-in corpus's
+    data_path: str | list | None  # data.path, or the built-in corpus's files
+    seq_len: int  # data.seq_len, or cut to the init's max_seq_len
+    labels: list  # finetune.labels, or the training file's labels, sorted
+    max_steps: int  # train.max_steps, or computed from finetune.epochs
+    warmup_steps: int  # train.warmup_steps, or capped at a tenth of an epochs-long run
+
+    def __post_init__(self):
+        model = dataclasses.replace(self.model)  # its own copy, read-only like the rest (`but` makes changed ones)
+        model.__dict__["_frozen"] = True
+        object.__setattr__(self, "model", model)
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Resolved":
+        """Nothing derived yet: the config's own values."""
+        return cls(dataclasses.replace(cfg.model), cfg.data.tokenizer, cfg.data.path, cfg.data.seq_len,
+                   list(cfg.finetune.labels), cfg.train.max_steps, cfg.train.warmup_steps)
+
+    def but(self, **changes) -> "Resolved":
+        return dataclasses.replace(self, **changes)
+
+    def apply(self, cfg: Config) -> Config:
+        """The effective config: `cfg` with these values in place of its own (a new Config; cfg stays as it is)."""
+        return cfg.replaced({"model": self.model, "data.tokenizer": self.tokenizer, "data.path": self.data_path,
+                             "data.seq_len": self.seq_len, "finetune.labels": list(self.labels),
+                             "train.max_steps": self.max_steps, "train.warmup_steps": self.warmup_steps})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, tree: dict) -> "Resolved":
+        return cls(config_from_dict({"model": tree["model"]}).model, **{k: v for k, v in tree.items() if k != "model"})
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -449,7 +531,7 @@ def load_config(path: str | None = "tiny", sets: list[str] | None = None) -> Con
     apply_overrides(cfg, overrides)
     cfg.explicit = explicit | set(overrides)
     validate(cfg)
-    return cfg
+    return cfg.freeze()
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -457,6 +539,19 @@ def config_from_dict(tree: dict) -> Config:
     cfg = Config()
     apply_overrides(cfg, _flatten(tree, "saved config"))
     return cfg
+
+
+def saved_resolved(state: dict) -> Resolved:
+    """A checkpoint's Resolved (megatrain.json's `resolved`); for a checkpoint saved without one, its config's
+    values (such a checkpoint wrote what the run derived into its config)."""
+    if "resolved" in state:
+        return Resolved.from_dict(state["resolved"])
+    return Resolved.of(config_from_dict(state["config"]))
+
+
+def saved_config(state: dict) -> Config:
+    """The effective config a checkpoint's run trained with: its config with its Resolved laid over it."""
+    return saved_resolved(state).apply(config_from_dict(state["config"]))
 
 
 def ffn_width(m: ModelConfig) -> int:

@@ -63,16 +63,21 @@ def run(cfg: Config) -> dict:
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
     check(cfg)
-    init = adopt_init(cfg, "finetune.init")  # the model's shape before the layout is checked against it
+    asked = cfg  # as the user gave it; `cfg` below is the effective config (with what the run derived)
+    init, resolved = adopt_init(asked, "finetune.init")  # the model's shape before the layout is checked against it
+    cfg = resolved.apply(asked)
     tok = build_tokenizer(cfg.data.tokenizer)
     check_tokenizer(cfg, tok, init)
-    resolve_vocab(cfg, tok)  # a tokenizer of a larger vocabulary than the model's is refused
+    resolved = resolved.but(model=resolve_vocab(cfg, tok))  # a tokenizer larger than the model's vocabulary: refused
+    cfg = resolved.apply(asked)
     task = finetune_task(cfg, tok)  # every file read and checked before any process group exists
     f = cfg.finetune
     if f.metric_for_best and f.metric_for_best not in task.metrics:
         raise ConfigError(f"config key finetune.metric_for_best: {f.task} evaluations report {', '.join(task.metrics)}, "
                           f"not {f.metric_for_best!r}")
     task.prepare(f.train_file)
+    resolved = resolved.but(labels=task.labels)  # finetune.labels, or the training file's
+    cfg = task.cfg = resolved.apply(asked)
     train_set = task.encode(f.train_file, train=True)
     valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
     test_set = task.encode(f.test_file, train=False) if f.test_file else None
@@ -81,11 +86,11 @@ def run(cfg: Config) -> dict:
             build_model(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    run = Run.start(cfg)
     if f.epochs:
         steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
-        cfg.train.max_steps = steps
-        cfg.train.warmup_steps = min(cfg.train.warmup_steps, steps // 10)
+        resolved = resolved.but(max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10))
+    run = Run.start(asked, resolved)
+    cfg = task.cfg = run.cfg
     with torch.device("meta"):  # shapes only: each rank allocates just its share when parallelize fills it
         model = build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -96,7 +101,7 @@ def run(cfg: Config) -> dict:
     cut = "contexts split into windows" if f.task == "qa" else f"cut to {task.max_len} tokens"
     log0(f"data: {len(train_set)} training {unit}" + (f" ({train_set.truncated} {cut})" if train_set.truncated else "")
          + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
-         + (f" | labels {', '.join(f.labels[:12])}{' ...' if len(f.labels) > 12 else ''}" if f.labels else ""))
+         + (f" | labels {', '.join(task.labels[:12])}{' ...' if len(task.labels) > 12 else ''}" if task.labels else ""))
     if run.will_resume():  # nothing to read from finetune.init: the checkpoint's weights replace these zeros
         shapes = {n: p.shape for n, p in model.named_parameters()}  # the full ones, before parallelize cuts them
         weights = lambda name: torch.zeros(shapes[name])  # noqa: E731

@@ -65,25 +65,28 @@ def cluster_from_args(args):
     return Cluster(gpu, args.gpus, per_node, compute_efficiency=args.compute_efficiency)
 
 
-def resolve_model(cfg: Config) -> None:
+def resolve_model(cfg: Config) -> tuple[Config, int]:
     """What a run would take from elsewhere: the model of checkpoint.init / finetune.init, and model.vocab_size from
-    the tokenizer (rounded up as training rounds it) when the config leaves it 0."""
+    the tokenizer (rounded up as training rounds it) when the config leaves it 0. Returns the config a run would
+    train with, and the tokenizer's vocabulary when the model's came from it (else 0: the search pads it again for
+    each tp, as training would)."""
     from megatrain.training.runtime import adopt_init
 
     for key in ("checkpoint.init", "finetune.init"):
-        source = adopt_init(cfg, key)
+        source, resolved = adopt_init(cfg, key)
         if source is not None:
             source.close()
+            cfg = resolved.apply(cfg)
     m = cfg.model
-    if m.vocab_size == 0:
-        if cfg.data.path in (None, "", []) and "data.tokenizer" not in getattr(cfg, "explicit", set()):
-            from megatrain.corpus import VOCAB_SIZE as n  # the built-in corpus's tokenizer
-        else:
-            from megatrain.data import build_tokenizer
+    if m.vocab_size:
+        return cfg, 0
+    if cfg.data.path in (None, "", []) and "data.tokenizer" not in getattr(cfg, "explicit", set()):
+        from megatrain.corpus import VOCAB_SIZE as n  # the built-in corpus's tokenizer
+    else:
+        from megatrain.data import build_tokenizer
 
-            n = build_tokenizer(cfg.data.tokenizer).vocab_size
-        cfg.tokenizer_vocab = n  # the search pads it again for each tp, as training would
-        m.vocab_size = padded_vocab_size(n, m.pad_vocab_multiple, cfg.parallel.tp)
+        n = build_tokenizer(cfg.data.tokenizer).vocab_size
+    return cfg.replaced({"model.vocab_size": padded_vocab_size(n, m.pad_vocab_multiple, cfg.parallel.tp)}), n
 
 
 def _gib(n: float) -> str:
@@ -173,7 +176,7 @@ def command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     cluster = cluster_from_args(args)
-    resolve_model(cfg)
+    cfg, tokenizer_vocab = resolve_model(cfg)
     precision = resolve_precision(cfg, for_gpus=True)
     timed = cluster if cluster.gpu.tflops > 0 else None  # no peak rate: memory only
     title = (f"megatrain plan: {args.config} ({total_params(cfg.model) / 1e9:.2f}B parameters, vocab "
@@ -183,7 +186,7 @@ def command(args: argparse.Namespace) -> int:
         return 0
     if timed is None:
         raise ConfigError("--search ranks layouts by step time: give --gpu NAME or --gpu-tflops")
-    fits, smallest = search(cfg, cluster, precision)
+    fits, smallest = search(cfg, cluster, precision, tokenizer_vocab)
     if not fits:
         from megatrain.planning.search import usable_bytes
 

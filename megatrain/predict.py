@@ -26,8 +26,8 @@ class LocalRun:
     def __init__(self, cfg, batch_size: int):
         from megatrain.parallel.topology import Layout
 
-        self.cfg, self.layout, self.dp_rank, self.grid = cfg, Layout(1, 1, 1), 0, None
-        self.cfg.train.micro_batch_size = batch_size
+        self.cfg = cfg.replaced({"train.micro_batch_size": batch_size})
+        self.layout, self.dp_rank, self.grid = Layout(1, 1, 1), 0, None
 
 
 class LocalEngine:

@@ -52,14 +52,14 @@ def check_data_path(cfg: Config) -> None:
 
 
 def setup_data(cfg: Config):
-    """The tokenizer and train/valid datasets; the built-in corpus when data.path is unset."""
-    if cfg.data.path in (None, "", []):
-        from megatrain.corpus import builtin_corpus_paths, ensure_builtin_corpus
+    """The tokenizer and train/valid datasets of the effective config (the built-in corpus's where the config left
+    data.path unset: built here, once per node)."""
+    from megatrain.corpus import builtin_corpus_paths, ensure_builtin_corpus
 
+    if cfg.data.path == builtin_corpus_paths()[0]:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             ensure_builtin_corpus(log0)  # one builder per node; the others wait at the barrier
         dist.barrier()
-        cfg.data.path, cfg.data.tokenizer = builtin_corpus_paths()
     tok = build_tokenizer(cfg.data.tokenizer)
     t = cfg.train
     n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0
@@ -76,11 +76,17 @@ def run(cfg: Config) -> dict:
     from megatrain.tasks import pretraining_task
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
-    init = adopt_init(cfg)  # checkpoint.init's model shape; before the layout is checked against it
-    check_data_path(cfg)  # fail in one line before any distributed setup
-    run = Run.start(cfg)  # likewise every invalid TP x PP x DP layout, then the process groups
-    tok, train_ds, valid_ds = setup_data(cfg)
-    resolve_vocab(cfg, tok)
+    init, resolved = adopt_init(cfg)  # checkpoint.init's model shape; before the layout is checked against it
+    if cfg.data.path in (None, "", []):  # the built-in corpus (and its tokenizer)
+        from megatrain.corpus import builtin_corpus_paths
+
+        path, tokenizer = builtin_corpus_paths()
+        resolved = resolved.but(data_path=path, tokenizer=tokenizer)
+    else:
+        check_data_path(resolved.apply(cfg))  # fail in one line before any distributed setup
+    run = Run.start(cfg, resolved)  # likewise every invalid TP x PP x DP layout, then the process groups
+    tok, train_ds, valid_ds = setup_data(run.cfg)
+    cfg = run.derive(model=resolve_vocab(run.cfg, tok))  # the run's effective config from here on
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
     # Shapes only: each rank allocates just its share when parallelize fills it, with the initial values (the same

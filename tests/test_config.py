@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from megatrain.config import PRESET_DIR, Config, ConfigError, ffn_width, load_config, validate_world
+from megatrain.config import (PRESET_DIR, Config, ConfigError, Resolved, ffn_width, load_config, saved_config,
+                              validate_world)
 from megatrain.training.engine import deepspeed_config, lr_lambda
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -20,7 +21,7 @@ def test_every_shipped_preset_loads(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
     for stage in (0, 1, 2, 3):
-        cfg.parallel.zero_stage = stage
+        cfg = cfg.replaced({"parallel.zero_stage": stage})
         ds = deepspeed_config(cfg, world_size=cfg.train.global_batch_size // cfg.train.micro_batch_size)
         assert ds["train_batch_size"] == cfg.train.global_batch_size
         assert ds["zero_optimization"]["stage"] == stage
@@ -99,6 +100,39 @@ def test_deepspeed_config_filled_from_ours():
     # ZeRO-1's JSON sets no bucket: DeepSpeed's default (5e8 elements, 2 GB in fp32) was allocated for a tiny model
     ds = deepspeed_config(load_config("tiny", ["parallel.zero_stage=1"]), 2, local_params=1234)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1234
+
+
+def test_a_validated_config_is_read_only():
+    """What a run derives goes in its Resolved: an assignment into the user's config (a write-back) fails."""
+    cfg = load_config("tiny", ["train.max_steps=9"])
+    for section, key, value in [("model", "vocab_size", 320), ("finetune", "labels", ["a", "b"]),
+                                ("train", "max_steps", 10), ("data", "tokenizer", "byte")]:
+        with pytest.raises(ConfigError, match=f"config key {section}.{key}: the config is read-only"):
+            setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match="read-only"):
+        cfg.tokenizer_vocab = 2048
+    changed = cfg.replaced({"train.max_steps": 12, "parallel.zero_stage": 2})  # a new config; this one stays
+    assert (changed.train.max_steps, changed.parallel.zero_stage, cfg.train.max_steps) == (12, 2, 9)
+    assert changed.explicit == cfg.explicit
+    with pytest.raises(ConfigError, match="read-only"):
+        changed.train.lr = 1.0
+
+
+def test_resolved_lays_what_a_run_derived_over_the_config_as_asked():
+    import dataclasses
+
+    cfg = load_config("tiny", ["model.vocab_size=0", "finetune.epochs=2"])
+    resolved = Resolved.of(cfg).but(model=dataclasses.replace(cfg.model, vocab_size=320, d_model=64),
+                                    labels=["neg", "pos"], max_steps=15, warmup_steps=1, tokenizer="hf:/m")
+    run = resolved.apply(cfg)
+    assert (run.model.vocab_size, run.model.d_model, run.finetune.labels, run.train.max_steps, run.train.warmup_steps,
+            run.data.tokenizer) == (320, 64, ["neg", "pos"], 15, 1, "hf:/m")
+    assert (cfg.model.vocab_size, cfg.model.d_model, cfg.finetune.labels) == (0, 192, [])  # as asked (tiny)
+    # megatrain.json holds both; one saved without `resolved` (the derived values in its config) reads the same
+    state = json.loads(json.dumps(dict(config=cfg.to_dict(), resolved=resolved.to_dict())))
+    assert Resolved.from_dict(state["resolved"]) == resolved
+    assert saved_config(state).to_dict() == run.to_dict()
+    assert saved_config(dict(config=run.to_dict())).to_dict() == run.to_dict()
 
 
 @pytest.mark.slow

@@ -167,7 +167,8 @@ def test_llama_from_hf_round_trips_and_starts_a_pretraining_run(tmp_path):
         want = np.mean([float(hf(tokens[i:i + 2], labels=tokens[i:i + 2]).loss) for i in range(0, 8, 2)])
     assert losses(ck)[1] == pytest.approx(want, rel=1e-5)
     saved = json.load(open(os.path.join(ck, "step00000002", "megatrain.json")))
-    assert saved["config"]["model"]["n_layers"] == 2 and saved["config"]["model"]["d_model"] == 64  # from init
+    assert saved["resolved"]["model"]["n_layers"] == 2 and saved["resolved"]["model"]["d_model"] == 64  # from init
+    assert saved["config"]["model"]["d_model"] == 128 and saved["config"]["checkpoint"]["init"]  # as asked
 
 
 # -- bad input: one line, exit 1, nothing left behind ------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_reader_bad_inputs(broken, tmp_path):
     one_error_line(cli("convert", "consolidate", broken, "--output", out), "zero_pp_rank_0_mp_rank_00_optim_states.pt: rank file missing")
     open(optim, "wb").write(data)
     state = json.load(open(_state(broken)))
-    state["config"]["model"]["d_model"] = 32  # the shards no longer fit the saved config
+    state["resolved"]["model"]["d_model"] = 32  # the shards no longer fit the saved model
     json.dump(state, open(_state(broken), "w"))
     one_error_line(cli("convert", "consolidate", broken, "--output", out), "the checkpoint's shards disagree in shape")
     open(_state(broken), "w").write("{not json")
@@ -224,7 +225,7 @@ def test_converter_bad_inputs(broken, tmp_path):
     one_error_line(cli("convert", "reshard", broken, "--output", out, "--set", "parallel.tp=2", "--world-size", "3"),
                    "does not divide the world size 3")
     state = json.load(open(_state(broken)))
-    state["config"]["model"]["objective"] = "mlm"
+    state["resolved"]["model"]["objective"] = "mlm"
     json.dump(state, open(_state(broken), "w"))
     one_error_line(cli("convert", "to-hf", broken, "--output", out), "transformers has no causal-LM class for a masked LM")
     # Hugging Face folders: none, an unknown architecture, missing and misshapen weights, a pickle not trusted

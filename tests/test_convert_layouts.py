@@ -49,7 +49,7 @@ def test_consolidate_and_reshard_every_layout(tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from megatrain.checkpoint.reader import CheckpointReader
-    from megatrain.config import config_from_dict, load_config
+    from megatrain.config import load_config, saved_config
     from megatrain.convert.writer import target_config
     from megatrain.data import build_gpt_datasets
     from megatrain.generate import load_model
@@ -96,7 +96,7 @@ def test_consolidate_and_reshard_every_layout(tmp_path):
         for tp, pp, dp, zero in targets:
             out = str(tmp_path / f"{name}-to-{tp}{pp}{dp}{zero}")
             sets = [f"{k}={v}" for k, v in layout_sets(tp, pp, dp, zero).items()]
-            tcfg, world = target_config(config_from_dict(saved["config"]), sets, tp * pp * dp)
+            tcfg, world = target_config(saved_config(saved), sets, tp * pp * dp)
             job = dict(cfg=tcfg.to_dict(), source=src, tag="step00000003", hf_dir=None, trust_pickle=False, tmp=out,
                        step=3, consumed_samples=24)
             resume = small_sets(data, out, **COMMON, **layout_sets(tp, pp, dp, zero))
@@ -117,12 +117,12 @@ def test_consolidate_and_reshard_every_layout(tmp_path):
 def _check_against_rank_files(ck: str, got: dict, tp: int, pp: int) -> None:
     """The weights every rank saved itself (DeepSpeed's module files), put together through the sharding table."""
     from megatrain.checkpoint.io import read_latest
-    from megatrain.config import config_from_dict
+    from megatrain.config import saved_config
     from megatrain.parallel.sharding import canonical_name, split_of, unshard
 
     tag = read_latest(ck)
     folder = os.path.join(ck, tag)
-    cfg = config_from_dict(json.load(open(os.path.join(folder, "megatrain.json")))["config"]).model
+    cfg = saved_config(json.load(open(os.path.join(folder, "megatrain.json")))).model
     slices: dict[str, dict[int, torch.Tensor]] = {}
     for f in sorted(os.listdir(folder)):
         if pp > 1 and f.startswith("layer_"):  # layer_{i}-model_{tp}-model_states.pt

@@ -118,7 +118,7 @@ def test_a_words_tag_sits_on_its_last_piece_for_causal_models_and_first_for_bidi
     path.write_text("-DOCSTART- O\n\nAlice\tB-PER\nlives\tO\nin\tO\nNew\tB-LOC\nYork\tI-LOC\n\n")
     cfg, task = task_for("tokens", [f"model.objective={objective}"])
     task.prepare(str(path))
-    assert cfg.finetune.labels == ["B-LOC", "B-PER", "I-LOC", "O"]
+    assert task.labels == ["B-LOC", "B-PER", "I-LOC", "O"]
     item = task.encode(str(path), train=False).items[0]
     text = "Alice lives in New York"
     starts = [0, 6, 12, 15, 19]
@@ -126,7 +126,7 @@ def test_a_words_tag_sits_on_its_last_piece_for_causal_models_and_first_for_bidi
         pos = item["positions"][w]  # byte tokenizer: a piece per character
         assert pos == starts[w] + (len(word) - 1 if piece == -1 else 0)
         assert text[pos] == word[piece]
-        assert item["labels"][pos] == cfg.finetune.labels.index(tag)
+        assert item["labels"][pos] == task.labels.index(tag)
     assert sum(y != IGNORE_INDEX for y in item["labels"]) == 5  # one target a word, the other pieces none
 
 
@@ -273,6 +273,35 @@ def test_classify_end_to_end_evaluate_and_predict(pretrained, tmp_path):
     assert pr.returncode == 0, pr.stderr
     preds = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert len(preds) == 5 and all(p["prediction"] in ("neg", "pos") and 0.5 <= p["score"] <= 1 for p in preds)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_keeps_the_config_as_asked_beside_what_the_run_derived(pretrained, tmp_path):
+    """The labels the training file defines, the steps of finetune.epochs and the model of finetune.init are the
+    run's Resolved, saved beside the config as the user gave it; a checkpoint saved without one still reads."""
+    from megatrain.config import saved_config
+    from megatrain.predict import load
+
+    train = write(tmp_path / "train.jsonl", sentiment(40, 0))
+    out = str(tmp_path / "clf")
+    run_distributed(finetune_runs, 1, [("finetune-classify", ft_sets(pretrained, out, train, train, **{
+        "finetune.epochs": 1, "train.warmup_steps": 3}))], timeout=300)
+    path = os.path.join(out, "step00000005", "megatrain.json")  # 40 examples, 8 a step: 5 steps
+    state = json.load(open(path))
+    asked, resolved = state["config"], state["resolved"]
+    assert (asked["finetune"]["labels"], asked["train"]["max_steps"], asked["train"]["warmup_steps"]) == ([], 8, 3)
+    assert (asked["model"]["vocab_size"], asked["model"]["d_model"], asked["data"]["tokenizer"]) == (0, 128, "byte")
+    assert (resolved["labels"], resolved["max_steps"], resolved["warmup_steps"]) == (["neg", "pos"], 5, 0)
+    assert (resolved["model"]["vocab_size"], resolved["model"]["d_model"]) == (320, 64)  # the pretrained model's
+    model, cfg, _, task, _ = load(out)
+    assert cfg.finetune.labels == task.labels == ["neg", "pos"] and cfg.model.d_model == 64
+    state["config"] = saved_config(state).to_dict()  # as a checkpoint saved without `resolved` holds it
+    del state["resolved"]
+    with open(path, "w") as f:
+        json.dump(state, f)
+    old, old_cfg, _, old_task, _ = load(out)
+    assert old_cfg.to_dict() == cfg.to_dict() and old_task.labels == ["neg", "pos"]
+    assert all(torch.equal(t, old.state_dict()[k]) for k, t in model.state_dict().items())
 
 
 @pytest.mark.slow

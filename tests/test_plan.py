@@ -154,9 +154,9 @@ def test_search_pads_a_tokenizers_vocabulary_for_each_tp():
 
     cfg = load_config("tiny", ["model.n_heads=6", "model.n_kv_heads=3", "model.d_model=192", "train.global_batch_size=6",
                                "train.micro_batch_size=1"])
-    resolve_model(cfg)
-    assert cfg.model.vocab_size == 2048
-    sizes = {c.parallel.tp: c.model.vocab_size for c in candidate_layouts(cfg, 3, 8)}
+    cfg, tokenizer_vocab = resolve_model(cfg)
+    assert cfg.model.vocab_size == 2048 and tokenizer_vocab == 2048
+    sizes = {c.parallel.tp: c.model.vocab_size for c in candidate_layouts(cfg, 3, 8, tokenizer_vocab)}
     assert sizes == {1: 2048, 3: 2112}
 
 

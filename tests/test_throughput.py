@@ -1,5 +1,6 @@
 """MFU a user can trust: the two FLOP conventions, the CPU peak measured once per machine (cached with its conditions)
 and shared among the ranks of a node, and a 2-rank run on shared cores that never logs more than 100%."""
+import dataclasses
 import json
 import os
 
@@ -20,7 +21,7 @@ def test_whole_attention_adds_back_the_causal_half_and_nothing_else():
     s = 128
     halved, whole = train_flops_per_token(m, s), train_flops_per_token(m, s, whole_attention=True)
     assert whole - halved == 3 * m.n_layers * (2 * 2 * s * m.d_model) / 2
-    m.objective = "mlm"
+    m = dataclasses.replace(m, objective="mlm")
     assert train_flops_per_token(m, s) == train_flops_per_token(m, s, whole_attention=True) == whole
 
 

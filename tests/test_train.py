@@ -54,6 +54,23 @@ def test_single_rank_trains_saves_resumes_and_generates(tmp_path):
     r = megatrain_cli("generate", "--checkpoint", a, "--prompt", "x" * 64)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("megatrain generate: error: --prompt is 64 "
                                                                                "tokens"), r.stderr
+    # megatrain.json: the config as asked (vocab_size 0: the tokenizer's, padded) and what the run derived from it
+    from megatrain.config import saved_config
+
+    path = os.path.join(a, "step00000006", "megatrain.json")
+    state = json.load(open(path))
+    assert state["config"]["model"]["vocab_size"] == 0
+    assert state["resolved"]["model"]["vocab_size"] == model.cfg.vocab_size == 320  # 259 byte pieces, padded to 64
+    assert {k: state["resolved"][k] for k in ("tokenizer", "seq_len", "max_steps", "labels")} == dict(
+        tokenizer="byte", seq_len=32, max_steps=6, labels=[])
+    # a checkpoint saved without `resolved` held the derived values in its config: it reads the same
+    state["config"] = saved_config(state).to_dict()
+    del state["resolved"]
+    with open(path, "w") as f:
+        json.dump(state, f)
+    old, saved = load_model(a)
+    assert saved["config"]["model"]["vocab_size"] == 320
+    assert all(torch.equal(t, old.state_dict()[k]) for k, t in model.state_dict().items())
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     DIR/latest                     the newest *complete* tag (written last, atomically, by rank 0)
     DIR/step00000100/              DeepSpeed's files (mp_rank_*_model_states.pt, zero shards, ...)
-    DIR/step00000100/megatrain.json  megatrain's config, step and samples consumed
+    DIR/step00000100/megatrain.json  the config as asked, what the run derived (resolved), step, samples consumed
     DIR/step00000100/rng_rank{r}.pt  each rank's RNG states
     DIR/zero_to_fp32.py            DeepSpeed's consolidation script
 
@@ -10,6 +10,7 @@ so DeepSpeed's own `zero_to_fp32` and `get_fp32_state_dict_from_zero_checkpoint(
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import json
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain import faults
-from megatrain.config import Config, ConfigError, RunStopped, config_from_dict
+from megatrain.config import Config, ConfigError, Resolved, RunStopped, saved_config
 from megatrain.fileio import read_json, write_atomic
 from megatrain.parallel.rng import set_tp_stream_state, tp_stream_state
 
@@ -70,16 +71,19 @@ def set_rng_state(state: dict) -> None:
         set_tp_stream_state(state["tp_stream"])
 
 
-def save(engine, cfg: Config, step: int, consumed_samples: int, layout: dict, extra: dict | None = None) -> str:
-    """Save on every rank; `latest` moves to this tag only once every rank's files are on disk. `extra` goes into
-    megatrain.json beside the step (the fine-tuning loop keeps its best metric there).
+def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: int, layout: dict,
+         extra: dict | None = None) -> str:
+    """Save on every rank; `latest` moves to this tag only once every rank's files are on disk. megatrain.json holds
+    `cfg` as the user asked it (`config`), what the run derived (`resolved`: the model's shape and the rest; readers
+    take the model from there), the step, and `extra` (the fine-tuning loop keeps its best metric there).
 
     A write that fails on any rank (a full disk, a quota, an I/O error) does not stop that rank inside DeepSpeed's
     collectives: its remaining files are skipped (see harden), every rank learns of it afterwards, the partial step
     folder is removed, `latest` keeps naming the previous complete checkpoint, and RunStopped says what happened."""
     ckpt_dir = cfg.checkpoint.dir
     tag = tag_for(step)
-    state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), layout=layout, **(extra or {}))
+    state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), resolved=resolved.to_dict(),
+                 layout=layout, **(extra or {}))
     ce = engine.checkpoint_engine
     if faults.fires("enospc", step):
         ce.megatrain_inject = True
@@ -169,10 +173,11 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
                 raise ConfigError(f"{where}: saved with {k}={saved['layout'][k]} ({_fmt(saved['layout'])}) but this "
                                   f"run has {k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert "
                                   f"it: {reshard_command(os.path.dirname(where), layout)}")
-    saved_cfg = config_from_dict(saved["config"])
+    saved_cfg = saved_config(saved)  # the effective config it trained with, as `cfg` is this run's
     pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
     for section, now, then in pairs:
-        for k, v in vars(now).items():
+        for f in dataclasses.fields(now):
+            k, v = f.name, getattr(now, f.name)
             if k in ("path", "cache_dir"):
                 continue
             if getattr(then, k) != v:

@@ -1,7 +1,7 @@
 """The one checkpoint reader: a checkpoint of any layout megatrain writes -> full tensors, one at a time.
 
     with CheckpointReader("runs/tiny") as r:      # its `latest`, or tag="step00000100", or a step folder
-        r.cfg, r.layout, r.state                   # the saved config, layout ({tp, pp, dp, zero_stage}), step/samples
+        r.cfg, r.layout, r.state                   # the run's config, layout ({tp, pp, dp, zero_stage}), step/samples
         for name, t in r.tensors():                # full fp32 master weights under the model's own names
             ...
         r.tensor("layers.0.attn.qkv.weight", "exp_avg")   # Adam's moments the same way ("exp_avg_sq" too)
@@ -22,7 +22,6 @@ was sharded.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch
 
 from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest, why_unreadable
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
-from megatrain.config import Config, ConfigError, config_from_dict
+from megatrain.config import Config, ConfigError, Resolved, config_from_dict, saved_resolved
 from megatrain.data.tokenizer import parse_spec
 from megatrain.heads import build_model
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
@@ -130,12 +129,16 @@ class CheckpointReader:
         try:
             with open(state_path) as f:
                 self.state = json.load(f)
-            self.cfg: Config = config_from_dict(self.state["config"])
+            # the config as the run was given it, and what the run derived (the model's shape among it: from the
+            # config itself in a checkpoint saved without `resolved`)
+            self.asked: Config = config_from_dict(self.state["config"])
+            self.resolved: Resolved = saved_resolved(self.state)
         except (ValueError, KeyError, TypeError) as e:
             why = str(e).splitlines()[0]
             raise CheckpointError(f"{state_path}: not a valid megatrain state file ({why})") from None
         if self.consolidated:  # its tokenizer files sit beside the weights
-            self.cfg.data.tokenizer = resolve_spec(self.cfg.data.tokenizer, self.folder)
+            self.resolved = self.resolved.but(tokenizer=resolve_spec(self.resolved.tokenizer, self.folder))
+        self.cfg: Config = self.resolved.apply(self.asked).freeze()  # the effective config the run trained with
         lay, p = self.state.get("layout") or {}, self.cfg.parallel
         self.layout = dict(tp=1, pp=1, dp=1, zero_stage=0) if self.consolidated else dict(
             tp=lay.get("tp", p.tp), pp=lay.get("pp", p.pp), dp=lay.get("dp", 1),
@@ -147,9 +150,12 @@ class CheckpointReader:
         self._step: Fragment | None = None  # where AdamW's step count is stored (the same in every group)
         self._index()
         self.lora_scale = None  # with merge_lora on a LoRA run: names() and tensor() give W + (alpha / r) B @ A
-        if merge_lora and self.cfg.finetune.lora_rank:
-            self.lora_scale = self.cfg.finetune.lora_alpha / self.cfg.finetune.lora_rank
-            self.cfg.finetune.lora_rank = 0  # what the merged weights are: the same model without adapters
+        if merge_lora and self.asked.finetune.lora_rank:
+            f = self.asked.finetune
+            self.lora_scale = f.lora_alpha / f.lora_rank
+            # what the merged weights are: the same model without adapters
+            self.asked = self.asked.replaced({"finetune.lora_rank": 0})
+            self.cfg = self.resolved.apply(self.asked).freeze()
 
     @property
     def where(self) -> str:
@@ -163,8 +169,7 @@ class CheckpointReader:
 
     def _expected_params(self) -> dict[str, _Param]:
         """The model's parameters (names, full shapes) from the saved config, built on the meta device."""
-        cfg = copy.deepcopy(self.cfg)
-        cfg.model.fused_kernels = "off"
+        cfg = self.cfg.replaced({"model.fused_kernels": "off"})
         with torch.device("meta"):
             model = build_model(cfg)  # a fine-tuned model's head and adapters too
         return {n: _Param(n, tuple(p.shape), split_of(n, self.cfg.model)) for n, p in model.named_parameters()}

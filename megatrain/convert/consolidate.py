@@ -80,10 +80,10 @@ def write_consolidated(reader: CheckpointReader, out: str, dtype: torch.dtype = 
     except BaseException:
         writer.abort()
         raise
-    cfg = reader.cfg.to_dict()
-    cfg["data"]["tokenizer"] = copy_tokenizer(reader.cfg.data.tokenizer, out)
-    state = {k: v for k, v in reader.state.items() if k not in ("config", "layout")}
-    state.update(config=cfg, consolidated_from=dict(path=reader.folder, layout=reader.layout),
+    resolved = reader.resolved.but(tokenizer=copy_tokenizer(reader.cfg.data.tokenizer, out)).to_dict()
+    state = {k: v for k, v in reader.state.items() if k not in ("config", "resolved", "layout")}
+    state.update(config=reader.asked.to_dict(), resolved=resolved,
+                 consolidated_from=dict(path=reader.folder, layout=reader.layout),
                  dtype=str(dtype).removeprefix("torch."))
     with open(os.path.join(out, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)

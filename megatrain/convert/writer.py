@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from megatrain.checkpoint import io as checkpoint
 from megatrain.checkpoint.hf import load_hf_weights
 from megatrain.checkpoint.reader import KEYS, CheckpointReader
-from megatrain.config import Config, ConfigError, apply_overrides, config_from_dict, parse_set, validate, validate_world
+from megatrain.config import (Config, ConfigError, Resolved, apply_overrides, config_from_dict, parse_set, validate,
+                              validate_world)
 from megatrain.convert.consolidate import WEIGHT_SUFFIXES, check_output
 from megatrain.generate import load_weights
 from megatrain.model import Transformer
@@ -41,7 +42,7 @@ RESHARDABLE = ("parallel.", "train.micro_batch_size")
 class Job:
     """What every rank of the writer needs (plain data: it crosses to spawned processes)."""
 
-    cfg: dict  # the target config
+    cfg: dict  # the target config (a reshard's: the source's config as its run was given it, with the new layout)
     source: str | None  # a megatrain checkpoint folder (reshard), or None
     tag: str | None
     hf_dir: str | None  # a Hugging Face folder (from-hf), or None
@@ -50,16 +51,17 @@ class Job:
     step: int
     consumed_samples: int
     tokenizer_from: str | None = None  # a folder whose tokenizer files go to tmp/tokenizer (from-hf)
+    resolved: dict | None = None  # what the source's run derived (Resolved.to_dict()); None: the values of cfg
 
 
 def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Config, int]:
-    """`base` with the --set layout changes, validated for `world` ranks (default tp x pp)."""
+    """A copy of `base` with the --set layout changes, validated for `world` ranks (default tp x pp)."""
     overrides = dict(parse_set(s) for s in sets)
     bad = [k for k in overrides if not k.startswith(RESHARDABLE)]
     if bad:
         raise ConfigError(f"--set {bad[0]}: only the layout can change here (parallel.*, train.micro_batch_size); "
                           f"the model and the run's other settings come from the checkpoint")
-    cfg = apply_overrides(base, overrides)
+    cfg = apply_overrides(config_from_dict(base.to_dict()), overrides)
     validate(cfg)
     world = world or cfg.parallel.tp * cfg.parallel.pp
     if world < 1:
@@ -73,14 +75,17 @@ def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | N
             force: bool = False) -> None:
     check_output(out, force)
     with CheckpointReader(src, tag) as reader:
-        cfg, world = target_config(config_from_dict(reader.state["config"]), sets, world)
-        cfg.data.tokenizer = reader.cfg.data.tokenizer
+        cfg, world = target_config(reader.cfg, sets, world)  # the layout is checked against the run's model
+        # saved as the source saved it: its config (with the new layout) and what its run derived
+        asked = reader.asked.replaced({"parallel": cfg.parallel, "train.micro_batch_size": cfg.train.micro_batch_size})
+        resolved = reader.resolved.to_dict()
         if not reader.has_optimizer_state():
             print(f"note: {reader.where} has no optimizer state; the new checkpoint starts AdamW afresh",
                   file=sys.stderr)
         where, step, consumed = reader.where, reader.state.get("step", 0), reader.state.get("consumed_samples", 0)
     t0 = time.perf_counter()
-    job = Job(cfg.to_dict(), src, tag, None, False, f"{os.path.abspath(out)}.partial", step, consumed)
+    job = Job(asked.to_dict(), src, tag, None, False, f"{os.path.abspath(out)}.partial", step, consumed,
+              resolved=resolved)
     if not write(job, world):
         return
     finish(job.tmp, out, force)
@@ -143,9 +148,9 @@ def _spawned_rank(rank: int, world: int, port: int, job: Job) -> None:
 
 def write_rank(job: Job) -> None:
     """One rank of the writer: build the target run, load the weights (and optimizer state), save."""
-    cfg = config_from_dict(job.cfg)
-    cfg.checkpoint.dir = job.tmp
-    run = Run.start(cfg)
+    asked = config_from_dict(job.cfg).replaced({"checkpoint.dir": job.tmp})
+    run = Run.start(asked, Resolved.from_dict(job.resolved) if job.resolved else None)
+    cfg = run.cfg
     if run.rank == 0:  # the others write nothing before the barrier below
         shutil.rmtree(job.tmp, ignore_errors=True)
         os.makedirs(job.tmp)
@@ -163,7 +168,7 @@ def write_rank(job: Job) -> None:
         _restore_rng(reader, run.rank)
     engine.global_steps, engine.global_samples = job.step, job.consumed_samples
     dist.barrier()
-    checkpoint.save(engine, cfg, job.step, job.consumed_samples, run.record)
+    checkpoint.save(engine, run.asked, run.resolved, job.step, job.consumed_samples, run.record)
     if reader:
         reader.close()
 

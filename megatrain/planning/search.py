@@ -1,7 +1,6 @@
 """One layout's plan (memory per pipeline stage, step time), and the search over every layout of N GPUs that fits."""
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -93,16 +92,15 @@ def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str
     return LayoutPlan(cfg, layout.tp, layout.pp, layout.dp, grad_accum, precision, stages, states, acts, time)
 
 
-def with_layout(cfg: Config, **keys) -> Config:
-    """A copy of cfg with section.key values (given as section__key=value)."""
-    out = copy.deepcopy(cfg)
-    for k, v in keys.items():
-        section, key = k.split("__")
-        setattr(getattr(out, section), key, v)
-    n = getattr(cfg, "tokenizer_vocab", 0)
-    if n:  # the vocabulary came from the tokenizer: padded for this layout's tp, as training pads it
-        out.model.vocab_size = padded_vocab_size(n, out.model.pad_vocab_multiple, out.parallel.tp)
-    return out
+def with_layout(cfg: Config, tokenizer_vocab: int = 0, **keys) -> Config:
+    """A copy of cfg with section.key values (given as section__key=value). tokenizer_vocab: the tokenizer's
+    vocabulary when model.vocab_size came from it (0: the config set it), padded for this layout's tp as training
+    pads it."""
+    changes = {k.replace("__", "."): v for k, v in keys.items()}
+    if tokenizer_vocab:
+        tp = changes.get("parallel.tp", cfg.parallel.tp)
+        changes["model.vocab_size"] = padded_vocab_size(tokenizer_vocab, cfg.model.pad_vocab_multiple, tp)
+    return cfg.replaced(changes)
 
 
 def _divisors(n: int) -> list[int]:
@@ -117,9 +115,10 @@ def _zero_options(pp: int) -> list[tuple[int, tuple[bool, bool]]]:
             (3, (False, False)), (3, (True, False)), (3, (True, True))]
 
 
-def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int):
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, tokenizer_vocab: int = 0):
     """Every (tp, pp, zero_stage, offload, micro-batch, checkpointing, sequence parallel) the config's model and global
-    batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share."""
+    batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share.
+    tokenizer_vocab: as with_layout's."""
     G = cfg.train.global_batch_size
     for tp in _divisors(gpus):
         for pp in _divisors(gpus // tp):
@@ -129,17 +128,18 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int):
             micro = [mb for mb in (1, 2, 4, 8, 16, 32) if (G // dp) % mb == 0]
             for (zero, offload), mb, ckpt, sp in itertools.product(_zero_options(pp), micro, ("none", "selective", "full"),
                                                                    (False, True) if tp > 1 else (False,)):
-                yield with_layout(cfg, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
+                yield with_layout(cfg, tokenizer_vocab, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
                                   parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
                                   parallel__offload_params=offload[1], train__micro_batch_size=mb,
                                   train__activation_checkpointing=ckpt)
 
 
-def search(cfg: Config, cluster: Cluster, precision: str) -> tuple[list[LayoutPlan], int]:
-    """Every layout that fits, fastest first; and the smallest peak of all layouts (to report when none fits)."""
+def search(cfg: Config, cluster: Cluster, precision: str, tokenizer_vocab: int = 0) -> tuple[list[LayoutPlan], int]:
+    """Every layout that fits, fastest first; and the smallest peak of all layouts (to report when none fits).
+    tokenizer_vocab: as with_layout's."""
     fits, smallest = [], math.inf
     limit = usable_bytes(cluster)
-    for candidate in candidate_layouts(cfg, cluster.gpus, cluster.gpus_per_node):
+    for candidate in candidate_layouts(cfg, cluster.gpus, cluster.gpus_per_node, tokenizer_vocab):
         try:
             plan = plan_layout(candidate, cluster.gpus, cluster, precision)
         except ConfigError:  # a split the model does not allow (heads, KV heads, MLP width, layers)

@@ -139,13 +139,15 @@ class FinetuneTask(Task):
 
     def __init__(self, cfg: Config, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
+        self.labels = list(cfg.finetune.labels)  # classify/tokens: the label names in id order (prepare finds them)
         self.max_len = cfg.finetune.max_seq_len or cfg.model.max_seq_len
         self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod_id
 
     # -- data -------------------------------------------------------------------------------------------------------
 
     def prepare(self, train_file: str) -> None:
-        """Learn what the training file defines (the label set) into cfg.finetune; called before the model exists."""
+        """Learn what the training file defines (the label set, into self.labels unless finetune.labels names
+        it); called before the model exists. The run records it in its Resolved."""
 
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         """A file's examples, encoded; labeled=False reads a file to predict (its labels may be missing)."""

@@ -2,7 +2,8 @@
 
 Files: jsonl {"text": ..., "label": ..., ["text_pair": ...]}, or csv/tsv with a header row; finetune.text_column,
 text_pair_column and label_column name other fields. Labels are any strings: the set in the training file, sorted,
-becomes finetune.labels (saved with every checkpoint); a label in another file that training never saw is refused.
+becomes the run's labels (unless finetune.labels names them; saved with every checkpoint); a label in another file
+that training never saw is refused.
 A causal model reads the text, an end-of-document token (and the pair, and another one) and is classified at that
 last token, which has read everything; see heads.SequenceClassifier for the pooling.
 """
@@ -26,22 +27,21 @@ class Classify(FinetuneTask):
         return field_of(rec, self.cfg.finetune.label_column, "label").strip()
 
     def prepare(self, train_file: str) -> None:
-        if not self.cfg.finetune.labels:  # a resumed or re-run job keeps the saved order
-            self.cfg.finetune.labels = sorted({self._label(r) for r in read_records(train_file, self.cfg.finetune.format)})
-        if len(self.cfg.finetune.labels) < 2:
-            raise InputError(f"{train_file}: only one label ({self.cfg.finetune.labels[0]!r}); classification needs two "
-                             f"or more")
+        if not self.labels:
+            self.labels = sorted({self._label(r) for r in read_records(train_file, self.cfg.finetune.format)})
+        if len(self.labels) < 2:
+            raise InputError(f"{train_file}: only one label ({self.labels[0]!r}); classification needs two or more")
 
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
-        index = {name: i for i, name in enumerate(f.labels)}
+        index = {name: i for i, name in enumerate(self.labels)}
         items, truncated = [], 0
         for rec in read_records(path, f.format):
             if not labeled and f.label_column not in rec.fields:
                 label = None
             elif (label := self._label(rec)) not in index:
                 raise InputError(f"{rec.where}: label {label!r} never occurs in the training file "
-                                 f"({', '.join(f.labels[:10])}{' ...' if len(f.labels) > 10 else ''})")
+                                 f"({', '.join(self.labels[:10])}{' ...' if len(self.labels) > 10 else ''})")
             ids = self.tok.encode(field_of(rec, f.text_column, "text")) + [self.tok.eod_id]
             pair = rec.fields.get(f.text_pair_column)
             if isinstance(pair, str) and pair:
@@ -66,9 +66,9 @@ class Classify(FinetuneTask):
 
     def score(self, examples: Examples, results: list) -> dict:
         m = classification_metrics([it["label"] for it in examples.items], [r[0] for r in results],
-                                   self.cfg.finetune.labels)
+                                   self.labels)
         return {k: v for k, v in m.items() if k not in ("labels",)}
 
     def present(self, examples: Examples, results: list) -> list[dict]:
-        labels = self.cfg.finetune.labels
+        labels = self.labels
         return [dict(it["record"], prediction=labels[r[0]], score=r[1]) for it, r in zip(examples.items, results)]

@@ -2,10 +2,11 @@
 
 Files: CoNLL (`word ... tag` a line, the tag last, tab or space separated; a blank line between sentences; -DOCSTART-
 skipped) or jsonl {"tokens": [...], "tags": [...]}. Tags follow finetune.scheme (iob1, iob2, bioes), checked on every
-sentence; the training file's tag set, sorted, becomes finetune.labels. A sentence is tokenized as its words joined
-by spaces, and each word's tag is learned and predicted on one of its pieces: the first for a bidirectional model,
-the last for a causal one (a causal model's first piece has not yet seen the rest of its word); the other pieces
-carry no loss. Metrics: entity-level precision/recall/F1 by exact span (seqeval), per type, and token accuracy.
+sentence; the training file's tag set, sorted, becomes the run's labels (unless finetune.labels names them). A
+sentence is tokenized as its words joined by spaces, and each word's tag is learned and predicted on one of its
+pieces: the first for a bidirectional model, the last for a causal one (a causal model's first piece has not yet
+seen the rest of its word); the other pieces carry no loss. Metrics: entity-level precision/recall/F1 by exact span
+(seqeval), per type, and token accuracy.
 """
 from __future__ import annotations
 
@@ -54,13 +55,12 @@ class Tokens(FinetuneTask):
     metrics = ("val_loss", "val_precision", "val_recall", "val_f1", "val_token_accuracy")
 
     def prepare(self, train_file: str) -> None:
-        if not self.cfg.finetune.labels:
-            tags = {t for s in read_conll(train_file, self.cfg.finetune.format) for t in s.tags}
-            self.cfg.finetune.labels = sorted(tags)
+        if not self.labels:
+            self.labels = sorted({t for s in read_conll(train_file, self.cfg.finetune.format) for t in s.tags})
 
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
-        index = {t: i for i, t in enumerate(f.labels)}
+        index = {t: i for i, t in enumerate(self.labels)}
         causal = self.cfg.model.objective == "causal"
         items, truncated = [], 0
         for sent in read_conll(path, f.format, tags=labeled):
@@ -95,7 +95,7 @@ class Tokens(FinetuneTask):
 
     def outputs(self, logits, batch: Batch, items: list) -> list:
         best = logits.argmax(-1).tolist()
-        labels = self.cfg.finetune.labels
+        labels = self.labels
         # a word with no token (cut by max_seq_len) is predicted O
         return [[labels[best[b][p]] if p >= 0 else "O" for p in it["positions"]] for b, it in enumerate(items)]
 

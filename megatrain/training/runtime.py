@@ -1,11 +1,15 @@
 """One run's wiring, shared by every entrypoint (pretrain, finetune, the checkpoint writer of `convert`).
 
-    run = Run.start(cfg)             # layout checked, process groups up, grid, accumulation, precision
-    model = build_on_meta(cfg.model) # the plain model's shapes, alike on every rank (or a model with values)
+    run = Run.start(cfg, resolved)   # layout checked, process groups up, grid, accumulation, precision
+    model = build_on_meta(run.cfg.model)  # the plain model's shapes, alike on every rank (or a model with values)
     engine = run.engine(model)       # TP/PP applied in one place, each rank's values, then deepspeed.initialize
     state = run.resume(engine)       # from checkpoint.dir/latest, if there is one
 
 An entrypoint adds only what is its own: its data, its task (batches, loss, FLOPs) and what it prints.
+
+The config the user asked for stays as it is (load_config froze it); what the run derives from it and its inputs
+(init's shape, the padded vocabulary, the labels, an epochs-long run's steps) is the run's Resolved, and `run.cfg` is
+the two together: the config the run trains with. A checkpoint saves both.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch.distributed as dist
 from megatrain.checkpoint import io as checkpoint
 from megatrain.checkpoint.lock import acquire
 from megatrain.checkpoint.source import WeightSource
-from megatrain.config import Config, ConfigError, ModelConfig, padded_vocab_size, validate, validate_world
+from megatrain.config import Config, ConfigError, ModelConfig, Resolved, padded_vocab_size, validate, validate_world
 from megatrain.parallel.parallelize import parallelize
 from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
 from megatrain.parallel.topology import Layout, build_grid, check_layout
@@ -39,7 +43,9 @@ class TrainState:
 class Run:
     """This process's place in the job: the layout, its process groups and what follows from the world size."""
 
-    cfg: Config
+    asked: Config  # the config as the user gave it (read-only)
+    resolved: Resolved  # what the run derived (see derive)
+    cfg: Config  # the effective config: `asked` with `resolved` laid over it
     layout: Layout
     grid: Any  # DeepSpeed's PipelineParallelGrid over the layout (the `mpu`)
     launcher: str  # which launcher started the ranks (deepspeed/torchrun, slurm, single)
@@ -51,9 +57,12 @@ class Run:
     saved_rng: dict | None = None  # that checkpoint's RNG states for this rank, restored by start_rng()
 
     @classmethod
-    def start(cls, cfg: Config) -> "Run":
+    def start(cls, asked: Config, resolved: Resolved | None = None) -> "Run":
         """Check the layout before any process group exists (one line for every impossible one), then start
-        torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it)."""
+        torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it). `resolved`: what the
+        run derived so far (default: nothing, the config's own values)."""
+        resolved = resolved or Resolved.of(asked)
+        cfg = resolved.apply(asked)
         me = discover()
         layout = check_layout(cfg, me.world_size)
         if me.rank == 0:  # one run per checkpoint.dir (a second is refused here, before any process group)
@@ -64,8 +73,14 @@ class Run:
         if not torch.cuda.is_available():
             log0(share_cpu_cores(info.ranks_on_node))
         grad_accum = validate_world(cfg, dist.get_world_size())
-        return cls(cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum, resolve_precision(cfg),
-                   info.ranks_on_node)
+        return cls(asked, resolved, cfg, layout, build_grid(layout), info.launcher, dist.get_rank(), grad_accum,
+                   resolve_precision(cfg), info.ranks_on_node)
+
+    def derive(self, **changes) -> Config:
+        """Record values the run derived after it started (Resolved's fields); returns the new effective config."""
+        self.resolved = self.resolved.but(**changes)
+        self.cfg = self.resolved.apply(self.asked)
+        return self.cfg
 
     @property
     def world(self) -> int:
@@ -143,7 +158,8 @@ class Run:
             seed_tp_stream(tp_stream_seed(self.cfg.train.seed, replica, self.tp_rank))
 
     def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
-        return checkpoint.save(engine, self.cfg, state.step, state.consumed_samples, self.record, extra)
+        return checkpoint.save(engine, self.asked, self.resolved, state.step, state.consumed_samples, self.record,
+                               extra)
 
     def log_rank_table(self, local_params: int) -> None:
         """Each rank's place in the layout, its parameter count and its memory, printed by rank 0."""
@@ -183,17 +199,20 @@ def peak_rss_bytes() -> int:
 MAY_DIFFER_FROM_INIT = ("dropout", "fused_kernels")  # model keys a run may set apart from its checkpoint.init
 
 
-def adopt_init(cfg: Config, key: str = "checkpoint.init"):
+def adopt_init(cfg: Config, key: str = "checkpoint.init") -> tuple[WeightSource | None, Resolved]:
     """checkpoint.init / finetune.init: the model's shape, and the tokenizer unless the config sets one, come from
     those weights (a megatrain checkpoint of any layout, a convert output or a Hugging Face folder); a model.* key the
     config sets to something else is refused (dropout and fused_kernels may differ). Returns the WeightSource
-    (nothing loaded yet), or None when the key is empty."""
+    (nothing loaded yet; None when the key is empty) and the Resolved holding what was taken from it (cfg stays
+    as it is)."""
     section, name = key.split(".")
     path = getattr(getattr(cfg, section), name)
+    resolved = Resolved.of(cfg)
     if not path:
-        return None
+        return None, resolved
     source = WeightSource(path, cfg.parallel.tp)
     explicit = getattr(cfg, "explicit", set())
+    shape = {}
     for f in dataclasses.fields(ModelConfig):
         if f.name in MAY_DIFFER_FROM_INIT:
             continue
@@ -202,20 +221,24 @@ def adopt_init(cfg: Config, key: str = "checkpoint.init"):
             source.close()
             raise ConfigError(f"config key model.{f.name}: {mine!r} contradicts {key} {source.where}, which has "
                               f"{theirs!r}; leave model.* out of the config (the model comes from {key})")
-        setattr(cfg.model, f.name, theirs)
-    if "data.tokenizer" not in explicit:
-        cfg.data.tokenizer = source.tokenizer
-    if "data.seq_len" not in explicit:
-        cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
-    validate(cfg)
-    return source
+        shape[f.name] = theirs
+    model = dataclasses.replace(cfg.model, **shape)
+    resolved = resolved.but(model=model,
+                            tokenizer=cfg.data.tokenizer if "data.tokenizer" in explicit else source.tokenizer,
+                            seq_len=cfg.data.seq_len if "data.seq_len" in explicit else
+                            min(cfg.data.seq_len, model.max_seq_len))
+    validate(resolved.apply(cfg))
+    return source, resolved
 
 
-def resolve_vocab(cfg: Config, tokenizer) -> None:
-    """model.vocab_size from the tokenizer (rounded up to pad_vocab_multiple and to a multiple of tp) when 0;
-    a set value smaller than the tokenizer's vocabulary is refused."""
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.model.pad_vocab_multiple, cfg.parallel.tp)
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"config key model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+def resolve_vocab(cfg: Config, tokenizer) -> ModelConfig:
+    """cfg.model with vocab_size from the tokenizer (rounded up to pad_vocab_multiple and to a multiple of tp) when
+    0; a set value smaller than the tokenizer's vocabulary is refused."""
+    m = cfg.model
+    if m.vocab_size == 0:
+        return dataclasses.replace(m, vocab_size=padded_vocab_size(tokenizer.vocab_size, m.pad_vocab_multiple,
+                                                                   cfg.parallel.tp))
+    if m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"config key model.vocab_size: {m.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size}")
+    return m
