@@ -536,6 +536,7 @@ def _complete(ck: str, tag: str, world: int) -> bool:
         return all(t.isfinite().all() for _, t in r.tensors())
 
 
+@pytest.mark.slow  # in a fresh HOME it builds DeepSpeed's CPU collectives op first (a minute)
 def test_a_build_lock_left_by_a_killed_start_is_removed_not_waited_for():
     """torch's JIT build leaves its `lock` file when killed while holding it; every later start then waited forever
     (the kill campaign below hung so before the fix)."""
