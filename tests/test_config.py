@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from megatrain.config import (PRESET_DIR, Config, ConfigError, Resolved, ffn_width, load_config, saved_config,
-                              validate_world)
+from megatrain.config import PRESET_DIR, Config, ConfigError, ffn_width, load_config, validate_world
+from megatrain.resolved import Resolved, saved_config
 from megatrain.training.engine import deepspeed_config, lr_lambda
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

@@ -49,7 +49,8 @@ def test_consolidate_and_reshard_every_layout(tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from megatrain.checkpoint.reader import CheckpointReader
-    from megatrain.config import load_config, saved_config
+    from megatrain.config import load_config
+    from megatrain.resolved import saved_config
     from megatrain.convert.writer import target_config
     from megatrain.data import build_gpt_datasets
     from megatrain.generate import load_model
@@ -117,7 +118,7 @@ def test_consolidate_and_reshard_every_layout(tmp_path):
 def _check_against_rank_files(ck: str, got: dict, tp: int, pp: int) -> None:
     """The weights every rank saved itself (DeepSpeed's module files), put together through the sharding table."""
     from megatrain.checkpoint.io import read_latest
-    from megatrain.config import saved_config
+    from megatrain.resolved import saved_config
     from megatrain.parallel.sharding import canonical_name, split_of, unshard
 
     tag = read_latest(ck)

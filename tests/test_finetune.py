@@ -279,7 +279,7 @@ def test_classify_end_to_end_evaluate_and_predict(pretrained, tmp_path):
 def test_a_checkpoint_keeps_the_config_as_asked_beside_what_the_run_derived(pretrained, tmp_path):
     """The labels the training file defines, the steps of finetune.epochs and the model of finetune.init are the
     run's Resolved, saved beside the config as the user gave it; a checkpoint saved without one still reads."""
-    from megatrain.config import saved_config
+    from megatrain.resolved import saved_config
     from megatrain.predict import load
 
     train = write(tmp_path / "train.jsonl", sentiment(40, 0))

@@ -19,7 +19,8 @@ LAYERS = [
     # leaves, importing no other megatrain module: the version, the compiled kernels, file and cache helpers, fault
     # injection, this machine's cores, a parameter's full size and decay rule
     ("megatrain", "megatrain._C", "megatrain.fileio", "megatrain.faults", "megatrain.hostinfo", "megatrain.parameters"),
-    ("megatrain.config", "megatrain.config_docs"),  # the typed config, and its reference page made from its comments
+    ("megatrain.config", "megatrain.config_docs", "megatrain.resolved"),  # the typed config, its reference page, and
+    # what a run derives from it (saved beside it in checkpoints)
     # the data path, the fused kernels, the built-in corpus, the FLOP formulas and Slurm node lists: over the config
     ("megatrain.data", "megatrain.kernels", "megatrain.corpus", "megatrain.flops", "megatrain.launch.hostfile"),
     ("megatrain.model", "megatrain.heads"),  # the plain Transformer, its task heads and LoRA

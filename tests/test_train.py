@@ -55,7 +55,7 @@ def test_single_rank_trains_saves_resumes_and_generates(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("megatrain generate: error: --prompt is 64 "
                                                                                "tokens"), r.stderr
     # megatrain.json: the config as asked (vocab_size 0: the tokenizer's, padded) and what the run derived from it
-    from megatrain.config import saved_config
+    from megatrain.resolved import saved_config
 
     path = os.path.join(a, "step00000006", "megatrain.json")
     state = json.load(open(path))

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from megatrain import faults
-from megatrain.config import Config, ConfigError, Resolved, RunStopped, saved_config
+from megatrain.config import Config, ConfigError, RunStopped
+from megatrain.resolved import Resolved, saved_config
 from megatrain.fileio import read_json, write_atomic
 from megatrain.parallel.rng import set_tp_stream_state, tp_stream_state
 

@@ -32,7 +32,8 @@ import torch
 
 from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest, why_unreadable
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
-from megatrain.config import Config, ConfigError, Resolved, config_from_dict, saved_resolved
+from megatrain.config import Config, ConfigError, config_from_dict
+from megatrain.resolved import Resolved, saved_resolved
 from megatrain.data.tokenizer import parse_spec
 from megatrain.heads import build_model
 from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard

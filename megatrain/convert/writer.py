@@ -24,9 +24,10 @@ import torch.multiprocessing as mp
 from megatrain.checkpoint import io as checkpoint
 from megatrain.checkpoint.hf import load_hf_weights
 from megatrain.checkpoint.reader import KEYS, CheckpointReader
-from megatrain.config import (Config, ConfigError, Resolved, apply_overrides, config_from_dict, parse_set, validate,
+from megatrain.config import (Config, ConfigError, apply_overrides, config_from_dict, parse_set, validate,
                               validate_world)
 from megatrain.convert.consolidate import WEIGHT_SUFFIXES, check_output
+from megatrain.resolved import Resolved
 from megatrain.generate import load_weights
 from megatrain.model import Transformer
 from megatrain.parallel.sharding import canonical_name, shard, split_of

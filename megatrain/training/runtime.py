@@ -24,7 +24,8 @@ import torch.distributed as dist
 from megatrain.checkpoint import io as checkpoint
 from megatrain.checkpoint.lock import acquire
 from megatrain.checkpoint.source import WeightSource
-from megatrain.config import Config, ConfigError, ModelConfig, Resolved, padded_vocab_size, validate, validate_world
+from megatrain.config import Config, ConfigError, ModelConfig, padded_vocab_size, validate, validate_world
+from megatrain.resolved import Resolved
 from megatrain.parallel.parallelize import parallelize
 from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
 from megatrain.parallel.topology import Layout, build_grid, check_layout
