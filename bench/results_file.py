@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megatrain.fileio import write_atomic  # noqa: E402
+from megatrain.hostinfo import cpu_model  # noqa: E402
 
 
 def _git(*args: str) -> str | None:
@@ -33,17 +34,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return run.stdout.strip() if run.returncode == 0 else None
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _memory_gib() -> float | None:
@@ -67,7 +57,7 @@ def machine() -> dict:
         deepspeed = metadata.version("deepspeed")  # without importing it (seconds, and it may pick an accelerator)
     except metadata.PackageNotFoundError:
         deepspeed = None
-    return dict(cpu=_cpu_model(), cores=os.cpu_count(), memory_gib=_memory_gib(), python=platform.python_version(),
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), memory_gib=_memory_gib(), python=platform.python_version(),
                 torch=torch.__version__, deepspeed=deepspeed,
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
