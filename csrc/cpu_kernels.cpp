@@ -1,7 +1,11 @@
 // CPU implementations: each op runs a per-row function over rows split across threads (at::parallel_for);
 // the row functions' inner loops are written so the compiler vectorises them (omp simd); accumulation in
 // float (double for double inputs).
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -1,7 +1,7 @@
 // megatrain fused ops: one schema (registration.cpp), a CPU implementation (cpu_kernels.cpp) and a
 // CUDA one (cuda_kernels.cu). Every op is functional; autograd lives in megatrain/kernels/ops.py.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 
