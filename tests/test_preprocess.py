@@ -100,6 +100,31 @@ def test_bad_line_stops_with_its_line_number_and_leaves_nothing(tmp_path, docs, 
     assert not out.exists() or os.listdir(out) == []
 
 
+STOP_MANY_TIMES = """
+import sys
+from megatrain.data import InputError
+from megatrain.data.preprocess import preprocess
+for i in range(40):
+    try:
+        preprocess([sys.argv[1]], "byte", f"{sys.argv[2]}/{i}/p", workers=2)
+    except InputError:
+        pass
+"""
+
+
+def test_stopping_two_workers_on_a_bad_line_never_hangs(tmp_path):
+    """A bad line stops the pool while batches are still in flight; 40 stops in a row, each must return (a pool
+    terminated while its task thread was writing into a full pipe used to hang within a few)."""
+    lines = [json.dumps({"text": f"doc {i} " * (20 + i % 50)}).encode() for i in range(1800)]  # batches of ~60 kB
+    lines[419] = b"{oops"
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    r = subprocess.run([sys.executable, "-c", STOP_MANY_TIMES, str(path), str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not any(files for _, _, files in os.walk(tmp_path / "out"))
+
+
 def test_skip_bad_lines_counts_them(tmp_path, docs):
     path = _bad_corpus(tmp_path, docs, b"{oops", at=3)
     with open(path, "ab") as f:
@@ -172,6 +197,6 @@ def test_preprocess_and_data_info_never_import_torch(tmp_path, corpus_jsonl):
             f"rcs = [main(['preprocess', '--input', {corpus_jsonl!r}, '--tokenizer', 'byte', '--output-prefix', "
             f"{prefix!r}, '--no-progress']), main(['data-info', {prefix!r}])]; "
             "print('rcs', rcs, 'torch imported:', 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rcs [0, 0] torch imported: False" in r.stdout, r.stdout[-2000:]

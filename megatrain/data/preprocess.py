@@ -135,6 +135,7 @@ def preprocess(
         if bar is not None:
             bar.close()
         if pool is not None:
+            results.close()  # waits for the batches in flight (see _ordered_bounded)
             pool.terminate()
             pool.join()
     stats["dtype"] = str(dtype)
@@ -144,14 +145,21 @@ def preprocess(
 def _ordered_bounded(pool, batches, max_in_flight: int):
     """Like pool.imap, but reads ahead at most `max_in_flight` batches (imap would read everything)."""
     window: collections.deque = collections.deque()
-    for batch in batches:
-        window.append((batch, pool.apply_async(_tokenize, (batch,))))
-        if len(window) >= max_in_flight:
+    try:
+        for batch in batches:
+            window.append((batch, pool.apply_async(_tokenize, (batch,))))
+            if len(window) >= max_in_flight:
+                b, r = window.popleft()
+                yield b, r.get()
+        while window:
             b, r = window.popleft()
             yield b, r.get()
-    while window:
-        b, r = window.popleft()
-        yield b, r.get()
+    finally:
+        # NOTE: stopped early (a bad line, Ctrl-C), the batches still in flight are waited for before the caller's
+        # pool.terminate(): terminating while the pool's task thread is still writing a large batch into a full pipe
+        # can leave that thread, and terminate() with it, blocked forever (CPython's Pool).
+        for _, r in window:
+            r.wait(timeout=60)
 
 
 def _progress_bar(total_bytes: int | None, progress: bool | None):
