@@ -1,7 +1,15 @@
 import json
+import os
 import random
+import sys
 
 import pytest
+
+# The tests start hundreds of Python processes (CLI commands, ranks), each importing torch and DeepSpeed. Where the
+# environment sets PYTHONDONTWRITEBYTECODE (some containers and CI images do), each of them would compile those
+# packages from source again: ~2.5 s a process on 2 cores. The test run caches bytecode like a default Python does.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 WORDS = ("the quick brown fox jumps over a lazy dog near river stone under light and dark "
          "king queen castle horse sword café naïve 東京 😀").split()
