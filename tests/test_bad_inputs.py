@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from cli_server import CliServer
 from training_utils import make_byte_dataset, set_args, small_sets
 
 
@@ -70,10 +71,15 @@ def world(tmp_path_factory):
     return dict(w=str(w), data=data, ck=ck)
 
 
-def _run(argv: list[str], world: dict) -> subprocess.CompletedProcess:
-    argv = [a.format(**world) for a in argv]
-    return subprocess.run([sys.executable, "-m", "megatrain.cli", *argv], capture_output=True, text=True, timeout=300,
-                          cwd=world["w"])
+@pytest.fixture(scope="module")
+def cli():
+    """Every case's command forked from one process that imported torch and DeepSpeed once (tests/cli_server.py)."""
+    with CliServer() as server:
+        yield server
+
+
+def _run(argv: list[str], world: dict, cli: CliServer) -> subprocess.CompletedProcess:
+    return cli.run([a.format(**world) for a in argv], cwd=world["w"], timeout=300)
 
 
 def pretrain(*sets, out="{w}/out_run"):
@@ -167,9 +173,9 @@ SLOW_CASES = {"checkpoint of another model", "invalid step megatrain.json", "lat
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else [])
                                   for c in CASES])
-def test_bad_input_is_one_line_and_leaves_nothing(world, case):
+def test_bad_input_is_one_line_and_leaves_nothing(world, cli, case):
     name, argv, must_name, leftover = case
-    r = _run(argv, world)
+    r = _run(argv, world, cli)
     command = argv[0]
     lines = [x for x in r.stderr.splitlines() if x.startswith(f"megatrain {command}: error:")]
     assert r.returncode == 1, f"{name}: exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-2500:]}"
