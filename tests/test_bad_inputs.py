@@ -174,6 +174,12 @@ SLOW_CASES = {"checkpoint of another model", "invalid step megatrain.json", "lat
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else [])
                                   for c in CASES])
 def test_bad_input_is_one_line_and_leaves_nothing(world, cli, case):
+    assert_refused(case, world, cli)
+
+
+def assert_refused(case: tuple, world: dict, cli: CliServer) -> None:
+    """The case's command exits 1 with one line `megatrain CMD: error: ...` holding `must_name`, no traceback, and
+    leaves nothing at `leftover`."""
     name, argv, must_name, leftover = case
     r = _run(argv, world, cli)
     command = argv[0]
@@ -191,3 +197,28 @@ def test_built_in_errors_are_not_taken_for_user_errors():
     from megatrain.cli import user_error_types
 
     assert not {IndexError, FileNotFoundError, KeyError, OSError} & set(user_error_types())
+
+
+# -- fine-tuning: wrong targets, a run pointed at the wrong folder ------------------------------------------------
+# (cases, their fixture and their test below this line)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# -- outputs: an output that is an input, an output path that cannot be written ---------------------------------
+# (cases, their fixture and their test below this line)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# -- generate, predict, evaluate, data-info, lm-eval: mismatched tokenizers and tasks, numbers out of range ------
+# (cases, their fixture and their test below this line)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# -- convert, plan, launch helpers, config and tokenizer-training values -----------------------------------------
+# (cases, their fixture and their test below this line)
