@@ -343,6 +343,13 @@ def test_bad_output_is_one_line_and_touches_no_input(out_world, cli, case):
     assert _snapshot(out_world["o"]) == before, f"{case[0]}: changed or left files under {out_world['o']}"
 
 
+def test_plot_writes_the_format_its_extension_names(out_world, cli, tmp_path):
+    for name, magic in (("c.pdf", b"%PDF"), ("c.svg", b"<?xml"), ("c.PNG", b"\x89PNG")):
+        r = _run(["plot", "{ck}", "--output", str(tmp_path / name)], out_world, cli)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
