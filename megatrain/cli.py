@@ -19,7 +19,7 @@ COMMANDS = {
     "evaluate": ("megatrain.evaluate", "a fine-tuned model's metric table on a labelled file"),
     "predict": ("megatrain.predict", "run a fine-tuned model on a file: labels, entities, answers or responses"),
     "plan": ("megatrain.plan", "memory per rank and time per step of a model x cluster x layout, or the best layouts"),
-    "plot": ("megatrain.plot", "training curves of one or more runs as a PNG"),
+    "plot": ("megatrain.plot", "training curves of one or more runs as a PNG (or .pdf, .svg, ...)"),
     "lm-eval": ("megatrain.lmeval", "lm-evaluation-harness tasks on a checkpoint of any layout"),
     "generate": ("megatrain.generate", "sample text from a checkpoint (any layout) with a KV cache"),
     "convert": ("megatrain.convert", "consolidate, reshard, to-hf, from-hf: move checkpoints between layouts and formats"),

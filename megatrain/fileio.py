@@ -5,7 +5,8 @@ import contextlib
 import json
 import os
 import shutil
-from typing import Any, Iterator
+import tempfile
+from typing import Any, Iterable, Iterator
 
 
 class BadFileError(ValueError):
@@ -19,6 +20,72 @@ def read_json(path: str | os.PathLike, fix: str = "the file is damaged") -> Any:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise BadFileError(f"{os.fspath(path)}: not valid JSON ({str(e).splitlines()[0][:120]}); {fix}") from None
+
+
+def check_output_path(path: str, flag: str, kind: str = "file", inputs: Iterable[tuple[str, str]] = (),
+                      example: str | None = None) -> None:
+    """Refuse, before any work, an output `path` (given as `flag`) that cannot be written or would destroy what the
+    command reads: empty; a file output that is a folder, or a folder output that is a file; a parent that is a file or
+    cannot be written in; the same file or folder as one of `inputs`; an existing file inside an input folder; a
+    folder output (replaced whole) that holds an input. `inputs`: (label, path) pairs, the label naming the input in
+    the message ("--input"); `example`: a name to suggest ("predictions.jsonl")."""
+    assert kind in ("file", "folder")
+    eg = f", e.g. {flag} {example}" if example else ""
+    if not path:
+        raise BadFileError(f"{flag} '': empty; name the {kind} to write{eg}")
+    if kind == "file" and (os.path.isdir(path) or path.endswith(("/", os.sep))):
+        eg = f", e.g. {flag} {os.path.join(path, example)}" if example else ""
+        raise BadFileError(f"{flag} {path}: is a folder; name a file to write{eg}")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise BadFileError(f"{flag} {path}: is a file, not a folder; name a new folder{eg}")
+    parent = next(p for p in _folders_above(path) if os.path.exists(p))
+    if not os.path.isdir(parent):
+        raise BadFileError(f"{flag} {path}: {parent} is a file, not a folder; pick a path inside a folder")
+    # NOTE: a file made and removed, not os.access: root passes os.access everywhere, /proc included
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".megatrain-write-test-")
+    except OSError as e:
+        raise BadFileError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); pick a folder you can write "
+                           f"to") from None
+    os.close(fd)
+    os.unlink(probe)
+    out = _stat(path)
+    if out is None:  # a new file or folder is no input
+        return
+    for label, inp in inputs:
+        st = _stat(inp)
+        what = "folder" if os.path.isdir(inp) else "file"
+        if _same(out, st):
+            raise BadFileError(f"{flag} {path}: the same {what} as {label} {inp}; writing it would destroy the input: "
+                               f"name another {kind}")
+        if what == "folder" and _inside(path, st):
+            raise BadFileError(f"{flag} {path}: an existing file inside {label} {inp}, which is read; writing it would "
+                               f"destroy the input: write it elsewhere")
+        if kind == "folder" and st is not None and _inside(inp, out):
+            raise BadFileError(f"{flag} {path}: holds {label} {inp}; replacing the folder would delete the input: "
+                               f"name another folder")
+
+
+def _folders_above(path: str, real: bool = False) -> Iterator[str]:
+    """The folders above `path`, nearest first, up to the root; `real`: of the path with its links resolved."""
+    p = os.path.realpath(path) if real else os.path.abspath(path)
+    while os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+        yield p
+
+
+def _inside(path: str, folder: os.stat_result | None) -> bool:
+    """`path` (its links resolved) lies somewhere under `folder`."""
+    return any(_same(_stat(p), folder) for p in _folders_above(path, real=True))
+
+
+def _stat(path: str) -> os.stat_result | None:
+    return os.stat(path) if os.path.exists(path) else None
+
+
+def _same(a: os.stat_result | None, b: os.stat_result | None) -> bool:
+    """The same file or folder, by device and inode: `./x`, `x` and a link to `x` are one."""
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 @contextlib.contextmanager

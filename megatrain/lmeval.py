@@ -132,6 +132,13 @@ def evaluate(lm, tasks: list[str], include_path: str | None = None, limit=None, 
 
 
 def command(args: argparse.Namespace) -> int:
+    if args.output is not None:  # before anything is read or imported
+        from megatrain.checkpoint.io import checkpoint_inputs
+        from megatrain.fileio import check_output_path
+
+        reads = checkpoint_inputs(args.checkpoint, args.tag)
+        check_output_path(args.output, "--output", example="results.json",
+                          inputs=reads + ([("--include-path", args.include_path)] if args.include_path else []))
     if TemplateLM is object:
         raise ConfigError("lm-eval is not installed: pip install 'lm-eval==0.4.*' (or pip install -e '.[eval]')")
     lm = MegatrainLM(args.checkpoint, args.tag, args.batch_size)
@@ -141,7 +148,7 @@ def command(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and "stderr" not in k)
         print(f"{task}: {shown}")
-    if args.output:
+    if args.output is not None:
         from megatrain.fileio import write_atomic
 
         write_atomic(args.output, json.dumps(results, indent=1, default=str))

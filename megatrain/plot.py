@@ -1,5 +1,6 @@
 """`megatrain plot RUN_DIR [RUN_DIR ...] [--output curves.png] [--metric loss,val_loss,lr,tokens_per_s]`: training
-curves from metrics.jsonl as one PNG (matplotlib, Agg: no display needed).
+curves from metrics.jsonl as one image, PNG or the format the output's extension names (.pdf, .svg, ...; matplotlib,
+Agg: no display needed).
 
 One panel per metric, step on x, every run in its own colour and labelled by its folder. The training loss is drawn
 raw (thin) and smoothed (an exponential moving average, thick); evaluation metrics (val_*) as marked points; a
@@ -75,8 +76,28 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
+def image_format(output: str) -> str:
+    """The format `output`'s extension names, one matplotlib writes (but pgf: it needs LaTeX)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+    ext = os.path.splitext(output)[1].lower().lstrip(".")
+    if ext not in formats:
+        said = f".{ext} is not an image format" if ext else "no extension names the image format"
+        raise ConfigError(f"--output {output}: {said}; end the name with one of .{', .'.join(formats)}")
+    return ext
+
+
 def plot(run_dirs: list[str], metrics: list[str] | None = None, output: str = "curves.png") -> dict:
-    """Draw the runs' curves into `output`; returns what was drawn: {metric: {run: {"steps", "values"[, "smoothed"]}}}."""
+    """Draw the runs' curves into `output` (the format its extension names); returns what was drawn:
+    {metric: {run: {"steps", "values"[, "smoothed"]}}}."""
+    from megatrain.checkpoint.io import checkpoint_inputs
+    from megatrain.fileio import atomic_path, check_output_path
+
+    check_output_path(output, "--output", example="curves.png",
+                      inputs=[i for d in run_dirs for i in [("the run's metrics", os.path.join(d, "metrics.jsonl")),
+                                                            *checkpoint_inputs(d)]])
+    fmt = image_format(output)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,17 +150,17 @@ def plot(run_dirs: list[str], metrics: list[str] | None = None, output: str = "c
     if any(run["stops"] for run in runs.values()):
         fig.text(0.01, 0.01, "dotted: where a run stopped or resumed", fontsize=8)
     fig.tight_layout()
-    from megatrain.fileio import atomic_path
-
-    with atomic_path(output, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=110, format=fmt)
     plt.close(fig)
     return drawn
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="checkpoint.dir of a run (its metrics.jsonl)")
-    p.add_argument("--output", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument("--output", default="curves.png",
+                   help="the image to write, in the format its extension names: .png, .pdf, .svg, ... (default "
+                        "curves.png)")
     p.add_argument("--metric", default=None,
                    help=f"comma-separated metrics (default: {','.join(DEFAULT)}, and a fine-tuning run's task metric)")
 

@@ -88,8 +88,12 @@ def best_tag(ckpt: str, tag: str | None) -> str | None:
 def command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from megatrain.fileio import write_atomic
+    from megatrain.checkpoint.io import checkpoint_inputs
+    from megatrain.fileio import check_output_path, write_atomic
 
+    check_output_path(args.output, "--output", inputs=[("--input", args.input), *checkpoint_inputs(args.checkpoint,
+                                                                                                   args.tag)],
+                      example="predictions.jsonl")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")
     model, cfg, tok, task, step = load(args.checkpoint, best_tag(args.checkpoint, args.tag))

@@ -209,6 +209,146 @@ def test_built_in_errors_are_not_taken_for_user_errors():
 # -- outputs: an output that is an input, an output path that cannot be written ---------------------------------
 # (cases, their fixture and their test below this line)
 
+# `{o}` holds every file these cases read; a case must leave it exactly as it was (nothing overwritten, nothing left).
+# Outputs are checked before anything is read: `predict` refuses before it loads `{ck}` (not a fine-tuned model),
+# `lm-eval` before its model and tasks.
+OUTPUT_CASES = [
+    # an output that is an input: refused before anything is read or written, the input left as it was
+    ("predict output is its csv input", ["predict", "--checkpoint", "{ck}", "--input", "{o}/rows.csv", "--output",
+                                         "{o}/rows.csv"], "the same file as --input", None),
+    ("predict output is its jsonl input", ["predict", "--checkpoint", "{ck}", "--input", "{o}/rows.jsonl", "--output",
+                                           "{o}/rows.jsonl"], "the same file as --input", None),
+    ("predict output is its input spelt ./", ["predict", "--checkpoint", "{ck}", "--input", "outputs/rows.jsonl",
+                                              "--output", "./outputs/rows.jsonl"], "the same file as --input", None),
+    ("predict output is a link to its input", ["predict", "--checkpoint", "{ck}", "--input", "{o}/rows.jsonl",
+                                               "--output", "{o}/link.jsonl"], "the same file as --input", None),
+    ("predict output is the checkpoint's pointer", ["predict", "--checkpoint", "{copy}", "--input", "{o}/rows.jsonl",
+                                                   "--output", "{copy}/latest"], "the checkpoint's pointer", None),
+    ("preprocess writes over its input", ["preprocess", "--input", "{o}/corpus.meta.json", "--tokenizer", "byte",
+                                          "--output-prefix", "{o}/corpus"], "the same file as --input",
+     "{o}/corpus.bin"),
+    ("consolidate over its input", ["convert", "consolidate", "{copy}", "--output", "{copy}", "--force"],
+     "holds the checkpoint", None),
+    ("consolidate over the folder of its input", ["convert", "consolidate", "{copy}/step00000002", "--output", "{copy}",
+                                                  "--force"], "holds the checkpoint", None),
+    ("reshard over its input", ["convert", "reshard", "{copy}", "--output", "{copy}", "--force"],
+     "holds the checkpoint", None),
+    ("to-hf over its input", ["convert", "to-hf", "{copy}", "--output", "{copy}", "--force"], "holds the checkpoint",
+     None),
+    ("from-hf over its input", ["convert", "from-hf", "{o}/hf", "--output", "{o}/hf", "--force"],
+     "the same folder as HF_DIR", None),
+    ("plot over the run's metrics", ["plot", "{copy}", "--output", "{copy}/metrics.jsonl"], "metrics.jsonl", None),
+    ("lm-eval output is its task YAML", ["lm-eval", "--checkpoint", "{ck}", "--tasks", "mt_choice", "--include-path",
+                                         "{o}/tasks", "--output", "{o}/tasks/mt_choice.yaml"], "--include-path", None),
+    ("train-tokenizer output holds its input", ["train-tokenizer", "--input", "{o}/corpus_dir/c.jsonl", "--vocab-size",
+                                                "300", "--output", "{o}/corpus_dir"], "holds --input", None),
+    ("train-tokenizer output is a folder of other files", ["train-tokenizer", "--input", "{o}/rows.jsonl",
+                                                           "--vocab-size", "300", "--output", "{o}/folder"],
+     "{o}/folder", None),
+    # an output path that cannot be written: one line naming the flag and the path, before any work
+    ("predict output under /proc", ["predict", "--checkpoint", "{ck}", "--input", "{o}/rows.jsonl", "--output",
+                                    "/proc/x.jsonl"], "--output /proc/x.jsonl", None),
+    ("predict output is a folder", ["predict", "--checkpoint", "{ck}", "--input", "{o}/rows.jsonl", "--output",
+                                    "{o}/folder"], "--output {o}/folder", None),
+    ("predict output empty", ["predict", "--checkpoint", "{ck}", "--input", "{o}/rows.jsonl", "--output", ""],
+     "--output ''", None),
+    ("preprocess output under /proc", ["preprocess", "--input", "{o}/rows.jsonl", "--tokenizer", "byte",
+                                       "--output-prefix", "/proc/x"], "/proc/x", None),
+    ("preprocess output is a folder", ["preprocess", "--input", "{o}/rows.jsonl", "--tokenizer", "byte",
+                                       "--output-prefix", "{o}/pfx"], "{o}/pfx.bin", "{o}/pfx.idx"),
+    ("preprocess output empty", ["preprocess", "--input", "{o}/rows.jsonl", "--tokenizer", "byte", "--output-prefix",
+                                 ""], "--output-prefix '': empty", "{w}/.bin"),
+    ("hostfile output under /proc", ["hostfile", "--nodes", "a,b", "--output", "/proc/x"], "--output /proc/x", None),
+    ("hostfile output is a folder", ["hostfile", "--nodes", "a,b", "--output", "{o}/folder"], "--output {o}/folder",
+     None),
+    ("hostfile output empty", ["hostfile", "--nodes", "a,b", "--output", ""], "--output ''", None),
+    ("consolidate output under /proc", ["convert", "consolidate", "{ck}", "--output", "/proc/x"], "--output /proc/x",
+     None),
+    ("consolidate output is a folder", ["convert", "consolidate", "{ck}", "--output", "{o}/folder"],
+     "--output {o}/folder", None),
+    ("consolidate output is a file", ["convert", "consolidate", "{ck}", "--output", "{o}/rows.csv", "--force"],
+     "--output {o}/rows.csv", None),
+    ("consolidate output empty", ["convert", "consolidate", "{ck}", "--output", ""], "--output ''", None),
+    ("plot output under /proc", ["plot", "{ck}", "--output", "/proc/x.png"], "--output /proc/x.png", None),
+    ("plot output is a folder", ["plot", "{ck}", "--output", "{o}/folder"], "--output {o}/folder", None),
+    ("plot output empty", ["plot", "{ck}", "--output", ""], "--output ''", None),
+    ("plot output .txt", ["plot", "{ck}", "--output", "{o}/curves.txt"], ".png", "{o}/curves.txt"),
+    ("lm-eval output under /proc", ["lm-eval", "--checkpoint", "{ck}", "--tasks", "mt_choice", "--include-path",
+                                    "{o}/tasks", "--output", "/proc/x.json"], "--output /proc/x.json", None),
+    ("lm-eval output is a folder", ["lm-eval", "--checkpoint", "{ck}", "--tasks", "mt_choice", "--include-path",
+                                    "{o}/tasks", "--output", "{o}/folder"], "--output {o}/folder", None),
+    ("lm-eval output empty", ["lm-eval", "--checkpoint", "{ck}", "--tasks", "mt_choice", "--include-path", "{o}/tasks",
+                              "--output", ""], "--output ''", None),
+    ("train-tokenizer output under /proc", ["train-tokenizer", "--input", "{o}/rows.jsonl", "--vocab-size", "300",
+                                            "--output", "/proc/x"], "--output /proc/x", None),
+    ("train-tokenizer output empty", ["train-tokenizer", "--input", "{o}/rows.jsonl", "--vocab-size", "300",
+                                      "--output", ""], "--output ''", None),
+]
+
+
+@pytest.fixture(scope="module")
+def out_world(world):
+    """`{o}`: the files the cases read (a jsonl and a csv of labelled rows, a link to one, a copy of `{ck}` as
+    `{copy}`, a local lm-eval task, a folder holding a file, a stand-in HF folder)."""
+    o = os.path.join(world["w"], "outputs")
+    os.makedirs(os.path.join(o, "folder"))
+    with open(os.path.join(o, "folder", "notes.txt"), "w") as f:
+        f.write("a user's file\n")
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film number {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(16)]
+    with open(os.path.join(o, "rows.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    with open(os.path.join(o, "rows.csv"), "w") as f:
+        f.write("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    os.symlink("rows.jsonl", os.path.join(o, "link.jsonl"))
+    shutil.copy(os.path.join(o, "rows.jsonl"), os.path.join(o, "corpus.meta.json"))  # jsonl by its .json name
+    os.makedirs(os.path.join(o, "corpus_dir"))
+    shutil.copy(os.path.join(o, "rows.jsonl"), os.path.join(o, "corpus_dir", "c.jsonl"))
+    os.makedirs(os.path.join(o, "pfx.bin"))  # a folder where preprocess would write a file
+    shutil.copytree(world["ck"], os.path.join(o, "copy"))
+    os.makedirs(os.path.join(o, "hf"))
+    with open(os.path.join(o, "hf", "config.json"), "w") as f:
+        json.dump({"model_type": "llama"}, f)
+    os.makedirs(os.path.join(o, "tasks"))
+    with open(os.path.join(o, "tasks", "choice.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"question": f"the {w} was", "choices": [" quick", " lazy"], "answer": 0}) + "\n"
+                        for w in ("fox", "dog")))
+    with open(os.path.join(o, "tasks", "mt_choice.yaml"), "w") as f:
+        f.write("task: mt_choice\ndataset_path: json\n"
+                f"dataset_kwargs: {{data_files: {{test: {o}/tasks/choice.jsonl}}}}\n"
+                "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+                "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list: [{metric: acc}]\n")
+    return dict(world, o=o, copy=os.path.join(o, "copy"))
+
+
+def _snapshot(folder: str) -> dict:
+    """Every file and link under `folder`: its bytes, or where the link points."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                out[p] = ("link", os.readlink(p))
+            elif os.path.isfile(p):
+                out[p] = ("file", open(p, "rb").read())
+            else:
+                out[p] = ("folder", None)
+    return out
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in OUTPUT_CASES])
+def test_bad_output_is_one_line_and_touches_no_input(out_world, cli, case):
+    before = _snapshot(out_world["o"])
+    assert_refused(case, out_world, cli)
+    assert _snapshot(out_world["o"]) == before, f"{case[0]}: changed or left files under {out_world['o']}"
+
+
+def test_plot_writes_the_format_its_extension_names(out_world, cli, tmp_path):
+    for name, magic in (("c.pdf", b"%PDF"), ("c.svg", b"<?xml"), ("c.PNG", b"\x89PNG")):
+        r = _run(["plot", "{ck}", "--output", str(tmp_path / name)], out_world, cli)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+
 
 # ----------------------------------------------------------------------------------------------------------------
 

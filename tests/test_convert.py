@@ -194,7 +194,7 @@ def test_reader_bad_inputs(broken, tmp_path):
     empty.mkdir()
     one_error_line(cli("convert", "consolidate", str(empty), "--output", out), "not a megatrain checkpoint")
     one_error_line(cli("convert", "consolidate", str(tmp_path / "nope"), "--output", out), "no such checkpoint directory")
-    one_error_line(cli("convert", "consolidate", broken, "--output", broken), "already exists; pick a new folder or pass --force")
+    one_error_line(cli("convert", "consolidate", broken, "--output", broken, "--force"), "holds the checkpoint")
     open(os.path.join(broken, "latest"), "w").write("step00000099")
     one_error_line(cli("convert", "consolidate", broken, "--output", out), "names 'step00000099', which is incomplete or missing")
     open(os.path.join(broken, "latest"), "w").write("step00000004")

@@ -5,7 +5,7 @@ import stat
 import numpy as np
 import pytest
 
-from megatrain.fileio import atomic_path, write_atomic
+from megatrain.fileio import BadFileError, atomic_path, check_output_path, write_atomic
 
 
 def test_atomic_path_renames_when_the_block_ends_and_leaves_nothing_when_it_raises(tmp_path):
@@ -47,3 +47,43 @@ def test_a_half_written_metrics_row_is_cut_reading_only_the_tail(tmp_path):
     path.write_text('{"step": 1, "lo')  # only half a line
     _drop_partial_line(str(path))
     assert path.read_text() == ""
+
+
+def test_check_output_path_refuses_what_cannot_be_written_or_is_an_input(tmp_path, monkeypatch):
+    """One line naming the flag and the path, before any work: an empty path, a file output that is a folder (or
+    ends in '/'), a folder output that is a file, a parent that is a file or cannot be written in; and an output that
+    is an input (by inode: `./x` and a link are the same file), an existing file inside an input folder, or a folder
+    output (replaced whole) that holds an input. What may be written passes and leaves nothing behind."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to("in.jsonl")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "task.yaml").write_text("task: x\n")
+    inputs = [("--input", "in.jsonl"), ("--include-path", str(tmp_path / "folder"))]
+
+    def refused(path, must, kind="file"):
+        with pytest.raises(BadFileError) as e:
+            check_output_path(path, "--output", kind, inputs, example="out.jsonl")
+        assert str(e.value).startswith(f"--output {path or repr(path)}") and must in str(e.value), str(e.value)
+
+    refused("", "empty; name the file to write, e.g. --output out.jsonl")
+    refused("", "empty; name the folder to write", kind="folder")
+    refused("folder", "is a folder; name a file to write, e.g. --output folder/out.jsonl")
+    refused("new/", "is a folder")
+    refused("in.jsonl/x.jsonl", "in.jsonl is a file, not a folder")
+    refused("in.jsonl", "is a file, not a folder", kind="folder")
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be made in /proc, even by root (who passes os.access)
+        refused("/proc/x.jsonl", "cannot write in /proc")
+    for same in ("in.jsonl", "./in.jsonl", str(tmp_path / "in.jsonl"), "link.jsonl"):
+        refused(same, "the same file as --input in.jsonl")
+    refused("folder/task.yaml", f"an existing file inside --include-path {tmp_path / 'folder'}")
+    refused(".", "holds --input in.jsonl", kind="folder")
+    refused("folder", f"the same folder as --include-path {tmp_path / 'folder'}", kind="folder")
+    before = sorted(os.listdir(tmp_path))
+    for path, kind in (("out.jsonl", "file"), ("deep/er/out.jsonl", "file"), ("folder/new.json", "file"),
+                       ("tok", "folder"), ("runs/new", "folder")):
+        check_output_path(path, "--output", kind, inputs)
+    assert sorted(os.listdir(tmp_path)) == before  # the write test leaves nothing
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        refused("ro/x.jsonl", f"cannot write in {tmp_path / 'ro'}")

@@ -161,6 +161,17 @@ def read_pointer(ckpt_dir: str, name: str) -> str | None:
     return open(path).read().strip() if os.path.isfile(path) else None
 
 
+def checkpoint_inputs(path: str, tag: str | None = None) -> list[tuple[str, str]]:
+    """What reading checkpoint `path` reads, as fileio.check_output_path's inputs: the folder of its weights (the
+    `tag`, or those `latest` and `best` name; `path` itself when it holds them: a step folder or a consolidated
+    checkpoint) and the pointer files."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return [("the checkpoint", path)]
+    tags = [tag] if tag else [t for t in (read_pointer(path, "latest"), read_pointer(path, "best")) if t]
+    return [("the checkpoint", os.path.join(path, t)) for t in tags] + \
+        [("the checkpoint's pointer", os.path.join(path, name)) for name in ("latest", "best")]
+
+
 def mark_best(ckpt_dir: str, tag: str) -> None:
     """DIR/best names the checkpoint with the best evaluation metric (written like latest: atomically, by rank 0)."""
     write_atomic(os.path.join(ckpt_dir, "best"), tag)

@@ -15,17 +15,19 @@ import time
 
 import torch
 
-from megatrain.checkpoint.io import STATE_FILE
+from megatrain.checkpoint.io import STATE_FILE, checkpoint_inputs
 from megatrain.checkpoint.reader import CONSOLIDATED, CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
 from megatrain.data.tokenizer import parse_spec
-from megatrain.fileio import atomic_dir
+from megatrain.fileio import atomic_dir, check_output_path
 from megatrain.training.engine import PRECISION_DTYPE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
 
 
-def check_output(out: str, force: bool) -> None:
+def check_output(out: str, force: bool, inputs: list[tuple[str, str]]) -> None:
+    """Before anything is read: `out` can be made, is none of `inputs` and holds none (--force replaces it whole)."""
+    check_output_path(out, "--output", kind="folder", inputs=inputs)
     if os.path.exists(out) and not force:
         raise CheckpointError(f"--output {out}: already exists; pick a new folder or pass --force to replace it")
 
@@ -57,7 +59,7 @@ def copy_tokenizer(spec: str, out: str) -> str:
 
 
 def consolidate(src: str, out: str, tag: str | None = None, dtype: str = "fp32", force: bool = False) -> str:
-    check_output(out, force)
+    check_output(out, force, checkpoint_inputs(src, tag))
     t0 = time.perf_counter()
     with CheckpointReader(src, tag, merge_lora=True) as reader, atomic_dir(out, replace=force) as tmp:
         write_consolidated(reader, tmp, PRECISION_DTYPE[dtype])

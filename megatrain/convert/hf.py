@@ -20,6 +20,7 @@ import torch
 
 from megatrain.checkpoint.hf import (LLAMA, Family, HFWeights, check_hf_weights, family_of, has_tokenizer,
                                      read_hf_config, to_hf_tensors)
+from megatrain.checkpoint.io import checkpoint_inputs
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
 from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
@@ -81,7 +82,7 @@ def _load_tokenizer(spec: str):
 
 def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_shard_size: str = "5GB",
           verify: bool = True, force: bool = False) -> int:
-    check_output(out, force)
+    check_output(out, force, checkpoint_inputs(src, tag))
     limit = parse_size(max_shard_size)
     with CheckpointReader(src, tag, merge_lora=True) as reader:
         m = reader.cfg.model
@@ -204,7 +205,7 @@ def check_parity(model, hf_dir: str, vocab: int) -> bool:
 
 def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pickle: bool = False, verify: bool = True,
             force: bool = False) -> int:
-    check_output(out, force)
+    check_output(out, force, [("HF_DIR", hf_dir)])
     fam, m, V, arch = read_hf_config(hf_dir)
     weights = HFWeights(hf_dir, trust_pickle)
     check_hf_weights(weights, m, fam, V)

@@ -74,7 +74,7 @@ def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Con
 
 def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None,
             force: bool = False) -> None:
-    check_output(out, force)
+    check_output(out, force, checkpoint.checkpoint_inputs(src, tag))
     with CheckpointReader(src, tag) as reader:
         cfg, world = target_config(reader.cfg, sets, world)  # the layout is checked against the run's model
         # saved as the source saved it: its config (with the new layout) and what its run derived

@@ -21,6 +21,7 @@ import numpy as np
 from megatrain.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab
 from megatrain.data.readers import InputError, RecordBatch, expand_inputs, iter_record_batches, parse_record
 from megatrain.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
+from megatrain.fileio import check_output_path
 
 BATCH_DOCS = 256  # records per task sent to a worker
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
@@ -83,10 +84,10 @@ def preprocess(
     progress: bool | None = None,
 ) -> dict:
     """Tokenise `inputs` into `output_prefix.{bin,idx}` (plus `.meta.json`); returns the summary."""
-    if not os.path.basename(output_prefix) or os.path.isdir(output_prefix):
-        raise InputError(f"--output-prefix {output_prefix!r}: names a directory; give a file prefix P (writes P.bin, "
-                         f"P.idx), e.g. {os.path.join(output_prefix, 'data')}")
+    check_output_path(output_prefix, "--output-prefix", example="data")  # empty, a folder, a parent not writable
     paths = expand_inputs(inputs)
+    for ext in (".bin", ".idx", ".meta.json"):
+        check_output_path(output_prefix + ext, "--output-prefix", inputs=[("--input", p) for p in paths])
     tok = build_tokenizer(tokenizer)
     dtype = np.dtype(token_dtype_for_vocab(tok.vocab_size))
     init_args = (tokenizer, json_key, append_eod, dtype.str, skip_bad_lines)

@@ -15,7 +15,9 @@ import time
 from typing import Iterator
 
 from megatrain.data.readers import InputError, expand_inputs, iter_texts
+from megatrain.fileio import check_output_path
 
+OUTPUTS = ("tokenizer.model", "tokenizer.vocab")  # what the output folder holds
 SPECIAL = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3)  # eos (</s>) is the end-of-document token
 
 
@@ -46,6 +48,12 @@ def train_tokenizer(
     if vocab_size < 8:
         raise InputError(f"--vocab-size must be at least 8, got {vocab_size}")
     paths = expand_inputs(inputs)
+    check_output_path(output_dir, "--output", kind="folder", inputs=[("--input", p) for p in paths],
+                      example="tokenizer")
+    other = sorted(set(os.listdir(output_dir)) - set(OUTPUTS)) if os.path.isdir(output_dir) else []
+    if other:  # the folder is replaced whole: only a tokenizer's own
+        raise InputError(f"--output {output_dir}: an existing folder that holds other files ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}); it would be replaced whole: name a new folder")
     stats = dict(documents=0, skip_bad_lines=skip_bad_lines, bad_lines=0)
     os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
     work = tempfile.mkdtemp(prefix=".train-tokenizer-", dir=os.path.dirname(os.path.abspath(output_dir)))

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from megatrain.fileio import write_atomic
+from megatrain.fileio import check_output_path, write_atomic
 
 
 class HostfileError(ValueError):
@@ -119,6 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    if args.output != "-":
+        check_output_path(args.output, "--output", example="hostfile")
     nodes = args.nodes or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes:
         raise HostfileError("no node list: pass --nodes, or run inside a Slurm allocation (SLURM_JOB_NODELIST)")
