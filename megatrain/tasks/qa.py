@@ -49,7 +49,7 @@ class QA(FinetuneTask):
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
         items, examples, truncated = [], [], 0
-        for k, ex in enumerate(read_squad(path, f.format)):
+        for k, ex in enumerate(read_squad(path, f.format, labeled)):
             q = self.tok.encode(ex.question)[: self.max_len // 2]
             ctx, offsets = self.tok.encode_with_offsets(ex.context)
             base = len(q) + 1
