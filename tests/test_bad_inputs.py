@@ -249,6 +249,14 @@ FINETUNE_CASES = [
      "ft_qa_misspelt.jsonl:1", "{w}/ft2"),
     ("qa answers a list of strings", finetune("finetune-qa", "{w}/ft3", train="{w}/ft_qa_answer_strings.jsonl"),
      "ft_qa_answer_strings.jsonl:1", "{w}/ft3"),
+    # (64, the preset's default, is not below a 57-token window: windows 1 token apart, 2592 rows instead of 72)
+    ("qa doc_stride at the window", finetune("finetune-qa", "{w}/ft4", "finetune.doc_stride=64",
+                                             train="{w}/ft_qa_long.jsonl"), "finetune.doc_stride", "{w}/ft4"),
+    ("finetune.max_seq_len above the model's", finetune("finetune-classify", "{w}/ft6", "finetune.max_seq_len=128"),
+     "finetune.max_seq_len", "{w}/ft6"),
+    ("finetune.max_seq_len above the model's, long rows",
+     finetune("finetune-qa", "{w}/ft7", "finetune.max_seq_len=128", train="{w}/ft_qa_long.jsonl"),
+     "finetune.max_seq_len", "{w}/ft7"),
 ]
 
 
@@ -271,6 +279,25 @@ def test_qa_answers_read_in_either_shape_and_an_empty_list_is_no_answer(tmp_path
     assert got == [(["Paris"], [0]), (["Paris", "is"], [0, 6]), ([], []), ([], [])]
     path.write_text(json.dumps(qa_row(0)) + "\n")  # no "answers": refused to train on, read to predict
     assert [ex.answers for ex in read_squad(str(path), labeled=False)] == [[]]
+
+
+def test_qa_windows_advance_by_the_window_less_doc_stride(tmp_path):
+    """A valid finetune.doc_stride: a context of L tokens in windows of W sharing S tokens gives
+    1 + ceil((L - W) / (W - S)) windows, consecutive ones overlapping by exactly S tokens, the last reaching the end."""
+    from megatrain.config import load_config
+    from megatrain.data import build_tokenizer
+    from megatrain.tasks import finetune_task
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(qa_row(0, 100, answers={"text": ["Paris"], "answer_start": [0]})) + "\n")
+    context = qa_row(0, 100)["context"]
+    cfg = load_config(None, ["model.max_seq_len=64", "data.seq_len=64", "finetune.task=qa", "finetune.doc_stride=16"])
+    items = finetune_task(cfg, build_tokenizer("byte")).encode(str(path), train=False).items
+    W = 64 - len("where?") - 1  # byte tokens: the question's bytes and a separator
+    L = len(context.encode())
+    assert len(items) == 1 + math.ceil((L - W) / (W - 16)) == 9
+    firsts = [it["first"] for it in items]
+    assert all(b - a == W - 16 for a, b in zip(firsts, firsts[1:])) and firsts[-1] + W >= L > firsts[-2] + W
 
 
 # ----------------------------------------------------------------------------------------------------------------
