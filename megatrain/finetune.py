@@ -79,14 +79,14 @@ def run(cfg: Config) -> dict:
     task.prepare(f.train_file)
     resolved = resolved.but(labels=task.labels)  # finetune.labels, or the training file's
     cfg = task.cfg = resolved.apply(asked)
-    train_set = task.encode(f.train_file, train=True)
-    valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
-    test_set = task.encode(f.test_file, train=False) if f.test_file else None
     try:
         with torch.device("meta"):  # LoRA targets and freeze specs checked, shapes only
             build_model(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    train_set = task.encode(f.train_file, train=True)
+    valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
+    test_set = task.encode(f.test_file, train=False) if f.test_file else None
     if f.epochs:
         steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
         resolved = resolved.but(max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10))

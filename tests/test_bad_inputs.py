@@ -252,6 +252,9 @@ FINETUNE_CASES = [
     # (64, the preset's default, is not below a 57-token window: windows 1 token apart, 2592 rows instead of 72)
     ("qa doc_stride at the window", finetune("finetune-qa", "{w}/ft4", "finetune.doc_stride=64",
                                              train="{w}/ft_qa_long.jsonl"), "finetune.doc_stride", "{w}/ft4"),
+    # the model
+    ("freeze more blocks than the model has", finetune("finetune-classify", "{w}/ft5", "finetune.freeze=blocks:3"),
+     "blocks:3", "{w}/ft5"),
     ("finetune.max_seq_len above the model's", finetune("finetune-classify", "{w}/ft6", "finetune.max_seq_len=128"),
      "finetune.max_seq_len", "{w}/ft6"),
     ("finetune.max_seq_len above the model's, long rows",
