@@ -241,6 +241,14 @@ def ft_world(world):
     return world
 
 
+@pytest.fixture(scope="module")
+def sft_world(ft_world, cli):
+    """ft_world and a 2-step sft fine-tune of {ck} in {w}/ft_sft_run (~10 s: the slow tier's)."""
+    r = _run(finetune("finetune-sft", "{w}/ft_sft_run", train="{w}/ft_sft.jsonl"), ft_world, cli)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ft_world
+
+
 FINETUNE_CASES = [
     # qa: targets that are not there must not train as "no answer"
     ("qa row without answers", finetune("finetune-qa", "{w}/ft1", train="{w}/ft_qa_noanswers.jsonl"),
@@ -260,12 +268,24 @@ FINETUNE_CASES = [
     ("finetune.max_seq_len above the model's, long rows",
      finetune("finetune-qa", "{w}/ft7", "finetune.max_seq_len=128", train="{w}/ft_qa_long.jsonl"),
      "finetune.max_seq_len", "{w}/ft7"),
+    # checkpoint.dir holding another kind of run (at step 2: resumed wrongly, 2 more steps would save step 4)
+    ("classify resuming a pretraining run", finetune("finetune-classify", "{w}/ft_pretrain_run", "train.max_steps=4"),
+     "holds a pretraining run", "{w}/ft_pretrain_run/step00000004"),
+    ("classify resuming an sft run", finetune("finetune-classify", "{w}/ft_sft_run", "train.max_steps=4"),
+     "holds a finetune.task=sft run", "{w}/ft_sft_run/step00000004"),
+    ("pretrain resuming an sft run", pretrain("train.max_steps=4", out="{w}/ft_sft_run"),
+     "holds a finetune.task=sft run", "{w}/ft_sft_run/step00000004"),
 ]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in FINETUNE_CASES])
-def test_bad_finetune_input_is_one_line_and_leaves_nothing(ft_world, cli, case):
-    assert_refused(case, ft_world, cli)
+# Cases that resume the sft run sft_world trains first: the slow tier
+FINETUNE_SLOW = {"classify resuming an sft run", "pretrain resuming an sft run"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in FINETUNE_SLOW else [])
+                                  for c in FINETUNE_CASES])
+def test_bad_finetune_input_is_one_line_and_leaves_nothing(request, cli, case):
+    assert_refused(case, request.getfixturevalue("sft_world" if case[0] in FINETUNE_SLOW else "ft_world"), cli)
 
 
 def test_qa_answers_read_in_either_shape_and_an_empty_list_is_no_answer(tmp_path):
