@@ -272,7 +272,7 @@ class FinetuneConfig(_Section):
     pooling: str = "auto"
     # sft: several examples per sequence (attention and positions never cross them); false: one per sequence
     pack: bool = True
-    doc_stride: int = 64  # qa: context tokens shared by consecutive windows of a long context; at least 1
+    doc_stride: int = 64  # qa: tokens shared by consecutive windows of a long context; 1 to (max_seq_len + 1) // 2 - 2
     max_answer_tokens: int = 30  # qa: the longest answer span predicted, in tokens; at least 1
     # LoRA adapters of this rank on lora_targets, every other weight but the task head frozen; 0: full fine-tuning
     lora_rank: int = 0

@@ -66,6 +66,7 @@ def run(cfg: Config) -> dict:
     asked = cfg  # as the user gave it; `cfg` below is the effective config (with what the run derived)
     init, resolved = adopt_init(asked, "finetune.init")  # the model's shape before the layout is checked against it
     cfg = resolved.apply(asked)
+    check_model(cfg)
     tok = build_tokenizer(cfg.data.tokenizer)
     check_tokenizer(cfg, tok, init)
     resolved = resolved.but(model=resolve_vocab(cfg, tok))  # a tokenizer larger than the model's vocabulary: refused
@@ -78,14 +79,14 @@ def run(cfg: Config) -> dict:
     task.prepare(f.train_file)
     resolved = resolved.but(labels=task.labels)  # finetune.labels, or the training file's
     cfg = task.cfg = resolved.apply(asked)
-    train_set = task.encode(f.train_file, train=True)
-    valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
-    test_set = task.encode(f.test_file, train=False) if f.test_file else None
     try:
         with torch.device("meta"):  # LoRA targets and freeze specs checked, shapes only
             build_model(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    train_set = task.encode(f.train_file, train=True)
+    valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
+    test_set = task.encode(f.test_file, train=False) if f.test_file else None
     if f.epochs:
         steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
         resolved = resolved.but(max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10))
@@ -121,6 +122,27 @@ def run(cfg: Config) -> dict:
         result.update(test(run, engine, task, test_set))
     log0(f"done: step {state.step}; checkpoint in {cfg.checkpoint.dir}")
     return result
+
+
+def check_model(cfg: Config) -> None:
+    """finetune.* values that the model's shape (finetune.init's) bounds, checked before any file is read or
+    anything is created."""
+    from megatrain.tasks.qa import narrowest_window
+
+    f, limit = cfg.finetune, cfg.model.max_seq_len
+    if f.max_seq_len > limit:  # positions beyond the model's: a crash at the first long row, or a wrong MFU
+        raise ConfigError(f"config key finetune.max_seq_len: {f.max_seq_len} exceeds max_seq_len {limit} of the model "
+                          f"in finetune.init {f.init}; set it to {limit} or less (0: the model's)")
+    max_len = f.max_seq_len or limit
+    window = narrowest_window(max_len)
+    if f.task == "qa" and window < 2:
+        raise ConfigError(f"config key finetune.max_seq_len: {max_len} tokens leave no room for a context window "
+                          f"beside the question; raise it")
+    if f.task == "qa" and f.doc_stride >= window:
+        raise ConfigError(f"config key finetune.doc_stride: {f.doc_stride} is not below the context window of a row, "
+                          f"{window} tokens (max_seq_len {max_len} less a question of up to {max_len // 2} tokens and "
+                          f"a separator), so consecutive windows would start a token apart; set it below {window}, "
+                          f"e.g. {window // 2}")
 
 
 def check_tokenizer(cfg: Config, tok, init) -> None:

@@ -168,6 +168,9 @@ def apply_freeze(model: Transformer, spec: str) -> Transformer:
             frozen = lambda n: n.startswith(("embed.", "pos_embed."))  # noqa: E731
         elif item.startswith("blocks:") and item[7:].isdigit():
             k = int(item[7:])
+            if k > len(model.layers):  # would freeze every block, as blocks:n_layers says plainly
+                raise ValueError(f"finetune.freeze: {item!r} names more blocks than the model's {len(model.layers)} "
+                                 f"(model.n_layers); freeze at most blocks:{len(model.layers)}")
             frozen = lambda n, k=k: n.startswith("layers.") and int(n.split(".")[1]) < k  # noqa: E731
         elif item == "all_but_head":
             frozen = lambda n: not _is_head(model, n)  # noqa: E731

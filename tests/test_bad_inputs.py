@@ -3,6 +3,7 @@ Each must exit 1 with exactly one line `megatrain CMD: error: ...` that names th
 behind (README "Failures and recovery")."""
 import gzip
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -201,6 +202,125 @@ def test_built_in_errors_are_not_taken_for_user_errors():
 
 # -- fine-tuning: wrong targets, a run pointed at the wrong folder ------------------------------------------------
 # (cases, their fixture and their test below this line)
+
+
+def finetune(config: str, out: str, *sets: str, train: str = "{w}/ft_cls.jsonl") -> list[str]:
+    """A 2-step fine-tune of the fixture's checkpoint ({ck}: 2 blocks, max_seq_len 64) into `out`, these --set last."""
+    base = {"finetune.init": "{ck}", "finetune.train_file": train, "checkpoint.dir": out, "finetune.epochs": "0",
+            "train.max_steps": "2", "train.global_batch_size": "4", "train.micro_batch_size": "2",
+            "train.warmup_steps": "1", "train.eval_interval": "0", "train.log_interval": "1",
+            "checkpoint.interval": "0", "logging.tensorboard": "false", "logging.peak_tflops": "1.0",
+            "finetune.doc_stride": "16"}  # qa: below the 31-token window of a 64-token row
+    return ["finetune", "--config", config, *set_args([f"{k}={v}" for k, v in base.items()]),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def qa_row(i: int, context_words: int = 8, **answers) -> dict:
+    context = "Paris is where " + " ".join(["it", "was", "the"][j % 3] for j in range(context_words))
+    return {"id": str(i), "question": "where?", "context": context, **answers}
+
+
+@pytest.fixture(scope="module")
+def ft_world(world):
+    """QA files whose answers are missing or misshapen, a classify training file and a copy of the fixture's
+    pretraining run, to be named as checkpoint.dir."""
+    w = world["w"]
+
+    def write(name: str, rows: list[dict]) -> None:
+        with open(os.path.join(w, name), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    ok = {"answers": {"text": ["Paris"], "answer_start": [0]}}
+    write("ft_qa_long.jsonl", [qa_row(i, 100, **ok) for i in range(8)])  # 380 context tokens each: 9 windows of 57
+    write("ft_qa_noanswers.jsonl", [qa_row(0, **ok), qa_row(1)])
+    write("ft_qa_misspelt.jsonl", [qa_row(0, answer={"text": ["Paris"], "answer_start": [0]})])
+    write("ft_qa_answer_strings.jsonl", [qa_row(0, answers=["Paris"])])
+    write("ft_cls.jsonl", [{"text": f"{w_} film {i}", "label": w_} for i, w_ in enumerate(["good", "bad"] * 8)])
+    write("ft_sft.jsonl", [{"prompt": f"say {x}", "response": x} for x in ["alpha", "beta", "gamma", "delta"] * 4])
+    shutil.copytree(world["ck"], os.path.join(w, "ft_pretrain_run"))
+    return world
+
+
+@pytest.fixture(scope="module")
+def sft_world(ft_world, cli):
+    """ft_world and a 2-step sft fine-tune of {ck} in {w}/ft_sft_run (~10 s: the slow tier's)."""
+    r = _run(finetune("finetune-sft", "{w}/ft_sft_run", train="{w}/ft_sft.jsonl"), ft_world, cli)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ft_world
+
+
+FINETUNE_CASES = [
+    # qa: targets that are not there must not train as "no answer"
+    ("qa row without answers", finetune("finetune-qa", "{w}/ft1", train="{w}/ft_qa_noanswers.jsonl"),
+     "ft_qa_noanswers.jsonl:2", "{w}/ft1"),
+    ("qa answers key misspelt", finetune("finetune-qa", "{w}/ft2", train="{w}/ft_qa_misspelt.jsonl"),
+     "ft_qa_misspelt.jsonl:1", "{w}/ft2"),
+    ("qa answers a list of strings", finetune("finetune-qa", "{w}/ft3", train="{w}/ft_qa_answer_strings.jsonl"),
+     "ft_qa_answer_strings.jsonl:1", "{w}/ft3"),
+    # (64, the preset's default, is not below a 57-token window: windows 1 token apart, 2592 rows instead of 72)
+    ("qa doc_stride at the window", finetune("finetune-qa", "{w}/ft4", "finetune.doc_stride=64",
+                                             train="{w}/ft_qa_long.jsonl"), "finetune.doc_stride", "{w}/ft4"),
+    # the model
+    ("freeze more blocks than the model has", finetune("finetune-classify", "{w}/ft5", "finetune.freeze=blocks:3"),
+     "blocks:3", "{w}/ft5"),
+    ("finetune.max_seq_len above the model's", finetune("finetune-classify", "{w}/ft6", "finetune.max_seq_len=128"),
+     "finetune.max_seq_len", "{w}/ft6"),
+    ("finetune.max_seq_len above the model's, long rows",
+     finetune("finetune-qa", "{w}/ft7", "finetune.max_seq_len=128", train="{w}/ft_qa_long.jsonl"),
+     "finetune.max_seq_len", "{w}/ft7"),
+    # checkpoint.dir holding another kind of run (at step 2: resumed wrongly, 2 more steps would save step 4)
+    ("classify resuming a pretraining run", finetune("finetune-classify", "{w}/ft_pretrain_run", "train.max_steps=4"),
+     "holds a pretraining run", "{w}/ft_pretrain_run/step00000004"),
+    ("classify resuming an sft run", finetune("finetune-classify", "{w}/ft_sft_run", "train.max_steps=4"),
+     "holds a finetune.task=sft run", "{w}/ft_sft_run/step00000004"),
+    ("pretrain resuming an sft run", pretrain("train.max_steps=4", out="{w}/ft_sft_run"),
+     "holds a finetune.task=sft run", "{w}/ft_sft_run/step00000004"),
+]
+
+
+# Cases that resume the sft run sft_world trains first: the slow tier
+FINETUNE_SLOW = {"classify resuming an sft run", "pretrain resuming an sft run"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in FINETUNE_SLOW else [])
+                                  for c in FINETUNE_CASES])
+def test_bad_finetune_input_is_one_line_and_leaves_nothing(request, cli, case):
+    assert_refused(case, request.getfixturevalue("sft_world" if case[0] in FINETUNE_SLOW else "ft_world"), cli)
+
+
+def test_qa_answers_read_in_either_shape_and_an_empty_list_is_no_answer(tmp_path):
+    """jsonl answers as Hugging Face's {"text": [...], "answer_start": [...]} or as SQuAD JSON's list of objects read
+    alike; empty lists are a question without an answer; a file to predict needs no answers at all."""
+    from megatrain.data.task_files import read_squad
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        qa_row(0, answers={"text": ["Paris"], "answer_start": [0]}),
+        qa_row(1, answers=[{"text": "Paris", "answer_start": 0}, {"text": "is", "answer_start": 6}]),
+        qa_row(2, answers={"text": [], "answer_start": []}), qa_row(3, answers=[])]))
+    got = [(ex.answers, ex.starts) for ex in read_squad(str(path))]
+    assert got == [(["Paris"], [0]), (["Paris", "is"], [0, 6]), ([], []), ([], [])]
+    path.write_text(json.dumps(qa_row(0)) + "\n")  # no "answers": refused to train on, read to predict
+    assert [ex.answers for ex in read_squad(str(path), labeled=False)] == [[]]
+
+
+def test_qa_windows_advance_by_the_window_less_doc_stride(tmp_path):
+    """A valid finetune.doc_stride: a context of L tokens in windows of W sharing S tokens gives
+    1 + ceil((L - W) / (W - S)) windows, consecutive ones overlapping by exactly S tokens, the last reaching the end."""
+    from megatrain.config import load_config
+    from megatrain.data import build_tokenizer
+    from megatrain.tasks import finetune_task
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(qa_row(0, 100, answers={"text": ["Paris"], "answer_start": [0]})) + "\n")
+    context = qa_row(0, 100)["context"]
+    cfg = load_config(None, ["model.max_seq_len=64", "data.seq_len=64", "finetune.task=qa", "finetune.doc_stride=16"])
+    items = finetune_task(cfg, build_tokenizer("byte")).encode(str(path), train=False).items
+    W = 64 - len("where?") - 1  # byte tokens: the question's bytes and a separator
+    L = len(context.encode())
+    assert len(items) == 1 + math.ceil((L - W) / (W - 16)) == 9
+    firsts = [it["first"] for it in items]
+    assert all(b - a == W - 16 for a, b in zip(firsts, firsts[1:])) and firsts[-1] + W >= L > firsts[-2] + W
 
 
 # ----------------------------------------------------------------------------------------------------------------

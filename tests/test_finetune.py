@@ -377,7 +377,8 @@ def test_bad_inputs(pretrained, tmp_path):
     squad = {"data": [{"paragraphs": [{"context": "Marie Curie won it.", "qas": [
         {"id": "q1", "question": "who?", "answers": [{"text": "Marie Curie", "answer_start": 3}]}]}]}]}
     (tmp_path / "g.json").write_text(json.dumps(squad))
-    one_error_line(run("finetune-qa", str(tmp_path / "g.json")), "question q1: answer_start 3 does not match its text")
+    one_error_line(run("finetune-qa", str(tmp_path / "g.json"), **{"finetune.doc_stride": 16}),
+                   "question q1: answer_start 3 does not match its text")
     one_error_line(run("finetune-classify", good, **{"finetune.init": str(tmp_path)}), "neither a megatrain checkpoint")
     one_error_line(run("finetune-classify", good, **{"data.tokenizer": "bert-tokenizer-that-is-not-there"}),
                    "unknown tokenizer spec")

@@ -177,8 +177,35 @@ def mark_best(ckpt_dir: str, tag: str) -> None:
     write_atomic(os.path.join(ckpt_dir, "best"), tag)
 
 
+def check_kind(cfg: Config, saved: dict, where: str) -> None:
+    """Resuming needs a checkpoint of the same kind of run: a pretraining run, or a fine-tune of the same
+    finetune.task (another's model has another head, so its weights would not load)."""
+    theirs, mine = saved_config(saved).finetune.task, cfg.finetune.task
+    if theirs == mine:
+        return
+    kind = lambda task: f"a finetune.task={task} run" if task else "a pretraining run"  # noqa: E731
+    ckpt_dir = os.path.dirname(where)
+    hint = ""
+    if theirs in ("", "sft"):  # a language model's weights: a start for any run
+        hint = f", or start from its weights with {'finetune.init' if mine else 'checkpoint.init'}={ckpt_dir}"
+    raise ConfigError(f"checkpoint.dir {ckpt_dir} holds {kind(theirs)} ({os.path.basename(where)}), not {kind(mine)} "
+                      f"to resume; choose another checkpoint.dir{hint}")
+
+
+def check_resumable(cfg: Config) -> None:
+    """Before anything starts: checkpoint.dir holds no other kind of run (the rest of check_compatible needs what
+    the run derives once it has started)."""
+    tag = read_latest(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+    if tag is not None:
+        where = os.path.join(cfg.checkpoint.dir, tag)
+        check_kind(cfg, read_json(os.path.join(where, STATE_FILE), f"point {cfg.checkpoint.dir}/latest at an earlier "
+                                  f"complete step"), where)
+
+
 def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None = None) -> None:
-    """Resuming needs the same model, batch shape and parallel layout; name the first key that differs."""
+    """Resuming needs the same kind of run, model, batch shape and parallel layout; name the first key that
+    differs."""
+    check_kind(cfg, saved, where)
     if layout is not None and "layout" in saved:
         for k in ("tp", "pp", "dp", "zero_stage"):
             if k in saved["layout"] and saved["layout"][k] != layout[k]:

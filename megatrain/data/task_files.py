@@ -5,7 +5,8 @@ one line, `file:line: what is wrong`.
     read_conll(path)          CoNLL: `token ... tag` a line (tab or space separated, the tag last), a blank line
                               between sentences, -DOCSTART- lines skipped; or jsonl {"tokens": [...], "tags": [...]}
     read_squad(path)          SQuAD v1.1 JSON ({"data": [{"paragraphs": [{"context", "qas": [...]}]}]}), or jsonl of
-                              {"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}}
+                              {"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}} (or
+                              "answers" as SQuAD JSON's list of {"text", "answer_start"}); empty lists: no answer
 """
 from __future__ import annotations
 
@@ -183,12 +184,12 @@ def check_scheme(sentence: Sentence, scheme: str) -> None:
         prev = tag
 
 
-def read_squad(path: str, fmt: str = "auto") -> list[QAExample]:
+def read_squad(path: str, fmt: str = "auto", labeled: bool = True) -> list[QAExample]:
+    """Questions with their answers; labeled=False reads a file to predict (questions and contexts only)."""
     if file_format(path, fmt) == "jsonl" and not _is_squad_json(path):
         out = []
         for rec in read_records(path, "jsonl"):
-            ans = rec.fields.get("answers", {})
-            texts, starts = (ans.get("text", []), ans.get("answer_start", [])) if isinstance(ans, dict) else ([], [])
+            texts, starts = _answers(rec.fields, rec.where, labeled)
             out.append(_qa(rec.fields, texts, starts, rec.where, path))
         return out
     try:
@@ -202,9 +203,8 @@ def read_squad(path: str, fmt: str = "auto") -> list[QAExample]:
     for article in doc["data"]:
         for para in article.get("paragraphs", []):
             for qa in para.get("qas", []):
-                texts = [a.get("text", "") for a in qa.get("answers", [])]
-                starts = [a.get("answer_start", -1) for a in qa.get("answers", [])]
                 where = f"{path}: question {qa.get('id', '?')}"
+                texts, starts = _answers(qa, where, labeled)
                 out.append(_qa(dict(qa, context=para.get("context")), texts, starts, where, path))
     if not out:
         raise InputError(f"{path}: empty (no questions)")
@@ -215,6 +215,32 @@ def _is_squad_json(path: str) -> bool:
     with _open(path) as f:
         head = f.read(4096).lstrip()
     return head.startswith("{") and '"data"' in head[:200]
+
+
+ANSWERS_SHAPE = '"answers": {"text": [...], "answer_start": [...]}'
+
+
+def _answers(obj: dict, where: str, labeled: bool) -> tuple[list, list]:
+    """A question's answer texts and character offsets: "answers" as {"text": [...], "answer_start": [...]} (Hugging
+    Face's squad) or as a list of {"text", "answer_start"} objects (SQuAD JSON's); empty lists say the question has
+    no answer (SQuAD 2.0). A question with no "answers" at all, or answers of another shape, is refused where the
+    file is trained or scored on: read as "no answer", every target would silently become position 0. A file to
+    predict needs only questions and contexts (its answers are not read)."""
+    if not labeled:
+        return [], []
+    if "answers" not in obj:
+        fields = ", ".join(json.dumps(k) for k in obj)
+        raise InputError(f"{where}: no \"answers\" field (it has {fields}); expected {ANSWERS_SHAPE}, with empty "
+                         f"lists for a question that has no answer")
+    ans = obj["answers"]
+    if isinstance(ans, list) and all(isinstance(a, dict) and set(a) >= {"text", "answer_start"} for a in ans):
+        ans = {"text": [a["text"] for a in ans], "answer_start": [a["answer_start"] for a in ans]}
+    texts, starts = (ans.get("text"), ans.get("answer_start")) if isinstance(ans, dict) else (None, None)
+    if not (isinstance(texts, list) and isinstance(starts, list) and all(isinstance(t, str) for t in texts)
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in starts)):
+        raise InputError(f"{where}: \"answers\" is {json.dumps(ans)[:80]}; expected {ANSWERS_SHAPE} (strings and "
+                         f"character offsets into the context), or a list of {{\"text\", \"answer_start\"}} objects")
+    return texts, starts
 
 
 def _qa(obj: dict, texts: list, starts: list, where: str, path: str) -> QAExample:

@@ -1,14 +1,15 @@
 """Extractive question answering: the answer is a span of the context.
 
-Files: SQuAD v1.1 JSON, or jsonl {"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}};
-every answer_start is checked against its text. A row is the question, an end-of-document token and a window of the
-context (the question first, so that under a causal model every context token has read it); a context longer than
-a row is cut into windows that share finetune.doc_stride tokens. The span head gives every position a start and an
-end logit; training points both at the answer's first and last token in the window that holds it, and at position 0
-(never a context token) in the others. A prediction is the best-scoring span over all of an example's windows (start
-<= end, at most finetune.max_answer_tokens long), mapped back to its characters of the context and widened to whole
-words (a span that starts inside a word takes all of it). Metrics: exact match and F1 with the official SQuAD
-answer normalisation.
+Files: SQuAD v1.1 JSON, or jsonl {"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}}
+(task_files.read_squad); every answer_start is checked against its text. A row is the question, an end-of-document
+token and a window of the context (the question first, so that under a causal model every context token has read
+it); a context longer than a row is cut into windows that share finetune.doc_stride tokens (each starts that many
+tokens before the end of the one before; a run refuses a doc_stride not below the narrowest window). The span head
+gives every position a start and an end logit; training points both at the answer's first and last token in the
+window that holds it, and at position 0 (never a context token) in the others. A prediction is the best-scoring span
+over all of an example's windows (start <= end, at most finetune.max_answer_tokens long), mapped back to its
+characters of the context and widened to whole words (a span that starts inside a word takes all of it). Metrics:
+exact match and F1 with the official SQuAD answer normalisation.
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ from megatrain.tasks.base import Batch, Examples, FinetuneTask, pad_rows
 from megatrain.tasks.metrics import squad_metrics
 
 TOP = 20  # candidate starts and ends per window
+
+
+def narrowest_window(max_len: int) -> int:
+    """The fewest context tokens a row holds: max_len less the longest question (cut to half a row) and the
+    end-of-document token between them. finetune.doc_stride must be below it (finetune.check_model)."""
+    return max_len - max_len // 2 - 1
 
 
 def char_to_token(offsets: list[tuple[int, int]], char: int) -> int:
@@ -49,12 +56,15 @@ class QA(FinetuneTask):
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
         f = self.cfg.finetune
         items, examples, truncated = [], [], 0
-        for k, ex in enumerate(read_squad(path, f.format)):
+        for k, ex in enumerate(read_squad(path, f.format, labeled)):
             q = self.tok.encode(ex.question)[: self.max_len // 2]
             ctx, offsets = self.tok.encode_with_offsets(ex.context)
             base = len(q) + 1
-            width = self.max_len - base
-            stride = max(1, width - min(f.doc_stride, width - 1))
+            width = self.max_len - base  # at least narrowest_window(max_len)
+            # consecutive windows share doc_stride tokens: each starts width - doc_stride tokens after the last. A
+            # fine-tuning run refuses a doc_stride not below every window; a checkpoint saved before that check may
+            # hold one: its windows overlap by half (never a step of 1 token, which multiplied the rows ~100-fold)
+            stride = width - (f.doc_stride if f.doc_stride < width else width // 2)
             answer = None
             if ex.answers:
                 a0, a1 = ex.starts[0], ex.starts[0] + len(ex.answers[0])

@@ -67,6 +67,7 @@ class Run:
         me = discover()
         layout = check_layout(cfg, me.world_size)
         if me.rank == 0:  # one run per checkpoint.dir (a second is refused here, before any process group)
+            checkpoint.check_resumable(cfg)  # a checkpoint.dir holding another kind of run, before it is locked
             took_over = acquire(cfg.checkpoint.dir)
             if took_over:
                 print(took_over, flush=True)
