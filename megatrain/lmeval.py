@@ -168,8 +168,9 @@ def evaluate(lm, tasks: list[str], include_path: str | None = None, limit=None, 
         broken = unparsable_yamls(include_path) if include_path else []
         if broken:
             (where, problem), more = broken[0], len(broken) - 1
-            raise ConfigError(f"--tasks: no lm-eval task named {unknown[0]!r}, and {where} is not valid YAML ({problem})"
-                              f"{f', nor are {more} more files' if more else ''}; lm-eval skips such a file: fix it")
+            raise ConfigError(f"--tasks: no lm-eval task named {unknown[0]!r}, and {where} is not valid YAML "
+                              f"({problem}){f', nor are {more} more files' if more else ''}; lm-eval skips such a "
+                              f"file: fix it")
         raise ConfigError(f"--tasks: no lm-eval task named {unknown[0]!r}"
                           + (f" (looked in {include_path} too)" if include_path else "; local YAMLs: --include-path"))
     return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
