@@ -145,7 +145,7 @@ def command(args: argparse.Namespace) -> int:
                              f"the same vocabulary)") from None
     if args.tokenizer:  # ids mean what the run's tokenizer says they mean: another one decodes them to other text
         check_same_vocabulary(tok, f"--tokenizer {args.tokenizer}", own, f"{args.checkpoint} was trained with")
-    if tok.vocab_size > model.cfg.vocab_size:  # (the run's own tokenizer moved, so it could not be compared)
+    if tok.vocab_size > model.cfg.vocab_size:  # ids the model has no rows for (where the above could not compare)
         raise ConfigError(f"--tokenizer {args.tokenizer}: {tok.vocab_size} pieces, more than the model's vocabulary of "
                           f"{model.cfg.vocab_size}; use the tokenizer the run trained with (the default)")
     ids = tok.encode(args.prompt) if args.prompt else [tok.eod_id]

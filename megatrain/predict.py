@@ -90,7 +90,6 @@ def command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megatrain.fileio import write_atomic
-
     from megatrain.generate import check_length, check_numbers
 
     check_numbers(("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
