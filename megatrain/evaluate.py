@@ -19,11 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from megatrain.generate import check_numbers
     from megatrain.predict import LocalEngine, LocalRun, best_tag, load
 
+    check_numbers(("--batch-size", args.batch_size, 1))
     model, cfg, tok, task, step = load(args.checkpoint, best_tag(args.checkpoint, args.tag))
     examples = task.encode(args.input, train=False)
-    row = task.evaluate(LocalRun(cfg, max(1, args.batch_size)), LocalEngine(model), examples, prefix="eval")
+    row = task.evaluate(LocalRun(cfg, args.batch_size), LocalEngine(model), examples, prefix="eval")
     row = {k.removeprefix("eval_"): v for k, v in row.items()}
     if args.json:
         print(json.dumps(dict(checkpoint=args.checkpoint, step=step, task=cfg.finetune.task, input=args.input, **row)))

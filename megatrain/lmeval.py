@@ -11,7 +11,9 @@ jsonl (`--include-path`): see the README.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import sys
 
 import torch
@@ -118,6 +120,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, metavar="FILE.json", help="write the results here too")
 
 
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """The task names of --tasks, after every flag is checked (before the model is read): lm-eval would fail on
+    these deep inside its loop, or take a negative --num-fewshot without a word."""
+    from megatrain.generate import check_numbers
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError(f"--tasks {args.tasks!r}: names no task; give comma-separated lm-eval task names")
+    check_numbers(("--batch-size", args.batch_size, 1), ("--num-fewshot", args.num_fewshot, 0))
+    # lm-eval reads a limit below 1 as a share of each task's examples, and from 1 on as a count
+    if args.limit is not None and not (0 < args.limit < 1 or (args.limit >= 1 and args.limit.is_integer())):
+        raise ConfigError(f"--limit {args.limit:g}: must be a count of examples per task (1, 2, ...) or a share of "
+                          f"them between 0 and 1")
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise ConfigError(f"--include-path {args.include_path}: no such folder (it should hold the task YAML files)")
+    return tasks
+
+
+def unparsable_yamls(folder: str) -> list[tuple[str, str]]:
+    """The YAML files under `folder` that do not parse, each as ('path:line', the problem): lm-eval's index skips
+    such a file without a word, so its task reads as one that does not exist."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)  # lm-eval's `!function module.name` tags
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.yaml"), recursive=True)):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            try:
+                yaml.load(f, Loader=Loader)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                out.append((f"{path}:{mark.line + 1}" if mark else path, getattr(e, "problem", None) or str(e)))
+    return out
+
+
 def evaluate(lm, tasks: list[str], include_path: str | None = None, limit=None, num_fewshot=None) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -125,6 +165,12 @@ def evaluate(lm, tasks: list[str], include_path: str | None = None, limit=None, 
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
+        broken = unparsable_yamls(include_path) if include_path else []
+        if broken:
+            (where, problem), more = broken[0], len(broken) - 1
+            raise ConfigError(f"--tasks: no lm-eval task named {unknown[0]!r}, and {where} is not valid YAML "
+                              f"({problem}){f', nor are {more} more files' if more else ''}; lm-eval skips such a "
+                              f"file: fix it")
         raise ConfigError(f"--tasks: no lm-eval task named {unknown[0]!r}"
                           + (f" (looked in {include_path} too)" if include_path else "; local YAMLs: --include-path"))
     return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
@@ -141,9 +187,9 @@ def command(args: argparse.Namespace) -> int:
                           inputs=reads + ([("--include-path", args.include_path)] if args.include_path else []))
     if TemplateLM is object:
         raise ConfigError("lm-eval is not installed: pip install 'lm-eval==0.4.*' (or pip install -e '.[eval]')")
+    tasks = check_arguments(args)
     lm = MegatrainLM(args.checkpoint, args.tag, args.batch_size)
-    results = evaluate(lm, [t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path, args.limit,
-                       args.num_fewshot)
+    results = evaluate(lm, tasks, args.include_path, args.limit, args.num_fewshot)
     for task, metrics in results.items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and "stderr" not in k)

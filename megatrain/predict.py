@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, metavar="FILE", help="examples in the task's file format")
     p.add_argument("--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="sft: the longest response")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="sft: the longest response; at most model.max_seq_len - 1 (default: 128, or what fits)")
     p.add_argument("--temperature", type=float, default=0.0, help="sft: 0 for greedy decoding")
 
 
@@ -90,14 +91,17 @@ def command(args: argparse.Namespace) -> int:
 
     from megatrain.checkpoint.io import checkpoint_inputs
     from megatrain.fileio import check_output_path, write_atomic
+    from megatrain.generate import check_length, check_numbers
 
     check_output_path(args.output, "--output", inputs=[("--input", args.input), *checkpoint_inputs(args.checkpoint,
                                                                                                    args.tag)],
                       example="predictions.jsonl")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
-        raise ConfigError("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")
+    check_numbers(("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                  ("--temperature", args.temperature, 0))
     model, cfg, tok, task, step = load(args.checkpoint, best_tag(args.checkpoint, args.tag))
     if cfg.finetune.task == "sft":
+        if args.max_new_tokens is not None:  # the shortest prompt is one token
+            check_length(args.max_new_tokens, 1, cfg.model.max_seq_len, args.checkpoint)
         rows = generate_responses(model, cfg, tok, task, args)
     else:
         examples = task.encode(args.input, train=False, labeled=False)
@@ -118,21 +122,29 @@ def command(args: argparse.Namespace) -> int:
 
 
 def generate_responses(model, cfg, tok, task, args) -> list[dict]:
-    """sft: each record's conversation continued by the assistant, up to its end-of-turn token."""
+    """sft: each record's conversation continued by the assistant, up to its end-of-turn token (every record is read
+    and checked before the first is generated)."""
     from tqdm import tqdm
 
     from megatrain.data.task_files import read_records
     from megatrain.generate import generate
 
-    out = []
-    for rec in tqdm(read_records(args.input, cfg.finetune.format), desc="generate", unit="example", file=sys.stderr,
-                    disable=not sys.stderr.isatty()):
-        msgs = rec.fields.get("messages") or [{"role": "user", "content": rec.fields.get("prompt", "")}]
-        ids = tok.encode(task.prompt_text(msgs))[-(cfg.model.max_seq_len - 1):]
-        new = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=0,
+    records = read_records(args.input, cfg.finetune.format)
+    prompts = [task.prompt_messages(rec) for rec in records]
+    ctx, out, cut = cfg.model.max_seq_len, [], 0
+    for rec, msgs in tqdm(list(zip(records, prompts)), desc="generate", unit="example", file=sys.stderr,
+                          disable=not sys.stderr.isatty()):
+        ids = tok.encode(task.prompt_text(msgs))[-(ctx - 1):]
+        room = ctx - len(ids)
+        want = min(128, room) if args.max_new_tokens is None else args.max_new_tokens
+        cut += want > room
+        new = generate(model, torch.tensor([ids]), min(want, room), temperature=args.temperature, top_k=0,
                        eod_id=tok.eod_id, vocab_limit=cfg.model.true_vocab_size or tok.vocab_size)[0, len(ids):]
         new = new.tolist()
         if tok.eod_id in new:
             new = new[: new.index(tok.eod_id)]
         out.append(dict(rec.fields, response=tok.decode(new)))
+    if cut:
+        print(f"note: {cut} of {len(records)} prompts left less room than --max-new-tokens {args.max_new_tokens} in "
+              f"model.max_seq_len={ctx}: their responses stop where the context ends", file=sys.stderr)
     return out

@@ -477,6 +477,166 @@ def test_plot_writes_the_format_its_extension_names(out_world, cli, tmp_path):
 # (cases, their fixture and their test below this line)
 
 
+def _cli_ok(cli: CliServer, argv: list[str], cwd: str) -> None:
+    r = cli.run(argv, cwd=cwd, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def finetune_argv(config: str, init: str, train_file: str, out: str) -> list[str]:
+    """A 2-step fine-tune of `init` (the fixture's tiny model)."""
+    sets = {"finetune.init": init, "finetune.train_file": train_file, "checkpoint.dir": out, "train.max_steps": 2,
+            "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.warmup_steps": 1,
+            "train.eval_interval": 0, "checkpoint.interval": 0, "logging.tensorboard": False, "finetune.epochs": 0,
+            "logging.peak_tflops": 1.0}
+    return ["finetune", "--config", config, *set_args([f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                                       for k, v in sets.items()])]
+
+
+LM_EVAL_TASK = """task: mt_choice
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list: [{{metric: acc}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def inference_world(world, cli):
+    """Beside the world: a 310-piece sentencepiece tokenizer (fewer pieces than {ck}'s 320 rows, more than its 260),
+    a 400-piece one trained on another corpus (the size of {w}/sp, other pieces), classify and sft rows, and lm-eval
+    task folders: one good, one with a YAML that does not parse."""
+    from conftest import make_documents, write_jsonl
+
+    w = os.path.join(world["w"], "inference")  # this section's files, apart from the other sections'
+    os.makedirs(w)
+    write_jsonl(os.path.join(w, "other_corpus.jsonl"), make_documents(400, seed=2, max_words=80))
+    for size, corpus, out in ((310, f"{world['w']}/data/c.jsonl", "sp310"),
+                              (400, f"{w}/other_corpus.jsonl", "sp_other")):
+        _cli_ok(cli, ["train-tokenizer", "--input", corpus, "--vocab-size", str(size), "--output", f"{w}/{out}"], w)
+    words = ["good", "bad", "film", "the", "was", "very"]
+    with open(os.path.join(w, "labelled.jsonl"), "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"text": " ".join(words[(i + k) % 6] for k in range(4)), "label": "ab"[i % 2]}) + "\n")
+    with open(os.path.join(w, "chat.jsonl"), "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"add {i} and 1", "response": str(i + 1)}) + "\n")
+    with open(os.path.join(w, "choice.jsonl"), "w") as f:
+        for i, word in enumerate(["fox", "king", "horse", "queen"]):
+            f.write(json.dumps({"question": f"the {word} was", "choices": [" quick", " lazy", " brown"],
+                                "answer": i % 3}) + "\n")
+    os.makedirs(os.path.join(w, "tasks"), exist_ok=True)
+    with open(os.path.join(w, "tasks", "mt_choice.yaml"), "w") as f:
+        f.write(LM_EVAL_TASK.format(data=os.path.join(w, "choice.jsonl")))
+    os.makedirs(os.path.join(w, "broken_tasks"), exist_ok=True)
+    with open(os.path.join(w, "broken_tasks", "mt_broken.yaml"), "w") as f:  # a brace left open on line 3
+        f.write("task: mt_broken\ndataset_path: json\ndataset_kwargs: {data_files: {test: x.jsonl}\n"
+                "output_type: multiple_choice\n")
+    return dict(world, inf=w, sp310=f"{w}/sp310", sp_other=f"{w}/sp_other", labelled=f"{w}/labelled.jsonl",
+                chat=f"{w}/chat.jsonl", tasks=f"{w}/tasks", broken_tasks=f"{w}/broken_tasks")
+
+
+@pytest.fixture(scope="module")
+def tuned_world(inference_world, cli):
+    """2-step classify and sft fine-tunes of {ck}; {ck} exported to Hugging Face (hf), and a copy of the export
+    without its tokenizer files (hf_notok)."""
+    w = inference_world["inf"]
+    _cli_ok(cli, finetune_argv("finetune-classify", inference_world["ck"], inference_world["labelled"], f"{w}/clf"), w)
+    _cli_ok(cli, finetune_argv("finetune-sft", inference_world["ck"], inference_world["chat"], f"{w}/sft"), w)
+    _cli_ok(cli, ["convert", "to-hf", inference_world["ck"], "--output", f"{w}/hf", "--no-verify"], w)
+    os.makedirs(f"{w}/hf_notok")
+    for name in os.listdir(f"{w}/hf"):
+        if not name.startswith("tokenizer"):
+            shutil.copy(f"{w}/hf/{name}", f"{w}/hf_notok/{name}")
+    return dict(inference_world, clf=f"{w}/clf", sft=f"{w}/sft", hf=f"{w}/hf", hf_notok=f"{w}/hf_notok")
+
+
+LM_EVAL = ["lm-eval", "--checkpoint", "{ck}", "--tasks", "mt_choice", "--include-path", "{tasks}"]
+
+INFERENCE_CASES = [
+    # a tokenizer of another vocabulary than the checkpoint's (or the dataset's)
+    ("generate tokenizer of another size", ["generate", "--checkpoint", "{ck}", "--tokenizer", "{sp310}"],
+     "--tokenizer {sp310}", None),
+    ("data-info byte tokenizer on sentencepiece data", ["data-info", "{w}/sp_data", "--tokenizer", "byte"],
+     "--tokenizer byte", None),
+    ("data-info tokenizer of the same size, other pieces", ["data-info", "{w}/sp_data", "--tokenizer", "{sp_other}"],
+     "other pieces", None),
+    # a task's rows given to a checkpoint of another task
+    ("predict sft model on classify rows", ["predict", "--checkpoint", "{sft}", "--input", "{labelled}", "--output",
+                                            "{inf}/pred_sft.jsonl"], "finetune.task=sft", "{inf}/pred_sft.jsonl"),
+    ("evaluate sft model on classify rows", ["evaluate", "--checkpoint", "{sft}", "--input", "{labelled}"],
+     "finetune.task=sft", None),
+    # numbers out of range
+    ("evaluate batch size 0", ["evaluate", "--checkpoint", "{ck}", "--input", "{labelled}", "--batch-size", "0"],
+     "--batch-size", None),
+    ("generate past the context", ["generate", "--checkpoint", "{ck}", "--max-new-tokens", "1000"],
+     "model.max_seq_len", None),
+    ("predict past the context", ["predict", "--checkpoint", "{sft}", "--input", "{chat}", "--output",
+                                  "{inf}/pred_long.jsonl", "--max-new-tokens", "1000"], "model.max_seq_len",
+     "{inf}/pred_long.jsonl"),
+    ("generate temperature inf", ["generate", "--checkpoint", "{ck}", "--temperature", "inf"], "--temperature inf",
+     None),
+    ("generate temperature nan", ["generate", "--checkpoint", "{ck}", "--temperature", "nan"], "--temperature nan",
+     None),
+    ("predict temperature inf", ["predict", "--checkpoint", "{ck}", "--input", "{chat}", "--output",
+                                 "{inf}/pred_inf.jsonl", "--temperature", "inf"], "--temperature inf",
+     "{inf}/pred_inf.jsonl"),
+    ("lm-eval num-fewshot -1", [*LM_EVAL, "--num-fewshot", "-1"], "--num-fewshot", None),
+    ("lm-eval limit 0", [*LM_EVAL, "--limit", "0"], "--limit", None),
+    ("lm-eval limit -1", [*LM_EVAL, "--limit", "-1"], "--limit", None),
+    ("lm-eval batch size 0", [*LM_EVAL, "--batch-size", "0"], "--batch-size", None),
+    ("lm-eval no task", ["lm-eval", "--checkpoint", "{ck}", "--tasks", "", "--include-path", "{tasks}"], "--tasks",
+     None),
+    # lines that mislead
+    ("generate on a classifier", ["generate", "--checkpoint", "{clf}"], "finetune.task=classify", None),
+    ("lm-eval on a classifier", ["lm-eval", "--checkpoint", "{clf}", "--tasks", "mt_choice", "--include-path",
+                                 "{tasks}"], "finetune.task=classify", None),
+    ("generate Hugging Face folder without tokenizer", ["generate", "--checkpoint", "{hf_notok}"],
+     "tokenizer.json", None),
+    ("lm-eval missing include path", [*LM_EVAL[:-1], "{inf}/no_tasks_here"], "--include-path {inf}/no_tasks_here",
+     None),
+    ("lm-eval task YAML that does not parse", ["lm-eval", "--checkpoint", "{ck}", "--tasks", "mt_broken",
+                                               "--include-path", "{broken_tasks}"], "mt_broken.yaml", None),
+]
+
+# Cases that need the fine-tunes and the Hugging Face export (tuned_world), and lm-eval's full task index (~10 s)
+TUNED = ("{clf}", "{sft}", "{hf")
+INFERENCE_SLOW = {"lm-eval task YAML that does not parse"}
+
+
+def _tuned(case: tuple) -> bool:
+    return any(t in a for a in case[1] for t in TUNED)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if _tuned(c) or
+                                               c[0] in INFERENCE_SLOW else []) for c in INFERENCE_CASES])
+def test_inference_input_is_one_line(inference_world, cli, request, case):
+    assert_refused(case, request.getfixturevalue("tuned_world") if _tuned(case) else inference_world, cli)
+
+
+def test_the_same_vocabulary_named_another_way_is_accepted(inference_world, cli):
+    """The tokenizer that made the ids, named by its file rather than its folder: decoded, exit 0."""
+    r = _run(["data-info", "{w}/sp_data", "--tokenizer", "{w}/sp/tokenizer.model"], inference_world, cli)
+    assert r.returncode == 0 and "decoded:" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_generate_reads_a_hugging_face_folder_as_its_checkpoint(tuned_world, cli):
+    """The export generates what the checkpoint does, and its tokenizer (the byte tokenizer as a tokenizer.json) is
+    taken for the checkpoint's own; the default length fits the 64-token context."""
+    argv = ["generate", "--prompt", "the", "--temperature", "0", "--max-new-tokens", "20"]
+    ours = _run([*argv, "--checkpoint", "{ck}"], tuned_world, cli)
+    theirs = _run([*argv, "--checkpoint", "{hf}"], tuned_world, cli)
+    named = _run([*argv, "--checkpoint", "{ck}", "--tokenizer", "{hf}"], tuned_world, cli)
+    assert ours.returncode == theirs.returncode == named.returncode == 0, theirs.stderr[-2000:] + named.stderr[-2000:]
+    assert ours.stdout == theirs.stdout == named.stdout and len(ours.stdout) > 3
+    default = _run(["generate", "--checkpoint", "{hf}"], tuned_world, cli)  # 100 new tokens by default: capped
+    assert default.returncode == 0, default.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 

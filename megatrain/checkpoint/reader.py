@@ -124,6 +124,10 @@ class CheckpointReader:
                                           f"output of `megatrain convert consolidate`")
             self.dir, self.tag, self.folder = path, tag, os.path.join(path, tag)
         state_path = os.path.join(self.folder, STATE_FILE)
+        if not os.path.isfile(state_path) and os.path.isfile(os.path.join(self.folder, "config.json")):
+            raise CheckpointError(f"{self.folder}: a Hugging Face model folder (config.json, no {STATE_FILE}), not a "
+                                  f"megatrain checkpoint; import it with `megatrain convert from-hf {self.folder} "
+                                  f"--output DIR` first")
         if not os.path.isfile(state_path):
             raise CheckpointError(f"{self.folder}: not a complete checkpoint (no {STATE_FILE}); pick another step "
                                   f"folder")

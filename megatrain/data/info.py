@@ -8,7 +8,7 @@ import numpy as np
 
 from megatrain.data.indexed import IndexedDataset, bin_path, idx_path
 from megatrain.data.readers import InputError
-from megatrain.data.tokenizer import build_tokenizer
+from megatrain.data.tokenizer import build_tokenizer, check_same_vocabulary
 from megatrain.fileio import read_json
 
 
@@ -31,6 +31,10 @@ def command(args: argparse.Namespace) -> int:
     ds = IndexedDataset(args.prefix)
     meta_file = f"{args.prefix}.meta.json"
     meta = read_json(meta_file, "remake it with `megatrain preprocess`, or remove it") if os.path.isfile(meta_file) else {}
+    tok = build_tokenizer(args.tokenizer) if args.tokenizer else None
+    if tok and meta.get("tokenizer"):  # another vocabulary than the one that made the ids decodes them to garbage
+        check_same_vocabulary(tok, f"--tokenizer {args.tokenizer}", meta["tokenizer"],
+                              f"{args.prefix} was made with ({meta_file})", meta.get("vocab_size"))
     sizes = ds.document_sizes()
     disk = os.path.getsize(bin_path(args.prefix)) + os.path.getsize(idx_path(args.prefix))
     print(f"dataset:    {args.prefix}")
@@ -51,7 +55,7 @@ def command(args: argparse.Namespace) -> int:
     ids = np.concatenate([ds[i] for i in range(first, last)]) if last > first else np.zeros(0, ds.dtype)
     print(f"document {args.doc} ({len(ids):,} tokens): ids {ids[:16].tolist()}{' ...' if len(ids) > 16 else ''}")
     if spec:
-        text = build_tokenizer(spec).decode(ids.tolist())
+        text = (tok or build_tokenizer(spec)).decode(ids.tolist())
         more = " ..." if len(text) > args.max_chars else ""
         print("decoded:    " + repr(text[: args.max_chars]) + more)
     return 0

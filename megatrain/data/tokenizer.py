@@ -129,6 +129,12 @@ class SentencePieceTokenizer(Tokenizer):
         return self.model_file
 
 
+# The files a Hugging Face folder's vocabulary comes from: tokenizer.json (a fast tokenizer), or a slow tokenizer's
+# sentencepiece model, BPE vocab.json (+ merges.txt) or WordPiece vocab.txt, which AutoTokenizer converts
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                    "vocab.txt")
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer: a `tokenizer.json` file, or a directory AutoTokenizer loads."""
 
@@ -136,6 +142,11 @@ class HFTokenizer(Tokenizer):
     _EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]", "<eod>")
 
     def __init__(self, path: str):
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in VOCABULARY_FILES):
+            # a model folder without its tokenizer (an export or download of the weights alone): AutoTokenizer would
+            # say only "Couldn't instantiate the backend tokenizer"
+            raise TokenizerError(f"{path}: holds no tokenizer files (tokenizer.json, or tokenizer.model, vocab.json + "
+                                 f"merges.txt, vocab.txt); copy the tokenizer files of the model it came from into it")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -227,6 +238,43 @@ def build_tokenizer(spec: str) -> Tokenizer:
         f"unknown tokenizer spec {spec!r}: use 'byte', a sentencepiece .model file, a tokenizer.json, "
         f"or a directory holding one (no such file or directory)"
     )
+
+
+# Texts that tell vocabularies apart: two tokenizers of one size and end-of-document id that encode them alike are
+# taken for one (a tokenizer and its Hugging Face export do; two sentencepiece models of one size trained on other
+# text do not). Short (a tokenizer may warn above its model_max_length), and no special token's text in them (an
+# export may read those as the special token).
+PROBES = ("The quick brown fox jumps", " over the lazy dog,", " 1234567890 times;", " caf\u00e9 na\u00efve \u00fcber",
+          " \u65e5\u672c\u8a9e!\n\tEnd.")
+
+
+def vocabulary_difference(tok: Tokenizer, other: Tokenizer) -> str | None:
+    """How `tok` differs from `other` as a vocabulary (their ids mean other text), in words; None where they agree:
+    the same size, end-of-document id and ids for PROBES."""
+    if tok.vocab_size != other.vocab_size:
+        return f"{tok.vocab_size} pieces, not {other.vocab_size}"
+    if tok.eod_id != other.eod_id:
+        return f"end-of-document id {tok.eod_id}, not {other.eod_id}"
+    if any(tok.encode(text) != other.encode(text) for text in PROBES):
+        return f"{tok.vocab_size} pieces too, but other pieces (a sample text encodes to other ids)"
+    return None
+
+
+def check_same_vocabulary(tok: Tokenizer, flag: str, theirs: str, made: str, size: int | None = None) -> None:
+    """`tok`, given as `flag` (e.g. "--tokenizer SPEC"), must be the vocabulary of `theirs`, the spec of the tokenizer
+    that `made` says made the ids ("ck was trained with"). Where `theirs` no longer loads, only its size is compared
+    (when known)."""
+    try:
+        other = build_tokenizer(theirs)
+    except TokenizerError:
+        other = None  # moved or deleted since: the caller's own checks of the size are what is left
+    if other is not None:
+        why = vocabulary_difference(tok, other)
+    else:
+        why = f"{tok.vocab_size} pieces, not {size}" if size and tok.vocab_size != size else None
+    if why:
+        raise TokenizerError(f"{flag}: another vocabulary than {theirs}, the tokenizer {made}: {why}; the same ids "
+                             f"are other text in each: leave {flag.split()[0]} out to use {theirs}")
 
 
 def _existing(path: str, spec: str) -> str:

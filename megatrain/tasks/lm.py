@@ -62,6 +62,16 @@ class MaskedLM(Task):
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
+def _fields_needed(rec, *keys: str) -> None:
+    """A row that lacks what an sft model reads (a classify row {text, label} given to one, say): one line naming
+    the fields it reads and those the row has."""
+    missing = [k for k in keys if k not in rec.fields]
+    if missing:
+        has = ", ".join(repr(k) for k in list(rec.fields)[:6]) or "none"
+        raise InputError(f"{rec.where}: no {missing[0]!r} field (it has {has}); a finetune.task=sft model reads rows "
+                         f"{{{', '.join(repr(k) for k in keys)}}} or {{'messages': [{{'role', 'content'}}, ...]}}")
+
+
 class SFT(FinetuneTask):
     name = "sft"
     metric = "val_loss"
@@ -75,8 +85,16 @@ class SFT(FinetuneTask):
                 raise InputError(f"{rec.where}: \"messages\" must be a list of {{\"role\": system|user|assistant, "
                                  f"\"content\": text}}")
             return msgs
+        _fields_needed(rec, "prompt", "response")
         return [{"role": "user", "content": field_of(rec, "prompt", "prompt")},
                 {"role": "assistant", "content": field_of(rec, "response", "response")}]
+
+    def prompt_messages(self, rec) -> list[dict]:
+        """What predict continues: the row's messages, or its prompt as the user's turn (a response is not needed)."""
+        if "messages" in rec.fields:
+            return self.conversation(rec)
+        _fields_needed(rec, "prompt")
+        return [{"role": "user", "content": field_of(rec, "prompt", "prompt")}]
 
     def render(self, msgs: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
         """The conversation as text chunks, each with the character spans the loss covers; an end-of-document token
