@@ -560,8 +560,6 @@ def validate(cfg: Config) -> None:
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"config key train.global_batch_size: {t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"config key train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key train.warmup_steps: must be at least 0, got {t.warmup_steps}")
     if not p.timeout_minutes > 0:
@@ -574,6 +572,8 @@ def validate(cfg: Config) -> None:
     for k, v in nonnegative.items():
         if not v >= 0:
             raise ConfigError(f"config key {k}: must be at least 0, got {v}")
+    if t.min_lr > t.lr:  # after the ranges: train.lr=-1 is train.lr's mistake, not min_lr's
+        raise ConfigError(f"config key train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"config key train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     f = cfg.finetune
