@@ -19,6 +19,7 @@ from megatrain.fileio import check_output_path
 
 OUTPUTS = ("tokenizer.model", "tokenizer.vocab")  # what the output folder holds
 SPECIAL = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3)  # eos (</s>) is the end-of-document token
+MIN_COVERAGE, MIN_SENTENCES = 0.98, 100  # sentencepiece refuses a coverage below 0.98 and a sample of <= 100 lines
 
 
 def _lines(paths: list[str], json_key: str, max_line_bytes: int, stats: dict) -> Iterator[str]:
@@ -47,6 +48,13 @@ def train_tokenizer(
         raise InputError(f"--model-type must be bpe or unigram, got {model_type!r}")
     if vocab_size < 8:
         raise InputError(f"--vocab-size must be at least 8, got {vocab_size}")
+    # sentencepiece's own ranges (trainer_interface.cc), checked here so they read as flags, not INTERNAL checks
+    if not MIN_COVERAGE <= character_coverage <= 1.0:
+        raise InputError(f"--character-coverage {character_coverage}: must be between {MIN_COVERAGE} and 1 (the "
+                         f"share of the corpus's characters given pieces of their own; rarer ones become bytes)")
+    if max_sentences <= MIN_SENTENCES:
+        raise InputError(f"--max-sentences {max_sentences}: must be above {MIN_SENTENCES} (lines sampled from the "
+                         f"corpus; default 2,000,000)")
     paths = expand_inputs(inputs)
     check_output_path(output_dir, "--output", kind="folder", inputs=[("--input", p) for p in paths],
                       example="tokenizer")
@@ -106,8 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="sentencepiece algorithm")
     p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/tokenizer.model and DIR/tokenizer.vocab")
     p.add_argument("--json-key", default="text", help="field (jsonl) or column (parquet, datasets) with the text")
-    p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled from the corpus for training")
-    p.add_argument("--character-coverage", type=float, default=0.9995, help="share of characters the vocabulary covers")
+    p.add_argument("--max-sentences", type=int, default=2_000_000,
+                   help="lines sampled from the corpus for training, above 100 (default 2,000,000)")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters the vocabulary covers, 0.98 to 1 (default 0.9995)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip unreadable records instead of stopping")
 
 
