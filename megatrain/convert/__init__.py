@@ -10,6 +10,7 @@ through one writer per format; every output appears whole under its final name o
 from __future__ import annotations
 
 import argparse
+import re
 
 VERBS = {
     "consolidate": "one full-precision safetensors file from a checkpoint of any layout (ZeRO 0-3, TP, PP)",
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _output(t)
     t.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision written (default fp32)")
     t.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
+    # argparse takes a word like -5GB for an unknown flag ("expected one argument"): read it as a value, so that
+    # parse_size can say what is wrong with it (private, but the one knob argparse has for this)
+    t._negative_number_matcher = re.compile(r"^-\d*\.?\d+\s*[A-Za-z]*$")
     t.add_argument("--no-verify", action="store_true", help="skip the parity check against megatrain's own model")
 
     f = sub.add_parser("from-hf", help=VERBS["from-hf"], description=VERBS["from-hf"])

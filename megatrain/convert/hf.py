@@ -64,12 +64,17 @@ def hf_config(m: ModelConfig, fam: Family, vocab: int, tok):
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
+    """--max-shard-size: '5GB', '500MB', '2GiB' or a number of bytes -> bytes (at least 1)."""
+    m = re.fullmatch(r"\s*(-?\d*\.?\d+)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or a number of bytes")
+        raise CheckpointError(f"--max-shard-size {text}: expected a size like 5GB, 500MB or a number of bytes")
     units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
              "TIB": 2**40}
-    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+    size = int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+    if size < 1:
+        raise CheckpointError(f"--max-shard-size {text}: a shard holds at least 1 byte; give a size like 5GB or 500MB "
+                              f"(default 5GB)")
+    return size
 
 
 def _load_tokenizer(spec: str):

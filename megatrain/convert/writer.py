@@ -64,9 +64,10 @@ def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Con
                           f"the model and the run's other settings come from the checkpoint")
     cfg = apply_overrides(config_from_dict(base.to_dict()), overrides)
     validate(cfg)
+    if world is not None and world < 1:  # checked before the default: 0 is a mistake, not "tp x pp"
+        raise ConfigError(f"--world-size {world}: must be at least 1 (the target run's ranks; leave it out for "
+                          f"tp x pp = {cfg.parallel.tp * cfg.parallel.pp})")
     world = world or cfg.parallel.tp * cfg.parallel.pp
-    if world < 1:
-        raise ConfigError(f"--world-size {world}: must be at least 1")
     check_layout(cfg, world)
     validate_world(cfg, world)
     return cfg, world
