@@ -196,6 +196,23 @@ class HFWeights:
         return tuple(f.get_slice(k).get_shape()) if self.kind == "safetensors" else tuple(f[k].shape)
 
 
+REQUIRED = object()  # config_count's default for a key every config.json of the family has
+
+
+def config_count(c: dict, key: str, path: str, default=REQUIRED):
+    """config.json's `key`, a whole number above 0; `default` where the key is absent or null (transformers' own
+    default). One line naming the file and the key when a required one is missing or a value is not such a number."""
+    v = c.get(key)
+    if v is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{path}: no {key}; a Hugging Face config.json of this architecture names it "
+                                  f"(add it, or save the model again with transformers' save_pretrained)")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise CheckpointError(f"{path}: {key} {v!r} is not a whole number above 0")
+    return v
+
+
 def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
     """config.json -> (family, megatrain ModelConfig, the HF vocabulary size, the architecture); one line for what
     megatrain cannot run."""
@@ -207,6 +224,8 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
             c = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: not a JSON object of settings; not a Hugging Face model config")
     arch = (c.get("architectures") or [None])[0]
     fam = READS.get(arch)
     if fam is None:
@@ -215,27 +234,30 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
     def refuse(what: str):
         raise CheckpointError(f"{path}: {what}, which megatrain's model does not compute")
 
-    V = int(c["vocab_size"])
+    def count(key: str, default=REQUIRED):
+        return config_count(c, key, path, default)
+
+    V = count("vocab_size")
     if fam is LLAMA:
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
         if c.get("hidden_act", "silu") != "silu":
             refuse(f"hidden_act {c['hidden_act']!r} (not silu)")
-        d, nh = c["hidden_size"], c["num_attention_heads"]
+        d, nh = count("hidden_size"), count("num_attention_heads")
         if c.get("head_dim") not in (None, d // nh):
             refuse(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads")
         bias = bool(c.get("attention_bias", False))
         if bool(c.get("mlp_bias", bias)) != bias:
             refuse("biases on attention but not the MLP (or the reverse)")
-        max_len = c.get("max_position_embeddings", 2048)
-        window = c.get("sliding_window")
+        max_len = count("max_position_embeddings", 2048)
+        window = count("sliding_window", None)
         if window and window < max_len:
             print(f"note: {arch} attends within a {window}-token sliding window; megatrain reads at most that many "
                   f"tokens (model.max_seq_len={window})", file=sys.stderr)
             max_len = window
-        m = ModelConfig(vocab_size=V, n_layers=c["num_hidden_layers"], n_heads=nh,
-                        n_kv_heads=c.get("num_key_value_heads") or nh, d_model=d, d_ff=c["intermediate_size"],
+        m = ModelConfig(vocab_size=V, n_layers=count("num_hidden_layers"), n_heads=nh,
+                        n_kv_heads=count("num_key_value_heads", nh), d_model=d, d_ff=count("intermediate_size"),
                         max_seq_len=max_len, norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), position="rope",
                         rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), mlp="swiglu", bias=bias,
                         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
@@ -247,9 +269,9 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
         if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True) \
                 or c.get("add_cross_attention"):
             refuse("attention scaled by layer, unscaled or with cross-attention")
-        d = c.get("n_embd", 768)
-        m = ModelConfig(vocab_size=V, n_layers=c.get("n_layer", 12), n_heads=c.get("n_head", 12), d_model=d,
-                        d_ff=c.get("n_inner") or 4 * d, max_seq_len=c.get("n_positions", 1024), norm="layernorm",
+        d = count("n_embd", 768)
+        m = ModelConfig(vocab_size=V, n_layers=count("n_layer", 12), n_heads=count("n_head", 12), d_model=d,
+                        d_ff=count("n_inner", 4 * d), max_seq_len=count("n_positions", 1024), norm="layernorm",
                         norm_eps=c.get("layer_norm_epsilon", 1e-5), position="learned", mlp="gelu",
                         gelu="erf" if act == "gelu" else "tanh", bias=True,
                         tie_embeddings=bool(c.get("tie_word_embeddings", True)),
