@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job (the world size)")
     p.add_argument("--gpu", choices=sorted(KNOWN_GPUS), help="a known GPU: its memory, bf16 peak and links")
     p.add_argument("--gpu-memory", type=float, metavar="GB", help="memory per GPU in GB (overrides --gpu's)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default: min(8, --gpus))")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, a divisor of --gpus (default: min(8, --gpus))")
     p.add_argument("--gpu-tflops", type=float, metavar="T", help="dense bf16 peak TFLOP/s per GPU (overrides --gpu's)")
     p.add_argument("--intra-node-gbps", type=float, metavar="B1", help="per-GPU link within a node, Gbit/s one way")
     p.add_argument("--inter-node-gbps", type=float, metavar="B2", help="per-GPU network between nodes, Gbit/s one way")
@@ -59,9 +60,13 @@ def cluster_from_args(args):
               args.gpu_tflops or (base.tflops if base else 0.0),
               args.intra_node_gbps or (base.intra_node_gbps if base else 2400.0),
               args.inter_node_gbps or (base.inter_node_gbps if base else 200.0))
-    per_node = args.gpus_per_node or min(8, args.gpus)
+    per_node = min(8, args.gpus) if args.gpus_per_node is None else args.gpus_per_node
     if per_node < 1:
         raise ConfigError(f"--gpus-per-node {per_node}: must be at least 1")
+    if args.gpus_per_node is not None and args.gpus % per_node:  # the job's nodes each hold the same share
+        raise ConfigError(f"--gpus-per-node {per_node} does not divide --gpus {args.gpus}: give the GPUs the job "
+                          f"uses on each of its nodes, the same on every node (on one node: --gpus-per-node "
+                          f"{args.gpus})")
     return Cluster(gpu, args.gpus, per_node, compute_efficiency=args.compute_efficiency)
 
 
