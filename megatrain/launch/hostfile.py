@@ -9,6 +9,7 @@ A DeepSpeed hostfile has one line per node, `HOST slots=N` (N = processes, usual
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
@@ -83,9 +84,46 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def hostfile_text(hosts: list[str], slots: int) -> str:
+# A DNS label (RFC 1123, with '_' as /etc/hosts and Slurm node names allow it); a name is labels joined by dots.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def is_host_address(text: str) -> bool:
+    """A host name or an IPv4/IPv6 address, as other machines resolve it (not a typo like 'bad host!' or 10.0.0.300:
+    a name's last label is never all digits)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    return len(text) <= 253 and bool(_HOSTNAME.fullmatch(text)) and not text.rstrip(".").rsplit(".", 1)[-1].isdigit()
+
+
+def repeated_host(hosts: list[str]) -> int | None:
+    """The index of the first host named a second time, or None. The rule launch's hostfile reader and the hostfile
+    writer share: one line per node, its processes in slots=N (DeepSpeed's runner refuses a host twice)."""
+    seen: set[str] = set()
+    for i, h in enumerate(hosts):
+        if h in seen:
+            return i
+        seen.add(h)
+    return None
+
+
+def hostfile_text(hosts: list[str], slots: int, where: str = "host list") -> str:
+    """The hostfile launch reads: every host a name or address, each once (parse_hostfile refuses a repeat too).
+    `where` names the list in the error line."""
     if slots < 1:
         raise HostfileError(f"--slots must be at least 1, got {slots}")
+    for h in hosts:
+        if not is_host_address(h):
+            raise HostfileError(f"{where}: host {h!r} is not a host name or IP address; list hosts as node1,node2 "
+                                f"or a Slurm node list like gpu[01-04]")
+    i = repeated_host(hosts)
+    if i is not None:
+        raise HostfileError(f"{where}: host {hosts[i]} is listed twice; list each node once (--slots gives its "
+                            f"processes)")
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 
@@ -96,7 +134,7 @@ def parse_hostfile(path: str) -> dict[str, int]:
     except OSError as e:
         raise HostfileError(f"hostfile {path}: {e.strerror}; write one `HOST slots=N` line per node "
                             f"(`megatrain hostfile` makes one from a Slurm node list)") from None
-    hosts: dict[str, int] = {}
+    entries: list[tuple[int, str, int]] = []  # (line number, host, slots)
     for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -104,12 +142,13 @@ def parse_hostfile(path: str) -> dict[str, int]:
         m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if not m or int(m.group(2)) < 1:
             raise HostfileError(f"hostfile {path} line {n}: {line!r} is not `HOST slots=N` (N >= 1)")
-        if m.group(1) in hosts:
-            raise HostfileError(f"hostfile {path} line {n}: host {m.group(1)} is listed twice")
-        hosts[m.group(1)] = int(m.group(2))
-    if not hosts:
+        entries.append((n, m.group(1), int(m.group(2))))
+    if not entries:
         raise HostfileError(f"hostfile {path} names no host; write one `HOST slots=N` line per node")
-    return hosts
+    i = repeated_host([h for _, h, _ in entries])
+    if i is not None:
+        raise HostfileError(f"hostfile {path} line {entries[i][0]}: host {entries[i][1]} is listed twice")
+    return {h: slots for _, h, slots in entries}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,7 +164,9 @@ def command(args: argparse.Namespace) -> int:
     if not nodes:
         raise HostfileError("no node list: pass --nodes, or run inside a Slurm allocation (SLURM_JOB_NODELIST)")
     slots = args.slots if args.slots is not None else int(os.environ.get("SLURM_GPUS_ON_NODE", "1") or 1)
-    text = hostfile_text(expand_nodelist(nodes), slots)
+    source = "--nodes" if args.nodes else "SLURM_JOB_NODELIST" if os.environ.get("SLURM_JOB_NODELIST") else \
+        "SLURM_NODELIST"
+    text = hostfile_text(expand_nodelist(nodes), slots, f"{source} {nodes!r}")
     if args.output == "-":
         sys.stdout.write(text)
     else:

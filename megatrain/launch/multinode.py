@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import megatrain
 from megatrain.fileio import write_atomic
-from megatrain.launch.hostfile import parse_hostfile
+from megatrain.launch.hostfile import is_host_address, parse_hostfile
 
 ENTRYPOINTS = ("pretrain", "finetune")  # megatrain.<name>, a module that runs under DeepSpeed's launcher
 
@@ -237,6 +237,9 @@ def command(args: argparse.Namespace) -> int:
     for flag, port in (("--master-port", args.master_port), ("--ssh-port", args.ssh_port)):
         if port is not None and not 1 <= port <= 65535:
             raise LaunchError(f"{flag} {port}: a TCP port is 1-65535")
+    if args.master_addr is not None and not is_host_address(args.master_addr):
+        raise LaunchError(f"--master-addr {args.master_addr!r}: not a host name or IP address; give rank 0's host as "
+                          f"the other nodes reach it (default: the hostfile's first host)")
     hosts = parse_hostfile(args.hostfile)
     venv = os.path.abspath(args.venv or default_venv())
     entry_args = args.args[1:] if args.args[:1] == ["--"] else args.args
