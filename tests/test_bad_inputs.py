@@ -642,3 +642,84 @@ def test_generate_reads_a_hugging_face_folder_as_its_checkpoint(tuned_world, cli
 
 # -- convert, plan, launch helpers, config and tokenizer-training values -----------------------------------------
 # (cases, their fixture and their test below this line)
+
+
+@pytest.fixture(scope="module")
+def tools_world(world, cli):
+    """Hugging Face folders exported from the fixture's checkpoint (no download), one config.json key broken in each."""
+    t = os.path.join(world["w"], "tools")
+    os.makedirs(t)
+    r = _run(["convert", "to-hf", "{ck}", "--output", f"{t}/hf", "--no-verify"], world, cli)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads(open(os.path.join(t, "hf", "config.json")).read())
+    for name, change in (("hf_no_vocab", {"vocab_size": None}), ("hf_no_hidden", {"hidden_size": None}),
+                         ("hf_vocab_text", {"vocab_size": "many"})):  # None: the key left out
+        shutil.copytree(os.path.join(t, "hf"), os.path.join(t, name))
+        c = {k: v for k, v in config.items() if k not in change or change[k] is not None}
+        c.update({k: v for k, v in change.items() if v is not None})
+        with open(os.path.join(t, name, "config.json"), "w") as f:
+            json.dump(c, f)
+    return dict(world, tools=t)
+
+
+TOOLS_CASES = [
+    # convert: numbers out of range
+    ("reshard world size 0", ["convert", "reshard", "{ck}", "--output", "{tools}/rs0", "--world-size", "0"],
+     "--world-size 0", "{tools}/rs0"),
+    ("reshard negative world size", ["convert", "reshard", "{ck}", "--output", "{tools}/rs1", "--world-size", "-2"],
+     "--world-size -2", "{tools}/rs1"),
+    ("from-hf world size 0", ["convert", "from-hf", "{tools}/hf", "--output", "{tools}/fh0", "--world-size", "0"],
+     "--world-size 0", "{tools}/fh0"),
+    ("from-hf negative world size", ["convert", "from-hf", "{tools}/hf", "--output", "{tools}/fh1", "--world-size",
+                                     "-1"], "--world-size -1", "{tools}/fh1"),
+    ("to-hf max shard size 0", ["convert", "to-hf", "{ck}", "--output", "{tools}/th0", "--max-shard-size", "0"],
+     "--max-shard-size 0", "{tools}/th0"),
+    ("to-hf negative max shard size", ["convert", "to-hf", "{ck}", "--output", "{tools}/th1", "--max-shard-size",
+                                       "-5GB"], "--max-shard-size -5GB", "{tools}/th1"),
+    # convert from-hf: config.json without a key it needs, or with a value that is no number
+    ("from-hf config.json without vocab_size", ["convert", "from-hf", "{tools}/hf_no_vocab", "--output", "{tools}/fh2"],
+     "hf_no_vocab/config.json: no vocab_size", "{tools}/fh2"),
+    ("from-hf config.json without hidden_size", ["convert", "from-hf", "{tools}/hf_no_hidden", "--output",
+                                                 "{tools}/fh3"], "hf_no_hidden/config.json: no hidden_size",
+     "{tools}/fh3"),
+    ("from-hf config.json vocab_size not a number", ["convert", "from-hf", "{tools}/hf_vocab_text", "--output",
+                                                     "{tools}/fh4"], "hf_vocab_text/config.json: vocab_size 'many'",
+     "{tools}/fh4"),
+    # plan
+    ("plan gpus per node 0", ["plan", "--gpus", "2", "--gpu", "h100", "--gpus-per-node", "0"], "--gpus-per-node 0",
+     None),
+    ("plan gpus per node not dividing gpus", ["plan", "--gpus", "4", "--set", "train.global_batch_size=32", "--gpu",
+                                              "h100", "--gpus-per-node", "3"], "--gpus-per-node 3", None),
+    # config and tokenizer-training values
+    ("negative lr named as itself", pretrain("train.lr=-1", out="{tools}/run_lr"),
+     "train.lr: must be at least 0, got -1", "{tools}/run_lr"),
+    ("train-tokenizer character coverage 2.0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
+                                                "--character-coverage", "2.0", "--output", "{tools}/tok_cc"],
+     "--character-coverage 2.0", "{tools}/tok_cc"),
+    ("train-tokenizer character coverage 0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
+                                              "--character-coverage", "0", "--output", "{tools}/tok_cc0"],
+     "--character-coverage 0", "{tools}/tok_cc0"),
+    ("train-tokenizer max sentences 0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
+                                         "--max-sentences", "0", "--output", "{tools}/tok_ms"],
+     "--max-sentences 0", "{tools}/tok_ms"),
+    ("train-tokenizer max sentences -1", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
+                                          "--max-sentences", "-1", "--output", "{tools}/tok_ms1"],
+     "--max-sentences -1", "{tools}/tok_ms1"),
+    # launch helpers
+    ("launch bad master address", ["launch", "--hostfile", "{w}/hosts_ok", "--master-addr", "bad host!",
+                                   "--skip-preflight", "--dry-run", "pretrain"], "--master-addr 'bad host!'", None),
+    ("launch master address out of range", ["launch", "--hostfile", "{w}/hosts_ok", "--master-addr", "10.0.0.300",
+                                            "--skip-preflight", "--dry-run", "pretrain"], "--master-addr '10.0.0.300'",
+     None),
+    ("hostfile duplicate host", ["hostfile", "--nodes", "a,a", "--output", "{tools}/hf_dup"], "host a is listed twice",
+     "{tools}/hf_dup"),
+    ("hostfile duplicate from ranges", ["hostfile", "--nodes", "n[1-3],n2", "--output", "{tools}/hf_dup2"],
+     "host n2 is listed twice", "{tools}/hf_dup2"),
+    ("hostfile host with a space", ["hostfile", "--nodes", "bad host!,b", "--output", "{tools}/hf_space"],
+     "'bad host!'", "{tools}/hf_space"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in TOOLS_CASES])
+def test_tools_bad_input_is_one_line_and_leaves_nothing(tools_world, cli, case):
+    assert_refused(case, tools_world, cli)
