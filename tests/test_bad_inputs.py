@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cli_server import CliServer
-from training_utils import make_byte_dataset, set_args, small_sets
+from training_utils import LM_EVAL_CHOICE_TASK, make_byte_dataset, set_args, small_sets
 
 
 @pytest.fixture(scope="module")
@@ -492,18 +492,6 @@ def finetune_argv(config: str, init: str, train_file: str, out: str) -> list[str
                                                        for k, v in sets.items()])]
 
 
-LM_EVAL_TASK = """task: mt_choice
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list: [{{metric: acc}}]
-"""
-
-
 @pytest.fixture(scope="module")
 def inference_world(world, cli):
     """Beside the world: a 310-piece sentencepiece tokenizer (fewer pieces than {ck}'s 320 rows, more than its 260),
@@ -530,7 +518,7 @@ def inference_world(world, cli):
                                 "answer": i % 3}) + "\n")
     os.makedirs(os.path.join(w, "tasks"), exist_ok=True)
     with open(os.path.join(w, "tasks", "mt_choice.yaml"), "w") as f:
-        f.write(LM_EVAL_TASK.format(data=os.path.join(w, "choice.jsonl")))
+        f.write(LM_EVAL_CHOICE_TASK.format(data=os.path.join(w, "choice.jsonl")))
     os.makedirs(os.path.join(w, "broken_tasks"), exist_ok=True)
     with open(os.path.join(w, "broken_tasks", "mt_broken.yaml"), "w") as f:  # a brace left open on line 3
         f.write("task: mt_broken\ndataset_path: json\ndataset_kwargs: {data_files: {test: x.jsonl}\n"
@@ -662,6 +650,13 @@ def tools_world(world, cli):
     return dict(world, tools=t)
 
 
+def tokenizer_case(what: str, flag: str, value: str, out: str) -> tuple:
+    """A train-tokenizer case whose one bad value is `flag value`."""
+    argv = ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300", flag, value, "--output",
+            f"{{tools}}/{out}"]
+    return (f"train-tokenizer {what} {value}", argv, f"{flag} {value}", f"{{tools}}/{out}")
+
+
 TOOLS_CASES = [
     # convert: numbers out of range
     ("reshard world size 0", ["convert", "reshard", "{ck}", "--output", "{tools}/rs0", "--world-size", "0"],
@@ -693,18 +688,10 @@ TOOLS_CASES = [
     # config and tokenizer-training values
     ("negative lr named as itself", pretrain("train.lr=-1", out="{tools}/run_lr"),
      "train.lr: must be at least 0, got -1", "{tools}/run_lr"),
-    ("train-tokenizer character coverage 2.0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
-                                                "--character-coverage", "2.0", "--output", "{tools}/tok_cc"],
-     "--character-coverage 2.0", "{tools}/tok_cc"),
-    ("train-tokenizer character coverage 0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
-                                              "--character-coverage", "0", "--output", "{tools}/tok_cc0"],
-     "--character-coverage 0", "{tools}/tok_cc0"),
-    ("train-tokenizer max sentences 0", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
-                                         "--max-sentences", "0", "--output", "{tools}/tok_ms"],
-     "--max-sentences 0", "{tools}/tok_ms"),
-    ("train-tokenizer max sentences -1", ["train-tokenizer", "--input", "{w}/good.jsonl", "--vocab-size", "300",
-                                          "--max-sentences", "-1", "--output", "{tools}/tok_ms1"],
-     "--max-sentences -1", "{tools}/tok_ms1"),
+    tokenizer_case("character coverage", "--character-coverage", "2.0", "tok_cc"),
+    tokenizer_case("character coverage", "--character-coverage", "0", "tok_cc0"),
+    tokenizer_case("max sentences", "--max-sentences", "0", "tok_ms"),
+    tokenizer_case("max sentences", "--max-sentences", "-1", "tok_ms1"),
     # launch helpers
     ("launch bad master address", ["launch", "--hostfile", "{w}/hosts_ok", "--master-addr", "bad host!",
                                    "--skip-preflight", "--dry-run", "pretrain"], "--master-addr 'bad host!'", None),

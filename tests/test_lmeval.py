@@ -7,20 +7,12 @@ import os
 import pytest
 
 from test_convert import cli, trained  # noqa: F401  (the module-scoped trained checkpoint)
+from training_utils import LM_EVAL_CHOICE_TASK
 
 lm_eval = pytest.importorskip("lm_eval")
 
 TASKS = {
-    "mt_choice": """task: mt_choice
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
-""",
+    "mt_choice": LM_EVAL_CHOICE_TASK,
     "mt_rolling": """task: mt_rolling
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}

@@ -70,3 +70,16 @@ def assert_close_curves(a: dict, b: dict, rtol: float, steps=None):
     bad = [s for s, x, y in zip(steps, want, got) if not (np.isfinite(x) and np.isfinite(y))]
     assert not bad, f"not finite at steps {bad}: {a!r} vs {b!r}"
     np.testing.assert_allclose(got, want, rtol=rtol, err_msg=f"steps {steps}")
+
+
+# A local multiple-choice lm-eval task over a jsonl file {question, choices, answer} (format with data=PATH).
+LM_EVAL_CHOICE_TASK = """task: mt_choice
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+"""
