@@ -2,7 +2,7 @@
 
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=100", "parallel.zero_stage=2"])
 
-Every knob has a default and a comment here: the comment lines right above its line and the comment at the end of
+Every knob has a default and a comment here (the model section's in model_config.py): the comment lines right above its line and the comment at the end of
 it. They are the key's documentation: `python -m megatrain.config_docs` turns them into docs/configuration.md, and a
 test fails on a key without one. YAML presets in configs/ override a few. An unknown key, a value of the wrong type
 or an impossible combination raises ConfigError with one line naming the key (and the closest known name for a typo).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import sys
 import types
 import typing
@@ -21,6 +20,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from megatrain.model_config import (MODEL_CHOICES, ConfigError, ModelConfig, _Section, ffn_width,  # noqa: F401
+                                    head_dim, is_local_layer, kv_heads, padded_vocab_size, validate_model)
 
 
 def shipped_dir(folder: str) -> Path:
@@ -33,74 +35,9 @@ def shipped_dir(folder: str) -> Path:
 PRESET_DIR = shipped_dir("configs")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message names the key."""
-
-
 class RunStopped(RuntimeError):
     """A run that cannot go on (non-finite losses in a row, a full disk, a lost rank); the message says where it
     stopped and how to continue."""
-
-
-class _Section:
-    """A config section: read-only once its Config is frozen (load_config freezes what the user asked for; what a
-    run derives goes in a Resolved, never back into the sections)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_frozen"):
-            section = type(self).__name__.removesuffix("Config").lower()
-            raise ConfigError(f"config key {section}.{name}: the config is read-only after validation (what a run "
-                              f"derives goes in its Resolved)")
-        object.__setattr__(self, name, value)
-
-
-@dataclass
-class ModelConfig(_Section):
-    """The network: a decoder-only Transformer, or a bidirectional encoder with objective=mlm. A run that starts from
-    weights (checkpoint.init, finetune.init) takes every key here from them but dropout and fused_kernels; setting one
-    to another value is refused."""
-
-    # embedding (and LM head) rows; 0: the tokenizer's vocabulary rounded up to a multiple of pad_vocab_multiple and
-    # of parallel.tp; a set value below the tokenizer's vocabulary is refused
-    vocab_size: int = 0
-    pad_vocab_multiple: int = 64  # round the embedding rows up to a multiple of this (fast matmuls); at least 1
-    # how many of the vocab_size rows are real tokens (conversion from Hugging Face sets it when it pads); generation,
-    # lm-eval and the Hugging Face export use only these; 0: the tokenizer's vocabulary
-    true_vocab_size: int = 0
-    n_layers: int = 2  # Transformer blocks; at least 1, and at least parallel.pp
-    # attention (query) heads: they divide d_model and are divisible by parallel.tp; with RoPE the head size
-    # d_model / n_heads is even
-    n_heads: int = 4
-    # key/value heads for grouped-query attention: they divide n_heads and are divisible by parallel.tp; 0: n_heads
-    # (plain multi-head attention)
-    n_kv_heads: int = 0
-    d_model: int = 128  # residual stream width (the hidden size)
-    # MLP hidden width; 0: 4 x d_model for mlp=gelu, 8/3 x d_model rounded up to a multiple of ff_multiple for swiglu
-    d_ff: int = 0
-    ff_multiple: int = 64  # with d_ff=0 and mlp=swiglu, the hidden width is rounded up to a multiple of this
-    # the longest sequence the model reads (rows of the learned position table, length of the RoPE tables);
-    # data.seq_len may not exceed it
-    max_seq_len: int = 256
-    norm: str = "rmsnorm"  # rmsnorm (Llama) | layernorm (GPT-2; with a bias when bias is true)
-    norm_eps: float = 1e-5  # the epsilon added to the mean square (rmsnorm) or variance (layernorm) in the norm
-    # rope (rotary embeddings on queries and keys) | learned (a table of absolute positions added to the token
-    # embeddings, GPT-2)
-    position: str = "rope"
-    rope_theta: float = 10000.0  # RoPE base frequency (position=rope)
-    mlp: str = "swiglu"  # swiglu (gated SiLU MLP, Llama) | gelu (two linear layers around a GELU, GPT-2)
-    gelu: str = "tanh"  # mlp=gelu's form: tanh (GPT-2's approximation) | erf (the exact one: nanoGPT, BERT, Pythia)
-    bias: bool = False  # biases in the linear layers and the layernorm (GPT-2); false: none (Llama)
-    tie_embeddings: bool = False  # the LM head (output projection) shares the input embedding's weight
-    # dropout probability on attention probabilities, residual branches and embeddings, in [0, 1); 0: off
-    dropout: float = 0.0
-    init_std: float = 0.02  # std of the normal init; residual output projections get init_std/sqrt(2*n_layers)
-    # causal (GPT-style next-token prediction) | mlm (BERT-style masked LM, bidirectional attention; needs a
-    # tokenizer with a mask token, masks data.mlm_probability of the tokens)
-    objective: str = "causal"
-    # auto (megatrain's fused ops when its extension megatrain._C is built, else the PyTorch reference; on a GPU each
-    # op is first checked against the reference and turned off if it disagrees) | on (the fused ops; an error when
-    # the extension is not built) | off (plain PyTorch)
-    fused_kernels: str = "auto"
 
 
 @dataclass
@@ -328,13 +265,8 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 CHOICES = {
-    "model.norm": ("rmsnorm", "layernorm"),
-    "model.position": ("rope", "learned"),
-    "model.mlp": ("swiglu", "gelu"),
-    "model.gelu": ("tanh", "erf"),
-    "model.objective": ("causal", "mlm"),
+    **MODEL_CHOICES,
     "data.sample_offsets": ("fixed", "random"),
-    "model.fused_kernels": ("auto", "on", "off"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.activation_checkpointing": ("none", "full", "selective"),
@@ -499,25 +431,6 @@ def config_from_dict(tree: dict) -> Config:
     return cfg
 
 
-def ffn_width(m: ModelConfig) -> int:
-    if m.d_ff:
-        return m.d_ff
-    if m.mlp == "gelu":
-        return 4 * m.d_model
-    hidden = int(8 * m.d_model / 3)
-    return -(-hidden // m.ff_multiple) * m.ff_multiple
-
-
-def padded_vocab_size(n: int, pad_vocab_multiple: int, tp: int) -> int:
-    """The embedding rows for an n-piece tokenizer: rounded up to pad_vocab_multiple and to a multiple of tp."""
-    step = math.lcm(pad_vocab_multiple, tp)
-    return -(-n // step) * step
-
-
-def kv_heads(m: ModelConfig) -> int:
-    return m.n_kv_heads or m.n_heads
-
-
 def validate(cfg: Config) -> None:
     """Checks that need no world size: choices, ranges and combinations."""
     for dotted, options in CHOICES.items():
@@ -526,24 +439,15 @@ def validate(cfg: Config) -> None:
         if v not in options:
             raise ConfigError(f"config key {dotted}: {v!r} is not one of {', '.join(options)}{_suggest(str(v), options)}")
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
-    positive = {"model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_model": m.d_model,
-                "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len, "train.max_steps": t.max_steps,
+    validate_model(m)
+    positive = {"data.seq_len": d.seq_len, "train.max_steps": t.max_steps,
                 "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
-                "train.log_interval": t.log_interval, "parallel.tp": p.tp, "parallel.pp": p.pp,
-                "model.pad_vocab_multiple": m.pad_vocab_multiple}
+                "train.log_interval": t.log_interval, "parallel.tp": p.tp, "parallel.pp": p.pp}
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"config key {k}: must be at least 1, got {v}")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"config key model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    if (m.d_model // m.n_heads) % 2 and m.position == "rope":
-        raise ConfigError(f"config key model.n_heads: head size {m.d_model // m.n_heads} must be even for RoPE")
-    if m.n_heads % kv_heads(m):
-        raise ConfigError(f"config key model.n_kv_heads: model.n_heads={m.n_heads} is not divisible by {kv_heads(m)}")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"config key data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"config key model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.mlm_probability < 1.0:
         raise ConfigError(f"config key data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
     if p.zero_stage not in (0, 1, 2, 3):

@@ -1,7 +1,9 @@
 """The Transformer: a GPT/Llama-style decoder stack in plain PyTorch.
 
-One class per idea, configured by `ModelConfig` (config.py): RMSNorm or LayerNorm, RoPE or learned
-positions, SwiGLU or GELU MLP, grouped-query attention, optional biases, tied or untied embeddings.
+One class per idea, configured by `ModelConfig` (model_config.py): RMSNorm or LayerNorm (before, around or after
+each sublayer), RoPE (scaled, with its own base on local layers) or learned positions, SwiGLU, GeGLU or GELU MLP,
+grouped-query attention with an explicit head size, QK-norm, sliding-window layers, soft-capping, optional biases,
+tied or untied (scaled) embeddings.
 The same stack trains as a causal LM or, with `objective: mlm`, as a BERT-style masked LM
 (bidirectional attention; loss only on the masked positions). Parallelism is applied elsewhere
 (parallel/), never here.
@@ -11,8 +13,9 @@ of three, or two):
     embed.weight, pos_embed.weight (learned positions), norm.weight, lm_head.weight
     layers.{i}.attn_norm.weight        layers.{i}.mlp_norm.weight
     layers.{i}.attn.qkv.weight         rows [q (n_heads*hd); k (n_kv*hd); v (n_kv*hd)]
-    layers.{i}.attn.o_proj.weight
-    layers.{i}.mlp.gate_up.weight      rows [gate; up] (swiglu)   or   layers.{i}.mlp.up.weight, .up_bias (gelu)
+    layers.{i}.attn.o_proj.weight      layers.{i}.attn.q_norm.weight, .k_norm.weight (qk_norm)
+    layers.{i}.attn_post_norm.weight   layers.{i}.mlp_post_norm.weight (norm_placement sandwich or post)
+    layers.{i}.mlp.gate_up.weight      rows [gate; up] (swiglu, geglu)   or   layers.{i}.mlp.up.weight, .up_bias (gelu)
     layers.{i}.mlp.down.weight
 RoPE uses the rotate-half convention of Hugging Face checkpoints, so their q/k weights map directly.
 """
@@ -25,21 +28,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.config import ConfigError, ModelConfig, ffn_width, kv_heads
+from megatrain.config import ConfigError, ModelConfig, ffn_width, head_dim, is_local_layer, kv_heads
 from megatrain.kernels import ops, reference
-from megatrain.kernels.reference import rope_tables
+from megatrain.kernels.reference import RopeScaling, rope_tables
 
 IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, fused: bool = False):
+    """x / rms(x) * weight; with one_plus (Gemma) * (1 + weight), the weight starting at 0."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False, one_plus: bool = False):
         super().__init__()
-        self.eps, self.fused = eps, fused
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.fused, self.one_plus = eps, fused, one_plus
+        self.weight = nn.Parameter(torch.zeros(dim) if one_plus else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (ops if self.fused else reference).rms_norm(x, self.weight, self.eps)
+        weight = self.weight + 1 if self.one_plus else self.weight
+        return (ops if self.fused else reference).rms_norm(x, weight, self.eps)
+
+
+class ProjectionRMSNorm(RMSNorm):
+    """RMSNorm over a whole query or key projection (OLMo 2's QK-norm). Under tensor parallelism each rank holds
+    its heads' slice of the projection and of the weight; `group` (set by apply_tp) sums the squares over the TP
+    ranks, so the statistic is the whole projection's. Plain PyTorch (no fused kernel)."""
+
+    def __init__(self, dim: int, eps: float, one_plus: bool = False):
+        super().__init__(dim, eps, False, one_plus)
+        self.full_dim, self.group = dim, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype != torch.float64 else x
+        squares = xf.pow(2).sum(-1, keepdim=True)
+        if self.group is not None:
+            import torch.distributed.nn.functional as dist_fn  # all_reduce with a backward (the sum's gradient)
+
+            squares = dist_fn.all_reduce(squares, group=self.group)
+        weight = self.weight + 1 if self.one_plus else self.weight
+        return (xf * torch.rsqrt(squares / self.full_dim + self.eps)).type_as(x) * weight
 
 
 class LayerNorm(nn.Module):
@@ -55,7 +81,7 @@ class LayerNorm(nn.Module):
 
 def build_norm(cfg: ModelConfig, fused: bool = False) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps, fused)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, fused, cfg.norm_one_plus)
     return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias, fused)
 
 
@@ -72,23 +98,77 @@ def fused_kernels_enabled(setting: str) -> bool:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: [B, n_kv_heads, max_len, head_dim]."""
+    """Keys and values of every layer for incremental decoding: [B, n_kv_heads, length, head_dim]. A sliding-window
+    layer keeps only its window, as a ring: position p lives in slot p % window (attention does not care about the
+    order of the keys it reads, and RoPE is applied before a key is stored)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        hd = cfg.d_model // cfg.n_heads
-        shape = (batch, kv_heads(cfg), max_len, hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        hd = head_dim(cfg)
+        self.window = [cfg.sliding_window if is_local_layer(cfg, i) and cfg.sliding_window < max_len else 0
+                       for i in range(cfg.n_layers)]
+        shapes = [(batch, kv_heads(cfg), w or max_len, hd) for w in self.window]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv, T, hd] of positions pos.. pos+T-1; return the keys and values the new queries read:
+        every cached one, or on a window layer's first call the given ones (the window mask applies to them)."""
+        B, T, w = k.shape[0], k.shape[2], self.window[layer]
+        if not w:
+            self.k[layer][:B, :, pos: pos + T] = k
+            self.v[layer][:B, :, pos: pos + T] = v
+            return self.k[layer][:B, :, : pos + T], self.v[layer][:B, :, : pos + T]
+        keep = torch.arange(max(pos, pos + T - w), pos + T)  # the last `window` positions
+        slots = keep % w
+        self.k[layer][:B, :, slots] = k[:, :, keep - pos]
+        self.v[layer][:B, :, slots] = v[:, :, keep - pos]
+        if T > 1:
+            return k, v
+        filled = min(pos + 1, w)
+        return self.k[layer][:B, :, :filled], self.v[layer][:B, :, :filled]
+
+
+def window_mask(T: int, window: int, device) -> torch.Tensor:
+    """[T, T] bool: query i sees key j when i - window < j <= i."""
+    i = torch.arange(T, device=device)
+    offset = i[:, None] - i[None, :]
+    return (offset >= 0) & (offset < window)
+
+
+def soft_capped_attention(q, k, v, mask, causal: bool, scale: float, cap: float, dropout: float) -> torch.Tensor:
+    """Attention whose scores are soft-capped, cap x tanh(score / cap) (Gemma 2): the plain-PyTorch form (SDPA has no
+    cap). q [B, H, Tq, D], k/v [B, H_kv, Tk, D]; mask: [.., Tq, Tk] bool of the keys each query sees."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2)
+    scores = (scores if scores.dtype == torch.float64 else scores.float()) * scale
+    scores = cap * torch.tanh(scores / cap)
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.softmax(-1), dropout).to(v.dtype)  # (F.dropout: `dropout` is 0 unless training)
+    return probs @ v
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, fused: bool = False):
+    def __init__(self, cfg: ModelConfig, fused: bool = False, layer: int = 0):
         super().__init__()
         self.fused = fused
         self.n_heads, self.n_kv = cfg.n_heads, kv_heads(cfg)
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.head_dim = hd = head_dim(cfg)
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * hd, bias=cfg.bias or cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, cfg.d_model, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":  # one weight over each head's dims, shared by the heads
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, fused, cfg.norm_one_plus)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, fused, cfg.norm_one_plus)
+        elif cfg.qk_norm == "full":  # over the whole projection
+            self.q_norm = ProjectionRMSNorm(self.n_heads * hd, cfg.norm_eps, cfg.norm_one_plus)
+            self.k_norm = ProjectionRMSNorm(self.n_kv * hd, cfg.norm_eps, cfg.norm_one_plus)
+        self.window = cfg.sliding_window if is_local_layer(cfg, layer) else 0
+        self.scale = (cfg.attn_scale_dim or hd) ** -0.5
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.causal = cfg.objective == "causal"
 
@@ -96,27 +176,35 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                     self.n_kv * self.head_dim], dim=-1)
+                             self.n_kv * self.head_dim], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # [B, T, heads, head_dim]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             rotate = (ops if self.fused else reference).rope
             q, k = rotate(q, *rope), rotate(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim] for SDPA
         causal = self.causal
         if cache is not None:
-            cache.k[layer][:B, :, pos: pos + T] = k
-            cache.v[layer][:B, :, pos: pos + T] = v
-            k, v = cache.k[layer][:B, :, : pos + T], cache.v[layer][:B, :, : pos + T]
+            k, v = cache.update(layer, k, v, pos)
             if pos > 0:
                 if T != 1:
                     raise ValueError("with a KV cache, only the first call may pass more than one token")
-                causal = False  # one new query attends to every cached position
+                causal = False  # one new query attends to every cached position (a window layer caches its window)
+        if self.window and T > self.window:  # the window cuts into the causal triangle
+            band = window_mask(T, self.window, x.device)
+            mask = band if mask is None else mask & band
         if mask is not None:  # [B, 1, T, T]: which keys each query sees (packed examples, padding); causal inside
             causal = False
-        # NOTE: enable_gqa lets SDPA broadcast the kv heads instead of materialising repeated copies.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap:
+            y = soft_capped_attention(q, k, v, mask, causal, self.scale, self.softcap, dropout)
+        else:
+            # NOTE: enable_gqa lets SDPA broadcast the kv heads instead of materialising repeated copies.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -124,7 +212,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fused: bool = False):
         super().__init__()
         self.fused = fused
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu = cfg.mlp in ("swiglu", "geglu")  # gated: one gate|up matmul
+        self.geglu = cfg.mlp == "geglu"
         self.gelu = "tanh" if cfg.gelu == "tanh" else "none"  # F.gelu's `approximate`
         ff = ffn_width(cfg)
         if self.swiglu:
@@ -137,6 +226,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         k = ops if self.fused else reference
+        if self.geglu:  # no fused kernel: the reference
+            return self.down(reference.geglu(self.gate_up(x)))
         if self.swiglu:
             return self.down(k.swiglu(self.gate_up(x)))
         if self.up_bias is not None and self.gelu == "tanh":  # the fused kernel is the tanh form
@@ -147,15 +238,27 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, fused: bool = False):
+    """Attention and the MLP, each a residual branch with its norms where model.norm_placement puts them: before
+    (pre), before and after (sandwich), or after, on the branch (post)."""
+
+    def __init__(self, cfg: ModelConfig, fused: bool = False, layer: int = 0):
         super().__init__()
-        self.attn_norm, self.attn = build_norm(cfg, fused), Attention(cfg, fused)
-        self.mlp_norm, self.mlp = build_norm(cfg, fused), MLP(cfg, fused)
+        before, after = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("sandwich", "post")
+        # (registration order = parameter order = the order init draws; the pre-norm layout's is unchanged)
+        self.attn_norm = build_norm(cfg, fused) if before else None
+        self.attn = Attention(cfg, fused, layer)
+        self.attn_post_norm = build_norm(cfg, fused) if after else None
+        self.mlp_norm = build_norm(cfg, fused) if before else None
+        self.mlp = MLP(cfg, fused)
+        self.mlp_post_norm = build_norm(cfg, fused) if after else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.local = is_local_layer(cfg, layer)  # a sliding-window layer (its own RoPE tables with rope_local_theta)
 
     def forward(self, x, rope=None, cache=None, layer=0, pos=0, mask=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, pos, mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, rope, cache, layer, pos, mask)
+        x = x + self.drop(self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+        h = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
+        return x + self.drop(self.mlp_post_norm(h) if self.mlp_post_norm is not None else h)
 
 
 def _embedding(rows: int, dim: int) -> nn.Embedding:
@@ -166,6 +269,18 @@ def _embedding(rows: int, dim: int) -> nn.Embedding:
     return nn.Embedding(rows, dim)
 
 
+def rope_scaling_of(cfg: ModelConfig) -> RopeScaling | None:
+    if cfg.rope_scaling == "none":
+        return None
+    return RopeScaling(cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_len, cfg.rope_low_freq_factor,
+                       cfg.rope_high_freq_factor, cfg.rope_beta_fast, cfg.rope_beta_slow)
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap x tanh(logits / cap): logits squashed into (-cap, cap); `cap` 0: unchanged."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -174,17 +289,22 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.fused = fused_kernels_enabled(cfg.fused_kernels)
         self.embed = _embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 0.0
         self.pos_embed = _embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, self.fused) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.fused, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg, self.fused)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, rope_scaling_of(cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            if cfg.rope_local_theta and any(b.local for b in self.layers):
+                cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_local_theta)
+                self.register_buffer("rope_local_cos", cos, persistent=False)
+                self.register_buffer("rope_local_sin", sin, persistent=False)
         # apply_tp swaps in a vocab-parallel loss; None: plain cross-entropy over full logits
         self.loss_fn = None
         if self.embed.weight.device.type != "meta":  # a model built on the meta device has shapes, no values
@@ -195,6 +315,17 @@ class Transformer(nn.Module):
         draws the same values one tensor at a time for a model built on the meta device)."""
         for name, p in self.named_parameters():
             init_parameter_(self.cfg, name, p)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token embeddings (times sqrt(d_model) with model.embed_scale, in their own dtype as Gemma does)."""
+        x = self.embed(tokens)
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype) if self.embed_scale else x
+
+    def rope_of(self, block: Block, positions: torch.Tensor | slice, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE cos/sin rows of `positions` for `block` (a local block's own tables with rope_local_theta)."""
+        if block.local and hasattr(self, "rope_local_cos"):
+            return self.rope_local_cos[positions].to(dtype), self.rope_local_sin[positions].to(dtype)
+        return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
 
     def features(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, cache: KVCache | None = None,
                  pos: int = 0) -> torch.Tensor:
@@ -207,16 +338,13 @@ class Transformer(nn.Module):
         mask, positions = None, None
         if segments is not None:
             mask, positions = segment_mask(segments, causal=self.cfg.objective == "causal"), segment_positions(segments)
-        x = self.embed(tokens)
-        rope = None
+        x = self.embed_tokens(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions if positions is not None else torch.arange(pos, pos + T, device=tokens.device))
-        elif positions is not None:
-            rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
-        else:
-            rope = (self.rope_cos[pos: pos + T].to(x.dtype), self.rope_sin[pos: pos + T].to(x.dtype))
+        rows = positions if positions is not None else slice(pos, pos + T)
         x = self.drop(x)
         for i, block in enumerate(self.layers):
+            rope = self.rope_of(block, rows, x.dtype) if self.pos_embed is None else None
             x = block(x, rope, cache, i, pos, mask)
         return self.norm(x)
 
@@ -224,10 +352,10 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None, pos: int = 0, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]; with labels [B, T] -> mean cross-entropy over labels != -100."""
         x = self.features(tokens, segments, cache, pos)
-        if labels is not None and self.fused and self.loss_fn is None:
+        if labels is not None and self.fused and self.loss_fn is None and not self.cfg.logit_softcap:
             # LM head + loss in chunks: the [tokens, vocab] logits never exist at once
             return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, labels.reshape(-1))
-        logits = self.lm_head(x)
+        logits = soft_cap(self.lm_head(x), self.cfg.logit_softcap)
         if labels is None:
             return logits
         if self.loss_fn is not None:
@@ -244,12 +372,12 @@ class Transformer(nn.Module):
 
 
 def init_parameter_(cfg: ModelConfig, name: str, p: torch.Tensor) -> torch.Tensor:
-    """The initial value of parameter `name`, in place: zeros for biases, ones for norm weights, Normal(0, init_std)
+    """The initial value of parameter `name`, in place: zeros for biases, a scale of 1 for norms, Normal(0, init_std)
     for matrices, residual-output projections scaled by 1/sqrt(2 * n_layers)."""
     if name.endswith("bias"):
         return nn.init.zeros_(p)
-    if p.dim() == 1:
-        return nn.init.ones_(p)  # norm weights
+    if p.dim() == 1:  # norm weights: a scale of 1 (the weight itself, or 1 + weight with norm_one_plus)
+        return nn.init.zeros_(p) if cfg.norm_one_plus and cfg.norm == "rmsnorm" else nn.init.ones_(p)
     if name.endswith(("o_proj.weight", "down.weight")):
         return nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
     return nn.init.normal_(p, 0.0, cfg.init_std)

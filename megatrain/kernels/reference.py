@@ -5,6 +5,9 @@ over logits split along the vocabulary (the tensor-parallel loss; ops.cross_entr
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,13 +24,56 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are stretched (model.rope_scaling and its keys)."""
+
+    kind: str  # linear | llama3 | yarn
+    factor: float
+    original_max_len: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] (float64) and the factor cos/sin are multiplied by (YaRN's
+    attention factor; 1 otherwise)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    if scaling is None:
+        return inv_freq, 1.0
+    f = scaling.factor
+    if scaling.kind == "linear":  # positions / factor
+        return inv_freq / f, 1.0
+    if scaling.kind == "llama3":  # long wavelengths stretched by factor, short ones kept, a linear blend between
+        wavelen = 2 * math.pi / inv_freq
+        orig = scaling.original_max_len
+        stretched = torch.where(wavelen > orig / scaling.low_freq_factor, inv_freq / f, inv_freq)
+        blend = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        between = (wavelen >= orig / scaling.high_freq_factor) & (wavelen <= orig / scaling.low_freq_factor)
+        return torch.where(between, (1 - blend) * inv_freq / f + blend * inv_freq, stretched), 1.0
+    # yarn: frequencies that turn fewer than beta_slow times over the original context are interpolated (/ factor),
+    # those turning more than beta_fast times kept, a linear ramp over the dimensions between; and the attention
+    # logits sharpened by 0.1 ln(factor) + 1 (applied to cos and sin, so to q.k twice: as YaRN does)
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns `rotations` times
+        return head_dim * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(scaling.beta_fast)), 0)
+    high = min(math.ceil(dim_of(scaling.beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / f * ramp + inv_freq * (1 - ramp)
+    return inv_freq, (0.1 * math.log(f) + 1.0) if f > 1 else 1.0
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: RopeScaling | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [max_len, head_dim] for the rotate-half convention."""
     # always computed on the CPU (also inside a meta-device build: the tables are a function of the config)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    inv_freq, gain = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * gain).float(), (angles.sin() * gain).float()
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -44,6 +90,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """Gemma's gated MLP: tanh-GeLU of the gate times up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
