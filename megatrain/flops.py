@@ -5,27 +5,52 @@ No torch here, nothing but the config and the parameter rules: `megatrain plan` 
 """
 from __future__ import annotations
 
-from megatrain.config import ModelConfig, ffn_width, kv_heads
+from megatrain.config import ModelConfig, ffn_width, head_dim, is_local_layer, kv_heads
 from megatrain.parameters import ndim, numel
 
 
-def block_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> tuple[float, float, float]:
+def keys_per_query(m: ModelConfig, seq_len: int, causal: bool = True, layer: int = 0) -> float:
+    """The keys a query of block `layer` reads, on average over the seq_len queries of a sequence.
+
+    A global layer: seq_len, halved when causal (T / 2: the usual convention, which counts half the diagonal; the
+    exact causal triangle is T (T + 1) / 2 pairs). A sliding-window layer (model.sliding_window = w < T): query i
+    (from 0) reads min(i + 1, w) keys, counted exactly:
+        sum_{i<T} min(i + 1, w) / T = (T w - w (w - 1) / 2) / T,
+    and min(T, w) when not causal (whole_attention: every query as if it had its whole window). A window of at
+    least T cuts nothing: the layer is counted as a global one."""
+    T = seq_len
+    w = m.sliding_window if is_local_layer(m, layer) else 0
+    if not w or w >= T:
+        return T * (0.5 if causal else 1.0)
+    return (T * w - w * (w - 1) / 2) / T if causal else w
+
+
+def block_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True,
+                          layer: int | None = None) -> tuple[float, float, float]:
     """Forward FLOPs per token of one block (2 per multiply-add): (attention's projections, the MLP, attention's own).
 
-    Projections: QKV (GQA: fewer K/V columns) and the output projection. MLP: three matrices for SwiGLU, two for GELU.
-    Attention: the scores QK^T and the weighted sum AV over seq_len keys (halved when causal: on average a token
-    attends to half the sequence)."""
-    d, hd = m.d_model, m.d_model // m.n_heads
+    Projections: QKV (GQA: fewer K/V columns; n_heads x head_dim wide, which need not be d_model) and the output
+    projection. MLP: three matrices for SwiGLU and GeGLU, two for GELU. Attention: the scores QK^T and the weighted
+    sum AV, each 2 x n_heads x head_dim per key a query reads (keys_per_query). `layer`: that block's count (a
+    sliding-window block reads fewer keys); None: the mean over the model's blocks."""
+    d, hd = m.d_model, head_dim(m)
     q_dim, kv_dim = m.n_heads * hd, kv_heads(m) * hd
     attn_proj = 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d
-    mlp = 2 * d * ffn_width(m) * (3 if m.mlp == "swiglu" else 2)
-    attn_mix = 2 * 2 * seq_len * q_dim * (0.5 if causal else 1.0)
+    mlp = 2 * d * ffn_width(m) * (3 if m.mlp in ("swiglu", "geglu") else 2)
+    if layer is not None or not m.sliding_window:
+        keys = keys_per_query(m, seq_len, causal, layer or 0)
+    else:
+        keys = sum(keys_per_query(m, seq_len, causal, i) for i in range(m.n_layers)) / m.n_layers
+    attn_mix = 2 * 2 * q_dim * keys
     return attn_proj, mlp, attn_mix
 
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Forward-pass FLOPs per token: every block plus the LM head (embedding lookups excluded)."""
-    return m.n_layers * sum(block_flops_per_token(m, seq_len, causal)) + 2 * m.d_model * m.vocab_size
+    if not m.sliding_window:
+        return m.n_layers * sum(block_flops_per_token(m, seq_len, causal)) + 2 * m.d_model * m.vocab_size
+    blocks = sum(sum(block_flops_per_token(m, seq_len, causal, i)) for i in range(m.n_layers))
+    return blocks + 2 * m.d_model * m.vocab_size
 
 
 def train_flops_per_token(m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
@@ -57,12 +82,11 @@ def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = 
         total = sum(numel(p) for p in mats)
         return sum(numel(p) for p in mats if not p.requires_grad) / total if total else 0.0
 
-    attn_proj, mlp, attn_mix = block_flops_per_token(m, seq_len, causal)
-    hd = m.d_model // m.n_heads
-    qkv = 2 * m.d_model * (m.n_heads + 2 * kv_heads(m)) * hd  # forward FLOPs of the first projection
+    qkv = 2 * m.d_model * (m.n_heads + 2 * kv_heads(m)) * head_dim(m)  # forward FLOPs of the first projection
     change, upstream = 0.0, trains("embed.") or trains("pos_embed.")
     for i in range(m.n_layers):
         pre = f"layers.{i}."
+        attn_proj, mlp, attn_mix = block_flops_per_token(m, seq_len, causal, i)
         if not upstream and not trains(pre):
             change -= 2 * (attn_proj + mlp + attn_mix)
             continue

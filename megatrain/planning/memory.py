@@ -14,7 +14,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 
-from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
+from megatrain.config import Config, ModelConfig, ffn_width, head_dim, is_local_layer, kv_heads
 
 FP32 = 4
 DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000  # ZeRO-3 keeps at most this many gathered parameters (its default)
@@ -188,17 +188,43 @@ def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int) -> dict[str
 
     norm (each of two): its input and the fp32 1/rms; the column-parallel projection after it saves the normed
     input (under sequence parallelism the norm works on 1/tp of the tokens and the projection saves the gathered
-    input). attention: the qkv output (v is a view of it), RoPE's rotated q and k, the attention output (o_proj's
-    input is a view of it) and the fp32 log-sum-exp per head. mlp: swiglu's gate|up output and its product (the down
-    projection's input); gelu's input and output. dropout > 0: a one-byte mask on each residual branch."""
-    h, hd = m.d_model, m.d_model // m.n_heads
+    input). norm_placement=post counts the same: the projection saves the residual stream the pre norm would have,
+    the post norm its input (the branch output) and 1/rms. post_norm: sandwich's two norms after the sublayers,
+    their inputs and 1/rms. attention: the qkv output (v is a view of it), RoPE's rotated q and k, the attention
+    output (o_proj's input is a view of it) and the fp32 log-sum-exp per head, all n_heads x head_dim wide;
+    qk_norm=head adds the fp32 1/rms of each query and key head (the norm's input is a view of the qkv output);
+    qk_norm=full (plain PyTorch) per projection its normed values before the weight, their fp32 copy under
+    bf16/fp16, and one fp32 1/rms per token. mlp: swiglu's gate|up output and its product (the down projection's
+    input); geglu (plain PyTorch) the same and its GeLU output; gelu's input and output. dropout > 0: a one-byte mask
+    on each residual branch. (A sliding-window block's mask is per sequence: window_mask_bytes.)"""
+    h, hd = m.d_model, head_dim(m)
     q, kv, ff, heads = m.n_heads * hd, kv_heads(m) * hd, ffn_width(m), m.n_heads
     seq_share = tp if sp else 1
     norm = (w * h + FP32) / seq_share + w * h
+    post_norm = 2 * (w * h + FP32) / seq_share if m.norm_placement == "sandwich" else 0
     attn = w * ((q + 2 * kv) + (q + kv if m.position == "rope" else 0) + q) / tp + FP32 * heads / tp
-    mlp = w * (3 if m.mlp == "swiglu" else 2) * ff / tp
+    if m.qk_norm == "head":
+        attn += FP32 * (heads + kv_heads(m)) / tp
+    elif m.qk_norm == "full":
+        attn += (w + (FP32 if w != FP32 else 0)) * (q + kv) / tp + 2 * FP32
+    mlp = w * {"swiglu": 3, "geglu": 4}.get(m.mlp, 2) * ff / tp
     dropout = 2 * h / seq_share if m.dropout > 0 else 0
-    return {"norm": norm, "attention": attn, "mlp": mlp, "dropout": dropout}
+    return {"norm": norm, "post_norm": post_norm, "attention": attn, "mlp": mlp, "dropout": dropout}
+
+
+def window_mask_bytes(m: ModelConfig, seq_len: int, w: int) -> int:
+    """Bytes one sliding-window block's attention keeps per micro-batch, whatever its size: the [T, T] band mask,
+    which SDPA turns into an additive mask in the activations' dtype and the kernel that takes a mask (memory-
+    efficient attention; flash attention takes none) saves for the backward. 0 when the window does not cut
+    (T <= window: plain causal attention, no mask)."""
+    return w * seq_len * seq_len if m.sliding_window and seq_len > m.sliding_window else 0
+
+
+def window_blocks(m: ModelConfig, stage_index: int, pp: int) -> int:
+    """Sliding-window blocks in a pipeline stage."""
+    blocks = blocks_per_stage(m.n_layers, pp)
+    first = sum(blocks[:stage_index])
+    return sum(is_local_layer(m, i) for i in range(first, first + blocks[stage_index]))
 
 
 def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: int, grad_accum: int,
@@ -210,18 +236,21 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     tokens = b * s
     sp = p.sequence_parallel and tp > 1
     part = per_token_layer_bytes(m, tp, sp, w)
-    full_block = 2 * part["norm"] + part["attention"] + part["mlp"] + part["dropout"]
+    full_block = 2 * part["norm"] + part["post_norm"] + part["attention"] + part["mlp"] + part["dropout"]
     # the checkpointed input: split over TP ranks with partition_activations, sequence-sharded under sequence parallel
     ckpt_input = w * m.d_model / (tp if (p.partition_activations or sp) and tp > 1 else 1)
     mode = cfg.train.activation_checkpointing
+    # the window blocks' masks: kept by each without checkpointing, else only by the one being recomputed
+    windows = window_blocks(m, stage_index, pp)
+    mask = window_mask_bytes(m, s, w) if windows else 0
     if mode == "full":  # the block's input only; the block is recomputed in the backward
         block, recompute = ckpt_input, full_block
     elif mode == "selective":  # attention recomputed from the normed input it is checkpointed at
-        block = 2 * part["norm"] - w * m.d_model + ckpt_input + part["mlp"] + part["dropout"]
+        block = 2 * part["norm"] - w * m.d_model + ckpt_input + part["post_norm"] + part["mlp"] + part["dropout"]
         recompute = part["attention"] + w * m.d_model
     else:
         block, recompute = full_block, 0.0
-    per_mb = tokens * stage.layers * block
+    per_mb = tokens * stage.layers * block + (windows * mask if mode == "none" else 0)
     if stage.first:
         per_mb += 8 * tokens  # the token ids the embedding saves
     if stage.last:
@@ -238,7 +267,8 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     receive = 0
     if pp > 1 and stage_index > 0:  # DeepSpeed's schedule keeps max(2, in flight) buffers: an activation and its grad
         receive = 2 * max(2, in_flight) * tokens * w * m.d_model / (tp if sp else 1)
-    return Activations(int(per_mb * in_flight + pipe_buffers), int(tokens * recompute), in_flight, int(receive))
+    recomputed = tokens * recompute + (mask if mode != "none" else 0)
+    return Activations(int(per_mb * in_flight + pipe_buffers), int(recomputed), in_flight, int(receive))
 
 
 def startup_host_bytes(m: ModelConfig, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: int = 0,
