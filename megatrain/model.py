@@ -21,6 +21,7 @@ RoPE uses the rotate-half convention of Hugging Face checkpoints, so their q/k w
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -135,6 +136,14 @@ def window_mask(T: int, window: int, device) -> torch.Tensor:
     return (offset >= 0) & (offset < window)
 
 
+@functools.lru_cache(maxsize=8)
+def window_bias(T: int, window: int, device, dtype) -> torch.Tensor:
+    """window_mask as the additive mask SDPA uses (0 where seen, -inf elsewhere), in the activations' dtype. Cached
+    and never modified: every window layer of a model (and every step) passes this one tensor, so autograd keeps one
+    copy for the backward (a bool mask is converted inside SDPA, a new copy a layer)."""
+    return torch.zeros(T, T, device=device, dtype=dtype).masked_fill(~window_mask(T, window, device), float("-inf"))
+
+
 def soft_capped_attention(q, k, v, mask, causal: bool, scale: float, cap: float, dropout: float) -> torch.Tensor:
     """Attention whose scores are soft-capped, cap x tanh(score / cap) (Gemma 2): the plain-PyTorch form (SDPA has no
     cap). q [B, H, Tq, D], k/v [B, H_kv, Tk, D]; mask: [.., Tq, Tk] bool of the keys each query sees."""
@@ -194,8 +203,11 @@ class Attention(nn.Module):
                     raise ValueError("with a KV cache, only the first call may pass more than one token")
                 causal = False  # one new query attends to every cached position (a window layer caches its window)
         if self.window and T > self.window:  # the window cuts into the causal triangle
-            band = window_mask(T, self.window, x.device)
-            mask = band if mask is None else mask & band
+            if mask is None and not self.softcap:
+                mask = window_bias(T, self.window, x.device, q.dtype)
+            else:  # packed examples' own mask (a new one each layer), or capped attention's bool mask
+                band = window_mask(T, self.window, x.device)
+                mask = band if mask is None else mask & band
         if mask is not None:  # [B, 1, T, T]: which keys each query sees (packed examples, padding); causal inside
             causal = False
         dropout = self.dropout if self.training else 0.0

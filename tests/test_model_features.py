@@ -170,3 +170,21 @@ def test_fused_kernels_compute_the_same_features():
     tokens = torch.randint(0, 97, (2, 20))
     assert torch.allclose(fused(tokens), plain(tokens), atol=1e-5)
     assert torch.allclose(fused(tokens, tokens), plain(tokens, tokens), atol=1e-5)
+
+
+def test_window_layers_keep_one_mask_for_the_backward():
+    """Every window layer passes the one cached additive mask: autograd saves it once, not once a layer."""
+    torch.manual_seed(0)
+    cfg = _windowed(global_attn_every=0, n_layers=4)
+    model = Transformer(cfg)
+    T = 20
+    saved = []
+
+    def keep(t):
+        if t.dim() == 2 and t.shape == (T, T):
+            saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(torch.randint(0, 97, (2, T)), torch.randint(0, 97, (2, T)))
+    assert len(saved) == 4 and len(set(saved)) == 1

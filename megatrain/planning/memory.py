@@ -213,10 +213,11 @@ def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int) -> dict[str
 
 
 def window_mask_bytes(m: ModelConfig, seq_len: int, w: int) -> int:
-    """Bytes one sliding-window block's attention keeps per micro-batch, whatever its size: the [T, T] band mask,
-    which SDPA turns into an additive mask in the activations' dtype and the kernel that takes a mask (memory-
-    efficient attention; flash attention takes none) saves for the backward. 0 when the window does not cut
-    (T <= window: plain causal attention, no mask)."""
+    """Bytes the sliding-window blocks' attention keeps, whatever the micro-batch size: the [T, T] additive band
+    mask in the activations' dtype, which the kernel that takes a mask (memory-efficient attention; flash attention
+    takes none) saves for the backward. One tensor shared by every window block (model.window_bias), so counted once
+    per stage. 0 when the window does not cut (T <= window: plain causal attention, no mask). Packed fine-tuning
+    examples make a mask per layer; the plan is for pretraining."""
     return w * seq_len * seq_len if m.sliding_window and seq_len > m.sliding_window else 0
 
 
@@ -240,7 +241,7 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     # the checkpointed input: split over TP ranks with partition_activations, sequence-sharded under sequence parallel
     ckpt_input = w * m.d_model / (tp if (p.partition_activations or sp) and tp > 1 else 1)
     mode = cfg.train.activation_checkpointing
-    # the window blocks' masks: kept by each without checkpointing, else only by the one being recomputed
+    # the window blocks' one shared mask: kept for the backward without checkpointing, else while a block recomputes
     windows = window_blocks(m, stage_index, pp)
     mask = window_mask_bytes(m, s, w) if windows else 0
     if mode == "full":  # the block's input only; the block is recomputed in the backward
@@ -250,7 +251,7 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
         recompute = part["attention"] + w * m.d_model
     else:
         block, recompute = full_block, 0.0
-    per_mb = tokens * stage.layers * block + (windows * mask if mode == "none" else 0)
+    per_mb = tokens * stage.layers * block + (mask if mode == "none" else 0)
     if stage.first:
         per_mb += 8 * tokens  # the token ids the embedding saves
     if stage.last:
