@@ -25,7 +25,7 @@ from megatrain.parallel.pipeline import apply_pipeline, stage_holds
 from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
 from megatrain.parallel.sharding import shard, split_of
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                                mark_tp, vocab_parallel_cross_entropy)
+                                                mark_partial_grad, mark_tp, vocab_parallel_cross_entropy)
 
 
 class _SequenceShardPositions(nn.Module):
@@ -34,7 +34,7 @@ class _SequenceShardPositions(nn.Module):
     def __init__(self, emb: nn.Embedding, group):
         super().__init__()
         self.weight, self.group = emb.weight, group
-        self.weight.sequence_parallel = True
+        mark_partial_grad(self.weight)
 
     def forward(self, positions):
         n, r = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -43,7 +43,9 @@ class _SequenceShardPositions(nn.Module):
 
 def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Transformer:
     """Split attention heads (GQA-aware), the MLP, the embedding and the LM head over the TP group, each weight
-    cut as checkpoint/sharding.py's table says."""
+    cut as parallel/sharding.py's table says. A replicated parameter whose gradient each rank sees only part of (QK
+    per-head norms; with sequence parallelism the norms, positions, row-parallel biases) is marked: its gradient is
+    summed over the group in backward."""
     tp, r = dist.get_world_size(group), dist.get_rank(group)
     if tp == 1:
         return model
@@ -72,6 +74,13 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
         a.qkv = split(a.qkv, pre + "attn.qkv", ColumnParallelLinear)
         a.o_proj = split(a.o_proj, pre + "attn.o_proj", RowParallelLinear)
         a.n_heads, a.n_kv = a.n_heads // tp, a.n_kv // tp
+        if a.qk_norm == "full":  # this rank's heads' slice of the weight; the sum of squares is summed over TP
+            for norm, which in ((a.q_norm, "q_norm"), (a.k_norm, "k_norm")):
+                norm.weight = mark_tp(nn.Parameter(mine(f"{pre}attn.{which}.weight").detach().clone()))
+                norm.group = group
+        elif a.qk_norm == "head":  # one weight shared by every head: each rank's gradient is its heads' share
+            mark_partial_grad(a.q_norm.weight)
+            mark_partial_grad(a.k_norm.weight)
         if m.swiglu:
             m.gate_up = split(m.gate_up, pre + "mlp.gate_up", ColumnParallelLinear)
         else:
@@ -95,17 +104,18 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
     if sp:
         if model.pos_embed is not None:
             model.pos_embed = _SequenceShardPositions(model.pos_embed, group)
-        for mod in model.modules():  # norms see 1/tp of the tokens: their gradients are partial sums
-            if isinstance(mod, (LayerNorm, RMSNorm)):
+        qk_norms = {id(getattr(b.attn, n, None)) for b in model.layers for n in ("q_norm", "k_norm")}
+        for mod in model.modules():  # the residual stream's norms see 1/tp of the tokens: partial gradients
+            if isinstance(mod, (LayerNorm, RMSNorm)) and id(mod) not in qk_norms:  # (QK-norms see every token)
                 for p in mod.parameters():
-                    p.sequence_parallel = True
-        if not any(p.is_meta for p in model.parameters()):  # a meta-built model gets them in parallelize
-            _sum_sequence_parallel_grads(model, group)
+                    mark_partial_grad(p)
+    if not any(p.is_meta for p in model.parameters()):  # a meta-built model gets them in parallelize
+        _sum_partial_grads(model, group)
     return model
 
 
-def _sum_sequence_parallel_grads(model: nn.Module, group) -> None:
-    """Replicated parameters used on sequence shards get partial gradients: sum them over TP."""
+def _sum_partial_grads(model: nn.Module, group) -> None:
+    """Replicated parameters marked by mark_partial_grad get a partial gradient on each TP rank: sum it over TP."""
 
     def hook(g):
         g = g.clone()
@@ -113,7 +123,7 @@ def _sum_sequence_parallel_grads(model: nn.Module, group) -> None:
         return g
 
     for p in model.parameters():
-        if getattr(p, "sequence_parallel", False):
+        if getattr(p, "tp_partial_grad", False) and p.requires_grad:  # (not a frozen one: LoRA, finetune.freeze)
             p.register_hook(hook)
 
 
@@ -200,7 +210,7 @@ def _place(mine: nn.Parameter, name: str, full: torch.Tensor, cfg, tp: int, tp_r
     if value.shape != mine.shape:
         raise RuntimeError(f"{name} is {tuple(mine.shape)} on this rank, its slice {tuple(value.shape)}")
     new = nn.Parameter(value.to(mine.dtype), requires_grad=mine.requires_grad)
-    new.__dict__.update(mine.__dict__)  # the TP marks (tensor_model_parallel, sequence_parallel, ...)
+    new.__dict__.update(mine.__dict__)  # the TP marks (tensor_model_parallel, tp_partial_grad, ...)
     torch.utils.swap_tensors(mine, new)  # every module holding it (TP layer, pipeline layer, tied head) sees it
     if partition is not None:
         partition(mine)
@@ -255,9 +265,9 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
             fill(model, weights, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
         else:
             materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
-        if layout.tp > 1 and cfg.parallel.sequence_parallel:
+        if layout.tp > 1:
             # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
-            _sum_sequence_parallel_grads(model, tp_group)
+            _sum_partial_grads(model, tp_group)
     if layout.tp > 1:
         replica = grid.get_pipe_parallel_rank() * layout.dp + grid.get_data_parallel_rank()
         apply_tp_dropout_streams(model, cfg.parallel.sequence_parallel,
@@ -284,6 +294,10 @@ def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, part
         def checkpointed(x, rope=None, cache=None, layer=0, pos=0, mask=None, _fwd=fwd):
             if not torch.is_grad_enabled() or cache is not None:  # inference / KV-cache decoding
                 return _fwd(x, rope, cache, layer, pos, mask)
+            if not x.requires_grad:
+                # NOTE: a checkpoint's output needs gradients only if its input does: below frozen embeddings (LoRA,
+                # finetune.freeze) the first block's trainable parameters would silently get none
+                x = x.detach().requires_grad_()
             # only the activation goes through the checkpoint; the rest is closed over (no gradients)
             return ckpt(lambda h: _fwd(h, rope, None, layer, pos, mask), x)
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain.kernels import ops
-from megatrain.model import IGNORE_INDEX, Block, Transformer
+from megatrain.model import IGNORE_INDEX, Block, Transformer, soft_cap
 from megatrain.parallel.sharding import pipeline_layer_of
 
 
@@ -22,15 +22,17 @@ class EmbedPipe(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.embed, self.pos_embed, self.drop = model.embed, model.pos_embed, model.drop
+        self.embed_scale = model.embed_scale  # what Transformer.embed_tokens reads
         if model.cfg.tie_embeddings:
             self.lm_head = model.lm_head  # its weight is the embedding's: used by the last stage's copy
+            self.logit_softcap = model.cfg.logit_softcap
 
     @property
     def weight(self):  # what TiedLayerSpec keeps in sync between the first and last stage
         return self.embed.weight
 
     def forward(self, tokens):
-        x = self.embed(tokens)
+        x = Transformer.embed_tokens(self, tokens)  # (the model's own scaling, on this module's embedding)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
         return self.drop(x)
@@ -41,9 +43,10 @@ class BlockPipe(nn.Module):
         super().__init__()
         self.block, self.seq_shards = block, seq_shards
         self.rope = model.pos_embed is None
-        if self.rope:
-            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        if self.rope:  # this block's tables (a sliding-window block's own with rope_local_theta); shared, not copied
+            cos, sin = model.rope_of(block, slice(None), model.rope_cos.dtype)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x):
         rope = None
@@ -63,16 +66,18 @@ class FinalNormPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
+    """The LM head, its logits soft-capped as Transformer.forward does (model.logit_softcap) before the loss."""
+
     def __init__(self, model: Transformer):
         super().__init__()
-        self.lm_head = model.lm_head
+        self.lm_head, self.logit_softcap = model.lm_head, model.cfg.logit_softcap
 
     def forward(self, x):
-        return self.lm_head(x)
+        return soft_cap(self.lm_head(x), self.logit_softcap)
 
 
 def _tied_head_forward(embed_pipe: EmbedPipe, x):
-    return embed_pipe.lm_head(x)
+    return soft_cap(embed_pipe.lm_head(x), embed_pipe.logit_softcap)
 
 
 def stage_holds(cfg, stage: int, stages: int):

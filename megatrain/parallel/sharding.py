@@ -12,11 +12,13 @@ Tensor parallelism (canonical names, as in model.py):
     layers.N.mlp.gate_up.weight / .bias    0    gate | up
     layers.N.mlp.up.weight, .up_bias       0    -
     layers.N.mlp.down.weight               1    -
+    layers.N.attn.q_norm.weight, k_norm    0    -                qk_norm=full only ([heads x head_dim]: this rank's
+                                                                 heads); qk_norm=head's [head_dim] is replicated
     ....lora_B of a column-parallel one    0    as its weight    LoRA: B [out, r] splits like the weight's rows
     ....lora_A of a row-parallel one       1    -                A [r, in] like the weight's columns
     everything else                        -    -                replicated: norms, learned positions, row-parallel
                                                                  biases (added once, after the reduction), the other
-                                                                 LoRA factor, fine-tuning heads
+                                                                 LoRA factor, fine-tuning heads, the norms
 
 Pipeline parallelism (DeepSpeed's PipelineModule names each parameter by its layer index): layer 0 is the
 embedding (`0.embed.weight`), layers 1..L the blocks (`3.block.attn.qkv.weight` = `layers.2.attn.qkv.weight`),
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatrain.config import ModelConfig, ffn_width, kv_heads
+from megatrain.config import ModelConfig, ffn_width, head_dim, kv_heads
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,11 @@ REPLICATED = Split(None)
 
 def split_of(name: str, cfg: ModelConfig) -> Split:
     """The TP split of a canonical parameter name."""
-    hd = cfg.d_model // cfg.n_heads
+    hd = head_dim(cfg)
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0)
+    if cfg.qk_norm == "full" and re.fullmatch(r"layers\.\d+\.attn\.[qk]_norm\.weight", name):
+        return Split(0)  # over the whole projection: one weight per query (key) row, cut with the heads
     if name.endswith((".lora_A", ".lora_B")):  # LoRA splits like the weight it adapts: B its rows, A its columns
         base = split_of(name.rsplit(".", 1)[0] + ".weight", cfg)
         if name.endswith(".lora_B"):

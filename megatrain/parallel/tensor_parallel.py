@@ -150,6 +150,13 @@ def mark_tp(p: nn.Parameter) -> nn.Parameter:
     return p
 
 
+def mark_partial_grad(p: nn.Parameter) -> nn.Parameter:
+    """A replicated parameter whose gradient each TP rank sees only part of (a norm on sequence shards, a per-head
+    norm on this rank's heads): parallelize sums it over the TP group in backward, so the replicas stay equal."""
+    p.tp_partial_grad = True
+    return p
+
+
 # -- layers ------------------------------------------------------------------------------------------
 
 
@@ -165,7 +172,7 @@ class _LoRA(nn.Module):
         self.lora_scale, self.lora_dropout = lora["scale"], nn.Dropout(lora["dropout"])
         mark_tp(self.lora_A) if a_split else mark_tp(self.lora_B)
         if self.sequence_parallel:  # computed on sequence shards: each rank's gradient is a partial sum
-            (self.lora_B if a_split else self.lora_A).sequence_parallel = True
+            mark_partial_grad(self.lora_B if a_split else self.lora_A)
 
 
 class ColumnParallelLinear(_LoRA):
@@ -203,7 +210,7 @@ class RowParallelLinear(_LoRA):
         self.weight = mark_tp(nn.Parameter(weight.detach().clone()))
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         if self.bias is not None and sequence_parallel:
-            self.bias.sequence_parallel = True
+            mark_partial_grad(self.bias)
         self._init_lora(lora, a_split=True)
 
     def _reduce(self, y):

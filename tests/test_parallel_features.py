@@ -1,0 +1,221 @@
+"""The architecture features of model.* (head_dim, qkv_bias, qk_norm, norm placement, embed_scale, geglu, windows,
+soft-capping, RoPE scaling) under every kind of parallelism: the same numbers as the one-rank model.
+
+Default tier: the split table's rules for the new parameters, each rank's share of attention and the MLP (cut by the
+table) adding up to the whole, and the pipeline's stage modules chained equal to the model. Slow tier: the model
+under apply_tp (with sequence parallelism, activation checkpointing, fused kernels or not, LoRA) over 2 gloo ranks,
+every gradient equal to the unsplit one's slice; and `pretrain` runs under TP, SP, PP and ZeRO-3 with one rank's
+losses.
+"""
+import copy
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
+from megatrain.config import ModelConfig
+from megatrain.model import Transformer
+from megatrain.parallel.sharding import REPLICATED, Split, local_shape, shard, split_of, unshard
+
+# model keys of each feature set (on a GQA model: 4 query heads, 2 KV heads); small caps and windows, so they bite
+FEATURES = {
+    "head_dim": dict(head_dim=12),
+    "qkv_bias": dict(qkv_bias=True),
+    "qk_norm_head": dict(qk_norm="head", head_dim=12),
+    "qk_norm_full": dict(qk_norm="full"),
+    "sandwich_geglu": dict(norm_placement="sandwich", norm_one_plus=True, embed_scale=True, mlp="geglu"),
+    "post": dict(norm_placement="post", qk_norm="full"),
+    "window": dict(sliding_window=4, global_attn_every=2, rope_local_theta=1000.0),
+    "softcap": dict(attn_softcap=2.0, logit_softcap=3.0, attn_scale_dim=16),
+    "llama3": dict(rope_scaling="llama3", rope_factor=4.0, rope_original_max_len=8, rope_low_freq_factor=1.0,
+                   rope_high_freq_factor=4.0),
+    "yarn": dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8),
+    "tied_softcap_scale": dict(tie_embeddings=True, logit_softcap=3.0, embed_scale=True),
+}
+
+
+def _cfg(fused: str = "auto", **kw) -> ModelConfig:
+    base = dict(vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=16, fused_kernels=fused)
+    return ModelConfig(**{**base, **kw})
+
+
+def _model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """The model with every vector (norm weights, biases) moved off its initial value, so each one matters."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+# -- the split table -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FEATURES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_every_new_parameter_splits_and_reassembles_exactly(name, tp):
+    cfg = _cfg(**FEATURES[name])
+    model = _model(cfg)
+    for pname, p in model.named_parameters():
+        split = split_of(pname, cfg)
+        slices = [shard(p.detach(), split, tp, r) for r in range(tp)]
+        assert all(tuple(s.shape) == local_shape(tuple(p.shape), split, tp) for s in slices), pname
+        assert torch.equal(unshard(slices, split), p.detach()), pname
+
+
+def test_the_table_cuts_the_new_parameters_with_their_heads():
+    """head_dim apart from d_model / n_heads sizes the q|k|v parts (and the bias's); qk_norm=full's weights go with
+    each rank's heads; qk_norm=head's, and the post norms, are whole on every rank."""
+    cfg = _cfg(head_dim=12, qkv_bias=True, qk_norm="full", norm_placement="sandwich")
+    assert split_of("layers.0.attn.qkv.weight", cfg) == Split(0, (48, 24, 24))
+    assert split_of("layers.1.attn.qkv.bias", cfg) == Split(0, (48, 24, 24))
+    assert split_of("layers.0.attn.o_proj.weight", cfg) == Split(1)
+    for n in ("layers.0.attn.q_norm.weight", "layers.1.attn.k_norm.weight"):
+        assert split_of(n, cfg) == Split(0)
+        assert split_of(n, _cfg(qk_norm="head", head_dim=12)) == REPLICATED
+    for n in ("layers.0.attn_post_norm.weight", "layers.1.mlp_post_norm.weight", "layers.0.attn_norm.weight"):
+        assert split_of(n, cfg) == REPLICATED
+    # rank r's query-norm slice is the weight of rank r's query rows of qkv (row i of q is weighted by q_norm[i])
+    q_rows = torch.arange(48 + 24 + 24).float()
+    for r in range(2):
+        mine = shard(q_rows, split_of("layers.0.attn.qkv.bias", cfg), 2, r)[:24]
+        assert torch.equal(shard(torch.arange(48).float(), split_of("layers.0.attn.q_norm.weight", cfg), 2, r), mine)
+        kv = shard(q_rows, split_of("layers.0.attn.qkv.bias", cfg), 2, r)[24:36] - 48
+        assert torch.equal(shard(torch.arange(24).float(), split_of("layers.0.attn.k_norm.weight", cfg), 2, r), kv)
+
+
+# -- each rank's share adds up (the cut, without collectives) ---------------------------------------------------
+
+
+def _rank_share(module: torch.nn.Module, prefix: str, cfg: ModelConfig, tp: int, r: int) -> torch.nn.Module:
+    """A copy of `module` holding TP rank r's slices of its parameters, as the split table cuts them; attention's
+    head counts divided as apply_tp does. Row-parallel biases are dropped (added once, after the sum)."""
+    share = copy.deepcopy(module)
+    for pname, p in list(share.named_parameters()):
+        owner, leaf = share.get_submodule(pname.rpartition(".")[0]), pname.rpartition(".")[2]
+        split = split_of(f"{prefix}.{pname}", cfg)
+        value = shard(p.detach(), split, tp, r).clone() if split.dim is not None or pname.endswith("norm.weight") \
+            else None
+        setattr(owner, leaf, None if value is None else torch.nn.Parameter(value))
+    if hasattr(share, "n_heads"):
+        share.n_heads, share.n_kv = share.n_heads // tp, share.n_kv // tp
+    return share
+
+
+@pytest.mark.parametrize("name", [n for n in FEATURES if FEATURES[n].get("qk_norm") != "full"])
+def test_each_ranks_heads_and_mlp_slice_add_up_to_the_whole(name):
+    """Attention is per head and the MLP per hidden unit: the TP ranks' outputs (this rank's heads through its slice
+    of o_proj) sum to the unsplit layer's, forward and backward; a weight every rank holds whole (qk_norm=head's) gets
+    a share of its gradient on each rank, which sum to the whole one (apply_tp marks it to be summed over TP).
+    (qk_norm=full needs the ranks' sum of squares mid-layer: the slow tier checks it over real ranks.)"""
+    cfg = _cfg(**FEATURES[name])
+    model = _model(cfg)
+    x = torch.randn(2, 12, cfg.d_model)
+    for i, block in enumerate(model.layers):
+        rope = model.rope_of(block, slice(0, 12), x.dtype)
+        for sub, prefix, call in ((block.attn, f"layers.{i}.attn", lambda m, h: m(h, rope)),
+                                  (block.mlp, f"layers.{i}.mlp", lambda m, h: m(h))):
+            sub.zero_grad()
+            want = call(sub, x)
+            want.pow(2).sum().backward()
+            shares = [_rank_share(sub, prefix, cfg, 2, r) for r in range(2)]
+            got = sum(call(s, x) for s in shares)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {prefix}")
+            got.pow(2).sum().backward()
+            for pname, p in sub.named_parameters():
+                split = split_of(f"{prefix}.{pname}", cfg)
+                if split.dim is not None:  # each rank's slice of the gradient
+                    for r, s in enumerate(shares):
+                        torch.testing.assert_close(s.get_parameter(pname).grad, shard(p.grad, split, 2, r),
+                                                   rtol=1e-5, atol=1e-6, msg=f"{name} {prefix}.{pname}")
+                elif pname.endswith("norm.weight"):  # replicated, partial on each rank: the sum is the whole
+                    total = sum(s.get_parameter(pname).grad for s in shares)
+                    torch.testing.assert_close(total, p.grad, rtol=1e-5, atol=1e-6, msg=f"{name} {prefix}.{pname}")
+                    assert not torch.allclose(shares[0].get_parameter(pname).grad, p.grad)  # one rank's is partial
+
+
+# -- the pipeline's stage modules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_pipeline_stage_modules_chained_equal_the_model(name):
+    """EmbedPipe (embed_scale), a BlockPipe per block (its own RoPE tables: local theta, scaling), the final norm and
+    HeadPipe (logit soft-capping; the tied head too) give the model's logits."""
+    from megatrain.parallel.pipeline import BlockPipe, EmbedPipe, FinalNormPipe, HeadPipe, _tied_head_forward
+
+    cfg = _cfg(**FEATURES[name], max_seq_len=32)
+    model = _model(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    embed = EmbedPipe(model)
+    x = embed(tokens)
+    for block in model.layers:
+        x = BlockPipe(block, model, 1)(x)
+    x = FinalNormPipe(model)(x)
+    logits = _tied_head_forward(embed, x) if cfg.tie_embeddings else HeadPipe(model)(x)
+    want = model(tokens)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    if cfg.logit_softcap:
+        assert logits.abs().max() < cfg.logit_softcap
+
+
+# -- slow tier: apply_tp over 2 ranks ----------------------------------------------------------------------------
+
+
+def _check_features_under_tp(rank, world):
+    """Each feature set through apply_tp (with and without sequence parallelism; with activation checkpointing none,
+    selective, full; fused kernels and the reference; LoRA) against the unsplit model: the loss, and every
+    parameter's gradient equals the unsplit gradient's slice; after an SGD step the replicas are still equal (the
+    drift check), which a qk_norm=head weight is only if its partial gradients are summed over TP."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megatrain.heads import apply_lora
+    from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_tp, check_tp_drift
+
+    deepspeed.init_distributed("gloo")  # deepspeed.checkpointing asks DeepSpeed's comm for the rank
+    g = dist.new_group(list(range(world)))
+    cases = []  # each set without and with sequence parallelism; checkpointing and the kernels in turn
+    for i, (n, kw) in enumerate(FEATURES.items()):
+        cases += [(n, kw, False, ("none", "full")[i % 2], ("auto", "off")[i % 2]),
+                  (n, kw, True, ("selective", "none")[i % 2], ("off", "auto")[i % 2])]
+    cases.append(("lora", dict(qkv_bias=True, head_dim=12, qk_norm="head"), False, "selective", "auto"))
+    cases.append(("lora", dict(qkv_bias=True, head_dim=12, qk_norm="full"), True, "none", "off"))
+    for name, kw, sp, ckpt, fused in cases:
+        where = f"{name} sp={sp} ckpt={ckpt} fused={fused}"
+        cfg = _cfg(fused, **kw)
+        ref = _model(cfg)
+        if name == "lora":
+            apply_lora(ref, 2, 4.0, 0.0, "qkv,o_proj,gate_up,down")
+            with torch.no_grad():
+                for n, p in ref.named_parameters():
+                    if n.endswith("lora_B"):
+                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        tp = apply_activation_checkpointing(apply_tp(copy.deepcopy(ref), g, sequence_parallel=sp), ckpt)
+        tokens = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(5))
+        loss_ref = ref(tokens[:, :-1], tokens[:, 1:])
+        loss_tp = tp(tokens[:, :-1], tokens[:, 1:])
+        torch.testing.assert_close(loss_tp, loss_ref, rtol=1e-5, atol=1e-6, msg=where)
+        loss_ref.backward()
+        loss_tp.backward()
+        full = dict(ref.named_parameters())
+        for n, p in tp.named_parameters():
+            if not p.requires_grad:
+                assert full[n].grad is None, (where, n)
+                continue
+            assert getattr(p, "tensor_model_parallel", False) == (not split_of(n, cfg).replicated), (where, n)
+            assert p.grad is not None, f"{where}: {n} got no gradient"  # (a checkpoint below frozen embeddings)
+            want = shard(full[n].grad, split_of(n, cfg), world, rank)
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=f"{where}: {n}")
+        with torch.no_grad():
+            for p in tp.parameters():
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+        check_tp_drift(tp, g, step=1)
+
+
+@pytest.mark.slow
+def test_every_feature_under_tensor_parallelism_equals_the_unsplit_model():
+    run_distributed(_check_features_under_tp, 2, timeout=300)
