@@ -115,9 +115,8 @@ def _rank_share(module: torch.nn.Module, prefix: str, cfg: ModelConfig, tp: int,
     for pname, p in list(share.named_parameters()):
         owner, leaf = share.get_submodule(pname.rpartition(".")[0]), pname.rpartition(".")[2]
         split = split_of(f"{prefix}.{pname}", cfg)
-        value = shard(p.detach(), split, tp, r).clone() if split.dim is not None or pname.endswith("norm.weight") \
-            else None
-        setattr(owner, leaf, None if value is None else torch.nn.Parameter(value))
+        keep = split.dim is not None or pname.endswith("norm.weight")  # (not a row-parallel bias)
+        setattr(owner, leaf, torch.nn.Parameter(shard(p.detach(), split, tp, r).clone()) if keep else None)
     if hasattr(share, "n_heads"):
         share.n_heads, share.n_kv = share.n_heads // tp, share.n_kv // tp
     return share
