@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatrain.config import ModelConfig, ffn_width, kv_heads
+from megatrain.config import ModelConfig, ffn_width, head_dim, kv_heads
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ REPLICATED = Split(None)
 
 def split_of(name: str, cfg: ModelConfig) -> Split:
     """The TP split of a canonical parameter name."""
-    hd = cfg.d_model // cfg.n_heads
+    hd = head_dim(cfg)  # model.head_dim, or d_model / n_heads
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0)
     if name.endswith((".lora_A", ".lora_B")):  # LoRA splits like the weight it adapts: B its rows, A its columns
