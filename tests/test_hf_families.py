@@ -59,6 +59,11 @@ CASES = {
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
                dict(qk_norm="head", global_attn_every=3, sliding_window=WINDOW, rope_theta=1e6, rope_local_theta=1e4,
                     rope_scaling="linear", rope_factor=2.0, logit_softcap=4.0, attn_softcap=0.0)),
+    "gemma3-scaled-everywhere": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                                 dict(GEMMA, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                      rope_parameters={t: {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+                                                       for t in ("full_attention", "sliding_attention")}),
+                                 dict(global_attn_every=2, rope_local_theta=0.0, rope_scaling="linear")),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW), dict(sliding_window=WINDOW)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(), dict(norm_placement="post", qk_norm="full")),
 }

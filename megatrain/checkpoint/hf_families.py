@@ -331,11 +331,16 @@ def _rope(r: _Reader, max_len: int) -> dict:
             full, local = dict(params or c.get("rope_scaling") or {}), {}
         full.setdefault("rope_theta", r.get("rope_theta"))
         local.setdefault("rope_theta", r.get("rope_local_base_freq"))
-        if local.get("rope_type", local.get("type", "default")) != "default":
-            r.refuse(f"rope_parameters.sliding_attention.rope_type {local.get('rope_type', local.get('type'))!r}",
-                     "megatrain's sliding-window layers take an unscaled RoPE (model.rope_local_theta)")
         out = _scaling(r, full, "rope_parameters.full_attention", max_len)
         out["rope_theta"] = r.number("rope_parameters.full_attention.rope_theta", full["rope_theta"])
+        kind = local.get("rope_type", local.get("type", "default"))
+        if kind != "default":  # scaled: only as the full layers are (megatrain's rope_local_theta=0)
+            same = _scaling(r, local, "rope_parameters.sliding_attention", max_len) == \
+                {k: v for k, v in out.items() if k != "rope_theta"} and local["rope_theta"] == full["rope_theta"]
+            if not same:
+                r.refuse(f"rope_parameters.sliding_attention.rope_type {kind!r}", "megatrain's sliding-window layers "
+                         "take an unscaled RoPE (model.rope_local_theta) or the full layers' own")
+            return out
         out["rope_local_theta"] = r.number("rope_parameters.sliding_attention.rope_theta", local["rope_theta"])
         return out
     rope = params or c.get("rope_scaling") or {}
