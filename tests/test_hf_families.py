@@ -201,6 +201,20 @@ def test_a_real_difference_fails_the_check_in_one_line(tmp_path, capsys):
     assert why and "\n" not in why and "max |logit difference|" in why
 
 
+def test_greedy_tokens_that_differ_past_the_logit_batch_fail_the_check(tmp_path, capsys):
+    """megatrain's side with a 32-token window, transformers' without: the 2x32 logits agree, the continuation past
+    the window does not, and that fails the check (to-hf and from-hf then exit 1 and write nothing)."""
+    import dataclasses
+
+    src = tiny_hf("llama", str(tmp_path / "src"))
+    model = megatrain_of(src)
+    windowed = Transformer(dataclasses.replace(model.cfg, sliding_window=32))
+    windowed.load_state_dict(model.state_dict())
+    why = check_parity(windowed, src, read_hf_config(src)[2])
+    assert why and why.startswith("greedy tokens differ at token ") and "\n" not in why
+    assert capsys.readouterr().out.strip().endswith("(DIFFERENT)")
+
+
 REFUSED = [  # (case, config.json changes, what the one line names)
     ("qwen2", dict(use_sliding_window=True), "use_sliding_window True"),
     ("qwen3", dict(attention_bias=True), "attention_bias True"),
