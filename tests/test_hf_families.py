@@ -13,6 +13,7 @@ import torch
 
 from megatrain.checkpoint.hf import load_hf_weights, read_hf_config
 from megatrain.checkpoint.reader import CheckpointError
+from megatrain.checkpoint.source import WeightSource
 from megatrain.config import is_local_layer
 from megatrain.convert.hf import TOLERANCE, _write_hf_weights, check_parity, hf_config
 from megatrain.model import Transformer
@@ -132,6 +133,11 @@ def test_a_family_converts_both_ways_to_the_same_model(case, tmp_path, capsys):
     for key, want in CASES[case][3].items():
         assert getattr(m, key) == want, key
     model = megatrain_of(src)
+    source = WeightSource(src)  # checkpoint.init / finetune.init: the same tensors (vocabulary rows padded)
+    with torch.device("meta"):
+        weights, new = source.weights(Transformer(source.model))
+    assert not new and all(torch.equal(weights(n)[:V], p[:V]) for n, p in model.named_parameters())
+    source.close()
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 tokens: past the window
     ours = Transformer(m.__class__(**{**m.__dict__, "fused_kernels": "off"}))
     ours.load_state_dict(model.state_dict())
@@ -285,8 +291,9 @@ def cli(*args) -> subprocess.CompletedProcess:
                           env=env)
 
 
-def _tokenizer(path: str) -> None:
-    """A small word-level tokenizer with a chat template, saved beside the model."""
+def _tokenizer(path: str, template_in_config: bool) -> None:
+    """A small word-level tokenizer with a chat template, saved beside the model: in chat_template.jinja (as
+    transformers 5 writes it) or in tokenizer_config.json (as older folders hold it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -297,6 +304,10 @@ def _tokenizer(path: str) -> None:
                                   unk_token="<unk>")
     tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}"
     tok.save_pretrained(path)
+    if template_in_config:
+        config = json.load(open(os.path.join(path, "tokenizer_config.json")))
+        json.dump(dict(config, chat_template=tok.chat_template), open(os.path.join(path, "tokenizer_config.json"), "w"))
+        os.remove(os.path.join(path, "chat_template.jinja"))
 
 
 @pytest.mark.slow
@@ -309,7 +320,7 @@ def test_the_cli_round_trip_keeps_the_chat_template_and_generation_config(case, 
 
     src, mt, back = (str(tmp_path / n) for n in ("src", "mt", "back"))
     tiny_hf(case, src)
-    _tokenizer(src)
+    _tokenizer(src, template_in_config=case == "phi3")
     GenerationConfig(bos_token_id=0, eos_token_id=[1, 7], pad_token_id=2, do_sample=True, temperature=0.6,
                      top_p=0.9).save_pretrained(src)
     r = cli("convert", "from-hf", src, "--output", mt)
@@ -318,6 +329,7 @@ def test_the_cli_round_trip_keeps_the_chat_template_and_generation_config(case, 
     assert r.returncode == 0 and "(same)" in r.stdout and f"as {CASES[case][1]}" in r.stdout, r.stdout + r.stderr[-3000:]
     a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert AutoTokenizer.from_pretrained(back).chat_template == AutoTokenizer.from_pretrained(src).chat_template
+    template = AutoTokenizer.from_pretrained(src).chat_template
+    assert template and AutoTokenizer.from_pretrained(back).chat_template == template
     generation = GenerationConfig.from_pretrained(back)
     assert generation.eos_token_id == [1, 7] and generation.temperature == 0.6 and generation.top_p == 0.9
