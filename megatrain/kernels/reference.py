@@ -61,7 +61,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
     low = max(math.floor(dim_of(scaling.beta_fast)), 0)
     high = min(math.ceil(dim_of(scaling.beta_slow)), head_dim - 1)
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    dims = torch.arange(head_dim // 2, dtype=torch.float64, device="cpu")  # (CPU inside a meta-device build too)
+    ramp = ((dims - low) / max(high - low, 1e-3)).clamp(0, 1)
     inv_freq = inv_freq / f * ramp + inv_freq * (1 - ramp)
     return inv_freq, (0.1 * math.log(f) + 1.0) if f > 1 else 1.0
 
