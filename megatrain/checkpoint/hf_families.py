@@ -106,8 +106,8 @@ GEMMA3 = Family(
     refused_if_set=("attention_bias", "use_bidirectional_attention"), ignored=("attn_logit_softcapping",))
 PHI3 = Family(
     "Phi3ForCausalLM", _TOP,
-    {**_PRE_NORMS, "attn.qkv.weight": ("self_attn.qkv_proj.weight",), "attn.o_proj.weight": ("self_attn.o_proj.weight",),
-     "mlp.gate_up.weight": ("mlp.gate_up_proj.weight",), "mlp.down.weight": ("mlp.down_proj.weight",)},
+    {**_PRE_NORMS, "attn.qkv.weight": ("self_attn.qkv_proj.weight",),
+     "attn.o_proj.weight": ("self_attn.o_proj.weight",), "mlp.gate_up.weight": ("mlp.gate_up_proj.weight",), "mlp.down.weight": ("mlp.down_proj.weight",)},
     _PREFIX, config_class="Phi3Config", free=("gqa", "head_dim", "sliding_window"),
     defaults=dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None))
 OLMO2 = Family(
@@ -207,7 +207,8 @@ def hf_config_kwargs(m: ModelConfig, fam: Family, vocab: int) -> dict:
     """The keyword arguments of fam.config_class that make its class compute `m` (with `vocab` rows)."""
     if fam is GPT2:
         return dict(vocab_size=vocab, n_positions=m.max_seq_len, n_embd=m.d_model, n_layer=m.n_layers,
-                    n_head=m.n_heads, n_inner=ffn_width(m), activation_function="gelu_new" if m.gelu == "tanh" else "gelu",
+                    n_head=m.n_heads, n_inner=ffn_width(m),
+                    activation_function="gelu_new" if m.gelu == "tanh" else "gelu",
                     layer_norm_epsilon=m.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                     initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings)
     hd, free = head_dim(m), fam.free
@@ -428,7 +429,8 @@ def _gpt2_config(r: _Reader, V: int) -> ModelConfig:
     act = c.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         r.refuse(f"activation_function {act!r}", "megatrain's GeLU is gelu_new's tanh form or the exact gelu")
-    if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True) or c.get("add_cross_attention"):
+    if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True) \
+            or c.get("add_cross_attention"):
         r.refuse("attention scaled by layer, unscaled or with cross-attention")
     d = r.count("n_embd", 768)
     return _checked(r, ModelConfig(
