@@ -257,6 +257,25 @@ def test_what_megatrain_does_not_compute_is_refused_in_one_line(case, changes, n
     assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_older_config_keys_read_as_transformers_reads_them(tmp_path):
+    """Folders saved before rope_parameters: rope_theta + rope_scaling, Gemma 3's rope_local_base_freq and
+    sliding_window_pattern (layer_types left out), Mistral's sliding_window left out (its class's 4096)."""
+    def read(case: str, **config):
+        path = tmp_path / case
+        path.mkdir(exist_ok=True)
+        json.dump({**BASE, "architectures": [CASES[case][1]], **config}, open(path / "config.json", "w"))
+        return read_hf_config(str(path))[1]
+
+    m = read("llama", rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    assert (m.rope_theta, m.rope_scaling, m.rope_factor) == (5e5, "linear", 2.0)
+    m = read("gemma3", **{**GEMMA, "num_hidden_layers": 6}, rope_theta=1e6, rope_local_base_freq=1e4,
+             rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window_pattern=3)
+    assert (m.rope_theta, m.rope_local_theta, m.rope_scaling, m.rope_factor) == (1e6, 1e4, "linear", 8.0)
+    assert (m.sliding_window, m.global_attn_every) == (WINDOW, 3)
+    m = read("mistral", max_position_embeddings=8192)
+    assert (m.sliding_window, m.max_seq_len) == (4096, 8192)
+
+
 def test_to_hf_picks_the_class_by_the_models_features():
     import dataclasses
 
