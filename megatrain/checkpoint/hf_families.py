@@ -394,8 +394,8 @@ def model_config_of(c: dict, path: str, fam: Family) -> ModelConfig:
             r.refuse(f"{key} {c[key]}")
     for key in fam.ignored:
         if c.get(key) is not None:
-            print(f"note: {path}: {key} {c[key]} is not applied by transformers' {fam.architecture}; neither does "
-                  f"megatrain (model.attn_softcap=0)", file=sys.stderr)
+            print(f"note: {path}: {key} {c[key]} is not applied by transformers' {fam.architecture}, so megatrain "
+                  f"does not apply it either (model.attn_softcap=0)", file=sys.stderr)
     act_key, act = ("hidden_activation", "gelu_pytorch_tanh") if fam.fixed.get("mlp") == "geglu" else \
         ("hidden_act", "silu")
     if r.get(act_key, act) != act:
