@@ -236,7 +236,9 @@ def test_converter_bad_inputs(broken, tmp_path):
     config = json.load(open(hf / "config.json"))
     json.dump(dict(config, architectures=["BertForMaskedLM"]), open(hf / "config.json", "w"))
     one_error_line(cli("convert", "from-hf", str(hf), "--output", out),
-                   "architecture BertForMaskedLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, GPT2LMHeadModel")
+                   "architecture BertForMaskedLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, "
+                   "Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Gemma2ForCausalLM, Phi3ForCausalLM, "
+                   "Olmo2ForCausalLM, GPT2LMHeadModel")
     json.dump(dict(config, intermediate_size=128), open(hf / "config.json", "w"))
     one_error_line(cli("convert", "from-hf", str(hf), "--output", out), "has shape (160, 64), but config.json makes it (128, 64)")
     json.dump(dict(config, num_hidden_layers=3), open(hf / "config.json", "w"))

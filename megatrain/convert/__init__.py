@@ -4,8 +4,9 @@ through one writer per format; every output appears whole under its final name o
 
     consolidate CKPT --output OUT [--dtype bf16]        one safetensors file + megatrain.json + tokenizer
     reshard CKPT --output NEW --set parallel.tp=2 ... --world-size N   resumable under the new layout, optimizer too
-    to-hf CKPT --output HF_DIR                          LlamaForCausalLM / GPT2LMHeadModel, checked against megatrain
-    from-hf HF_DIR --output CKPT [--set parallel.tp=2 --world-size N]  a step-0 checkpoint of a Llama/Mistral/GPT-2
+    to-hf CKPT --output HF_DIR                          the transformers class of the model, checked against megatrain
+    from-hf HF_DIR --output CKPT [--set parallel.tp=2 --world-size N]  a step-0 checkpoint (Llama, Mistral, Qwen2/3,
+                                                        Gemma 2/3, Phi-3, OLMo 2, GPT-2)
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import re
 VERBS = {
     "consolidate": "one full-precision safetensors file from a checkpoint of any layout (ZeRO 0-3, TP, PP)",
     "reshard": "rewrite a checkpoint for another layout (tp, pp, ZeRO stage, world size), optimizer state included",
-    "to-hf": "export to a Hugging Face transformers folder (Llama or GPT-2 family), checked logit for logit",
-    "from-hf": "import a Hugging Face Llama, Mistral or GPT-2 model as a megatrain checkpoint of any layout",
+    "to-hf": "export to a Hugging Face transformers folder (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2 or GPT-2 "
+             "class), checked logit for logit",
+    "from-hf": "import a Hugging Face Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2 or GPT-2 model as a megatrain "
+               "checkpoint of any layout",
 }
 
 

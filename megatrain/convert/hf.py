@@ -1,9 +1,10 @@
 """`megatrain convert to-hf` and `from-hf`: megatrain checkpoints <-> Hugging Face transformers folders.
 
-The families and their name maps are in checkpoint/hf.py (LlamaForCausalLM, MistralForCausalLM read, and
-GPT2LMHeadModel). Both directions check themselves: the export is loaded with transformers and run beside
-megatrain's model on a fixed batch (logits within 1e-4, greedy tokens printed), and a failed check leaves no output
-behind.
+The families and their name maps are in checkpoint/hf_families.py (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
+Phi-3, OLMo 2, GPT-2). Both directions check themselves: the export is loaded with transformers and run beside
+megatrain's model on a fixed batch (logits within 1e-4, greedy tokens equal past the sliding window), and a failed
+check leaves no output behind. from-hf keeps the source's class and generation_config.json beside the checkpoint;
+to-hf writes them back.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from dataclasses import replace
 
 import torch
 
-from megatrain.checkpoint.hf import (LLAMA, Family, HFWeights, check_hf_weights, family_of, has_tokenizer,
-                                     read_hf_config, to_hf_tensors)
+from megatrain.checkpoint.hf import (Family, HFWeights, check_hf_weights, family_of, has_tokenizer, read_hf_config,
+                                     to_hf_tensors)
+from megatrain.checkpoint.hf_families import hf_config_kwargs
+from megatrain.checkpoint.source import is_hf_folder
 from megatrain.checkpoint.io import checkpoint_inputs
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
-from megatrain.config import Config, ModelConfig, ffn_width, kv_heads
+from megatrain.config import Config, ModelConfig, is_local_layer
 from megatrain.convert.consolidate import check_output
 from megatrain.convert.writer import Job, finish, layout_words, target_config, write
 from megatrain.data import TokenizerError, build_tokenizer
@@ -40,27 +43,13 @@ TOLERANCE = 1e-4  # max |logit difference| a conversion may show (both models ru
 
 
 def hf_config(m: ModelConfig, fam: Family, vocab: int, tok):
-    """The transformers config object for megatrain's model config."""
+    """The transformers config object for megatrain's model config (fam.config_class, every feature set)."""
+    import transformers
+
     ids = dict(bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eod_id if tok else None,
                pad_token_id=tok.pad_id if tok else None)
-    if fam is LLAMA:
-        from transformers import LlamaConfig
-
-        return LlamaConfig(vocab_size=vocab, hidden_size=m.d_model, intermediate_size=ffn_width(m),
-                           num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=kv_heads(m),
-                           head_dim=m.d_model // m.n_heads, hidden_act="silu", max_position_embeddings=m.max_seq_len,
-                           rms_norm_eps=m.norm_eps,
-                           rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-                           tie_word_embeddings=m.tie_embeddings, attention_bias=m.bias, mlp_bias=m.bias,
-                           attention_dropout=0.0, initializer_range=m.init_std, architectures=[fam.architecture], **ids)
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=vocab, n_positions=m.max_seq_len, n_embd=m.d_model, n_layer=m.n_layers,
-                      n_head=m.n_heads, n_inner=ffn_width(m),
-                      activation_function="gelu_new" if m.gelu == "tanh" else "gelu",
-                      layer_norm_epsilon=m.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
-                      architectures=[fam.architecture], **ids)
+    config_class = getattr(transformers, fam.config_class)
+    return config_class(**hf_config_kwargs(m, fam, vocab), architectures=[fam.architecture], **ids)
 
 
 def parse_size(text: str) -> int:
@@ -94,7 +83,8 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
         if reader.cfg.finetune.task not in ("", "sft"):
             raise CheckpointError(f"finetune.task={reader.cfg.finetune.task}: to-hf exports language models; use "
                                   f"`megatrain convert consolidate` for a fine-tuned {reader.cfg.finetune.task} model")
-        fam = family_of(m)
+        architecture, generation = hf_origin(reader)
+        fam = family_of(m, prefer=architecture)
         tok = _load_tokenizer(reader.cfg.data.tokenizer)
         vocab = min(m.true_vocab_size or (tok.vocab_size if tok else m.vocab_size), m.vocab_size)  # padding rows go
         with atomic_dir(out, replace=force) as tmp:
@@ -103,15 +93,17 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
             seconds = time.perf_counter() - t0
             nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
             hf_config(m, fam, vocab, tok).save_pretrained(tmp)
-            _generation_config(tmp)
+            if generation:  # the imported model's own: its end tokens and sampling defaults
+                shutil.copy2(generation, os.path.join(tmp, GENERATION_CONFIG))
+            else:
+                _generation_config(tmp)
             if tok:
                 save_hf_tokenizer(tok, tmp, m.max_seq_len)
-            ok = True
             if verify:
-                ok = check_parity(_megatrain_model(reader, PRECISION_DTYPE[dtype]), tmp, vocab)
-            if not ok:
-                raise CheckpointError(f"the export does not compute megatrain's model (max |logit difference| above "
-                                      f"{TOLERANCE}); nothing was written to {out}")
+                why = check_parity(_megatrain_model(reader, PRECISION_DTYPE[dtype]), tmp, vocab)
+                if why:
+                    raise CheckpointError(f"the export does not compute megatrain's model ({why}); nothing was "
+                                          f"written to {out}")
     print(f"exported {reader.where} as {fam.architecture} ({dtype}, vocab {vocab}, {n_files} safetensors file"
           f"{'s' if n_files > 1 else ''}) -> {out} ({nbytes / 1e9:.2f} GB of weights in {seconds:.2f} s)")
     return 0
@@ -164,6 +156,33 @@ def _generation_config(out: str) -> None:
     GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
 
 
+GENERATION_CONFIG = "generation_config.json"
+HF_SOURCE = "hf_source.json"  # what from-hf imported: {"architecture": ..., "from": ...}
+
+
+def hf_origin(reader: CheckpointReader) -> tuple[str | None, str | None]:
+    """(the transformers class, the generation_config.json file) of the Hugging Face model a checkpoint came from:
+    a from-hf output keeps both, a run started from one (checkpoint.init, finetune.init) names it; (None, None) for a
+    model trained from scratch."""
+    cfg = reader.cfg
+    folders = [reader.folder, reader.dir, cfg.checkpoint.init, cfg.finetune.init]
+    architecture = generation = None
+    for folder in (f for f in folders if f and os.path.isdir(f)):
+        source = os.path.join(folder, HF_SOURCE)
+        try:
+            if architecture is None and os.path.isfile(source):
+                with open(source) as f:
+                    architecture = json.load(f).get("architecture")
+            elif architecture is None and is_hf_folder(folder):
+                with open(os.path.join(folder, "config.json")) as f:
+                    architecture = (json.load(f).get("architectures") or [None])[0]
+        except (OSError, ValueError, AttributeError, IndexError):
+            pass  # a damaged note: the model's features pick the class
+        if generation is None and os.path.isfile(os.path.join(folder, GENERATION_CONFIG)):
+            generation = os.path.join(folder, GENERATION_CONFIG)
+    return architecture, generation
+
+
 def _megatrain_model(reader: CheckpointReader, dtype: torch.dtype = torch.float32):
     """megatrain's own model from `reader` (weights rounded through `dtype`, as the export stores them)."""
     model = Transformer(replace(reader.cfg.model, dropout=0.0))
@@ -177,14 +196,18 @@ def _megatrain_model(reader: CheckpointReader, dtype: torch.dtype = torch.float3
 # -- the parity check -----------------------------------------------------------------------------------------
 
 
-def check_parity(model, hf_dir: str, vocab: int) -> bool:
-    """Run megatrain's `model` and transformers' load of `hf_dir` on one fixed batch: print the largest logit
-    difference and both greedy continuations; True when the logits agree within TOLERANCE. Both run in float64, so
-    what shows is the conversion and not rounding (a 30-layer model's fp32 logits differ by ~1e-4 from its own fp64
-    ones, in transformers as in megatrain)."""
-    from transformers import AutoModelForCausalLM
+def check_parity(model, hf_dir: str, vocab: int) -> str | None:
+    """Run megatrain's `model` and transformers' load of `hf_dir` side by side: the largest logit difference on one
+    fixed batch, and greedy continuations longer than the sliding window (when there is one). Prints both; returns
+    None when they agree, else the one-line reason. Both run in float64, so what shows is the conversion and not
+    rounding (a 30-layer model's fp32 logits differ by ~1e-4 from its own fp64 ones, in transformers as in
+    megatrain). Both continue greedily under the same rule: the argmax, never stopping at an end token nor kept
+    from one."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True).eval()
+    # the folder's generation_config.json (end tokens, min_new_tokens, repetition penalties) would change the rule
+    hf.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = Transformer(replace(model.cfg, fused_kernels="off"))  # the plain-PyTorch path takes float64
     ours.load_state_dict(model.state_dict())
     ours = ours.double().eval()
@@ -194,15 +217,48 @@ def check_parity(model, hf_dir: str, vocab: int) -> bool:
     ids = torch.randint(0, vocab, (2, T), generator=g)
     with torch.no_grad():
         diff = float((ours(ids)[..., :vocab] - hf(input_ids=ids).logits).abs().max())
-    prompt, new = ids[:1, : min(8, T - 1)], min(16, cfg.max_seq_len - min(8, T - 1))
-    greedy_ours = generate(ours, prompt, new, temperature=0, vocab_limit=vocab)[0, prompt.shape[1]:].tolist()
+    window = cfg.sliding_window if any(is_local_layer(cfg, i) for i in range(cfg.n_layers)) else 0
+    P = min(8, T - 1)
+    prompt, new = ids[:1, :P], min(max(16, window + 8 - P), cfg.max_seq_len - P)  # past the window
+    greedy_ours = generate(ours, prompt, new, temperature=0, vocab_limit=vocab)[0, P:].tolist()
     with torch.no_grad():
-        greedy_hf = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                                do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
-    same = "same" if greedy_ours == greedy_hf else "DIFFERENT"
+        greedy_hf = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                do_sample=False)[0, P:].tolist()
+    same, why = "same", None
+    if greedy_ours != greedy_hf:
+        j = next((i for i, (a, b) in enumerate(zip(greedy_ours, greedy_hf)) if a != b), min(len(greedy_ours),
+                                                                                          len(greedy_hf)))
+        gap = _logit_gap(ours, prompt, greedy_ours, greedy_hf, j, vocab)
+        if gap is not None and gap <= 2 * TOLERANCE:  # a near tie the logit tolerance lets either way
+            same = f"same up to a near tie at token {j}: logits {gap:.1e} apart"
+        else:
+            same = "DIFFERENT"
+            why = f"greedy tokens differ at token {j} of {new}: megatrain {_at(greedy_ours, j)}, transformers " \
+                  f"{_at(greedy_hf, j)}"
     print(f"parity: max |logit difference| {diff:.2e} on {ids.shape[0]}x{T} tokens, float64 (tolerance {TOLERANCE:g}); "
-          f"greedy tokens megatrain {greedy_ours} | transformers {greedy_hf} ({same})", flush=True)
-    return diff <= TOLERANCE
+          f"greedy tokens megatrain {_short(greedy_ours)} | transformers {_short(greedy_hf)} ({same})", flush=True)
+    if diff > TOLERANCE:
+        return f"max |logit difference| {diff:.2e} above {TOLERANCE:g}"
+    return why
+
+
+def _logit_gap(ours, prompt, greedy_ours: list[int], greedy_hf: list[int], j: int, vocab: int) -> float | None:
+    """How far apart megatrain's logits put the two tokens chosen at the first difference, token j (None: one side
+    stopped early)."""
+    if j >= min(len(greedy_ours), len(greedy_hf)):
+        return None
+    seq = torch.cat([prompt, torch.tensor([greedy_ours[:j]], dtype=prompt.dtype)], dim=1)
+    with torch.no_grad():
+        logits = ours(seq)[0, -1, :vocab]
+    return float(logits[greedy_ours[j]] - logits[greedy_hf[j]])
+
+
+def _at(tokens: list[int], j: int) -> str:
+    return str(tokens[j]) if j < len(tokens) else f"ended after {len(tokens)} tokens"
+
+
+def _short(tokens: list[int]) -> str:
+    return str(tokens) if len(tokens) <= 40 else f"[{', '.join(map(str, tokens[:20]))}, ... {len(tokens)} tokens]"
 
 
 # -- from-hf --------------------------------------------------------------------------------------------------
@@ -234,13 +290,19 @@ def from_hf(hf_dir: str, out: str, sets: list[str], world: int | None, trust_pic
         return 0  # a launcher's rank other than 0: rank 0 checks and finishes
     seconds = time.perf_counter() - t0
     nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(job.tmp) for f in files)
+    # kept beside the checkpoint for to-hf: the class it came from and its generation defaults (end tokens, ...)
+    with open(os.path.join(job.tmp, HF_SOURCE), "w") as f:
+        json.dump({"architecture": arch, "from": os.path.abspath(hf_dir)}, f)
+    if os.path.isfile(os.path.join(hf_dir, GENERATION_CONFIG)):
+        shutil.copy2(os.path.join(hf_dir, GENERATION_CONFIG), os.path.join(job.tmp, GENERATION_CONFIG))
     if verify:
         with CheckpointReader(job.tmp) as reader:
             model = _megatrain_model(reader)
-        if not check_parity(model, hf_dir, V):
+        why = check_parity(model, hf_dir, V)
+        if why:
             shutil.rmtree(job.tmp, ignore_errors=True)
-            raise CheckpointError(f"the import does not compute the Hugging Face model (max |logit difference| above "
-                                  f"{TOLERANCE}); nothing was written to {out}")
+            raise CheckpointError(f"the import does not compute the Hugging Face model ({why}); nothing was written "
+                                  f"to {out}")
     finish(job.tmp, out, force)
     print(f"imported {hf_dir} ({arch}, vocab {V} -> {cfg.model.vocab_size} rows) -> {out} "
           f"({layout_words(cfg, world)}, step 0; {nbytes / 1e9:.2f} GB written by {world} "
