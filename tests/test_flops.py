@@ -26,6 +26,8 @@ def only_the_visible_keys(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     visible = attn_mask if attn_mask is not None else torch.ones(T, T, dtype=torch.bool).tril()
+    if visible.dtype != torch.bool:  # an additive mask (model.window_bias): 0 where seen, -inf elsewhere
+        visible = visible == 0
     rows = []
     for i in range(T):
         keys = visible[..., i, :].reshape(-1, T)[0].nonzero().flatten()
