@@ -115,3 +115,24 @@ def test_lm_eval_on_each_import_equals_lm_evals_hf_model_on_its_export(families,
                     assert ours[task][key] == pytest.approx(value, rel=1e-4, abs=1e-4), (name, task, key)
                     compared += 1
         assert compared >= 4, (name, theirs)
+
+
+@pytest.mark.slow
+def test_the_docs_end_to_end_example_runs(tmp_path):
+    """docs/checkpoints.md's "Every family, end to end" block, run as written for one family (Gemma 3, the one with
+    the most features): make the folder, import, fine-tune, export, load with transformers."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "checkpoints.md")).read()
+    section = page[page.index("### Every family, end to end"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    loop = "for family in llama qwen2 qwen3 gemma3 phi3 olmo2; do"
+    assert loop in block
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    r = subprocess.run(["bash", "-e", "-c", block.replace(loop, "for family in gemma3; do")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("(same)") == 2 and r.stdout.strip().endswith("Gemma3ForCausalLM"), r.stdout[-2000:]
