@@ -158,11 +158,15 @@ def unparsable_yamls(folder: str) -> list[tuple[str, str]]:
     return out
 
 
-def evaluate(lm, tasks: list[str], include_path: str | None = None, limit=None, num_fewshot=None) -> dict:
+def evaluate(lm, tasks: list[str], include_path: str | None = None, limit=None, num_fewshot=None,
+             manager=None) -> dict:
+    """lm-eval's results of `tasks` on `lm`. `manager`: a TaskManager to reuse (building one indexes lm-eval's
+    thousands of task YAMLs, ~8 s); by default one over lm-eval's tasks and include_path's."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if manager is None:
+        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         broken = unparsable_yamls(include_path) if include_path else []

@@ -91,6 +91,8 @@ def test_lm_eval_on_each_import_equals_lm_evals_hf_model_on_its_export(families,
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
+    from lm_eval.tasks import TaskManager
+
     from megatrain.convert.hf import to_hf
     from megatrain.lmeval import MegatrainLM, evaluate
 
@@ -103,11 +105,12 @@ def test_lm_eval_on_each_import_equals_lm_evals_hf_model_on_its_export(families,
     tasks_dir.mkdir()
     for task in tasks:
         (tasks_dir / f"{task}.yaml").write_text(TASKS[task].format(data=str(data)))
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)  # built once: only the local tasks
     for name in FAMILIES:
         export = str(tmp_path / f"{name}-hf")
         assert to_hf(families[name][1], export, verify=False) == 0
-        ours = evaluate(MegatrainLM(families[name][1], batch_size=4), tasks, str(tasks_dir))
-        theirs = evaluate(HFLM(pretrained=export, batch_size=4, device="cpu"), tasks, str(tasks_dir))
+        ours = evaluate(MegatrainLM(families[name][1], batch_size=4), tasks, manager=manager)
+        theirs = evaluate(HFLM(pretrained=export, batch_size=4, device="cpu"), tasks, manager=manager)
         compared = 0
         for task in tasks:
             for key, value in theirs[task].items():
