@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from test_sharding import assert_splits_and_reassembles
 from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
 from megatrain.config import ModelConfig
 from megatrain.model import Transformer
-from megatrain.parallel.sharding import REPLICATED, Split, local_shape, shard, split_of, unshard
+from megatrain.parallel.sharding import REPLICATED, Split, shard, split_of
 
 # model keys of each feature set (on a GQA model: 4 query heads, 2 KV heads); small caps and windows, so they bite
 FEATURES = {
@@ -57,13 +58,7 @@ def _model(cfg: ModelConfig, seed: int = 0) -> Transformer:
 @pytest.mark.parametrize("name", FEATURES)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_every_new_parameter_splits_and_reassembles_exactly(name, tp):
-    cfg = _cfg(**FEATURES[name])
-    model = _model(cfg)
-    for pname, p in model.named_parameters():
-        split = split_of(pname, cfg)
-        slices = [shard(p.detach(), split, tp, r) for r in range(tp)]
-        assert all(tuple(s.shape) == local_shape(tuple(p.shape), split, tp) for s in slices), pname
-        assert torch.equal(unshard(slices, split), p.detach()), pname
+    assert_splits_and_reassembles(_model(_cfg(**FEATURES[name])), tp)
 
 
 def test_the_table_cuts_the_new_parameters_with_their_heads():

@@ -20,9 +20,13 @@ GPT2 = ModelConfig(vocab_size=96, n_layers=2, n_heads=6, d_model=48, max_seq_len
 @pytest.mark.parametrize("tp", [1, 2, 3])
 def test_every_parameter_splits_and_reassembles_exactly(cfg, tp):
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    assert_splits_and_reassembles(Transformer(cfg), tp)
+
+
+def assert_splits_and_reassembles(model: Transformer, tp: int) -> None:
+    """Every parameter cut by the table into tp slices of local_shape, and put back exactly by unshard."""
     for name, p in model.named_parameters():
-        split = split_of(name, cfg)
+        split = split_of(name, model.cfg)
         slices = [shard(p.detach(), split, tp, r) for r in range(tp)]
         assert all(tuple(s.shape) == local_shape(tuple(p.shape), split, tp) for s in slices), name
         assert torch.equal(unshard(slices, split), p.detach()), name
