@@ -2,10 +2,11 @@
 
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=100", "parallel.zero_stage=2"])
 
-Every knob has a default and a comment here (the model section's in model_config.py): the comment lines right above its line and the comment at the end of
-it. They are the key's documentation: `python -m megatrain.config_docs` turns them into docs/configuration.md, and a
-test fails on a key without one. YAML presets in configs/ override a few. An unknown key, a value of the wrong type
-or an impossible combination raises ConfigError with one line naming the key (and the closest known name for a typo).
+Every knob has a default and a comment here (the model section's in model_config.py): the comment lines right above
+its line and the comment at the end of it. They are the key's documentation: `python -m megatrain.config_docs`
+turns them into docs/configuration.md, and a test fails on a key without one. YAML presets in configs/ override a
+few. An unknown key, a value of the wrong type or an impossible combination raises ConfigError with one line naming
+the key (and the closest known name for a typo).
 """
 from __future__ import annotations
 

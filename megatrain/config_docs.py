@@ -1,4 +1,5 @@
-"""The configuration reference, docs/configuration.md, generated from the comments in megatrain/config.py (and model_config.py, the model section).
+"""The configuration reference, docs/configuration.md, generated from the comments in megatrain/config.py (and
+model_config.py, the model section).
 
     python -m megatrain.config_docs > docs/configuration.md    # regenerate the page
     python -m megatrain.config_docs --check                     # exit 1 when the committed page differs

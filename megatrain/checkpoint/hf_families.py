@@ -107,7 +107,8 @@ GEMMA3 = Family(
 PHI3 = Family(
     "Phi3ForCausalLM", _TOP,
     {**_PRE_NORMS, "attn.qkv.weight": ("self_attn.qkv_proj.weight",),
-     "attn.o_proj.weight": ("self_attn.o_proj.weight",), "mlp.gate_up.weight": ("mlp.gate_up_proj.weight",), "mlp.down.weight": ("mlp.down_proj.weight",)},
+     "attn.o_proj.weight": ("self_attn.o_proj.weight",), "mlp.gate_up.weight": ("mlp.gate_up_proj.weight",),
+     "mlp.down.weight": ("mlp.down_proj.weight",)},
     _PREFIX, config_class="Phi3Config", free=("gqa", "head_dim", "sliding_window"),
     defaults=dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None))
 OLMO2 = Family(
