@@ -209,6 +209,15 @@ def test_a_real_difference_fails_the_check_in_one_line(tmp_path, capsys):
     assert why and "\n" not in why and "max |logit difference|" in why
 
 
+def test_a_window_longer_than_the_check_is_said_and_not_crossed(tmp_path, capsys):
+    """A real model's window (here 200 tokens of a 256-token Mistral) is not decoded past: 128 greedy tokens, and a
+    note saying the continuation stays inside the window."""
+    src = tiny_hf("mistral", str(tmp_path / "src"), sliding_window=200, max_position_embeddings=256)
+    assert check_parity(megatrain_of(src), src, read_hf_config(src)[2]) is None
+    err = capsys.readouterr().err
+    assert "128-token continuation stays inside the 200-token sliding window" in err
+
+
 def test_greedy_tokens_that_differ_past_the_logit_batch_fail_the_check(tmp_path, capsys):
     """megatrain's side with a 32-token window, transformers' without: the 2x32 logits agree, the continuation past
     the window does not, and that fails the check (to-hf and from-hf then exit 1 and write nothing)."""
