@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.config import ConfigError, ModelConfig, ffn_width, head_dim, is_local_layer, kv_heads
+from megatrain.config import ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer, kv_heads
 from megatrain.kernels import ops, reference
 from megatrain.kernels.reference import RopeScaling, rope_tables
 
@@ -288,6 +288,13 @@ def rope_scaling_of(cfg: ModelConfig) -> RopeScaling | None:
                        cfg.rope_high_freq_factor, cfg.rope_beta_fast, cfg.rope_beta_slow)
 
 
+def scaled_embedding(embed: nn.Module, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The token embeddings times `scale` (sqrt(d_model) with model.embed_scale; 0: unscaled), in their own dtype as
+    Gemma does. The model's and the pipeline's first stage's."""
+    x = embed(tokens)
+    return x * torch.tensor(scale, dtype=x.dtype) if scale else x
+
+
 def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """cap x tanh(logits / cap): logits squashed into (-cap, cap); `cap` 0: unchanged."""
     return cap * torch.tanh(logits / cap) if cap else logits
@@ -313,7 +320,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, rope_scaling_of(cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-            if cfg.rope_local_theta and any(b.local for b in self.layers):
+            if cfg.rope_local_theta and has_window_layers(cfg):
                 cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_local_theta)
                 self.register_buffer("rope_local_cos", cos, persistent=False)
                 self.register_buffer("rope_local_sin", sin, persistent=False)
@@ -329,9 +336,7 @@ class Transformer(nn.Module):
             init_parameter_(self.cfg, name, p)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The token embeddings (times sqrt(d_model) with model.embed_scale, in their own dtype as Gemma does)."""
-        x = self.embed(tokens)
-        return x * torch.tensor(self.embed_scale, dtype=x.dtype) if self.embed_scale else x
+        return scaled_embedding(self.embed, tokens, self.embed_scale)
 
     def rope_of(self, block: Block, positions: torch.Tensor | slice, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE cos/sin rows of `positions` for `block` (a local block's own tables with rope_local_theta)."""

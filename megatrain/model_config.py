@@ -159,6 +159,11 @@ def is_local_layer(m: ModelConfig, i: int) -> bool:
     return not (m.global_attn_every and (i + 1) % m.global_attn_every == 0)
 
 
+def has_window_layers(m: ModelConfig) -> bool:
+    """Whether any block attends within model.sliding_window."""
+    return any(is_local_layer(m, i) for i in range(m.n_layers))
+
+
 def validate_model(m: ModelConfig) -> None:
     """The model section's ranges and combinations (choices are checked with the other sections')."""
     positive = {"model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_model": m.d_model,

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 
 from megatrain.checkpoint.reader import CheckpointError
-from megatrain.config import ConfigError, ModelConfig, head_dim, is_local_layer, kv_heads
+from megatrain.config import ConfigError, ModelConfig, has_window_layers, head_dim, is_local_layer, kv_heads
 from megatrain.model_config import ffn_width, validate_model
 
 
@@ -225,7 +225,7 @@ def hf_config_kwargs(m: ModelConfig, fam: Family, vocab: int) -> dict:
         kw[key] = False
     if "bias" in free:
         kw.update(attention_bias=m.bias, mlp_bias=m.bias)
-    windowed = any(is_local_layer(m, i) for i in range(m.n_layers))
+    windowed = has_window_layers(m)
     if "global_attn_every" in free:  # Gemma: a window per layer type (as long as the context when none is used)
         kw["sliding_window"] = m.sliding_window if windowed else m.max_seq_len
         kw["layer_types"] = ["sliding_attention" if is_local_layer(m, i) else "full_attention"

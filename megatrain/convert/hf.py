@@ -26,7 +26,7 @@ from megatrain.checkpoint.source import is_hf_folder
 from megatrain.checkpoint.io import checkpoint_inputs
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
-from megatrain.config import Config, ModelConfig, is_local_layer
+from megatrain.config import Config, ModelConfig, has_window_layers
 from megatrain.convert.consolidate import check_output
 from megatrain.convert.writer import Job, finish, layout_words, target_config, write
 from megatrain.data import TokenizerError, build_tokenizer
@@ -218,7 +218,7 @@ def check_parity(model, hf_dir: str, vocab: int) -> str | None:
     ids = torch.randint(0, vocab, (2, T), generator=g)
     with torch.no_grad():
         diff = float((ours(ids)[..., :vocab] - hf(input_ids=ids).logits).abs().max())
-    window = cfg.sliding_window if any(is_local_layer(cfg, i) for i in range(cfg.n_layers)) else 0
+    window = cfg.sliding_window if has_window_layers(cfg) else 0
     P = min(8, T - 1)
     prompt, new = ids[:1, :P], min(max(16, window + 8 - P), GREEDY_MAX, cfg.max_seq_len - P)  # past the window
     if window and P + new <= window:  # a real model's window (Gemma 3: 512+): float64 decoding past it takes long

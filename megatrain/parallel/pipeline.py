@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain.kernels import ops
-from megatrain.model import IGNORE_INDEX, Block, Transformer, soft_cap
+from megatrain.model import IGNORE_INDEX, Block, Transformer, scaled_embedding, soft_cap
 from megatrain.parallel.sharding import pipeline_layer_of
 
 
@@ -22,7 +22,7 @@ class EmbedPipe(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.embed, self.pos_embed, self.drop = model.embed, model.pos_embed, model.drop
-        self.embed_scale = model.embed_scale  # what Transformer.embed_tokens reads
+        self.embed_scale = model.embed_scale
         if model.cfg.tie_embeddings:
             self.lm_head = model.lm_head  # its weight is the embedding's: used by the last stage's copy
             self.logit_softcap = model.cfg.logit_softcap
@@ -32,7 +32,7 @@ class EmbedPipe(nn.Module):
         return self.embed.weight
 
     def forward(self, tokens):
-        x = Transformer.embed_tokens(self, tokens)  # (the model's own scaling, on this module's embedding)
+        x = scaled_embedding(self.embed, tokens, self.embed_scale)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
         return self.drop(x)
