@@ -23,8 +23,8 @@ from typing import Any, Union
 import yaml
 
 from megatrain.model_config import (MODEL_CHOICES, ConfigError, ModelConfig, _Section, ffn_width,  # noqa: F401
-                                    has_window_layers, head_dim, is_local_layer, kv_heads, padded_vocab_size,
-                                    validate_model)
+                                    has_window_layers, head_dim, is_local_layer, is_moe_layer, kv_heads,
+                                    moe_ffn_width, padded_vocab_size, shared_ffn_width, validate_model)
 
 
 def shipped_dir(folder: str) -> Path:

@@ -3,7 +3,7 @@
 One class per idea, configured by `ModelConfig` (model_config.py): RMSNorm or LayerNorm (before, around or after
 each sublayer), RoPE (scaled, with its own base on local layers) or learned positions, SwiGLU, GeGLU or GELU MLP,
 grouped-query attention with an explicit head size, QK-norm, sliding-window layers, soft-capping, optional biases,
-tied or untied (scaled) embeddings.
+tied or untied (scaled) embeddings, and Mixture-of-Experts feed-forward layers (moe.py).
 The same stack trains as a causal LM or, with `objective: mlm`, as a BERT-style masked LM
 (bidirectional attention; loss only on the masked positions). Parallelism is applied elsewhere
 (parallel/), never here.
@@ -17,6 +17,7 @@ of three, or two):
     layers.{i}.attn_post_norm.weight   layers.{i}.mlp_post_norm.weight (norm_placement sandwich or post)
     layers.{i}.mlp.gate_up.weight      rows [gate; up] (swiglu, geglu)   or   layers.{i}.mlp.up.weight, .up_bias (gelu)
     layers.{i}.mlp.down.weight
+    layers.{i}.mlp.router.weight, .experts.gate_up, .experts.down, .shared.*, .shared_gate.weight (a MoE block: moe.py)
 RoPE uses the rotate-half convention of Hugging Face checkpoints, so their q/k weights map directly.
 """
 from __future__ import annotations
@@ -29,9 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.config import ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer, kv_heads
+from megatrain.config import (ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer,
+                              is_moe_layer, kv_heads, shared_ffn_width)
 from megatrain.kernels import ops, reference
 from megatrain.kernels.reference import RopeScaling, rope_tables
+from megatrain.moe import MoE
 
 IGNORE_INDEX = -100
 
@@ -221,13 +224,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, fused: bool = False):
+    def __init__(self, cfg: ModelConfig, fused: bool = False, width: int = 0):
         super().__init__()
         self.fused = fused
         self.swiglu = cfg.mlp in ("swiglu", "geglu")  # gated: one gate|up matmul
         self.geglu = cfg.mlp == "geglu"
         self.gelu = "tanh" if cfg.gelu == "tanh" else "none"  # F.gelu's `approximate`
-        ff = ffn_width(cfg)
+        ff = width or ffn_width(cfg)
         if self.swiglu:
             self.gate_up = nn.Linear(cfg.d_model, 2 * ff, bias=cfg.bias)
         else:
@@ -261,7 +264,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg, fused, layer)
         self.attn_post_norm = build_norm(cfg, fused) if after else None
         self.mlp_norm = build_norm(cfg, fused) if before else None
-        self.mlp = MLP(cfg, fused)
+        if is_moe_layer(cfg, layer):  # routed experts (+ a shared MLP that every token goes through)
+            shared = MLP(cfg, fused, shared_ffn_width(cfg)) if shared_ffn_width(cfg) else None
+            self.mlp = MoE(cfg, shared)
+        else:
+            self.mlp = MLP(cfg, fused)
         self.mlp_post_norm = build_norm(cfg, fused) if after else None
         self.drop = nn.Dropout(cfg.dropout)
         self.local = is_local_layer(cfg, layer)  # a sliding-window layer (its own RoPE tables with rope_local_theta)
@@ -395,7 +402,7 @@ def init_parameter_(cfg: ModelConfig, name: str, p: torch.Tensor) -> torch.Tenso
         return nn.init.zeros_(p)
     if p.dim() == 1:  # norm weights: a scale of 1 (the weight itself, or 1 + weight with norm_one_plus)
         return nn.init.zeros_(p) if cfg.norm_one_plus and cfg.norm == "rmsnorm" else nn.init.ones_(p)
-    if name.endswith(("o_proj.weight", "down.weight")):
+    if name.endswith(("o_proj.weight", "down.weight", "experts.down")):
         return nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
     return nn.init.normal_(p, 0.0, cfg.init_std)
 

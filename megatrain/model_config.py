@@ -110,6 +110,28 @@ class ModelConfig(_Section):
     # causal (GPT-style next-token prediction) | mlm (BERT-style masked LM, bidirectional attention; needs a
     # tokenizer with a mask token, masks data.mlm_probability of the tokens)
     objective: str = "causal"
+    # Mixture of Experts (moe.py): routed experts in each MoE block's feed-forward layer; 0: a dense model (every
+    # block a plain MLP)
+    moe_experts: int = 0
+    moe_top_k: int = 2  # experts each token is sent to (Mixtral: 2, Qwen3-MoE and OLMoE: 8); at most moe_experts
+    moe_ffn: int = 0  # one expert's hidden width (Qwen's moe_intermediate_size); 0: as a dense MLP (d_ff's rule)
+    # shared experts, always on (Qwen2-MoE, DeepSeek), held as one MLP of moe_shared_experts x moe_ffn width
+    moe_shared_experts: int = 0
+    moe_shared_ffn: int = 0  # the shared MLP's hidden width when set apart (Qwen2-MoE); 0: moe_shared_experts x moe_ffn
+    moe_shared_gate: bool = False  # the shared output is scaled by sigmoid(a learned projection of the token) (Qwen2-MoE)
+    # which blocks are MoE: all | every N (blocks N-1, 2N-1, ...: the last of every N, Qwen2-MoE's
+    # decoder_sparse_step) | after K (all but the first K, which stay dense: DeepSeek's first_k_dense_replace)
+    moe_layers: str = "all"
+    # softmax_topk (a softmax over every expert, then the k largest: Qwen, OLMoE) | topk_softmax (the k largest
+    # logits, then a softmax over them: Mixtral; the same weights as softmax_topk with moe_norm_topk)
+    moe_router: str = "softmax_topk"
+    moe_norm_topk: bool = True  # softmax_topk: rescale the k weights to sum to 1 (Qwen3-MoE: true; OLMoE: false)
+    # coefficient of the load-balancing loss (Switch Transformer's E x sum f_i P_i, 1 when balanced); 0: off
+    moe_aux_loss: float = 0.01
+    moe_z_loss: float = 0.0  # coefficient of the router z-loss (ST-MoE: 0.001); 0: off
+    # 0: dropless (every token reaches its k experts); > 0: an expert takes at most ceil(moe_capacity x tokens x
+    # moe_top_k / moe_experts) rows of a batch, the rest dropped (and counted in the metrics)
+    moe_capacity: float = 0.0
     # auto (megatrain's fused ops when its extension megatrain._C is built, else the PyTorch reference; on a GPU each
     # op is first checked against the reference and turned off if it disagrees) | on (the fused ops; an error when
     # the extension is not built) | off (plain PyTorch)
@@ -126,6 +148,7 @@ MODEL_CHOICES = {
     "model.gelu": ("tanh", "erf"),
     "model.objective": ("causal", "mlm"),
     "model.fused_kernels": ("auto", "on", "off"),
+    "model.moe_router": ("softmax_topk", "topk_softmax"),
 }
 
 
@@ -162,6 +185,37 @@ def is_local_layer(m: ModelConfig, i: int) -> bool:
 def has_window_layers(m: ModelConfig) -> bool:
     """Whether any block attends within model.sliding_window."""
     return any(is_local_layer(m, i) for i in range(m.n_layers))
+
+
+def moe_layer_rule(m: ModelConfig) -> tuple[str, int]:
+    """model.moe_layers parsed: ("all", 0), ("every", N) or ("after", K); a ConfigError when it is neither."""
+    words = m.moe_layers.split()
+    if words == ["all"]:
+        return "all", 0
+    if len(words) == 2 and words[0] in ("every", "after") and words[1].isdigit():
+        n = int(words[1])
+        if words[0] == "after" or n >= 1:
+            return words[0], n
+    raise ConfigError(f"config key model.moe_layers: {m.moe_layers!r} is not one of 'all', 'every N' (N >= 1) or "
+                      f"'after K'")
+
+
+def is_moe_layer(m: ModelConfig, i: int) -> bool:
+    """Whether block i's feed-forward layer is a Mixture of Experts."""
+    if not m.moe_experts:
+        return False
+    kind, n = moe_layer_rule(m)
+    return kind == "all" or (kind == "every" and (i + 1) % n == 0) or (kind == "after" and i >= n)
+
+
+def moe_ffn_width(m: ModelConfig) -> int:
+    """One routed expert's hidden width."""
+    return m.moe_ffn or ffn_width(m)
+
+
+def shared_ffn_width(m: ModelConfig) -> int:
+    """The shared experts' hidden width (one MLP); 0: none."""
+    return m.moe_shared_ffn or m.moe_shared_experts * moe_ffn_width(m)
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -210,3 +264,27 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("config key model.sliding_window: needs model.objective=causal")
     if m.qk_norm != "none" and m.norm != "rmsnorm":
         raise ConfigError(f"config key model.qk_norm: {m.qk_norm} needs model.norm=rmsnorm")
+    if m.moe_experts:
+        _validate_moe(m)
+    elif m.moe_experts < 0:
+        raise ConfigError(f"config key model.moe_experts: must be at least 0 (0: dense), got {m.moe_experts}")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    if not 1 <= m.moe_top_k <= m.moe_experts:
+        raise ConfigError(f"config key model.moe_top_k: must be between 1 and model.moe_experts={m.moe_experts}, got "
+                          f"{m.moe_top_k}")
+    for k in ("moe_ffn", "moe_shared_experts", "moe_shared_ffn"):
+        if getattr(m, k) < 0:
+            raise ConfigError(f"config key model.{k}: must be at least 0, got {getattr(m, k)}")
+    for k in ("moe_aux_loss", "moe_z_loss", "moe_capacity"):
+        if not getattr(m, k) >= 0:
+            raise ConfigError(f"config key model.{k}: must be at least 0 (0: off), got {getattr(m, k)}")
+    if m.moe_shared_gate and not shared_ffn_width(m):
+        raise ConfigError("config key model.moe_shared_gate: needs a shared expert (model.moe_shared_experts >= 1)")
+    if m.bias:
+        raise ConfigError("config key model.bias: experts have no biases; set model.bias=false with model.moe_experts")
+    moe_layer_rule(m)
+    if not any(is_moe_layer(m, i) for i in range(m.n_layers)):
+        raise ConfigError(f"config key model.moe_layers: {m.moe_layers!r} makes none of the {m.n_layers} blocks a "
+                          f"MoE block")
