@@ -129,6 +129,10 @@ class ParallelConfig(_Section):
     # with tp > 1: norms and dropout on sequence shards (reduce-scatter and all-gather at the TP borders); a
     # fine-tuning run: sft only
     sequence_parallel: bool = False
+    # expert-parallel ranks: each MoE layer's experts split over ep ranks carved out of the data-parallel ones
+    # (tokens reach their experts by all-to-all; the expert weights are averaged over the dp / ep ranks holding the
+    # same experts); divides the data-parallel ranks and model.moe_experts; 1: every rank holds every expert
+    ep: int = 1
     partition_activations: bool = False  # with activation checkpointing and tp > 1: split saved inputs over TP ranks
     # compare the weights every TP rank holds whole (norms, row-parallel biases) across the TP group by checksum
     # every this many steps (and at step 1); a mismatch stops the run naming the parameter; 0: off
@@ -444,7 +448,8 @@ def validate(cfg: Config) -> None:
     validate_model(m)
     positive = {"data.seq_len": d.seq_len, "train.max_steps": t.max_steps,
                 "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
-                "train.log_interval": t.log_interval, "parallel.tp": p.tp, "parallel.pp": p.pp}
+                "train.log_interval": t.log_interval, "parallel.tp": p.tp, "parallel.pp": p.pp,
+                "parallel.ep": p.ep}
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"config key {k}: must be at least 1, got {v}")
@@ -461,6 +466,9 @@ def validate(cfg: Config) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"config key parallel.zero_stage: ZeRO-{p.zero_stage} cannot be combined with pipeline "
                           f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
+    if p.ep > 1 and (not m.moe_experts or m.moe_experts % p.ep):
+        raise ConfigError(f"config key parallel.ep: {p.ep} needs a MoE model whose model.moe_experts "
+                          f"({m.moe_experts}) it divides")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("config key parallel.sequence_parallel: needs parallel.tp > 1")
     if t.global_batch_size % t.micro_batch_size:
@@ -497,6 +505,9 @@ def validate(cfg: Config) -> None:
 def validate_world(cfg: Config, world_size: int) -> int:
     """Checks that need the world size; returns gradient accumulation steps."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    if dp % cfg.parallel.ep:
+        raise ConfigError(f"config key parallel.ep: {cfg.parallel.ep} does not divide the {dp} data-parallel ranks "
+                          f"(world {world_size} / (tp {cfg.parallel.tp} x pp {cfg.parallel.pp}))")
     per_step = cfg.train.micro_batch_size * dp
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
