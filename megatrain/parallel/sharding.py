@@ -14,11 +14,20 @@ Tensor parallelism (canonical names, as in model.py):
     layers.N.mlp.down.weight               1    -
     layers.N.attn.q_norm.weight, k_norm    0    -                qk_norm=full only ([heads x head_dim]: this rank's
                                                                  heads); qk_norm=head's [head_dim] is replicated
+    layers.N.mlp.experts.gate_up           1    gate | up        MoE: [E, 2 x ff, d], each expert's rows cut as a
+                                                                 column-parallel layer's
+    layers.N.mlp.experts.up                1    -                (mlp=gelu experts)
+    layers.N.mlp.experts.down              2    -                [E, d, ff]: each expert row-parallel
+    layers.N.mlp.shared.*                  as layers.N.mlp.*    the shared expert, a plain MLP
     ....lora_B of a column-parallel one    0    as its weight    LoRA: B [out, r] splits like the weight's rows
     ....lora_A of a row-parallel one       1    -                A [r, in] like the weight's columns
     everything else                        -    -                replicated: norms, learned positions, row-parallel
                                                                  biases (added once, after the reduction), the other
-                                                                 LoRA factor, fine-tuning heads, the norms
+                                                                 LoRA factor, fine-tuning heads, the norms, the
+                                                                 MoE router and shared-expert gate
+
+Expert parallelism cuts every `layers.N.mlp.experts.*` tensor along its first dimension (EXPERT_DIM, the experts):
+EP rank e holds experts [e x E/ep, (e+1) x E/ep), each of them TP-split as above.
 
 Pipeline parallelism (DeepSpeed's PipelineModule names each parameter by its layer index): layer 0 is the
 embedding (`0.embed.weight`), layers 1..L the blocks (`3.block.attn.qkv.weight` = `layers.2.attn.qkv.weight`),
@@ -32,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatrain.config import ModelConfig, ffn_width, head_dim, kv_heads
+from megatrain.config import ModelConfig, ffn_width, head_dim, kv_heads, moe_ffn_width, shared_ffn_width
+
+EXPERT_DIM = 0  # the experts' dimension of a MoE layer's stacked expert weights, which expert parallelism cuts
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,15 @@ def split_of(name: str, cfg: ModelConfig) -> Split:
     hd = head_dim(cfg)
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0)
+    m = re.fullmatch(r"layers\.\d+\.mlp\.experts\.(gate_up|up|down)", name)
+    if m:  # [E, out, in]: each expert cut like a dense MLP's weight, one dimension further in
+        ff = moe_ffn_width(cfg)
+        return {"gate_up": Split(1, (ff, ff)), "up": Split(1), "down": Split(2)}[m.group(1)]
+    m = re.fullmatch(r"(layers\.\d+\.mlp)\.shared\.(gate_up\.weight|up\.weight|down\.weight)", name)
+    if m:  # the shared expert: a dense MLP of its own width
+        if m.group(2) == "gate_up.weight":
+            return Split(0, (shared_ffn_width(cfg),) * 2)
+        return Split(0) if m.group(2) == "up.weight" else Split(1)
     if cfg.qk_norm == "full" and re.fullmatch(r"layers\.\d+\.attn\.[qk]_norm\.weight", name):
         return Split(0)  # over the whole projection: one weight per query (key) row, cut with the heads
     if name.endswith((".lora_A", ".lora_B")):  # LoRA splits like the weight it adapts: B its rows, A its columns
@@ -73,6 +93,11 @@ def split_of(name: str, cfg: ModelConfig) -> Split:
     if layer == "mlp.up":
         return Split(0)
     return Split(1) if kind == "weight" else REPLICATED  # o_proj / down: row-parallel weight, replicated bias
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether expert parallelism cuts this canonical parameter (along EXPERT_DIM)."""
+    return re.fullmatch(r"layers\.\d+\.mlp\.experts\.(gate_up|up|down)(\.lora_[AB])?", name) is not None
 
 
 def _part_sizes(split: Split, full: int) -> tuple[int, ...]:
