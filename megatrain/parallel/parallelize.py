@@ -21,11 +21,13 @@ import torch.nn as nn
 
 from megatrain.kernels import ops
 from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
+from megatrain.moe import MoE
 from megatrain.parallel.pipeline import apply_pipeline, stage_holds
 from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
 from megatrain.parallel.sharding import shard, split_of
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                                mark_partial_grad, mark_tp, vocab_parallel_cross_entropy)
+                                                copy_to_tp, gather_seq, mark_partial_grad, mark_tp, reduce_from_tp,
+                                                reduce_scatter_seq, vocab_parallel_cross_entropy)
 
 
 class _SequenceShardPositions(nn.Module):
@@ -81,13 +83,10 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
         elif a.qk_norm == "head":  # one weight shared by every head: each rank's gradient is its heads' share
             mark_partial_grad(a.q_norm.weight)
             mark_partial_grad(a.k_norm.weight)
-        if m.swiglu:
-            m.gate_up = split(m.gate_up, pre + "mlp.gate_up", ColumnParallelLinear)
+        if isinstance(m, MoE):
+            _tp_moe(m, pre + "mlp.", mine, split, group, sp)
         else:
-            m.up = split(m.up, pre + "mlp.up", ColumnParallelLinear)
-            if m.up_bias is not None:
-                m.up_bias = mark_tp(nn.Parameter(mine(pre + "mlp.up_bias").detach().clone()))
-        m.down = split(m.down, pre + "mlp.down", RowParallelLinear)
+            _tp_mlp(m, pre + "mlp.", mine, split)
     if model.lm_head is not None:  # a fine-tuning head replaces it (heads.py); heads stay whole on every TP rank
         head = ColumnParallelLinear(mine("lm_head.weight") if not cfg.tie_embeddings else model.embed.weight, None,
                                     group, sp)
@@ -112,6 +111,41 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
     if not any(p.is_meta for p in model.parameters()):  # a meta-built model gets them in parallelize
         _sum_partial_grads(model, group)
     return model
+
+
+def _tp_mlp(m: nn.Module, pre: str, mine, split) -> None:
+    """A dense MLP: gate|up (or up) column-parallel, down row-parallel."""
+    if m.swiglu:
+        m.gate_up = split(m.gate_up, pre + "gate_up", ColumnParallelLinear)
+    else:
+        m.up = split(m.up, pre + "up", ColumnParallelLinear)
+        if m.up_bias is not None:
+            m.up_bias = mark_tp(nn.Parameter(mine(pre + "up_bias").detach().clone()))
+    m.down = split(m.down, pre + "down", RowParallelLinear)
+
+
+def _tp_moe(m: MoE, pre: str, mine, split, group, sp: bool) -> None:
+    """A MoE layer: every expert TP-split as a dense MLP is (its gate|up rows, its down columns) and the shared
+    expert as one. Why split the experts rather than keep each whole on a TP rank: the TP ranks of a replica hold
+    the same tokens, so whole experts would compute every row tp times (or need one more collective to share the
+    rows out); split, each rank computes 1/tp of every row, and the layer costs one all-reduce (reduce-scatter under
+    sequence parallelism) as a dense MLP does. The router is replicated: every rank routes the same tokens alike, and
+    its gradient, each rank's experts' share, is summed over TP (the auxiliary losses' gradient, which every rank
+    adds whole, counts 1/tp on each)."""
+    tp = dist.get_world_size(group)
+    for name in ("gate_up", "up", "down"):
+        if hasattr(m.experts, name):
+            setattr(m.experts, name, mark_tp(nn.Parameter(mine(pre + "experts." + name).detach().clone())))
+    if m.shared is not None:
+        _tp_mlp(m.shared, pre + "shared.", mine, split)
+    mark_partial_grad(m.router.weight)
+    if m.shared_gate is not None and sp:  # it reads this rank's sequence shard: a partial gradient
+        mark_partial_grad(m.shared_gate.weight)
+    m.aux_share = 1.0 / tp
+    if sp:
+        m.tp_regions = (lambda x: gather_seq(x, group), lambda y: reduce_scatter_seq(y, group))
+    else:
+        m.tp_regions = (lambda x: copy_to_tp(x, group), lambda y: reduce_from_tp(y, group))
 
 
 def _sum_partial_grads(model: nn.Module, group) -> None:
