@@ -266,7 +266,7 @@ class Block(nn.Module):
         self.mlp_norm = build_norm(cfg, fused) if before else None
         if is_moe_layer(cfg, layer):  # routed experts (+ a shared MLP that every token goes through)
             shared = MLP(cfg, fused, shared_ffn_width(cfg)) if shared_ffn_width(cfg) else None
-            self.mlp = MoE(cfg, shared)
+            self.mlp = MoE(cfg, shared, layer)
         else:
             self.mlp = MLP(cfg, fused)
         self.mlp_post_norm = build_norm(cfg, fused) if after else None

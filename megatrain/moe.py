@@ -177,8 +177,9 @@ def route(logits: torch.Tensor, top_k: int, router: str, norm_topk: bool, capaci
 class MoE(nn.Module):
     """A block's feed-forward layer as a Mixture of Experts (see the module's docstring)."""
 
-    def __init__(self, cfg: ModelConfig, shared: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, shared: nn.Module | None = None, layer: int = 0):
         super().__init__()
+        self.layer = layer  # the block's index (the metrics name the layer by it)
         self.n_experts, self.top_k = cfg.moe_experts, cfg.moe_top_k
         self.router_kind, self.norm_topk, self.capacity = cfg.moe_router, cfg.moe_norm_topk, cfg.moe_capacity
         self.aux_coef, self.z_coef = cfg.moe_aux_loss, cfg.moe_z_loss
@@ -217,7 +218,8 @@ class MoE(nn.Module):
         if torch.is_grad_enabled() and (self.aux_coef or self.z_coef):
             # aux_share: 1/tp under TP, whose ranks each add this gradient and then sum the router's over the group
             out = AuxLoss.apply(out, (self.aux_coef * aux + self.z_coef * z) * self.aux_share)
-        if torch._C._current_graph_task_id() == -1:  # NOTE: not an activation-checkpointing recompute (counted once)
+        # NOTE: counted once: in training, and not in an activation-checkpointing recompute (which runs in backward)
+        if self.training and torch._C._current_graph_task_id() == -1:
             self.stats.add(routing.counts, routing.dropped, aux, z)
         if self.tp_regions is not None:
             out = self.tp_regions[1](out)  # the sum of the TP ranks' expert slices (scattered again under SP)
@@ -236,10 +238,10 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def take_stats(model: nn.Module) -> list[tuple[str, LoadStats]]:
-    """Each MoE layer's LoadStats since the last call, and a fresh start."""
-    out = []
-    for name, m in moe_layers(model):
-        out.append((name, m.stats))
+def take_stats(model: nn.Module) -> dict[int, LoadStats]:
+    """Each MoE layer's LoadStats since the last call (by block index), and a fresh start."""
+    out = {}
+    for _, m in moe_layers(model):
+        out[m.layer] = m.stats
         m.stats = LoadStats()
     return out

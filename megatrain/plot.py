@@ -18,7 +18,9 @@ import sys
 
 from megatrain.config import ConfigError
 
-DEFAULT = ("loss", "val_loss", "lr", "tokens_per_s")
+# the panels drawn by default (those the runs have): a MoE run adds its expert load (the worst layer's coefficient
+# of variation of the tokens per expert, and its busiest expert's tokens over the mean) and its load-balancing loss
+DEFAULT = ("loss", "val_loss", "lr", "tokens_per_s", "moe_load_cv", "moe_load_max", "moe_aux")
 SMOOTHING_POINTS = 10  # the smoothed training loss averages over about a tenth of the points (window ~ n / 10)
 
 

@@ -180,10 +180,15 @@ def test_stats_counted_once_under_activation_checkpointing():
         block.forward = lambda x, *a, _f=block.forward: checkpoint(lambda h: _f(h, *a), x, use_reentrant=True)
     tokens = torch.randint(0, 64, (2, 12))
     model(tokens, tokens).backward()
-    stats = dict(take_stats(model))
+    stats = take_stats(model)
+    assert sorted(stats) == [0, 1]
     for s in stats.values():
         assert s.calls == 1 and int(s.load.sum()) == 2 * 12 * cfg.moe_top_k
-    assert all(s.calls == 0 for _, s in take_stats(model))
+    assert all(s.calls == 0 for s in take_stats(model).values())
+    model.eval()  # evaluation is not counted
+    with torch.no_grad():
+        model(tokens)
+    assert all(s.calls == 0 for s in take_stats(model).values())
 
 
 def test_moe_layers_rule():

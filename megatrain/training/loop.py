@@ -19,11 +19,13 @@ from megatrain import faults
 from megatrain.checkpoint.io import mark_best, read_latest
 from megatrain.config import Config, RunStopped
 from megatrain.fileio import write_atomic
+from megatrain.moe import AuxLoss
 from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
 from megatrain.tasks import Batch, Task
 from megatrain.tasks.base import is_pipeline, micro_batch_ids
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
+from megatrain.training.moe_metrics import moe_row
 from megatrain.training.runtime import Run, TrainState
 from megatrain.training.throughput import Throughput
 
@@ -103,6 +105,9 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
     only when a line is logged, so a step waits for no device-to-host copy) and the tokens the global batch held
     (padding not counted)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
+    # MoE's auxiliary losses reach the gradients in the backward, past DeepSpeed's scaling of the loss: scale them
+    # as it scales the loss (1 / accumulation steps, times fp16's loss scale)
+    AuxLoss.scale = loss_scale(engine) / run.grad_accum
     tokens = run.layout.dp * sum(int((b.segments > 0).sum()) if b.segments is not None else b.tokens.numel()
                                  for b in batches)
     if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
@@ -123,6 +128,14 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
         engine.step()
         share += loss.detach().double() * (n / total)
     return share, tokens
+
+
+def loss_scale(engine) -> float:
+    """fp16's current loss scale (the factor DeepSpeed multiplies the loss by before the backward); 1 otherwise."""
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", None) or opt.loss_scale)
 
 
 def _inject_inf_grad(engine):
@@ -266,10 +279,14 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=grad_norm(engine),
                            consumed_samples=state.consumed_samples, skipped_steps=bad.total,
                            **window.row(run, engine, throughput))
+                if cfg.model.moe_experts:
+                    row.update(moe_row(engine.module, run.grid, window.steps))
                 logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                                 f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tokens/s | "
                                 f"{row['tflops_per_device']:.3f} TFLOP/s/device"
-                                + (f" | MFU {row['mfu']:.1%}" if throughput.peak else ""))
+                                + (f" | MFU {row['mfu']:.1%}" if throughput.peak else "")
+                                + (f" | aux {row['moe_aux']:.3f} | load cv {row['moe_load_cv']:.2f}"
+                                   if "moe_aux" in row else ""))
                 logger.advance(0, f"loss {row['loss']:.3f}")
                 window = Window()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
