@@ -65,3 +65,51 @@ def _check_moe_under_tp(rank, world):
 def test_moe_under_tensor_parallelism_equals_the_unsplit_model():
     """Loss and every gradient (the router's and the aux losses' included) equal the one-rank model's, float64."""
     run_distributed(_check_moe_under_tp, 2, timeout=300)
+
+
+def _check_moe_under_ep(rank, world, tp):
+    """Each rank its own tokens; the experts spread over the EP ranks (TP-split too when tp > 1). Each rank's loss
+    equals the one-rank model's on its tokens, and the gradients, summed as DeepSpeed reduces them (dense ones over
+    every rank's batch, an expert's over its replicas), equal the one-rank model's on all the tokens."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megatrain.parallel.expert import apply_ep, local_experts
+    from megatrain.parallel.parallelize import apply_tp
+    from megatrain.parallel.sharding import is_expert_param
+
+    deepspeed.init_distributed("gloo")
+    ep = world // tp
+    tp_rank, ep_rank = rank % tp, rank // tp
+    tp_groups = [dist.new_group([e * tp + t for t in range(tp)]) for e in range(ep)]
+    ep_groups = [dist.new_group([e * tp + t for e in range(ep)]) for t in range(tp)]
+    solo = [dist.new_group([r]) for r in range(world)]  # the expert-data-parallel groups (one rank each here)
+    for name, kw in MOE_SETS.items():
+        if name == "capacity":
+            continue  # capacity is per rank's batch: not the one-rank model on all tokens
+        cfg = moe_cfg(**kw)
+        ref = _model(cfg)
+        model = apply_ep(apply_tp(copy.deepcopy(ref), tp_groups[ep_rank]), ep_groups[tp_rank], solo[rank])
+        batches = torch.randint(0, 64, (ep, 2, 13), generator=torch.Generator().manual_seed(5))
+        mine = batches[ep_rank]
+        loss = model(mine[:, :-1], mine[:, 1:])
+        torch.testing.assert_close(loss, ref(mine[:, :-1], mine[:, 1:]), rtol=1e-10, atol=1e-12, msg=name)
+        loss.backward()
+        sum(ref(b[:, :-1], b[:, 1:]) for b in batches).backward()
+        full = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            want = full[n].grad
+            if is_expert_param(n):
+                want = want[local_experts(cfg.moe_experts, ep, ep_rank)]  # summed over the EP peers' rows already
+                got = p.grad
+            else:  # each rank's share of the batch: summed over the replicas
+                got = p.grad.clone()
+                dist.all_reduce(got, group=ep_groups[tp_rank])
+            want = shard(want, split_of(n, cfg), tp, tp_rank)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"{name}: {n}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)])
+def test_moe_under_expert_parallelism_equals_the_one_rank_model(world, tp):
+    run_distributed(_check_moe_under_ep, world, tp, timeout=300)

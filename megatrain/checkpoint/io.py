@@ -10,6 +10,7 @@ so DeepSpeed's own `zero_to_fp32` and `get_fp32_state_dict_from_zero_checkpoint(
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib
@@ -88,7 +89,8 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     ce = engine.checkpoint_engine
     if faults.fires("enospc", step):
         ce.megatrain_inject = True
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
+    with _experts_as_parameters(engine):
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
     rank = dist.get_rank()
     error = getattr(ce, "megatrain_error", None)
     if error is None:
@@ -107,6 +109,20 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     if box[0]:
         failed(ckpt_dir, tag, box[0], quiet=rank != 0)
     return tag
+
+
+@contextlib.contextmanager
+def _experts_as_parameters(engine):
+    """Save and load a MoE model's experts as every other parameter. Under expert parallelism DeepSpeed's engine knows
+    the model has MoE layers (parallel/expert.py), and would then write its own per-expert files, which expect its
+    own expert modules; megatrain's experts live in each rank's ZeRO optimizer partition (fp32 weights and moments,
+    every rank writes its own file) and load back from there."""
+    moe = getattr(engine, "has_moe_layers", False)
+    engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = moe
 
 
 def _write(write, path: str) -> str | None:
@@ -207,9 +223,10 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
     differs."""
     check_kind(cfg, saved, where)
     if layout is not None and "layout" in saved:
-        for k in ("tp", "pp", "dp", "zero_stage"):
-            if k in saved["layout"] and saved["layout"][k] != layout[k]:
-                raise ConfigError(f"{where}: saved with {k}={saved['layout'][k]} ({_fmt(saved['layout'])}) but this "
+        for k in ("tp", "pp", "dp", "ep", "zero_stage"):
+            then = saved["layout"].get(k, 1 if k == "ep" else None)  # (no "ep": saved without expert parallelism)
+            if then is not None and k in layout and then != layout[k]:
+                raise ConfigError(f"{where}: saved with {k}={then} ({_fmt(saved['layout'])}) but this "
                                   f"run has {k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert "
                                   f"it: {reshard_command(os.path.dirname(where), layout)}")
     saved_cfg = saved_config(saved)  # the effective config it trained with, as `cfg` is this run's
@@ -240,7 +257,8 @@ def reshard_command(ckpt_dir: str, layout: dict) -> str:
 
 
 def _fmt(layout: dict) -> str:
-    return f"tp {layout.get('tp')}, pp {layout.get('pp')}, dp {layout.get('dp')}, ZeRO-{layout.get('zero_stage')}"
+    ep = f", ep {layout['ep']}" if layout.get("ep", 1) > 1 else ""
+    return f"tp {layout.get('tp')}, pp {layout.get('pp')}, dp {layout.get('dp')}{ep}, ZeRO-{layout.get('zero_stage')}"
 
 
 # The only classes a DeepSpeed rank file may name besides tensors and containers: a loss scaler, the ZeRO stage, a
@@ -387,7 +405,8 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
         return None
     saved = read_json(os.path.join(ckpt_dir, tag, STATE_FILE), f"point {ckpt_dir}/latest at an earlier complete step")
     check_compatible(cfg, saved, os.path.join(ckpt_dir, tag), layout)
-    path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    with _experts_as_parameters(engine):
+        path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
     rng = os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")

@@ -22,9 +22,10 @@ import torch.nn as nn
 from megatrain.kernels import ops
 from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
 from megatrain.moe import MoE
+from megatrain.parallel.expert import apply_ep, expert_groups, local_experts
 from megatrain.parallel.pipeline import apply_pipeline, stage_holds
 from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
-from megatrain.parallel.sharding import shard, split_of
+from megatrain.parallel.sharding import is_expert_param, shard, split_of
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                 copy_to_tp, gather_seq, mark_partial_grad, mark_tp, reduce_from_tp,
                                                 reduce_scatter_seq, vocab_parallel_cross_entropy)
@@ -193,14 +194,15 @@ def build_on_meta(cfg) -> Transformer:
         return Transformer(cfg)
 
 
-def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, keep=None, partition=None) -> None:
+def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, keep=None, partition=None,
+                experts: slice | None = None) -> None:
     """Give the parameters of a meta-built (and TP-cut) `model` that `keep(name)` selects (default: all; a pipeline
     stage's) exactly the values `torch.manual_seed(seed); Transformer(model.cfg)` gives the unsplit model: the
     construction draws of nn.Linear and nn.Embedding are made again, module by module, then each full tensor's
     reset_parameters value is drawn one at a time and this rank keeps its TP slice. `partition(parameter)`, if
     given, is called on each parameter the moment it has its value, which it reads straight from the buffer the full
-    tensor was drawn into (ZeRO-3 keeps this rank's partition of it). Peak memory: this rank's share (or partition)
-    plus the largest single tensor."""
+    tensor was drawn into (ZeRO-3 keeps this rank's partition of it). `experts`: under expert parallelism, the experts
+    this rank keeps. Peak memory: this rank's share (or partition) plus the largest single tensor."""
     cfg = model.cfg
     ours = {n: p for n, p in model.named_parameters() if keep is None or keep(n)}
     reference = build_on_meta(cfg)  # the unsplit model: its modules and parameters in the order they draw
@@ -224,21 +226,26 @@ def materialize(model: Transformer, seed: int, tp: int = 1, tp_rank: int = 0, ke
         mine = ours.get(name)
         if mine is None:  # another stage's
             continue
-        _place(mine, name, full, cfg, tp, tp_rank, partition)
+        _place(mine, name, full, cfg, tp, tp_rank, partition, experts)
 
 
-def fill(model: Transformer, weights, tp: int = 1, tp_rank: int = 0, keep=None, partition=None) -> None:
+def fill(model: Transformer, weights, tp: int = 1, tp_rank: int = 0, keep=None, partition=None,
+         experts: slice | None = None) -> None:
     """Like materialize, with the values `weights(name)` gives: the full tensor of each parameter (the weights a
     run starts from: checkpoint.init, finetune.init), read one at a time; this rank keeps its TP slice (or its ZeRO-3
     partition). Peak memory: this rank's share plus the largest single tensor (twice: as read, and its slice)."""
     cfg = model.cfg
     for name, mine in [(n, p) for n, p in model.named_parameters() if keep is None or keep(n)]:
-        _place(mine, name, weights(name), cfg, tp, tp_rank, partition)
+        _place(mine, name, weights(name), cfg, tp, tp_rank, partition, experts)
 
 
-def _place(mine: nn.Parameter, name: str, full: torch.Tensor, cfg, tp: int, tp_rank: int, partition) -> None:
-    """Give the meta parameter `mine` its TP slice of `full`, in place: its own copy, so that `full` can go (or be
-    drawn again), unless `partition` takes its part out first."""
+def _place(mine: nn.Parameter, name: str, full: torch.Tensor, cfg, tp: int, tp_rank: int, partition,
+           experts: slice | None = None) -> None:
+    """Give the meta parameter `mine` its TP slice of `full` (of this rank's experts, for an expert weight under
+    expert parallelism), in place: its own copy, so that `full` can go (or be drawn again), unless `partition` takes
+    its part out first."""
+    if experts is not None and is_expert_param(name):
+        full = full[experts]
     value = shard(full, split_of(name, cfg), tp, tp_rank)
     value = value.contiguous() if partition is not None else value.clone()
     if value.shape != mine.shape:
@@ -273,7 +280,7 @@ def zero3_partitioner(ds_config: dict, grid):
 
 
 def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: dict | None = None):
-    """Everything, in order: TP split -> values for a meta-built model (`weights(name)`'s full tensors if given, else
+    """Everything, in order: TP split -> this rank's experts (expert parallelism) -> values for a meta-built model (`weights(name)`'s full tensors if given, else
     materialize's draws) -> activation checkpointing -> pipeline stages. Returns the module to hand to
     deepspeed.initialize (the model itself, or a PipelineModule when pp > 1). `ds_config`: the DeepSpeed JSON the
     engine will be built with (training/engine.deepspeed_config), needed to partition a meta-built model under ZeRO-3
@@ -284,6 +291,11 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
     # cut (only its slices are allocated), and only for this rank's pipeline stage (PipelineModule moves the layers
     # it builds to the device: they need values by then).
     apply_tp(model, tp_group, cfg.parallel.sequence_parallel)
+    experts = None
+    if cfg.parallel.ep > 1:  # NOTE: after apply_tp, which rebuilds the parameters it cuts (apply_ep marks them)
+        ep_group, edp_group = expert_groups(grid, layout.tp, layout.pp, layout.dp, cfg.parallel.ep)
+        apply_ep(model, ep_group, edp_group)
+        experts = local_experts(cfg.model.moe_experts, cfg.parallel.ep, dist.get_rank(ep_group))
     if any(p.is_meta for p in model.parameters()):
         keep = None
         if layout.pp > 1:
@@ -296,9 +308,9 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
                 raise ValueError("parallelize: a meta-built model under ZeRO-3 needs ds_config (the engine's JSON)")
             partition = zero3_partitioner(ds_config, grid)
         if weights is not None:
-            fill(model, weights, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
+            fill(model, weights, layout.tp, grid.get_slice_parallel_rank(), keep, partition, experts)
         else:
-            materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep, partition)
+            materialize(model, cfg.train.seed, layout.tp, grid.get_slice_parallel_rank(), keep, partition, experts)
         if layout.tp > 1:
             # NOTE: after materialize: a gradient hook on a parameter does not survive its swap from meta to values
             _sum_partial_grads(model, tp_group)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatrain.config import Config, ConfigError, ffn_width, kv_heads
+from megatrain.config import Config, ConfigError, ffn_width, kv_heads, moe_ffn_width, shared_ffn_width
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
                           f"tp={tp}")
     if ffn_width(m) % tp:
         raise ConfigError(f"config key parallel.tp: the MLP width {ffn_width(m)} (model.d_ff) is not divisible by tp={tp}")
+    if m.moe_experts and moe_ffn_width(m) % tp:
+        raise ConfigError(f"config key parallel.tp: the expert width {moe_ffn_width(m)} (model.moe_ffn) is not "
+                          f"divisible by tp={tp}")
+    if m.moe_experts and shared_ffn_width(m) % tp:
+        raise ConfigError(f"config key parallel.tp: the shared expert width {shared_ffn_width(m)} is not divisible by "
+                          f"tp={tp}")
+    if p.ep > 1:
+        check_expert_layout(cfg, world_size // (tp * pp))
     if m.n_layers < pp:
         raise ConfigError(f"config key parallel.pp: {pp} pipeline stages but only {m.n_layers} layers (model.n_layers)")
     if pp > 1 and p.zero_stage > 1:
@@ -57,6 +65,22 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
     if p.sequence_parallel and cfg.data.seq_len % tp:
         raise ConfigError(f"config key parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} is not divisible by tp={tp}")
     return Layout(tp=tp, pp=pp, dp=world_size // (tp * pp))
+
+
+def check_expert_layout(cfg: Config, dp: int) -> None:
+    """parallel.ep against the data-parallel ranks and the stages it composes with."""
+    p = cfg.parallel
+    if dp % p.ep:
+        raise ConfigError(f"config key parallel.ep: {p.ep} does not divide the {dp} data-parallel ranks (world / "
+                          f"(tp x pp))")
+    if p.zero_stage not in (1, 2):
+        why = ("each rank's experts are kept in its ZeRO optimizer partition" if p.zero_stage == 0 else
+               "ZeRO-3 would gather each expert over the data-parallel ranks, which is what expert parallelism avoids")
+        raise ConfigError(f"config key parallel.zero_stage: {p.zero_stage} with parallel.ep={p.ep}; expert "
+                          f"parallelism needs ZeRO-1 or ZeRO-2 ({why})")
+    if p.pp > 1:
+        raise ConfigError(f"config key parallel.ep: {p.ep} with parallel.pp={p.pp}; expert parallelism does not "
+                          f"combine with pipeline stages: set parallel.pp=1 (or parallel.ep=1)")
 
 
 def build_grid(layout: Layout):

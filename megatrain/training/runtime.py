@@ -105,7 +105,7 @@ class Run:
         """The layout as a checkpoint records it (and checks it on resume)."""
         p = self.cfg.parallel
         return dict(world_size=self.world, dp=self.layout.dp, tp=self.layout.tp, pp=self.layout.pp,
-                    zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel)
+                    zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel, ep=p.ep)
 
     def describe(self, n_params: int) -> str:
         return (f"launcher {self.launcher} | world {self.world} = {self.layout} | "
