@@ -107,7 +107,8 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     state = train(run, engine, train_ds, valid_ds, task, state, throughput)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")
-    if cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and run.layout.tp == run.layout.pp == 1:
+    if (cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and run.layout.tp == run.layout.pp == 1
+            and cfg.parallel.ep == 1):  # (a model split over ranks: no plain copy on rank 0)
         print_sample(engine, cfg, tok)
     return dict(step=state.step, consumed_samples=state.consumed_samples)
 

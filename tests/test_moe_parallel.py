@@ -113,3 +113,49 @@ def _check_moe_under_ep(rank, world, tp):
 @pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)])
 def test_moe_under_expert_parallelism_equals_the_one_rank_model(world, tp):
     run_distributed(_check_moe_under_ep, world, tp, timeout=300)
+
+
+# -- slow tier: pretraining under expert parallelism, against one rank ---------------------------------------------
+
+MOE_RUN = {"model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_ffn": 32, "model.moe_aux_loss": 0.01,
+           "train.max_steps": 10, "parallel.zero_stage": 1, "train.eval_interval": 0, "checkpoint.interval": 5,
+           "train.precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def moe_data(tmp_path_factory):
+    from training_utils import make_byte_dataset
+
+    return make_byte_dataset(tmp_path_factory.mktemp("moe"))
+
+
+def _pretrain(tmp_path, data, name: str, world: int, **over) -> str:
+    from training_utils import run_configs, small_sets
+
+    ckpt = str(tmp_path / name)
+    run_distributed(run_configs, world, [small_sets(data, ckpt, **{**MOE_RUN, **over})], timeout=420)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_pretraining_under_expert_parallelism_has_the_one_rank_losses(tmp_path, moe_data):
+    """Dropless, fp32: EP=2 on 2 ranks, EP=2 x DP=2 and TP=2 x EP=2 on 4, ZeRO-1 and ZeRO-2, give one rank's losses
+    over 10 steps (1e-5); the expert-load figures are in metrics.jsonl."""
+    from training_utils import losses
+
+    one = losses(_pretrain(tmp_path, moe_data, "one", 1))
+    runs = {"ep2": (2, {"parallel.ep": 2}),
+            "ep2_dp2_zero2": (4, {"parallel.ep": 2, "parallel.zero_stage": 2}),
+            "tp2_ep2": (4, {"parallel.ep": 2, "parallel.tp": 2})}
+    for name, (world, over) in runs.items():
+        got = losses(_pretrain(tmp_path, moe_data, name, world, **over))
+        assert sorted(got) == sorted(one) == list(range(1, 11)), name
+        for s in one:
+            assert abs(got[s] - one[s]) <= 1e-5 * abs(one[s]), (name, s, got[s], one[s])
+    import json
+
+    rows = [json.loads(line) for line in open(tmp_path / "ep2" / "metrics.jsonl")]
+    last = [r for r in rows if r.get("kind", "train") == "train"][-1]
+    assert last["moe_dropped"] == 0 and last["moe_aux"] > 0
+    # every step routes micro-batch tokens x top-k rows per layer: 8 sequences x 32 tokens x 2
+    assert sum(last[f"moe.0.tokens_{k}"] for k in ("min", "max")) <= 8 * 32 * 2

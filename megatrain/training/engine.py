@@ -87,8 +87,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             seen.add(id(p))
             params.append((name, p))
     decay, no_decay = decay_groups([(n, ndim(p)) for n, p in params])
-    groups = [{"params": [params[i][1] for i in decay], "weight_decay": weight_decay},
-              {"params": [params[i][1] for i in no_decay], "weight_decay": 0.0}]
+    groups = [{"params": [params[i][1] for i in decay], "weight_decay": weight_decay, "name": "decay"},
+              {"params": [params[i][1] for i in no_decay], "weight_decay": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]  # LoRA on an LM trains matrices only: DeepSpeed drops an empty group
     if any(getattr(p, "allreduce", True) is False for _, p in params):
         # expert parallelism: the experts in groups of their own, which ZeRO partitions over the expert-data-parallel
