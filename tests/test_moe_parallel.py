@@ -147,11 +147,16 @@ def test_pretraining_under_expert_parallelism_has_the_one_rank_losses(tmp_path, 
     runs = {"ep2": (2, {"parallel.ep": 2}),
             "ep2_dp2_zero2": (4, {"parallel.ep": 2, "parallel.zero_stage": 2}),
             "tp2_ep2": (4, {"parallel.ep": 2, "parallel.tp": 2})}
+    curves = {}
     for name, (world, over) in runs.items():
-        got = losses(_pretrain(tmp_path, moe_data, name, world, **over))
+        got = curves[name] = losses(_pretrain(tmp_path, moe_data, name, world, **over))
         assert sorted(got) == sorted(one) == list(range(1, 11)), name
         for s in one:
             assert abs(got[s] - one[s]) <= 1e-5 * abs(one[s]), (name, s, got[s], one[s])
+    # resumed from step 5 under the same layout: bit-exact
+    (tmp_path / "ep2_dp2_zero2" / "latest").write_text("step00000005")
+    resumed = losses(_pretrain(tmp_path, moe_data, "ep2_dp2_zero2", 4, **runs["ep2_dp2_zero2"][1]))
+    assert {s: resumed[s] for s in range(6, 11)} == {s: curves["ep2_dp2_zero2"][s] for s in range(6, 11)}
     import json
 
     rows = [json.loads(line) for line in open(tmp_path / "ep2" / "metrics.jsonl")]

@@ -407,6 +407,10 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     check_compatible(cfg, saved, os.path.join(ckpt_dir, tag), layout)
     with _experts_as_parameters(engine):
         path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is not None and getattr(engine, "has_moe_layers", False):
+        # NOTE: DeepSpeed loads the module's weights from data-parallel rank 0's file, which holds only its own
+        # experts; each rank's are in its ZeRO partition (just restored): copy them into the module
+        engine.optimizer.update_lp_params()
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
     rng = os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")
