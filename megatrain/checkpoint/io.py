@@ -250,9 +250,10 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
 
 def reshard_command(ckpt_dir: str, layout: dict) -> str:
     """The `megatrain convert reshard` line that makes `ckpt_dir` resumable under `layout`."""
-    out = f"{ckpt_dir.rstrip('/')}-tp{layout['tp']}-pp{layout['pp']}-zero{layout['zero_stage']}"
+    ep = layout.get("ep", 1)
+    out = f"{ckpt_dir.rstrip('/')}-tp{layout['tp']}-pp{layout['pp']}{f'-ep{ep}' if ep > 1 else ''}-zero{layout['zero_stage']}"
     return (f"megatrain convert reshard {ckpt_dir} --output {out} --set parallel.tp={layout['tp']} "
-            f"--set parallel.pp={layout['pp']} --set parallel.zero_stage={layout['zero_stage']} "
+            f"--set parallel.pp={layout['pp']} --set parallel.ep={ep} --set parallel.zero_stage={layout['zero_stage']} "
             f"--world-size {layout['world_size']}, then run with --set checkpoint.dir={out}")
 
 

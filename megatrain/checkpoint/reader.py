@@ -13,7 +13,9 @@ Where the data lives, by layout (mp = pp_stage * tp + tp_rank, DeepSpeed's model
                  flat fp32 group (`param_slice_mappings` says which parameter fragments it holds) and Adam's moments
                  over the same slice; parameter order and shapes from mp_rank_{mp}_model_states.pt
     ZeRO-3       the same files per rank, but every parameter is cut into ceil(numel / dp) pieces, one per rank
-A tensor-parallel checkpoint holds TP slices under the same names; parallel/sharding.py's table puts them back.
+A tensor-parallel checkpoint holds TP slices under the same names; parallel/sharding.py's table puts them back. Under
+expert parallelism (ZeRO-1/2), an expert weight's optimizer group holds this EP rank's experts, partitioned over its
+expert-data-parallel ranks: data-parallel rank d holds a piece of EP rank d % ep's, the (d // ep)-th.
 
 Nothing is loaded that is not asked for: each rank file is opened for its metadata only (torch.load onto the meta
 device, weights_only, DeepSpeed's three record classes read into plain stand-ins), and a tensor is read from its
@@ -36,7 +38,8 @@ from megatrain.config import Config, ConfigError, config_from_dict
 from megatrain.resolved import Resolved, saved_resolved
 from megatrain.data.tokenizer import parse_spec
 from megatrain.heads import build_model
-from megatrain.parallel.sharding import Split, canonical_name, local_shape, split_of, unshard
+from megatrain.parallel.sharding import (EXPERT_DIM, Split, canonical_name, is_expert_param, local_shape, split_of,
+                                         unshard)
 from megatrain.parameters import decay_groups  # the rule that ordered the optimizer's parameters
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # what can be read: the fp32 master weights and AdamW's two moments
@@ -49,8 +52,8 @@ class CheckpointError(ConfigError):
 
 @dataclass(frozen=True)
 class Fragment:
-    """A run of `numel` elements of a TP-local tensor, starting at flat element `start`, stored in `path` at
-    byte `offset` as `dtype`."""
+    """A run of `numel` elements of a TP-local tensor (of EP rank `ep_rank`'s experts, for an expert weight under
+    expert parallelism), starting at flat element `start`, stored in `path` at byte `offset` as `dtype`."""
 
     tp_rank: int
     start: int
@@ -58,6 +61,7 @@ class Fragment:
     path: str
     offset: int
     dtype: torch.dtype
+    ep_rank: int = 0
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _Param:
     shape: tuple[int, ...]  # full (unsplit) shape
     split: Split
     fragments: dict[str, list[Fragment]] = field(default_factory=dict)  # key -> fragments, any order
+    ep: int = 1  # the EP ranks its experts are spread over (expert weights under expert parallelism), else 1
 
 
 class _Record:
@@ -147,11 +152,11 @@ class CheckpointReader:
         lay, p = self.state.get("layout") or {}, self.cfg.parallel
         self.layout = dict(tp=1, pp=1, dp=1, zero_stage=0) if self.consolidated else dict(
             tp=lay.get("tp", p.tp), pp=lay.get("pp", p.pp), dp=lay.get("dp", 1),
-            zero_stage=lay.get("zero_stage", p.zero_stage))
+            zero_stage=lay.get("zero_stage", p.zero_stage), ep=lay.get("ep", 1))
         self._fds: dict[str, int] = {}
         self._params = self._expected_params()
         self._meta0 = None  # the first model-states file (LR scheduler, engine counters)
-        self._owner: dict[tuple[str, int], int] = {}  # (name, tp rank) -> the mp rank whose files hold it
+        self._owner: dict[tuple[str, int, int], int] = {}  # (name, tp rank, ep rank) -> the mp rank whose files hold it
         self._step: Fragment | None = None  # where AdamW's step count is stored (the same in every group)
         self._index()
         self.lora_scale = None  # with merge_lora on a LoRA run: names() and tensor() give W + (alpha / r) B @ A
@@ -168,7 +173,8 @@ class CheckpointReader:
         if self.consolidated:
             return f"{self.folder} (consolidated)"
         lay = self.layout
-        return f"{self.folder} (tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}, ZeRO-{lay['zero_stage']})"
+        ep = f", ep {lay['ep']}" if lay.get("ep", 1) > 1 else ""
+        return f"{self.folder} (tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}{ep}, ZeRO-{lay['zero_stage']})"
 
     # -- what the checkpoint should hold -------------------------------------------------------------------
 
@@ -177,7 +183,15 @@ class CheckpointReader:
         cfg = self.cfg.replaced({"model.fused_kernels": "off"})
         with torch.device("meta"):
             model = build_model(cfg)  # a fine-tuned model's head and adapters too
-        return {n: _Param(n, tuple(p.shape), split_of(n, self.cfg.model)) for n, p in model.named_parameters()}
+        ep = self.layout.get("ep", 1)
+        return {n: _Param(n, tuple(p.shape), split_of(n, self.cfg.model), ep=ep if is_expert_param(n) else 1)
+                for n, p in model.named_parameters()}
+
+    def _local_shape(self, p: _Param) -> tuple[int, ...]:
+        """The shape one rank holds: its TP slice (of its EP rank's experts)."""
+        shape = list(local_shape(p.shape, p.split, self.layout["tp"]))
+        shape[EXPERT_DIM] = shape[EXPERT_DIM] // p.ep if p.ep > 1 else shape[EXPERT_DIM]
+        return tuple(shape)
 
     def names(self) -> list[str]:
         return [n for n in self._params if not (self.lora_scale and "lora_" in n)]
@@ -191,7 +205,7 @@ class CheckpointReader:
         return os.path.join(self.folder, name)
 
     def _add(self, mp: int, name: str, key: str, tp_rank: int, start: int, numel: int, path: str, t: torch.Tensor,
-             skip: int = 0) -> None:
+             skip: int = 0, ep_rank: int = 0) -> None:
         """Record that elements [start, start+numel) of `name`'s TP slice are elements [skip, skip+numel) of `t`,
         found in model-parallel rank `mp`'s files. A slice is taken from one pipeline stage only: the first that
         has it (a tied embedding's copy on the last stage is skipped)."""
@@ -200,18 +214,19 @@ class CheckpointReader:
         if p is None:
             raise CheckpointError(f"{path}: holds parameter {name!r}, which the saved model config has no place for; "
                                   f"the checkpoint and its {STATE_FILE} disagree")
-        if self._owner.setdefault((canon, tp_rank), mp) != mp:
+        ep_rank = ep_rank if p.ep > 1 else 0
+        if self._owner.setdefault((canon, tp_rank, ep_rank), mp) != mp:
             return
         offset, dtype = _where(t)
         at = offset + skip * t.element_size()
-        p.fragments.setdefault(key, []).append(Fragment(tp_rank, start, numel, path, at, dtype))
+        p.fragments.setdefault(key, []).append(Fragment(tp_rank, start, numel, path, at, dtype, ep_rank))
 
     def _check_local_shape(self, name: str, shape, path: str) -> None:
         canon = canonical_name(name, self.cfg.model.n_layers)
         p = self._params.get(canon)
         if p is None:
             return  # reported by _add
-        want = local_shape(p.shape, p.split, self.layout["tp"])
+        want = self._local_shape(p)
         if tuple(shape) != tuple(want):
             raise CheckpointError(f"{path}: {name} has shape {tuple(shape)}, but the saved config makes its "
                                   f"tp={self.layout['tp']} slice {tuple(want)}; the checkpoint's shards disagree in "
@@ -234,14 +249,16 @@ class CheckpointReader:
                                   f"{' ...' if len(missing) > 3 else ''}; the checkpoint is incomplete")
         for p in self._params.values():
             ranks = [0] if p.split.replicated else range(tp)  # every TP rank holds a replicated one: read rank 0's
-            want = math.prod(local_shape(p.shape, p.split, tp))
+            want = math.prod(self._local_shape(p))
             for key, frags in p.fragments.items():
                 p.fragments[key] = [f for f in frags if f.tp_rank in ranks]
                 for r in ranks:
-                    have = sum(f.numel for f in frags if f.tp_rank == r)
-                    if have != want:
-                        raise CheckpointError(f"{self.folder}: {p.name} ({key}, tp rank {r}) has {have} of its {want} "
-                                              f"elements across the rank files; the checkpoint's shards disagree")
+                    for e in range(p.ep):
+                        have = sum(f.numel for f in frags if f.tp_rank == r and f.ep_rank == e)
+                        if have != want:
+                            where = f"tp rank {r}" + (f", ep rank {e}" if p.ep > 1 else "")
+                            raise CheckpointError(f"{self.folder}: {p.name} ({key}, {where}) has {have} of its {want} "
+                                                  f"elements across the rank files; the checkpoint's shards disagree")
 
     def _note_step(self, path: str, t) -> None:
         if self._step is None and torch.is_tensor(t):
@@ -279,7 +296,8 @@ class CheckpointReader:
         for group in shapes:
             for name, shape in group.items():
                 self._check_local_shape(name, shape, path)
-        done: dict[tuple[int, str], int] = {}  # (group, name) -> elements of the parameter seen in earlier dp ranks
+        ep = self.layout.get("ep", 1)
+        done: dict[tuple[int, str, int], int] = {}  # (group, name, EP rank) -> elements seen in earlier dp ranks
         for dp_rank in range(dp):
             opath = self._file(f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt")
             osd = _load_meta(opath)["optimizer_state_dict"]
@@ -305,10 +323,11 @@ class CheckpointReader:
                                               f"parameters need {at}; the checkpoint's shards disagree")
                 else:
                     for name, frag in osd["param_slice_mappings"][g].items():
-                        start = done.get((g, name), 0)
+                        e = dp_rank % ep if is_expert_param(canonical_name(name, self.cfg.model.n_layers)) else 0
+                        start = done.get((g, name, e), 0)
                         for key, t in tensors.items():
-                            self._add(mp, name, key, tp_rank, start, frag.numel, opath, t, skip=frag.start)
-                        done[(g, name)] = start + frag.numel
+                            self._add(mp, name, key, tp_rank, start, frag.numel, opath, t, skip=frag.start, ep_rank=e)
+                        done[(g, name, e)] = start + frag.numel
         if stage == 3:  # frozen parameters (LoRA's base, finetune.freeze): each rank's piece in its model states
             for dp_rank in range(dp):
                 mpath = self._file(f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_model_states.pt")
@@ -409,14 +428,17 @@ class CheckpointReader:
         if not frags:
             raise CheckpointError(f"{self.folder}: holds no {key} for {name} (saved without optimizer state?)")
         tp = 1 if p.split.replicated else self.layout["tp"]
-        shape = local_shape(p.shape, p.split, self.layout["tp"])
-        slices = []
-        for r in range(tp):
-            flat = torch.empty(math.prod(shape), dtype=dtype or frags[0].dtype)
-            for f in (f for f in frags if f.tp_rank == r):
-                flat[f.start: f.start + f.numel] = self._read(f)
-            slices.append(flat.view(shape))
-        return unshard(slices, p.split)
+        shape = self._local_shape(p)
+        experts = []
+        for e in range(p.ep):  # (one piece unless EP spread the experts: then EP rank e's, in order)
+            slices = []
+            for r in range(tp):
+                flat = torch.empty(math.prod(shape), dtype=dtype or frags[0].dtype)
+                for f in (f for f in frags if f.tp_rank == r and f.ep_rank == e):
+                    flat[f.start: f.start + f.numel] = self._read(f)
+                slices.append(flat.view(shape))
+            experts.append(unshard(slices, p.split))
+        return experts[0] if p.ep == 1 else torch.cat(experts, dim=EXPERT_DIM)
 
     def tensors(self, key: str = "fp32", dtype: torch.dtype | None = torch.float32
                 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -30,7 +30,8 @@ from megatrain.convert.consolidate import WEIGHT_SUFFIXES, check_output
 from megatrain.resolved import Resolved
 from megatrain.generate import load_weights
 from megatrain.model import Transformer
-from megatrain.parallel.sharding import canonical_name, shard, split_of
+from megatrain.parallel.expert import local_experts
+from megatrain.parallel.sharding import canonical_name, is_expert_param, shard, split_of
 from megatrain.parallel.topology import check_layout
 from megatrain.training.dist_env import end_distributed, free_port
 from megatrain.training.runtime import Run
@@ -94,7 +95,8 @@ def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | N
     p = cfg.parallel
     print(f"resharded {where} -> {out} ({layout_words(cfg, world)}), step {step}, {time.perf_counter() - t0:.1f} s; "
           f"resume it with --set checkpoint.dir={out} --set parallel.tp={p.tp} --set parallel.pp={p.pp} "
-          f"--set parallel.zero_stage={p.zero_stage} on {world} ranks")
+          f"--set parallel.zero_stage={p.zero_stage}{f' --set parallel.ep={p.ep}' if p.ep > 1 else ''} on {world} "
+          f"ranks")
 
 
 def layout_words(cfg: Config, world: int) -> str:
@@ -220,7 +222,8 @@ def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
     for name, p in _local_names(engine, cfg_model.n_layers):
         if not p.requires_grad or not reader.has(name, "exp_avg"):
             continue  # frozen (LoRA's base weights): its value came with the model, there are no moments
-        values = {k: shard(reader.tensor(name, k), split_of(name, cfg_model), tp, r) for k in KEYS}
+        values = {k: shard(_ep_slice(reader.tensor(name, k), name, run), split_of(name, cfg_model), tp, r)
+                  for k in KEYS}
         if flats is not None:
             safe_set_full_fp32_param(p, values["fp32"])
             for k in KEYS[1:]:
@@ -232,9 +235,22 @@ def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
             base.state[master] = {"step": step.clone(), **{k: values[k].clone() for k in KEYS[1:]}}
     sched = engine.lr_scheduler
     if sched is not None and reader.lr_scheduler_state:
-        sched.load_state_dict(reader.lr_scheduler_state)
+        # one schedule for every group; the number of groups follows the layout (expert parallelism adds its own)
+        state, n = dict(reader.lr_scheduler_state), len(base.param_groups)
+        for k in ("base_lrs", "_last_lr", "lr_lambdas"):
+            if isinstance(state.get(k), list) and len(state[k]) != n:
+                state[k] = state[k][:1] * n
+        sched.load_state_dict(state)
         for group, lr in zip(base.param_groups, sched.get_last_lr()):
             group["lr"] = lr
+
+
+def _ep_slice(full: torch.Tensor, name: str, run) -> torch.Tensor:
+    """This rank's experts of an expert weight under expert parallelism; any other tensor whole."""
+    ep = run.cfg.parallel.ep
+    if ep == 1 or not is_expert_param(name):
+        return full
+    return full[local_experts(run.cfg.model.moe_experts, ep, run.ep_rank)]
 
 
 def _zero0_masters(opt) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

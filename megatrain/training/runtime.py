@@ -101,6 +101,11 @@ class Run:
         return self.layout.coords(self.rank)[2]
 
     @property
+    def ep_rank(self) -> int:
+        """This rank's place in its expert-parallel group (parallel/expert.py: consecutive data-parallel ranks)."""
+        return self.dp_rank % self.cfg.parallel.ep
+
+    @property
     def record(self) -> dict:
         """The layout as a checkpoint records it (and checks it on resume)."""
         p = self.cfg.parallel
