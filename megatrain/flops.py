@@ -32,12 +32,16 @@ def mlp_matrices(m: ModelConfig) -> int:
 
 
 def mlp_flops_per_token(m: ModelConfig, layer: int) -> float:
-    """Forward FLOPs per token of block `layer`'s feed-forward layer. A dense MLP: its matrices at d_ff. A MoE layer
-    counts what a token runs through, not every expert: its top_k experts of width moe_ffn, the shared MLP (width
-    shared_ffn_width, and its d x 1 gate), and the router's d x E logits."""
+    """Forward FLOPs per token of block `layer`'s feed-forward layer: moe_flops_per_token for a MoE block, else a
+    dense MLP's matrices at d_ff."""
+    return moe_flops_per_token(m) if is_moe_layer(m, layer) else 2 * m.d_model * ffn_width(m) * mlp_matrices(m)
+
+
+def moe_flops_per_token(m: ModelConfig) -> float:
+    """Forward FLOPs per token of a MoE feed-forward layer: what a token runs through, not every expert: its top_k
+    experts of width moe_ffn, the shared MLP (width shared_ffn_width, and its d x 1 gate), and the router's d x E
+    logits."""
     d = m.d_model
-    if not is_moe_layer(m, layer):
-        return 2 * d * ffn_width(m) * mlp_matrices(m)
     routed = m.moe_top_k * moe_ffn_width(m) + shared_ffn_width(m)
     gate = 2 * d if m.moe_shared_gate and shared_ffn_width(m) else 0
     return 2 * d * routed * mlp_matrices(m) + 2 * d * m.moe_experts + gate

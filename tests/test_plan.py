@@ -413,3 +413,24 @@ def test_plan_prints_active_parameters_and_expert_parallelism(capsys):
     best = out.split("best layout:\n")[1].splitlines()[0]
     ep = int(out.split("(ep ")[1].split(")")[0])
     assert ("parallel.ep=" in best) == (ep > 1), out
+
+
+def test_pipeline_stage_compute_counts_its_own_moe_blocks():
+    """moe_layers 'after 8' over 16 blocks in 2 stages: the dense stage 0 and the MoE stage 1 each count their own
+    feed-forward FLOPs (the MoE's active ones: top-k experts and the router); the step waits for the slower."""
+    from megatrain.flops import block_flops_per_token, moe_flops_per_token
+    from megatrain.planning.timing import KNOWN_GPUS, Cluster
+
+    cluster = Cluster(KNOWN_GPUS["h100"], 8, 8)
+    cfg = load_config("olmoe-1b-7b", ["model.moe_layers=after 8", "parallel.pp=2", "parallel.zero_stage=1"])
+    plan = plan_layout(cfg, 8, cluster, "bf16")
+    assert [st.moe_layers for st in plan.stages] == [0, 8]
+    m, T = cfg.model, cfg.data.seq_len
+    attn_proj, _, mix = block_flops_per_token(m, T)
+    dense = 2 * m.d_model * m.d_ff * 3
+    moe = 2 * m.d_model * (8 * 1024) * 3 + 2 * m.d_model * 64
+    assert moe_flops_per_token(m) == moe
+    stage1 = 3 * (8 * (attn_proj + mix + moe) + 2 * m.d_model * m.vocab_size)
+    assert 3 * 8 * (attn_proj + mix + dense) < stage1  # the MoE stage is the slower
+    rate = 989e12 * 0.6
+    assert plan.time.compute_s == pytest.approx(stage1 * T / rate * (plan.grad_accum + 1))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatrain.config import Config, shared_ffn_width
-from megatrain.flops import block_flops_per_token, train_flops_per_token
+from megatrain.config import Config, ffn_width, shared_ffn_width
+from megatrain.flops import block_flops_per_token, mlp_matrices, moe_flops_per_token, train_flops_per_token
 from megatrain.planning.memory import FP32, StageParams, bytes_per_value
 
 
@@ -116,6 +116,11 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
 
     def stage_seconds(st: StageParams) -> float:  # one micro-batch, forward + backward (+ recompute) on one rank
         per_token = st.layers * (3 * (proj + mix) + recompute) + (3 * head if st.last else 0)
+        if m.moe_experts:  # the stage's own blocks: its MoE ones' feed-forward, the rest dense
+            dense = 2 * m.d_model * ffn_width(m) * mlp_matrices(m)
+            mlps = st.moe_layers * moe_flops_per_token(m) + (st.layers - st.moe_layers) * dense
+            again = 1 if t.activation_checkpointing == "full" else 0  # the MLP recomputed too
+            per_token += (3 + again) * (mlps - st.layers * mlp)
         return per_token * tokens_mb / tp / rate
 
     per_mb = max(stage_seconds(st) for st in stages)
