@@ -5,7 +5,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from megatrain.config import Config, ConfigError, padded_vocab_size
+from megatrain.config import Config, ConfigError, padded_vocab_size, validate
 from megatrain.parallel.topology import check_layout
 from megatrain.planning.memory import (Activations, ModelStates, StageParams, activations, local_numel,
                                        parameter_table, stage_params, stage_states)
@@ -78,7 +78,9 @@ def resolve_precision(cfg: Config, for_gpus: bool) -> str:
 
 def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str) -> LayoutPlan:
     """The plan of cfg's own layout on `world` ranks; an impossible layout raises ConfigError (training's own checks).
-    Without a cluster there is no step time."""
+    Without a cluster there is no step time. Training's config checks run first: a layout it refuses (parallel.ep
+    with a stage or a feature expert parallelism does not take, say) is no plan."""
+    validate(cfg)
     layout = check_layout(cfg, world)
     m, p = cfg.model, cfg.parallel
     if m.vocab_size % layout.tp:
