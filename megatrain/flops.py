@@ -5,7 +5,8 @@ No torch here, nothing but the config and the parameter rules: `megatrain plan` 
 """
 from __future__ import annotations
 
-from megatrain.config import ModelConfig, ffn_width, head_dim, is_local_layer, kv_heads
+from megatrain.config import (ModelConfig, ffn_width, head_dim, is_local_layer, is_moe_layer, kv_heads, moe_ffn_width,
+                              shared_ffn_width)
 from megatrain.parameters import ndim, numel
 
 
@@ -25,18 +26,43 @@ def keys_per_query(m: ModelConfig, seq_len: int, causal: bool = True, layer: int
     return (T * w - w * (w - 1) / 2) / T if causal else w
 
 
+def mlp_matrices(m: ModelConfig) -> int:
+    """Weight matrices of one MLP (or one expert): three for SwiGLU and GeGLU (gate, up, down), two for GELU."""
+    return 3 if m.mlp in ("swiglu", "geglu") else 2
+
+
+def mlp_flops_per_token(m: ModelConfig, layer: int) -> float:
+    """Forward FLOPs per token of block `layer`'s feed-forward layer: moe_flops_per_token for a MoE block, else a
+    dense MLP's matrices at d_ff."""
+    return moe_flops_per_token(m) if is_moe_layer(m, layer) else 2 * m.d_model * ffn_width(m) * mlp_matrices(m)
+
+
+def moe_flops_per_token(m: ModelConfig) -> float:
+    """Forward FLOPs per token of a MoE feed-forward layer: what a token runs through, not every expert: its top_k
+    experts of width moe_ffn, the shared MLP (width shared_ffn_width, and its d x 1 gate), and the router's d x E
+    logits."""
+    d = m.d_model
+    routed = m.moe_top_k * moe_ffn_width(m) + shared_ffn_width(m)
+    gate = 2 * d if m.moe_shared_gate and shared_ffn_width(m) else 0
+    return 2 * d * routed * mlp_matrices(m) + 2 * d * m.moe_experts + gate
+
+
 def block_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True,
                           layer: int | None = None) -> tuple[float, float, float]:
     """Forward FLOPs per token of one block (2 per multiply-add): (attention's projections, the MLP, attention's own).
 
     Projections: QKV (GQA: fewer K/V columns; n_heads x head_dim wide, which need not be d_model) and the output
-    projection. MLP: three matrices for SwiGLU and GeGLU, two for GELU. Attention: the scores QK^T and the weighted
+    projection. MLP: mlp_flops_per_token (a MoE layer's active experts). Attention: the scores QK^T and the weighted
     sum AV, each 2 x n_heads x head_dim per key a query reads (keys_per_query). `layer`: that block's count (a
-    sliding-window block reads fewer keys); None: the mean over the model's blocks."""
+    sliding-window block reads fewer keys, a dense block between MoE ones has its own MLP); None: the mean over the
+    model's blocks."""
     d, hd = m.d_model, head_dim(m)
     q_dim, kv_dim = m.n_heads * hd, kv_heads(m) * hd
     attn_proj = 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d
-    mlp = 2 * d * ffn_width(m) * (3 if m.mlp in ("swiglu", "geglu") else 2)
+    if layer is not None or not m.moe_experts:
+        mlp = mlp_flops_per_token(m, layer or 0)
+    else:
+        mlp = sum(mlp_flops_per_token(m, i) for i in range(m.n_layers)) / m.n_layers
     if layer is not None or not m.sliding_window:
         keys = keys_per_query(m, seq_len, causal, layer or 0)
     else:
@@ -47,7 +73,7 @@ def block_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True,
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Forward-pass FLOPs per token: every block plus the LM head (embedding lookups excluded)."""
-    if not m.sliding_window:
+    if not m.sliding_window and not m.moe_experts:
         return m.n_layers * sum(block_flops_per_token(m, seq_len, causal)) + 2 * m.d_model * m.vocab_size
     blocks = sum(sum(block_flops_per_token(m, seq_len, causal, i)) for i in range(m.n_layers))
     return blocks + 2 * m.d_model * m.vocab_size
@@ -66,7 +92,8 @@ def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = 
     before it; less the first projection's input gradient when nothing before it trains; plus LoRA's adapters (3x
     their forward). `head`: the count includes the LM head (pretraining, sft), a frozen one spares its weight gradient.
     0 for a model with nothing frozen. `model`: the plain Transformer, its parameters named as model.py names them (a
-    pipeline's stages are not: they are not counted here)."""
+    pipeline's stages are not: they are not counted here). A MoE layer's experts weigh by the share of them a token
+    runs through (top_k / E)."""
     params = dict(model.named_parameters())
     if all(p.requires_grad for p in params.values()):
         return 0.0
@@ -77,10 +104,15 @@ def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = 
     def adapter(name: str) -> int:  # a LoRA matrix's elements: its forward FLOPs per token / 2 (this rank's slice)
         return numel(params[name]) if name in params else 0
 
-    def frozen_share(prefix: str) -> float:
-        mats = [p for n, p in params.items() if n.startswith(prefix) and n.endswith(".weight") and ndim(p) == 2]
-        total = sum(numel(p) for p in mats)
-        return sum(numel(p) for p in mats if not p.requires_grad) / total if total else 0.0
+    def used(name: str, p) -> float:  # elements of a matrix one token multiplies by: top_k / E of a MoE's experts
+        if ".mlp.experts." in name and ndim(p) == 3:
+            return numel(p) * m.moe_top_k / m.moe_experts
+        return numel(p) if name.endswith(".weight") and ndim(p) == 2 else 0
+
+    def frozen_share(prefix: str) -> float:  # of the FLOPs of prefix's matrices, the frozen ones' share
+        mats = [(used(n, p), p) for n, p in params.items() if n.startswith(prefix)]
+        total = sum(u for u, _ in mats)
+        return sum(u for u, p in mats if not p.requires_grad) / total if total else 0.0
 
     qkv = 2 * m.d_model * (m.n_heads + 2 * kv_heads(m)) * head_dim(m)  # forward FLOPs of the first projection
     change, upstream = 0.0, trains("embed.") or trains("pos_embed.")

@@ -103,7 +103,8 @@ def render(plan, cluster, title: str) -> list[str]:
 
     cfg, t, p = plan.cfg, plan.cfg.train, plan.cfg.parallel
     lines = [title,
-             f"layout: tp {plan.tp} x pp {plan.pp} x dp {plan.dp} | ZeRO-{p.zero_stage}"
+             f"layout: tp {plan.tp} x pp {plan.pp} x dp {plan.dp}{f' (ep {plan.ep})' if cfg.model.moe_experts else ''}"
+             f" | ZeRO-{p.zero_stage}"
              f"{' + offload optimizer' if p.offload_optimizer else ''}{' + offload params' if p.offload_params else ''}"
              f" | {plan.precision} | micro-batch {t.micro_batch_size} x {cfg.data.seq_len} tokens, global batch "
              f"{t.global_batch_size} (accumulation {plan.grad_accum}) | activation checkpointing "
@@ -116,6 +117,12 @@ def render(plan, cluster, title: str) -> list[str]:
         lines.append(f"  {label:<36}" + "".join(f"{_gib(v):>10}" for v in values) + (f"{_gib(host):>10}" if host is not None else ""))
 
     st, a = plan.states, plan.acts
+    m = cfg.model
+    if m.moe_experts:
+        moe = max(x.moe_layers for x in plan.stages)
+        lines.insert(2, f"experts: {m.moe_experts // plan.ep} of {m.moe_experts} per MoE layer on each rank (ep "
+                        f"{plan.ep}), {moe} MoE layers per stage; expert states partitioned over the "
+                        f"{plan.dp // plan.ep} data-parallel ranks holding the same experts, the rest over {plan.dp}")
     row("parameters", [st[s].params[0] for s in shown], max(x.params[1] for x in st))
     row("gradients", [st[s].grads[0] for s in shown], max(x.grads[1] for x in st))
     row("optimizer (fp32 master + Adam)", [st[s].optimizer[0] for s in shown], max(x.optimizer[1] for x in st))
@@ -138,8 +145,9 @@ def render(plan, cluster, title: str) -> list[str]:
                      f"(this plan's model states: {max(x.device + x.gathered for x in st) / GiB:.2f} GiB)")
     from megatrain.planning.memory import startup_host_bytes
 
-    boot = startup_host_bytes(cfg.model, plan.tp, plan.pp, plan.dp, p.zero_stage, plan.precision)
-    read = startup_host_bytes(cfg.model, plan.tp, plan.pp, plan.dp, p.zero_stage, plan.precision, from_weights=True)
+    boot = startup_host_bytes(cfg.model, plan.tp, plan.pp, plan.dp, p.zero_stage, plan.precision, ep=plan.ep)
+    read = startup_host_bytes(cfg.model, plan.tp, plan.pp, plan.dp, p.zero_stage, plan.precision, from_weights=True,
+                              ep=plan.ep)
     share = f"its ZeRO-3 partition in {plan.precision}" if p.zero_stage == 3 else "the rank's share in fp32"
     lines.append(f"  start-up host memory: {boot / GiB:.1f} GiB per rank, {boot * cluster.gpus_per_node / GiB:.1f} GiB per "
                  f"node of {cluster.gpus_per_node} ({share} and one full tensor; starting from weights, checkpoint.init "
@@ -159,6 +167,8 @@ def render(plan, cluster, title: str) -> list[str]:
               f"  TP all-reduces       {tm.tp_s:8.3f} s ({tm.tp_bytes / 1e9:.2f} GB per rank)",
               f"  PP sends             {tm.pp_s:8.3f} s ({tm.pp_bytes / 1e9:.2f} GB per rank)",
               f"  DP/ZeRO collectives  {tm.dp_s:8.3f} s exposed ({tm.dp_bytes / 1e9:.2f} GB per rank)",
+              *([f"  EP all-to-alls       {tm.ep_s:8.3f} s ({tm.ep_bytes / 1e9:.2f} GB per rank)"]
+                if m.moe_experts else []),
               *([f"  {'host offload':<21}{tm.offload_s:8.3f} s (PCIe transfers, Adam on the host)"] if tm.offload_s else []),
               f"  step                 {tm.step_s:8.3f} s | {tm.tokens_per_s:,.0f} tokens/s"]
     if tm.model_share < 1 - 1e-6:  # at 1.0 the MFU would only be the assumption read back
@@ -176,7 +186,7 @@ def assumptions(cluster) -> str:
 
 def command(args: argparse.Namespace) -> int:
     from megatrain.config import load_config
-    from megatrain.planning.memory import total_params
+    from megatrain.planning.memory import active_params, total_params
     from megatrain.planning.search import plan_layout, resolve_precision, search
 
     cfg = load_config(args.config, args.set)
@@ -184,7 +194,9 @@ def command(args: argparse.Namespace) -> int:
     cfg, tokenizer_vocab = resolve_model(cfg)
     precision = resolve_precision(cfg, for_gpus=True)
     timed = cluster if cluster.gpu.tflops > 0 else None  # no peak rate: memory only
-    title = (f"megatrain plan: {args.config} ({total_params(cfg.model) / 1e9:.2f}B parameters, vocab "
+    m = cfg.model
+    active = f", {active_params(m) / 1e9:.2f}B active per token" if m.moe_experts else ""
+    title = (f"megatrain plan: {args.config} ({total_params(m) / 1e9:.2f}B parameters{active}, vocab "
              f"{cfg.model.vocab_size}) on {args.gpus} x {cluster.gpu.name}, {cluster.gpus_per_node} per node")
     if not args.search:
         print("\n".join(render(plan_layout(cfg, args.gpus, timed, precision), cluster, title)))
@@ -202,12 +214,16 @@ def command(args: argparse.Namespace) -> int:
     print(assumptions(cluster) + "; 'model' below: the step's share in model FLOPs (MFU = the assumed "
           f"{cluster.compute_efficiency:.0%} x it)")
     print(f"{len(fits)} layouts fit; fastest first:")
-    print(f"  {'#':>2} {'tp':>3} {'pp':>3} {'dp':>4} {'ZeRO':>4} {'offload':>8} {'mb':>3} {'ckpt':>9} {'sp':>3} "
-          f"{'peak GiB':>9} {'step s':>8} {'model':>6}")
+    moe = cfg.model.moe_experts > 0  # an ep column for a MoE model
+    ep_head = f" {'ep':>3}" if moe else ""
+    print(f"  {'#':>2} {'tp':>3} {'pp':>3} {'dp':>4}{ep_head} {'ZeRO':>4} {'offload':>8} {'mb':>3} {'ckpt':>9} "
+          f"{'sp':>3} {'peak GiB':>9} {'step s':>8} {'model':>6}")
     for i, pl in enumerate(fits[: args.top], 1):
         c = pl.cfg
         off = "+".join(k for k, on in (("opt", c.parallel.offload_optimizer), ("param", c.parallel.offload_params)) if on)
-        print(f"  {i:>2} {pl.tp:>3} {pl.pp:>3} {pl.dp:>4} {c.parallel.zero_stage:>4} {off or '-':>8} {c.train.micro_batch_size:>3} "
+        ep_col = f" {pl.ep:>3}" if moe else ""
+        print(f"  {i:>2} {pl.tp:>3} {pl.pp:>3} {pl.dp:>4}{ep_col} {c.parallel.zero_stage:>4} {off or '-':>8} "
+              f"{c.train.micro_batch_size:>3} "
               f"{c.train.activation_checkpointing:>9} {'y' if c.parallel.sequence_parallel else '-':>3} "
               f"{pl.peak / GiB:>9.1f} {pl.time.step_s:>8.2f} {pl.time.model_share:>6.1%}")
     print("\nbest layout:\n  " + fits[0].sets())

@@ -134,3 +134,89 @@ def test_whole_attention_of_a_window_model_counts_each_window_whole():
     diff = train_flops_per_token(whole, T, whole_attention=True) - train_flops_per_token(m, T, whole_attention=True)
     local_layers = sum(is_local_layer(m, i) for i in range(m.n_layers))
     assert diff == 3 * local_layers * 2 * 2 * m.n_heads * head_dim(m) * (T - 5)
+
+
+# -- Mixture of Experts: FLOPs and MFU count the active parameters --
+
+MOE = dict(BASE, moe_experts=4, moe_top_k=2, moe_ffn=24)
+
+
+def test_moe_flops_equal_a_hand_count():
+    """A MoE block's feed-forward counts its top_k experts, the shared MLP and its gate, and the router, not every
+    expert: the whole forward of a 6-block model with MoE in blocks 1, 3, 5 (moe_layers 'every 2') written out."""
+    m = ModelConfig(**dict(MOE, moe_layers="every 2", moe_shared_experts=1, moe_shared_gate=True))
+    T, d, hd = 16, 48, 12  # head_dim = 48 / 4
+    attn_proj = 2 * d * (4 * hd + 2 * 2 * hd) + 2 * 4 * hd * d
+    attn_mix = 2 * 2 * 4 * hd * T / 2
+    dense_mlp = 2 * d * 80 * 3
+    moe_mlp = 2 * d * (2 * 24) * 3 + 2 * d * 24 * 3 + 2 * d * 1 + 2 * d * 4  # 2 experts, shared, its gate, router
+    hand = 6 * (attn_proj + attn_mix) + 3 * dense_mlp + 3 * moe_mlp + 2 * d * 96
+    assert forward_flops_per_token(m, T) == hand
+    assert train_flops_per_token(m, T) == 3 * hand
+    assert block_flops_per_token(m, T, layer=0)[1] == dense_mlp and block_flops_per_token(m, T, layer=1)[1] == moe_mlp
+    assert block_flops_per_token(m, T)[1] == (dense_mlp + moe_mlp) / 2  # the mean over the blocks
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_moe_flops_equal_a_dense_model_of_k_experts_width_plus_the_router(mlp):
+    """E experts top-k: the FLOPs of a dense model whose MLP is k x moe_ffn wide, plus 2 x d x E per block (the
+    router), whatever E."""
+    T = 16
+    for experts in (4, 8, 64):
+        m = ModelConfig(**dict(MOE, mlp=mlp, moe_experts=experts))
+        dense = ModelConfig(**dict(BASE, mlp=mlp, d_ff=2 * 24))
+        router = m.n_layers * 2 * m.d_model * experts
+        assert forward_flops_per_token(m, T) == forward_flops_per_token(dense, T) + router
+        assert train_flops_per_token(m, T) == train_flops_per_token(dense, T) + 3 * router
+
+
+def test_moe_flops_are_twice_the_active_matrices():
+    """Without attention's products (seq_len 0), a forward is 2 FLOPs per active parameter of every matrix a token
+    multiplies by (planning.memory.active_params less the norms and the embedding lookup): Mixtral's shape."""
+    from megatrain.config import load_config
+    from megatrain.planning.memory import active_params
+
+    m = load_config("mixtral-8x7b").model
+    norms = (2 * m.n_layers + 1) * m.d_model
+    assert forward_flops_per_token(m, 0) == 2 * (active_params(m) - norms - m.vocab_size * m.d_model)
+
+
+def moe_model(m: ModelConfig) -> Transformer:
+    """A MoE Transformer whose experts run one matmul per expert (what FlopCounterMode counts on the CPU)."""
+    torch.manual_seed(0)
+    model = Transformer(m)
+    for layer in model.layers:
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts.loop = True
+    return model
+
+
+@pytest.mark.parametrize("feature", ["every_layer", "every_2_shared_gated"])
+def test_moe_forward_flops_equal_flopcountermode(feature, monkeypatch):
+    """The routed experts' matmuls FlopCounterMode counts (T x k rows through experts of moe_ffn, dropless), the
+    router and the shared MLP: the formula's count, less the causal convention's half diagonal as for dense blocks."""
+    extra = {} if feature == "every_layer" else dict(moe_layers="every 2", moe_shared_experts=1, moe_shared_gate=True)
+    m = ModelConfig(**dict(MOE, **extra))
+    T = 16
+    model = moe_model(m)
+    x = torch.randint(0, m.vocab_size, (2, T))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", only_the_visible_keys)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert forward_flops_per_token(m, T) + diagonal_half(m, T) == counter.get_total_flops() / x.numel()
+
+
+def test_moe_train_flops_with_frozen_experts_equal_flopcountermode():
+    """Block 0 frozen, and block 2's experts frozen (its router trains): frozen_flops_adjustment weighs each expert
+    tensor by the share of it a token runs through (top_k / E), and the count is autograd's."""
+    from megatrain.flops import frozen_flops_adjustment
+
+    m = ModelConfig(**MOE)
+    model = moe_model(m)
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith(("layers.0.", "embed.", "layers.2.mlp.experts."))
+    x = torch.randint(0, m.vocab_size, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x).backward()
+    counted = counter.get_total_flops() / x.numel()
+    assert train_flops_per_token(m, 0) + frozen_flops_adjustment(model, m, 0) == counted

@@ -63,6 +63,19 @@ TRANSFORMERS = {
         vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=500000.0,
         tie_word_embeddings=False)),
+    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        sliding_window=None, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], tie_word_embeddings=False)),
+    "olmoe-1b-7b": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, num_experts=64,
+        num_experts_per_tok=8, norm_topk_prob=False, tie_word_embeddings=False)),
 }
 
 
@@ -106,3 +119,68 @@ def test_preset_matches_its_transformers_class_on_the_meta_device(preset):
         assert (m.rope_factor, m.rope_original_max_len, m.rope_low_freq_factor, m.rope_high_freq_factor) == (
             rope["factor"], rope["original_max_position_embeddings"], rope["low_freq_factor"],
             rope["high_freq_factor"])
+
+
+# -- Mixture-of-Experts presets: total and active parameters --
+
+
+def moe_counts(V: int, L: int, d: int, q: int, kv: int, qk_norm: int, E: int, k: int, ff: int) -> tuple[int, int]:
+    """(total, active) parameters of an untied, bias-free MoE Transformer whose every block is a MoE of E SwiGLU
+    experts of width ff (no shared expert), written out: attention q (d x q), k and v (d x kv), o (q x d), its QK
+    norms (qk_norm elements), two RMSNorms, the router (E x d), each expert 3 x d x ff; the embedding and the head
+    (V x d each) and the final norm. Active: of the E experts of a block only the k a token runs through."""
+    attn = d * q + 2 * d * kv + q * d + qk_norm + 2 * d
+    expert = 3 * d * ff
+    rest = 2 * V * d + d
+    return L * (attn + E * d + E * expert) + rest, L * (attn + E * d + k * expert) + rest
+
+
+# preset: (the exact counts written out, the model card's rounded (total, active), in billions)
+MOE_PUBLISHED = {
+    # Mixtral 8x7B: "46.7B total parameters ... 12.9B per token" (Mistral AI's announcement, Mixtral paper)
+    "mixtral-8x7b": (moe_counts(32000, 32, 4096, 32 * 128, 8 * 128, 0, 8, 2, 14336), (46.7, 12.9)),
+    # Qwen3-30B-A3B: "30.5B in total and 3.3B activated" (model card). The exact active count, 3,353,032,704,
+    # rounds to 3.4B: the card's 3.3B is truncated (with the embedding and the head counted, as for its 30.5B).
+    "qwen3-30b-a3b": (moe_counts(151936, 48, 2048, 32 * 128, 4 * 128, 2 * 128, 128, 8, 768), (30.5, 3.3)),
+    # OLMoE-1B-7B-0924: "1B active and 7B total" in its name, "6.9B total, 1.3B active" in the OLMoE paper; its QK
+    # norms span the whole projections (qk_norm full: 2048 + 2048)
+    "olmoe-1b-7b": (moe_counts(50304, 16, 2048, 16 * 128, 16 * 128, 2 * 2048, 64, 8, 1024), (6.9, 1.3)),
+}
+TRUNCATED = {("qwen3-30b-a3b", "active")}
+# the counts above, as numbers (the totals are also transformers' counts: test_preset_matches_its_transformers_class)
+EXACT = {"mixtral-8x7b": (46_702_792_704, 12_879_925_248), "qwen3-30b-a3b": (30_532_122_624, 3_353_032_704),
+         "olmoe-1b-7b": (6_919_161_856, 1_282_017_280)}  # published figures rounded down, not to the nearest
+
+
+@pytest.mark.parametrize("preset", MOE_PUBLISHED)
+def test_moe_preset_has_its_published_total_and_active_parameters(preset):
+    """The preset's total (a meta-device build) and active (planning.memory.active_params) parameter counts equal the
+    counts written out from the published architecture, and round to the published figures."""
+    from megatrain.planning.memory import active_params
+
+    (total, active), published = MOE_PUBLISHED[preset]
+    m = load_config(preset).model
+    assert (total_params(m), active_params(m)) == (total, active)
+    for kind, exact, rounded in (("total", total, published[0]), ("active", active, published[1])):
+        if (preset, kind) in TRUNCATED:
+            assert int(exact / 1e8) / 10 == rounded, (preset, kind, exact)
+        else:
+            assert round(exact / 1e9, 1) == rounded, (preset, kind, exact)
+    assert (total, active) == EXACT[preset]
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"])
+def test_moe_preset_routes_as_its_transformers_class(preset):
+    """The experts, top-k, expert width and the top-k weights' normalisation of the published config.json; Mixtral's
+    softmax over the two best logits is the softmax over all then normalised (its transformers code)."""
+    import transformers
+
+    config_name, _, values = TRANSFORMERS[preset]
+    hf = getattr(transformers, config_name)(**values)
+    m = load_config(preset).model
+    experts = getattr(hf, "num_local_experts", None) or hf.num_experts
+    width = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
+    assert (m.moe_experts, m.moe_top_k, m.moe_ffn, m.moe_shared_experts, m.moe_layers) == (
+        experts, hf.num_experts_per_tok, width, 0, "all")
+    normalised = m.moe_router == "topk_softmax" or m.moe_norm_topk
+    assert normalised == getattr(hf, "norm_topk_prob", True)

@@ -14,7 +14,8 @@ import functools
 import itertools
 from dataclasses import dataclass
 
-from megatrain.config import Config, ModelConfig, ffn_width, head_dim, is_local_layer, kv_heads
+from megatrain.config import (Config, ModelConfig, ffn_width, head_dim, is_local_layer, is_moe_layer, kv_heads,
+                              moe_ffn_width, shared_ffn_width)
 
 FP32 = 4
 DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000  # ZeRO-3 keeps at most this many gathered parameters (its default)
@@ -27,13 +28,21 @@ def bytes_per_value(precision: str) -> int:
 
 @dataclass(frozen=True)
 class StageParams:
-    """The parameters one rank of a pipeline stage holds (after its TP split)."""
+    """The parameters one rank of a pipeline stage holds (after its TP and EP splits)."""
 
     local: int  # parameters on the rank
     zero3_persistent: int  # of those, the ones ZeRO-3 keeps whole (fewer elements than its persistence threshold)
     layers: int  # Transformer blocks in the stage
     first: bool  # holds the embedding
     last: bool  # holds the final norm and the LM head
+    expert: int = 0  # of `local`, the experts' (E / ep of each MoE layer): ZeRO partitions them over dp / ep ranks
+    expert_persistent: int = 0  # of `zero3_persistent`, the experts'
+    moe_layers: int = 0  # of `layers`, the MoE blocks
+
+    @property
+    def dense(self) -> int:
+        """Parameters ZeRO partitions over every data-parallel rank."""
+        return self.local - self.expert
 
 
 def parameter_table(m: ModelConfig) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
@@ -52,10 +61,12 @@ def _parameter_table(fields: tuple) -> tuple[tuple[str, int, tuple[int, ...]], .
     return tuple((n, p.numel(), tuple(p.shape)) for n, p in model.named_parameters())
 
 
-def local_numel(name: str, numel: int, m: ModelConfig, tp: int) -> int:
-    from megatrain.parallel.sharding import split_of
+def local_numel(name: str, numel: int, m: ModelConfig, tp: int, ep: int = 1) -> int:
+    """A parameter's elements on one rank: its TP slice, and for a MoE layer's experts 1/ep of them."""
+    from megatrain.parallel.sharding import is_expert_param, split_of
 
-    return numel if split_of(name, m).replicated else numel // tp
+    n = numel if split_of(name, m).replicated else numel // tp
+    return n // ep if is_expert_param(name) else n
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,9 +82,9 @@ def blocks_per_stage(n_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(sum(weights[a:b]) for a, b in itertools.pairwise(bounds))
 
 
-def stage_params(m: ModelConfig, tp: int, pp: int, persistence_threshold: int) -> list[StageParams]:
+def stage_params(m: ModelConfig, tp: int, pp: int, persistence_threshold: int, ep: int = 1) -> list[StageParams]:
     """Per pipeline stage: what one of its ranks holds."""
-    return list(_stage_params(_model_key(m), tp, pp, persistence_threshold))
+    return list(_stage_params(_model_key(m), tp, pp, persistence_threshold, ep))
 
 
 def _model_key(m: ModelConfig) -> tuple:
@@ -81,7 +92,9 @@ def _model_key(m: ModelConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _stage_params(key: tuple, tp: int, pp: int, persistence_threshold: int) -> tuple[StageParams, ...]:
+def _stage_params(key: tuple, tp: int, pp: int, persistence_threshold: int, ep: int) -> tuple[StageParams, ...]:
+    from megatrain.parallel.sharding import is_expert_param
+
     m = ModelConfig(*key)
     table = _parameter_table(key)
     blocks = blocks_per_stage(m.n_layers, pp)
@@ -89,7 +102,7 @@ def _stage_params(key: tuple, tp: int, pp: int, persistence_threshold: int) -> t
     out = []
     for s in range(pp):
         first, last = s == 0, s == pp - 1
-        local = persistent = 0
+        local = persistent = expert = expert_persistent = 0
         for name, numel, _ in table:
             if name.startswith("layers."):
                 mine = starts[s] <= int(name.split(".")[1]) < starts[s] + blocks[s]
@@ -99,15 +112,31 @@ def _stage_params(key: tuple, tp: int, pp: int, persistence_threshold: int) -> t
             else:  # final norm, LM head
                 mine = last
             if mine:
-                n = local_numel(name, numel, m, tp)
+                n = local_numel(name, numel, m, tp, ep)
                 local += n
                 persistent += n if n < persistence_threshold else 0
-        out.append(StageParams(local, persistent, blocks[s], first, last))
+                if is_expert_param(name):
+                    expert += n
+                    expert_persistent += n if n < persistence_threshold else 0
+        moe = sum(is_moe_layer(m, i) for i in range(starts[s], starts[s] + blocks[s]))
+        out.append(StageParams(local, persistent, blocks[s], first, last, expert, expert_persistent, moe))
     return tuple(out)
 
 
 def total_params(m: ModelConfig) -> int:
     return sum(numel for _, numel, _ in parameter_table(m))
+
+
+def active_params(m: ModelConfig) -> int:
+    """The parameters one token's forward uses: every parameter, except that of each MoE layer's E experts only its
+    top_k count (the router, a shared expert and the embeddings count whole). A dense model: total_params."""
+    from megatrain.parallel.sharding import is_expert_param
+
+    if not m.moe_experts:
+        return total_params(m)
+    experts = sum(numel for name, numel, _ in parameter_table(m) if is_expert_param(name))
+    assert experts % m.moe_experts == 0  # each expert tensor stacks E equal experts
+    return total_params(m) - experts + experts // m.moe_experts * m.moe_top_k
 
 
 @dataclass
@@ -173,6 +202,25 @@ def model_states(P: int, persistent: int, dp: int, zero_stage: int, precision: s
     return ModelStates(params, (w * part + fp32_grad, 0), (opt, 0), (bucket, 0), gathered)
 
 
+def stage_states(st: StageParams, dp: int, ep: int, zero_stage: int, precision: str, grad_accum: int,
+                 pipeline: bool, offload_optimizer: bool, offload_params: bool, reduce_bucket: int) -> ModelStates:
+    """model_states of one rank of a stage: the dense parameters partitioned over the dp data-parallel ranks, the
+    experts (E / ep of each MoE layer here) over the dp / ep ranks that hold the same experts. ZeRO-3 gathers both."""
+    dense = model_states(st.dense, st.zero3_persistent - st.expert_persistent, dp, zero_stage, precision, grad_accum,
+                         pipeline, offload_optimizer, offload_params, reduce_bucket)
+    if not st.expert:
+        return dense
+    ex = model_states(st.expert, st.expert_persistent, dp // ep, zero_stage, precision, grad_accum, pipeline,
+                      offload_optimizer, offload_params, 0)
+
+    def add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        return a[0] + b[0], a[1] + b[1]
+
+    gathered = bytes_per_value(precision) * min(st.local - st.zero3_persistent, DEEPSPEED_MAX_LIVE_PARAMETERS)
+    return ModelStates(add(dense.params, ex.params), add(dense.grads, ex.grads), add(dense.optimizer, ex.optimizer),
+                       dense.buffers, gathered if zero_stage == 3 else 0)
+
+
 @dataclass
 class Activations:
     """Bytes of one rank's activations at the end of the forward passes it holds before its first backward."""
@@ -212,6 +260,25 @@ def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int) -> dict[str
     return {"norm": norm, "post_norm": post_norm, "attention": attn, "mlp": mlp, "dropout": dropout}
 
 
+def moe_mlp_bytes(m: ModelConfig, tp: int, w: int) -> float:
+    """Bytes per token a MoE layer's feed-forward saves for its backward (in place of per_token_layer_bytes' mlp),
+    dropless (a capacity drops some rows: fewer).
+
+    The router: its logits in fp32 (for the z-loss's log-sum-exp) and the softmax over the E experts, the top_k
+    chosen weights (fp32) and indices (int64), the weights' sum and the log-sum-exp (fp32 each). Each of the top_k
+    routed copies of a token: the gathered row the experts read, the expert's output and that output weighted (what
+    index_add_ keeps), d_model each; the expert's hidden values in plain PyTorch (gated: gate|up, the activation and
+    the product, 4 x moe_ffn; gelu: 2 x); its weight in the activations' dtype and two int64 indices (the token, the
+    sort). Every TP rank routes every token of its group (each expert is TP-split), so only the hidden width divides
+    by tp. The shared MLP saves what a dense one of its width does, its gate the sigmoid and the shared output."""
+    d, ff, sff, k = m.d_model, moe_ffn_width(m), shared_ffn_width(m), m.moe_top_k
+    gated = m.mlp in ("swiglu", "geglu")
+    router = 2 * FP32 * m.moe_experts + (FP32 + 8) * k + 2 * FP32
+    per_copy = w * (3 * d + (4 if gated else 2) * ff / tp) + w + 16
+    shared = w * {"swiglu": 3, "geglu": 4}.get(m.mlp, 2) * sff / tp + (w * (d + 1) if m.moe_shared_gate and sff else 0)
+    return router + k * per_copy + shared
+
+
 def window_mask_bytes(m: ModelConfig, seq_len: int, w: int) -> int:
     """Bytes the sliding-window blocks' attention keeps, whatever the micro-batch size: the [T, T] additive band
     mask in the activations' dtype, which the kernel that takes a mask (memory-efficient attention; flash attention
@@ -237,7 +304,13 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     tokens = b * s
     sp = p.sequence_parallel and tp > 1
     part = per_token_layer_bytes(m, tp, sp, w)
-    full_block = 2 * part["norm"] + part["post_norm"] + part["attention"] + part["mlp"] + part["dropout"]
+    mlps = [(stage.layers - stage.moe_layers, part["mlp"]), (stage.moe_layers, moe_mlp_bytes(m, tp, w))]
+    mlps = [(n, mlp) for n, mlp in mlps if n] or mlps[:1]  # (blocks, their feed-forward's bytes per token)
+
+    def whole(mlp: float) -> float:  # a block's bytes per token with this feed-forward
+        return 2 * part["norm"] + part["post_norm"] + part["attention"] + mlp + part["dropout"]
+
+    full_block = max(whole(mlp) for _, mlp in mlps)
     # the checkpointed input: split over TP ranks with partition_activations, sequence-sharded under sequence parallel
     ckpt_input = w * m.d_model / (tp if (p.partition_activations or sp) and tp > 1 else 1)
     mode = cfg.train.activation_checkpointing
@@ -245,13 +318,14 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     windows = window_blocks(m, stage_index, pp)
     mask = window_mask_bytes(m, s, w) if windows else 0
     if mode == "full":  # the block's input only; the block is recomputed in the backward
-        block, recompute = ckpt_input, full_block
+        blocks, recompute = [(stage.layers, ckpt_input)], full_block
     elif mode == "selective":  # attention recomputed from the normed input it is checkpointed at
-        block = 2 * part["norm"] - w * m.d_model + ckpt_input + part["post_norm"] + part["mlp"] + part["dropout"]
+        blocks = [(n, 2 * part["norm"] - w * m.d_model + ckpt_input + part["post_norm"] + mlp + part["dropout"])
+                  for n, mlp in mlps]
         recompute = part["attention"] + w * m.d_model
     else:
-        block, recompute = full_block, 0.0
-    per_mb = tokens * stage.layers * block + (mask if mode == "none" else 0)
+        blocks, recompute = [(n, whole(mlp)) for n, mlp in mlps], 0.0
+    per_mb = sum(tokens * n * block for n, block in blocks) + (mask if mode == "none" else 0)
     if stage.first:
         per_mb += 8 * tokens  # the token ids the embedding saves
     if stage.last:
@@ -273,15 +347,16 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
 
 
 def startup_host_bytes(m: ModelConfig, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: int = 0,
-                       precision: str = "fp32", from_weights: bool = False) -> int:
+                       precision: str = "fp32", from_weights: bool = False, ep: int = 1) -> int:
     """Host memory a rank's model takes at start-up, before deepspeed.initialize: the model is built on the meta
     device and each rank gets only its TP slice of its pipeline stage, in fp32, every full tensor drawn into one
     buffer of the largest one's size. Under ZeRO-3 each parameter is partitioned (in the run's precision) as soon as
     it is drawn, so the rank holds its partition and that buffer. Starting from weights (checkpoint.init,
-    finetune.init) the full tensors are read one at a time instead: one more of them, as read, next to its slice."""
+    finetune.init) the full tensors are read one at a time instead: one more of them, as read, next to its slice.
+    Under expert parallelism a rank holds E / ep of each MoE layer's experts, partitioned over dp / ep ranks."""
     largest = max(numel for _, numel, _ in parameter_table(m))
-    local = max(s.local for s in stage_params(m, tp, pp, 0))
+    stage = max(stage_params(m, tp, pp, 0, ep), key=lambda st: st.local)
     full_tensors = FP32 * largest * (2 if from_weights else 1)
     if zero_stage == 3:
-        return bytes_per_value(precision) * -(-local // dp) + full_tensors
-    return FP32 * local + full_tensors
+        return bytes_per_value(precision) * (-(-stage.dense // dp) + -(-stage.expert // (dp // ep))) + full_tensors
+    return FP32 * stage.local + full_tensors

@@ -5,10 +5,10 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from megatrain.config import Config, ConfigError, padded_vocab_size
+from megatrain.config import Config, ConfigError, padded_vocab_size, validate
 from megatrain.parallel.topology import check_layout
 from megatrain.planning.memory import (Activations, ModelStates, StageParams, activations, local_numel,
-                                       model_states, parameter_table, stage_params)
+                                       parameter_table, stage_params, stage_states)
 from megatrain.planning.timing import Cluster, StepTime, step_time
 from megatrain.training.engine import deepspeed_config
 
@@ -35,6 +35,10 @@ class LayoutPlan:
     acts: list[Activations]
     time: StepTime | None
 
+    @property
+    def ep(self) -> int:
+        return self.cfg.parallel.ep
+
     def stage_peak(self, s: int) -> int:
         """A rank of stage s at its fullest: model states, ZeRO-3's gathered parameters, the activations of its
         micro-batches in flight, the block being recomputed and the pipeline's receive buffers."""
@@ -54,6 +58,8 @@ class LayoutPlan:
         p, t = self.cfg.parallel, self.cfg.train
         items = [f"parallel.tp={p.tp}", f"parallel.pp={p.pp}", f"parallel.zero_stage={p.zero_stage}",
                  f"train.micro_batch_size={t.micro_batch_size}", f"train.activation_checkpointing={t.activation_checkpointing}"]
+        if p.ep > 1:
+            items.append(f"parallel.ep={p.ep}")
         if p.sequence_parallel:
             items.append("parallel.sequence_parallel=true")
         if p.offload_optimizer:
@@ -72,7 +78,9 @@ def resolve_precision(cfg: Config, for_gpus: bool) -> str:
 
 def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str) -> LayoutPlan:
     """The plan of cfg's own layout on `world` ranks; an impossible layout raises ConfigError (training's own checks).
-    Without a cluster there is no step time."""
+    Without a cluster there is no step time. Training's config checks run first: a layout it refuses (parallel.ep
+    with a stage or a feature expert parallelism does not take, say) is no plan."""
+    validate(cfg)
     layout = check_layout(cfg, world)
     m, p = cfg.model, cfg.parallel
     if m.vocab_size % layout.tp:
@@ -81,12 +89,12 @@ def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str
     zero = ds["zero_optimization"]
     grad_accum = ds["gradient_accumulation_steps"]
     stages = stage_params(m, layout.tp, layout.pp, int(zero.get("stage3_param_persistence_threshold",
-                                                                 DEEPSPEED_PERSISTENCE_THRESHOLD)))
+                                                                 DEEPSPEED_PERSISTENCE_THRESHOLD)), p.ep)
     states, acts = [], []
     for s, st in enumerate(stages):
         bucket = deepspeed_config(cfg, world, local_params=st.local)["zero_optimization"].get("reduce_bucket_size", 0)
-        states.append(model_states(st.local, st.zero3_persistent, layout.dp, p.zero_stage, precision, grad_accum,
-                                   layout.pp > 1, p.offload_optimizer, p.offload_params, int(bucket)))
+        states.append(stage_states(st, layout.dp, p.ep, p.zero_stage, precision, grad_accum, layout.pp > 1,
+                                   p.offload_optimizer, p.offload_params, int(bucket)))
         acts.append(activations(cfg, st, s, layout.tp, layout.pp, grad_accum, precision))
     time = step_time(cfg, stages, layout.tp, layout.pp, layout.dp, grad_accum, precision, cluster) if cluster else None
     return LayoutPlan(cfg, layout.tp, layout.pp, layout.dp, grad_accum, precision, stages, states, acts, time)
@@ -115,10 +123,18 @@ def _zero_options(pp: int) -> list[tuple[int, tuple[bool, bool]]]:
             (3, (False, False)), (3, (True, False)), (3, (True, True))]
 
 
+def expert_options(cfg: Config, dp: int) -> list[int]:
+    """The expert-parallel sizes of a layout: divisors of its dp data-parallel ranks that divide model.moe_experts
+    (1 alone for a dense model)."""
+    E = cfg.model.moe_experts
+    return [ep for ep in _divisors(dp) if E and E % ep == 0] or [1]
+
+
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, tokenizer_vocab: int = 0):
-    """Every (tp, pp, zero_stage, offload, micro-batch, checkpointing, sequence parallel) the config's model and global
-    batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the batch share.
-    tokenizer_vocab: as with_layout's."""
+    """Every (tp, pp, ep, zero_stage, offload, micro-batch, checkpointing, sequence parallel) the config's model and
+    global batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the
+    batch share, expert parallelism (a MoE model) over divisors of dp that divide its experts. tokenizer_vocab: as
+    with_layout's."""
     G = cfg.train.global_batch_size
     for tp in _divisors(gpus):
         for pp in _divisors(gpus // tp):
@@ -126,9 +142,11 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, tokenizer_voca
             if tp > gpus_per_node or pp > cfg.model.n_layers or G % dp:
                 continue
             micro = [mb for mb in (1, 2, 4, 8, 16, 32) if (G // dp) % mb == 0]
-            for (zero, offload), mb, ckpt, sp in itertools.product(_zero_options(pp), micro, ("none", "selective", "full"),
-                                                                   (False, True) if tp > 1 else (False,)):
-                yield with_layout(cfg, tokenizer_vocab, parallel__tp=tp, parallel__pp=pp, parallel__zero_stage=zero,
+            for ep, (zero, offload), mb, ckpt, sp in itertools.product(
+                    expert_options(cfg, dp), _zero_options(pp), micro, ("none", "selective", "full"),
+                    (False, True) if tp > 1 else (False,)):
+                yield with_layout(cfg, tokenizer_vocab, parallel__tp=tp, parallel__pp=pp, parallel__ep=ep,
+                                  parallel__zero_stage=zero,
                                   parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
                                   parallel__offload_params=offload[1], train__micro_batch_size=mb,
                                   train__activation_checkpointing=ckpt)
@@ -153,8 +171,10 @@ def search(cfg: Config, cluster: Cluster, precision: str, tokenizer_vocab: int =
 
 def deepspeed_estimate(plan: LayoutPlan, cluster_gpus: int) -> int | None:
     """DeepSpeed's own cold estimate of ZeRO-2/3 model-state bytes per GPU (estimate_zero*_model_states_mem_needs),
-    for the same parameter count per model-parallel rank; None for other stages."""
+    for the same parameter count per model-parallel rank; None for other stages and under expert parallelism."""
     p = plan.cfg.parallel
+    if p.ep > 1:  # its estimate partitions every parameter over dp; the experts' states go over dp / ep ranks
+        return None
     local = max(st.local for st in plan.stages)
     offload = p.offload_optimizer
     if p.zero_stage == 2:

@@ -3,8 +3,10 @@ over the given compute rate and bandwidths.
 
 A first-order model, stated so it can be checked: compute runs at `compute_efficiency` of the GPU's dense bf16
 peak; a collective moves its bytes at `comm_efficiency` of the link (ring all-reduce: 2(n-1)/n of the tensor per
-rank, reduce-scatter and all-gather (n-1)/n each); a TP group or a DP group that spans nodes goes at the inter-node
-rate. TP and pipeline transfers are not overlapped with compute (they sit between dependent matmuls); ZeRO-2/3's
+rank, reduce-scatter and all-gather (n-1)/n each, all-to-all (n-1)/n of what a rank sends); a TP, EP or DP group
+that spans nodes goes at the inter-node rate. Expert parallelism's groups are ep adjacent data-parallel ranks (tp
+apart); the ranks holding the same experts, dp / ep of them, are tp x ep apart. TP, pipeline and expert-parallel
+transfers are not overlapped with compute (they sit between dependent matmuls); ZeRO-2/3's
 reductions overlap the backward (DeepSpeed's overlap_comm), ZeRO-0/1's all-reduce does not; offloaded states cross
 PCIe and the host runs Adam, neither overlapped.
 """
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatrain.config import Config
-from megatrain.flops import block_flops_per_token, train_flops_per_token
+from megatrain.config import Config, ffn_width, shared_ffn_width
+from megatrain.flops import block_flops_per_token, mlp_matrices, moe_flops_per_token, train_flops_per_token
 from megatrain.planning.memory import FP32, StageParams, bytes_per_value
 
 
@@ -75,15 +77,32 @@ class StepTime:
     #                     exposed communication and offload are the rest): 1.0 when nothing but the model computes
     mfu: float  # compute_efficiency x model_share: follows from the assumption, measures nothing
     tokens_per_s: float
+    ep_s: float = 0.0  # expert parallelism's all-to-alls (not overlapped)
+    ep_bytes: float = 0.0  # per rank per step
 
 
 def _all_reduce(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
+def all_to_all_bytes(cfg: Config, moe_layers: int, grad_accum: int, precision: str) -> float:
+    """What one rank sends per step in expert parallelism's all-to-alls: per MoE layer and micro-batch, the dispatch of
+    each token's top_k copies to the ranks holding their experts and their return, forward and backward (4; 6 when
+    full activation checkpointing runs the forward again), each of tokens x top_k x d_model values, of which
+    (ep - 1) / ep leave the rank. Every TP rank routes every token of its group (the experts are TP-split within
+    each), so none of it divides by tp."""
+    ep, m, t = cfg.parallel.ep, cfg.model, cfg.train
+    if ep == 1 or not moe_layers:
+        return 0.0
+    rows = t.micro_batch_size * cfg.data.seq_len * m.moe_top_k
+    passes = 4 + (2 if t.activation_checkpointing == "full" else 0)
+    return passes * moe_layers * grad_accum * rows * m.d_model * bytes_per_value(precision) * (ep - 1) / ep
+
+
 def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int, grad_accum: int, precision: str,
               cluster: Cluster) -> StepTime:
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    ep = p.ep
     w = bytes_per_value(precision)
     s, b = cfg.data.seq_len, t.micro_batch_size
     tokens_mb = b * s
@@ -97,6 +116,11 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
 
     def stage_seconds(st: StageParams) -> float:  # one micro-batch, forward + backward (+ recompute) on one rank
         per_token = st.layers * (3 * (proj + mix) + recompute) + (3 * head if st.last else 0)
+        if m.moe_experts:  # the stage's own blocks: its MoE ones' feed-forward, the rest dense
+            dense = 2 * m.d_model * ffn_width(m) * mlp_matrices(m)
+            mlps = st.moe_layers * moe_flops_per_token(m) + (st.layers - st.moe_layers) * dense
+            again = 1 if t.activation_checkpointing == "full" else 0  # the MLP recomputed too
+            per_token += (3 + again) * (mlps - st.layers * mlp)
         return per_token * tokens_mb / tp / rate
 
     per_mb = max(stage_seconds(st) for st in stages)
@@ -108,29 +132,43 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
     # when the block is recomputed; sequence parallel swaps each for a reduce-scatter + all-gather of the same volume
     layers = max(st.layers for st in stages)
     n_ar = layers * (4 + (2 if t.activation_checkpointing == "full" else 0)) + 2  # + the embedding and the head's input
+    if shared_ffn_width(m):  # a MoE layer's shared MLP reduces its own output: one more forward, one more backward
+        n_ar += max(st.moe_layers for st in stages) * (2 + (1 if t.activation_checkpointing == "full" else 0))
     tp_bytes = n_ar * _all_reduce(act, tp) * grad_accum
     pp_bytes = 2 * act / (tp if p.sequence_parallel and tp > 1 else 1) * (grad_accum if pp > 1 else 0)
     pp_link = cluster.link_bytes_per_s(tp * dp, 2)
-    local = max(st.local for st in stages)
-    dp_link = cluster.link_bytes_per_s(tp, dp)
-    share = (dp - 1) / dp if dp > 1 else 0.0
-    if p.zero_stage <= 1:  # one all-reduce (ZeRO-1: reduce-scatter + all-gather) of the gradients per step
-        dp_bytes, hidden = 2 * share * w * local, 0.0
-    elif p.zero_stage == 2:  # reduce-scatter every micro-batch, all-gather the updated parameters once
-        dp_bytes, hidden = share * w * local * (grad_accum + 1), 2 / 3 * compute
-    else:  # all-gather forward and backward, reduce-scatter the gradients, every micro-batch
-        dp_bytes, hidden = 3 * share * w * local * grad_accum, 2 / 3 * compute
-    tp_s, pp_s, dp_total = tp_bytes / tp_link, (pp_bytes * (grad_accum + pp - 1) / max(grad_accum, 1)) / pp_link, dp_bytes / dp_link
+    big = max(stages, key=lambda st: st.local)
+    local = big.local
+
+    def zero_bytes(params: int, n: int) -> float:  # what ZeRO sends per rank per step for params over n ranks
+        share = (n - 1) / n if n > 1 else 0.0
+        if p.zero_stage <= 1:  # one all-reduce (ZeRO-1: reduce-scatter + all-gather) of the gradients per step
+            return 2 * share * w * params
+        if p.zero_stage == 2:  # reduce-scatter every micro-batch, all-gather the updated parameters once
+            return share * w * params * (grad_accum + 1)
+        return 3 * share * w * params * grad_accum  # all-gather forward and backward, reduce-scatter, every micro-batch
+
+    hidden = 0.0 if p.zero_stage <= 1 else 2 / 3 * compute
+    # the dense parameters over every data-parallel rank, the experts over the dp / ep ranks holding the same ones
+    dense_bytes, expert_bytes = zero_bytes(big.dense, dp), zero_bytes(big.expert, dp // ep)
+    dp_bytes = dense_bytes + expert_bytes
+    dp_total = dense_bytes / cluster.link_bytes_per_s(tp, dp)
+    if expert_bytes:
+        dp_total += expert_bytes / cluster.link_bytes_per_s(tp * ep, dp // ep)
+    tp_s, pp_s = tp_bytes / tp_link, (pp_bytes * (grad_accum + pp - 1) / max(grad_accum, 1)) / pp_link
     dp_s = max(0.0, dp_total - hidden)
+    ep_bytes = all_to_all_bytes(cfg, max(st.moe_layers for st in stages), grad_accum, precision)
+    ep_s = ep_bytes / cluster.link_bytes_per_s(tp, ep) if ep_bytes else 0.0
     offload_s = 0.0
-    part = local / dp if p.zero_stage >= 1 else local
+    part = big.dense / dp + big.expert / (dp // ep) if p.zero_stage >= 1 else local
     host_link = cluster.gpu.host_gbps * 1e9 / 8 * cluster.comm_efficiency
     if p.offload_optimizer:  # gradients down, updated parameters up, Adam on the host
         offload_s += (FP32 + w) * part / host_link + part / CPU_ADAM_PARAMS_PER_S
     if p.offload_params:  # every micro-batch reads the partition from the host, forward and backward
         offload_s += 2 * w * part * grad_accum / host_link
-    step = compute + tp_s + pp_s + dp_s + offload_s
+    step = compute + tp_s + pp_s + dp_s + offload_s + ep_s
     world = tp * pp * dp
     model_share = flops_per_step / (world * rate) / step
     return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, offload_s, tp_bytes, pp_bytes, dp_bytes, step,
-                    model_share, cluster.compute_efficiency * model_share, t.global_batch_size * s / step)
+                    model_share, cluster.compute_efficiency * model_share, t.global_batch_size * s / step, ep_s,
+                    ep_bytes)
