@@ -206,7 +206,9 @@ def check_parity(model, hf_dir: str, vocab: int) -> str | None:
     from one."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True).eval()
+    # eager experts: a MoE class's default grouped matmul has no float64
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True,
+                                              experts_implementation="eager").eval()
     # the folder's generation_config.json (end tokens, min_new_tokens, repetition penalties) would change the rule
     hf.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = Transformer(replace(model.cfg, fused_kernels="off"))  # the plain-PyTorch path takes float64
