@@ -12,7 +12,7 @@ from megatrain.checkpoint.hf import family_of, read_hf_config
 from megatrain.checkpoint.reader import CheckpointError
 from megatrain.config import ModelConfig
 from megatrain.convert.hf import check_parity
-from tests.test_hf_families import BASE, CONFIG_KEYS, converts_both_ways, megatrain_of, tiny_hf
+from test_hf_families import BASE, CONFIG_KEYS, cli, converts_both_ways, megatrain_of, tiny_hf
 
 MOE = dict(num_hidden_layers=2, num_experts_per_tok=2, router_aux_loss_coef=0.02)
 QWEN2_MOE = dict(MOE, num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -42,6 +42,29 @@ MOE_KEYS = CONFIG_KEYS + ("num_experts", "num_local_experts", "num_experts_per_t
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_moe_family_converts_both_ways_to_the_same_model(case, tmp_path, capsys):
     converts_both_ways(case, tmp_path, capsys, cases=CASES, config_keys=MOE_KEYS)
+
+
+@pytest.mark.slow  # 2 and 4 ranks
+@pytest.mark.parametrize("case,parallel", [("qwen2-moe-sparse-step", ("parallel.ep=2",)),
+                                           ("mixtral", ("parallel.ep=2", "parallel.tp=2"))])
+def test_the_commands_round_trip_a_moe_model_split_over_experts(case, parallel, tmp_path):
+    """from-hf into an expert-parallel layout (each rank writes its experts), to-hf back: the parity line, the class,
+    every tensor as it was."""
+    import os
+
+    from safetensors.torch import load_file
+
+    src, mt, back = (str(tmp_path / n) for n in ("src", "mt", "back"))
+    tiny_hf(case, src, cases=CASES)
+    sets = [a for kv in parallel for a in ("--set", kv)]
+    world = 2 * (2 if "parallel.tp=2" in parallel else 1)
+    r = cli("convert", "from-hf", src, "--output", mt, *sets, "--world-size", str(world))
+    assert r.returncode == 0 and "(same)" in r.stdout, r.stdout + r.stderr[-3000:]
+    r = cli("convert", "to-hf", mt, "--output", back)
+    assert r.returncode == 0 and "(same)" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert f"as {CASES[case][1]}" in r.stdout, r.stdout
+    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dense_and_moe_blocks_mix_as_decoder_sparse_step_says(tmp_path):

@@ -30,7 +30,8 @@ EXPERT = "{e}"  # in a Family's layer names: one HF tensor per expert
 _SWIGLU_EXPERTS = {"mlp.experts.gate_up": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
                    "mlp.experts.down": ("mlp.experts.{e}.down_proj.weight",), "mlp.router.weight": ("mlp.gate.weight",)}
 MIXTRAL_MOE = {"mlp.router.weight": ("block_sparse_moe.gate.weight",),
-               "mlp.experts.gate_up": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
+               "mlp.experts.gate_up": ("block_sparse_moe.experts.{e}.w1.weight",  # gate
+                                       "block_sparse_moe.experts.{e}.w3.weight"),  # up
                "mlp.experts.down": ("block_sparse_moe.experts.{e}.w2.weight",)}
 QWEN_MOE = dict(_SWIGLU_EXPERTS)  # Qwen3-MoE, OLMoE (their dense blocks: mlp.gate_proj / up_proj / down_proj)
 QWEN2_MOE = {**_SWIGLU_EXPERTS,
@@ -92,7 +93,8 @@ def moe_config_kwargs(m: ModelConfig, architecture: str) -> dict:
         return dict(kw, intermediate_size=moe_ffn_width(m), clip_qkv=None)
     kind, n = moe_layer_rule(m)  # Qwen2-MoE, Qwen3-MoE: dense blocks of intermediate_size between the MoE ones
     kw.update(intermediate_size=ffn_width(m), moe_intermediate_size=moe_ffn_width(m),
-              decoder_sparse_step=n if kind == "every" else 1, mlp_only_layers=list(range(n)) if kind == "after" else [])
+              decoder_sparse_step=n if kind == "every" else 1,
+              mlp_only_layers=list(range(n)) if kind == "after" else [])
     if architecture == "Qwen2MoeForCausalLM":
         kw["shared_expert_intermediate_size"] = shared_ffn_width(m)
     return kw
