@@ -132,7 +132,7 @@ def test_the_docs_end_to_end_example_runs(tmp_path):
     page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "checkpoints.md")).read()
     section = page[page.index("### Every family, end to end"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    loop = "for family in llama qwen2 qwen3 gemma3 phi3 olmo2; do"
+    loop = "for family in llama qwen2 qwen3 gemma3 phi3 olmo2 mixtral qwen2_moe qwen3_moe olmoe; do"
     assert loop in block
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     r = subprocess.run(["bash", "-e", "-c", block.replace(loop, "for family in gemma3; do")], cwd=tmp_path,

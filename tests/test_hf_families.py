@@ -70,12 +70,12 @@ CASES = {
 }
 
 
-def tiny_hf(case: str, path: str, seed: int = 0, **changes) -> str:
-    """A random transformers model of `case` (random norm weights and biases: not their init's ones and zeros),
-    saved in float32 with save_pretrained."""
+def tiny_hf(case: str, path: str, seed: int = 0, cases: dict = CASES, **changes) -> str:
+    """A random transformers model of `case` (a key of `cases`; random norm weights and biases: not their init's
+    ones and zeros), saved in float32 with save_pretrained."""
     import transformers
 
-    config_class, model_class, extra, _ = CASES[case]
+    config_class, model_class, extra, _ = cases[case]
     cfg = getattr(transformers, config_class)(**{**BASE, **extra, **changes}, architectures=[model_class])
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(cfg)
@@ -100,7 +100,8 @@ def megatrain_of(path: str) -> Transformer:
 def hf_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, local_files_only=True).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, local_files_only=True,
+                                              experts_implementation="eager").eval()  # (MoE: no float64 grouped mm)
     with torch.no_grad():
         return hf(input_ids=ids).logits
 
@@ -127,12 +128,22 @@ def test_a_family_converts_both_ways_to_the_same_model(case, tmp_path, capsys):
     """from-hf's read: the keys, logits within TOLERANCE of transformers' in float64, greedy tokens equal past the
     sliding window (check_parity); to-hf's write: the same tensors bit for bit and a config transformers loads to
     the same logits."""
+    converts_both_ways(case, tmp_path, capsys)
+
+
+CONFIG_KEYS = ("architectures", "head_dim", "rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
+               "attn_logit_softcapping", "final_logit_softcapping", "tie_word_embeddings")
+
+
+def converts_both_ways(case: str, tmp_path, capsys, cases: dict = CASES, config_keys: tuple = CONFIG_KEYS) -> float:
+    """test_a_family_converts_both_ways_to_the_same_model for `case` of `cases` (`config_keys`: the config.json keys
+    the export must write back as they were); the max |logit difference|."""
     from safetensors.torch import load_file
 
-    src, back = tiny_hf(case, str(tmp_path / "src")), str(tmp_path / "back")
+    src, back = tiny_hf(case, str(tmp_path / "src"), cases=cases), str(tmp_path / "back")
     fam, m, V, arch = read_hf_config(src)
-    assert arch == fam.architecture == CASES[case][1]
-    for key, want in CASES[case][3].items():
+    assert arch == fam.architecture == cases[case][1]
+    for key, want in cases[case][3].items():
         assert getattr(m, key) == want, key
     model = megatrain_of(src)
     source = WeightSource(src)  # checkpoint.init / finetune.init: the same tensors (vocabulary rows padded)
@@ -163,9 +174,9 @@ def test_a_family_converts_both_ways_to_the_same_model(case, tmp_path, capsys):
         assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
     assert torch.equal(hf_logits(src, ids), hf_logits(back, ids))
     before, after = (json.load(open(os.path.join(p, "config.json"))) for p in (src, back))
-    for key in ("architectures", "head_dim", "rope_parameters", "layer_types", "sliding_window",
-                "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "tie_word_embeddings"):
+    for key in config_keys:
         assert key not in before or before[key] == after[key], key  # (head_dim also where the class derives it)
+    return diff
 
 
 def test_gemma3_ignores_the_attention_softcap_as_transformers_does(tmp_path, capsys):

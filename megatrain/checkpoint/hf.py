@@ -1,10 +1,12 @@
 """Hugging Face transformers models, read and mapped: the reader of HF folders (config.json + safetensors) and the
 tensor maps of the family tables (checkpoint/hf_families.py: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3,
-OLMo 2, GPT-2, each the transformers class that computes the same function as megatrain's model).
+OLMo 2, GPT-2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, each the transformers class that computes the same function as
+megatrain's model).
 
 Fused megatrain tensors (q|k|v, gate|up) are cut at the sharding table's part sizes (Phi-3 stores them fused as
-they are); GPT-2 keeps its Conv1D weights transposed. `megatrain convert to-hf / from-hf` (convert/hf.py) are the
-commands; `checkpoint.init` and `finetune.init` read HF folders through here too.
+they are); GPT-2 keeps its Conv1D weights transposed; a MoE layer's stacked experts are one HF tensor per expert.
+`megatrain convert to-hf / from-hf` (convert/hf.py) are the commands; `checkpoint.init` and `finetune.init` read HF
+folders through here too.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from megatrain.checkpoint.hf_families import (FAMILIES, GPT2, LLAMA, READS, Family, config_count,  # noqa: F401
                                               family_of, model_config_of)
+from megatrain.checkpoint.hf_moe import EXPERT, refuse_architecture
 from megatrain.checkpoint.io import why_unreadable
 from megatrain.checkpoint.reader import CheckpointError
 from megatrain.config import ModelConfig
@@ -28,23 +31,40 @@ from megatrain.parallel.sharding import split_of
 VOCAB_ROWS = ("embed.weight", "lm_head.weight")
 
 
-def hf_names(name: str, fam: Family) -> tuple[str, ...]:
+def hf_names(name: str, fam: Family, experts: int = 0) -> tuple[str, ...]:
+    """The HF tensors of megatrain's `name`, in row order (per-expert ones expert by expert, of `experts`)."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m:
-        return tuple(fam.layer_prefix.format(m.group(1)) + n for n in fam.layer[m.group(2)])
+        prefix, names = fam.layer_prefix.format(m.group(1)), fam.layer[m.group(2)]
+        if is_per_expert(names):
+            return tuple(prefix + n.replace(EXPERT, str(e)) for e in range(experts) for n in names)
+        return tuple(prefix + n for n in names)
     return (fam.top[name],)
+
+
+def is_per_expert(names: tuple[str, ...]) -> bool:
+    return EXPERT in names[0]
 
 
 def _layer_key(name: str) -> str:
     return re.sub(r"^layers\.\d+\.", "", name)
 
 
+def _is_stacked(name: str, fam: Family) -> bool:
+    """Whether megatrain's `name` stacks one HF tensor (or fused group) per expert."""
+    key = _layer_key(name)
+    return key != name and key in fam.layer and is_per_expert(fam.layer[key])
+
+
 def to_hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig, fam: Family, vocab: int
                   ) -> list[tuple[str, torch.Tensor]]:
     """One megatrain tensor -> its HF tensors (fused parts cut, Conv1D weights transposed, vocab padding dropped)."""
-    names = hf_names(name, fam)
+    names = hf_names(name, fam, cfg.moe_experts)
     if name in VOCAB_ROWS:
         t = t[:vocab]
+    if _is_stacked(name, fam):  # [E, rows, in]: each expert's rows cut into its fused parts
+        sizes = split_of(name, cfg).parts or (t.shape[1],)
+        return list(zip(names, (p for e in range(t.shape[0]) for p in t[e].split(sizes, dim=0))))
     parts = [t] if len(names) == 1 else list(t.split(split_of(name, cfg).parts, dim=0))
     if _layer_key(name) in fam.transposed:
         parts = [p.t() for p in parts]
@@ -54,7 +74,10 @@ def to_hf_tensors(name: str, t: torch.Tensor, cfg: ModelConfig, fam: Family, voc
 def from_hf_tensor(name: str, cfg: ModelConfig, fam: Family, get) -> torch.Tensor:
     """A megatrain tensor from the HF tensors `get(hf_name)` returns (the inverse of to_hf_tensors; vocab rows past
     the HF vocabulary are zero padding)."""
-    parts = [get(n) for n in hf_names(name, fam)]
+    parts = [get(n) for n in hf_names(name, fam, cfg.moe_experts)]
+    if _is_stacked(name, fam):
+        k = len(fam.layer[_layer_key(name)])  # fused parts per expert
+        return torch.stack([torch.cat(parts[e:e + k], dim=0) for e in range(0, len(parts), k)])
     if _layer_key(name) in fam.transposed:
         parts = [p.t() for p in parts]
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -155,6 +178,7 @@ def read_hf_config(hf_dir: str) -> tuple[Family, ModelConfig, int, str]:
     if not isinstance(c, dict):
         raise CheckpointError(f"{path}: not a JSON object of settings; not a Hugging Face model config")
     arch = (c.get("architectures") or [None])[0]
+    refuse_architecture(c, path, arch)
     fam = READS.get(arch)
     if fam is None:
         raise CheckpointError(f"{path}: architecture {arch} is not supported; supported: {', '.join(READS)}")

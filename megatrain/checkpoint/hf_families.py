@@ -15,6 +15,8 @@ writes the config the class reads back (`hf_config_kwargs`); `family_of` picks t
     Phi3ForCausalLM     Llama with q|k|v and gate|up stored fused (as megatrain's), every layer within sliding_window
     Olmo2ForCausalLM    norms after each sublayer (norm_placement=post), QK-norm over the whole projection
     GPT2LMHeadModel     LayerNorm, learned positions, GeLU, biases; Conv1D weights stored transposed
+    MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM: Mixture of Experts (their maps
+                        and config keys in hf_moe.py); DeepseekV3ForCausalLM and GptOssForCausalLM refused by name
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from megatrain.checkpoint.hf_moe import (MIXTRAL_MOE, MOE_NEUTRAL, QWEN2_MOE, QWEN_MOE, moe_config_kwargs,
+                                         moe_features, moe_fields, say_moe)
 from megatrain.checkpoint.reader import CheckpointError
 from megatrain.config import ConfigError, ModelConfig, has_window_layers, head_dim, is_local_layer, kv_heads
 from megatrain.model_config import ffn_width, validate_model
@@ -31,7 +35,9 @@ from megatrain.model_config import ffn_width, validate_model
 class Family:
     architecture: str
     top: dict  # megatrain name -> HF name, outside the blocks
-    layer: dict  # megatrain name after "layers.N." -> HF names after layer_prefix (fused parts, in row order)
+    # megatrain name after "layers.N." -> HF names after layer_prefix (fused parts, in row order; names with "{e}":
+    # one tensor per expert, stacked: hf_moe.py)
+    layer: dict
     layer_prefix: str
     transposed: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2's Conv1D)
     config_class: str = ""  # the transformers config class export builds
@@ -46,7 +52,7 @@ class Family:
 NEUTRAL = dict(norm="rmsnorm", position="rope", mlp="swiglu", gelu="tanh", norm_placement="pre", qk_norm="none",
                norm_one_plus=False, embed_scale=False, bias=False, qkv_bias=False, gqa=False, head_dim=0,
                rope_scaling="none", sliding_window=0, global_attn_every=0, rope_local_theta=0.0, attn_scale_dim=0,
-               attn_softcap=0.0, logit_softcap=0.0)
+               attn_softcap=0.0, logit_softcap=0.0, **MOE_NEUTRAL)
 ROPE_FREE = ("gqa", "head_dim", "rope_scaling")  # what every RoPE family expresses
 
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -133,8 +139,37 @@ GPT2 = Family(
     transposed=("attn.qkv.weight", "attn.o_proj.weight", "mlp.up.weight", "mlp.down.weight"),
     config_class="GPT2Config", fixed=dict(norm="layernorm", position="learned", mlp="gelu", bias=True),
     free=("gelu",))
+_MOE = dict(moe=True)  # (a feature, not a model key: the config's moe_* keys come from hf_moe.moe_fields)
+_MOE_FREE = ("moe_layers", "moe_norm_topk")  # Qwen's decoder_sparse_step / mlp_only_layers, norm_topk_prob
+MIXTRAL = Family(
+    "MixtralForCausalLM", _TOP, {**_PRE_NORMS, **_ATTN, **MIXTRAL_MOE}, _PREFIX, config_class="MixtralConfig",
+    fixed=dict(_MOE, moe_norm_topk=True), free=ROPE_FREE + ("sliding_window",),
+    defaults=dict(max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
+                  rope_theta=1e6, router_aux_loss_coef=0.001))
+QWEN2_MOE_FAMILY = Family(
+    "Qwen2MoeForCausalLM", _TOP,
+    {**_PRE_NORMS, **_ATTN, **_MLP, **QWEN2_MOE,
+     "attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")},
+    _PREFIX, config_class="Qwen2MoeConfig", fixed=dict(_MOE, moe_shared=True, moe_shared_gate=True),
+    free=ROPE_FREE + _MOE_FREE + ("qkv_bias",),
+    defaults=dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=True,
+                  router_aux_loss_coef=0.001, norm_topk_prob=False),
+    refused_if_set=("use_sliding_window",))
+QWEN3_MOE = Family(
+    "Qwen3MoeForCausalLM", _TOP, {**_PRE_NORMS, **_ATTN, **_QK_NORM, **_MLP, **QWEN_MOE}, _PREFIX,
+    config_class="Qwen3MoeConfig", fixed=dict(_MOE, qk_norm="head"), free=ROPE_FREE + _MOE_FREE,
+    defaults=dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  router_aux_loss_coef=0.001, norm_topk_prob=False),
+    refused_if_set=("use_sliding_window", "attention_bias"))
+OLMOE = Family(
+    "OlmoeForCausalLM", _TOP, {**_PRE_NORMS, **_ATTN, **_QK_NORM, **QWEN_MOE}, _PREFIX, config_class="OlmoeConfig",
+    fixed=dict(_MOE, qk_norm="full"), free=("gqa", "rope_scaling", "moe_norm_topk"),
+    defaults=dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  router_aux_loss_coef=0.01, norm_topk_prob=False),
+    refused_if_set=("attention_bias", "clip_qkv"))
+MOE_FAMILIES = (MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE, OLMOE)
 # export tries them in this order (after the class a checkpoint was imported from): the plainest that fits first
-FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, GEMMA2, PHI3, OLMO2, GPT2)
+FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, GEMMA2, PHI3, OLMO2, GPT2) + MOE_FAMILIES
 READS = {f.architecture: f for f in FAMILIES}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -157,7 +192,7 @@ def features(m: ModelConfig) -> dict:
                 global_attn_every=m.global_attn_every if windowed and not all(local) else 0,
                 rope_local_theta=m.rope_local_theta if windowed and own_local_rope else 0.0,
                 attn_scale_dim=m.attn_scale_dim if m.attn_scale_dim not in (0, hd) else 0,
-                attn_softcap=m.attn_softcap, logit_softcap=m.logit_softcap)
+                attn_softcap=m.attn_softcap, logit_softcap=m.logit_softcap, **moe_features(m))
 
 
 def _misfits(f: dict, fam: Family) -> list[str]:
@@ -167,6 +202,8 @@ def _misfits(f: dict, fam: Family) -> list[str]:
 def _say(k: str, v) -> str:
     if k == "gqa":
         return "n_kv_heads<n_heads" if v else "n_kv_heads=n_heads"
+    if say_moe(k, v):
+        return say_moe(k, v)
     return f"{k}={str(v).lower() if isinstance(v, bool) else v}"
 
 
@@ -182,7 +219,8 @@ def family_of(m: ModelConfig, prefer: str | None = None) -> Family:
     for fam in order:
         if not misfits[fam.architecture]:
             return fam
-    closest = min(order, key=lambda fam: len(misfits[fam.architecture]))
+    # the closest: a class of the same kind (MoE or dense) first, then the fewest keys apart
+    closest = min(order, key=lambda fam: ("moe" in misfits[fam.architecture], len(misfits[fam.architecture])))
     bad = misfits[closest.architecture]
     want = {**NEUTRAL, **closest.fixed}
     raise CheckpointError(f"model.{', '.join(_say(k, f[k]) for k in bad)}: no transformers class computes this model "
@@ -239,8 +277,12 @@ def hf_config_kwargs(m: ModelConfig, fam: Family, vocab: int) -> dict:
         local = m.rope_local_theta or m.rope_theta
         kw["rope_parameters"] = {"full_attention": rope_parameters(m, m.rope_theta),
                                  "sliding_attention": rope_parameters(m, local, scaled=not m.rope_local_theta)}
-    if fam is QWEN2 or fam is QWEN3:
+    if fam in (QWEN2, QWEN3, QWEN2_MOE_FAMILY, QWEN3_MOE):
         kw["max_window_layers"] = m.n_layers
+    if fam is QWEN2_MOE_FAMILY:
+        kw["qkv_bias"] = m.qkv_bias
+    if fam in MOE_FAMILIES:
+        kw.update(moe_config_kwargs(m, fam.architecture))
     if fam is PHI3:
         kw.update(original_max_position_embeddings=m.max_seq_len, resid_pdrop=0.0, embd_pdrop=0.0)
     return kw
@@ -354,7 +396,7 @@ def _rope(r: _Reader, max_len: int) -> dict:
     if kind != "default" and "rope_scaling" not in fam.free:
         r.refuse(f"{where}.rope_type {kind!r}", f"megatrain reads {fam.architecture} with the default RoPE only")
     out = _scaling(r, rope, where, max_len)
-    out["rope_theta"] = r.number("rope_theta", rope.get("rope_theta") or c.get("rope_theta") or 10000.0)
+    out["rope_theta"] = r.number("rope_theta", rope.get("rope_theta") or r.get("rope_theta") or 10000.0)
     return out
 
 
@@ -414,7 +456,12 @@ def model_config_of(c: dict, path: str, fam: Family) -> ModelConfig:
                   d_model=d, head_dim=hd if hd * nh != d else 0, d_ff=r.count("intermediate_size"),
                   max_seq_len=max_len, norm="rmsnorm", norm_eps=r.number("rms_norm_eps", r.get("rms_norm_eps")),
                   position="rope", bias=bias, tie_embeddings=bool(r.get("tie_word_embeddings")),
-                  init_std=r.get("initializer_range", 0.02), **fam.fixed, **_rope(r, max_len), **_windows(r, n_layers))
+                  init_std=r.get("initializer_range", 0.02), **_rope(r, max_len), **_windows(r, n_layers),
+                  **{k: v for k, v in fam.fixed.items() if k not in MOE_NEUTRAL})  # (features, not model keys)
+    if fam in MOE_FAMILIES:
+        fields.update(moe_fields(r, fam))
+    if "qkv_bias" in fam.free:
+        fields["qkv_bias"] = bool(r.get("qkv_bias"))
     if "attn_scale_dim" in fam.free:
         fields["attn_scale_dim"] = r.count("query_pre_attn_scalar")
     if "attn_softcap" in fam.free:

@@ -1,7 +1,7 @@
 """`megatrain convert to-hf` and `from-hf`: megatrain checkpoints <-> Hugging Face transformers folders.
 
 The families and their name maps are in checkpoint/hf_families.py (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
-Phi-3, OLMo 2, GPT-2). Both directions check themselves: the export is loaded with transformers and run beside
+Phi-3, OLMo 2, GPT-2) and checkpoint/hf_moe.py (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). Both directions check themselves: the export is loaded with transformers and run beside
 megatrain's model on a fixed batch (logits within 1e-4, greedy tokens equal past the sliding window), and a failed
 check leaves no output behind. from-hf keeps the source's class and generation_config.json beside the checkpoint;
 to-hf writes them back.
@@ -206,7 +206,9 @@ def check_parity(model, hf_dir: str, vocab: int) -> str | None:
     from one."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True).eval()
+    # eager experts: a MoE class's default grouped matmul has no float64
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, local_files_only=True,
+                                              experts_implementation="eager").eval()
     # the folder's generation_config.json (end tokens, min_new_tokens, repetition penalties) would change the rule
     hf.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = Transformer(replace(model.cfg, fused_kernels="off"))  # the plain-PyTorch path takes float64
