@@ -466,9 +466,8 @@ def validate(cfg: Config) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"config key parallel.zero_stage: ZeRO-{p.zero_stage} cannot be combined with pipeline "
                           f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
-    if p.ep > 1 and (not m.moe_experts or m.moe_experts % p.ep):
-        raise ConfigError(f"config key parallel.ep: {p.ep} needs a MoE model whose model.moe_experts "
-                          f"({m.moe_experts}) it divides")
+    if p.ep > 1:
+        _validate_expert_parallel(m, p)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("config key parallel.sequence_parallel: needs parallel.tp > 1")
     if t.global_batch_size % t.micro_batch_size:
@@ -500,6 +499,20 @@ def validate(cfg: Config) -> None:
     if f.epochs < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
         bad = "epochs" if f.epochs < 0 else "lora_alpha" if f.lora_alpha <= 0 else "lora_dropout"
         raise ConfigError(f"config key finetune.{bad}: out of range ({getattr(f, bad)})")
+
+
+def _validate_expert_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    if not m.moe_experts or m.moe_experts % p.ep:
+        raise ConfigError(f"config key parallel.ep: {p.ep} needs a MoE model whose model.moe_experts "
+                          f"({m.moe_experts}) it divides")
+    if p.zero_stage not in (1, 2):
+        why = ("each rank's experts are kept in its ZeRO optimizer partition" if p.zero_stage == 0 else
+               "ZeRO-3 would gather each expert over the data-parallel ranks, which is what expert parallelism avoids")
+        raise ConfigError(f"config key parallel.zero_stage: {p.zero_stage} with parallel.ep={p.ep}; expert "
+                          f"parallelism needs ZeRO-1 or ZeRO-2 ({why})")
+    if p.pp > 1:
+        raise ConfigError(f"config key parallel.ep: {p.ep} with parallel.pp={p.pp}; expert parallelism does not "
+                          f"combine with pipeline stages: set parallel.pp=1 (or parallel.ep=1)")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

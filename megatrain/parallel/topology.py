@@ -68,19 +68,10 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
 
 
 def check_expert_layout(cfg: Config, dp: int) -> None:
-    """parallel.ep against the data-parallel ranks and the stages it composes with."""
-    p = cfg.parallel
-    if dp % p.ep:
-        raise ConfigError(f"config key parallel.ep: {p.ep} does not divide the {dp} data-parallel ranks (world / "
-                          f"(tp x pp))")
-    if p.zero_stage not in (1, 2):
-        why = ("each rank's experts are kept in its ZeRO optimizer partition" if p.zero_stage == 0 else
-               "ZeRO-3 would gather each expert over the data-parallel ranks, which is what expert parallelism avoids")
-        raise ConfigError(f"config key parallel.zero_stage: {p.zero_stage} with parallel.ep={p.ep}; expert "
-                          f"parallelism needs ZeRO-1 or ZeRO-2 ({why})")
-    if p.pp > 1:
-        raise ConfigError(f"config key parallel.ep: {p.ep} with parallel.pp={p.pp}; expert parallelism does not "
-                          f"combine with pipeline stages: set parallel.pp=1 (or parallel.ep=1)")
+    """parallel.ep against the data-parallel ranks (the stages it composes with: config.validate)."""
+    if dp % cfg.parallel.ep:
+        raise ConfigError(f"config key parallel.ep: {cfg.parallel.ep} does not divide the {dp} data-parallel ranks "
+                          f"(world / (tp x pp))")
 
 
 def build_grid(layout: Layout):
