@@ -191,3 +191,34 @@ def test_reshard_expert_parallel_checkpoint_to_one_rank_and_back(tmp_path, moe_d
     for name, got in curves.items():
         for s in range(6, 11):
             assert abs(got[s] - one[s]) <= 1e-5 * abs(one[s]), (name, s, got[s], one[s])
+
+
+@pytest.mark.slow
+def test_dropped_tokens_logged_under_expert_parallelism_equal_a_reference(tmp_path, moe_data):
+    """A capacity factor under EP=2: the dropped rows metrics.jsonl logs for each layer and step equal the count the
+    test makes itself, micro-batch by micro-batch, with the checkpoint's model (train.lr 0: the weights never move)."""
+    import json
+
+    import numpy as np
+
+    from megatrain.data import build_gpt_datasets
+    from megatrain.generate import load_model
+    from megatrain.moe import take_stats
+
+    over = {"parallel.ep": 2, "model.moe_capacity": 0.5, "train.lr": 0.0, "train.min_lr": 0.0, "train.max_steps": 2,
+            "checkpoint.interval": 0}
+    ckpt = _pretrain(tmp_path, moe_data, "capacity", 2, **over)
+    rows = {r["step"]: r for r in map(json.loads, open(f"{ckpt}/metrics.jsonl")) if r.get("kind", "train") == "train"}
+    model, state = load_model(ckpt)
+    model.train()  # (the layers count what they route only in training)
+    train, _, _ = build_gpt_datasets(moe_data, "95,5,0", 32, [2 * 8, 0, 0], state["config"]["train"]["seed"])
+    for step in (0, 1):
+        for start in range(step * 8, step * 8 + 8, 2):  # the global batch, micro-batch by micro-batch (2 samples)
+            tokens = torch.from_numpy(np.stack([train[i] for i in (start, start + 1)]))
+            with torch.no_grad():
+                model(tokens[:, :-1])
+        dropped = {layer: int(s.dropped) for layer, s in take_stats(model).items()}
+        assert sum(dropped.values()) > 0
+        for layer, n in dropped.items():
+            assert rows[step + 1][f"moe.{layer}.dropped"] == n, (step, layer)
+        assert rows[step + 1]["moe_dropped"] == sum(dropped.values())
