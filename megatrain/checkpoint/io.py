@@ -228,7 +228,7 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
             if then is not None and k in layout and then != layout[k]:
                 raise ConfigError(f"{where}: saved with {k}={then} ({_fmt(saved['layout'])}) but this "
                                   f"run has {k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert "
-                                  f"it: {reshard_command(os.path.dirname(where), layout)}")
+                                  f"it: {reshard_command(os.path.dirname(where), layout, saved['layout'])}")
     saved_cfg = saved_config(saved)  # the effective config it trained with, as `cfg` is this run's
     pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
     for section, now, then in pairs:
@@ -248,13 +248,15 @@ def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None =
                           f"this run has {cfg.train.global_batch_size}; use the same value to continue the same run")
 
 
-def reshard_command(ckpt_dir: str, layout: dict) -> str:
-    """The `megatrain convert reshard` line that makes `ckpt_dir` resumable under `layout`."""
+def reshard_command(ckpt_dir: str, layout: dict, saved: dict | None = None) -> str:
+    """The `megatrain convert reshard` line that makes `ckpt_dir` (saved under `saved`) resumable under `layout`."""
     ep = layout.get("ep", 1)
+    ep_set = ep > 1 or (saved or {}).get("ep", 1) > 1  # (the expert split is named when either side has one)
     out = f"{ckpt_dir.rstrip('/')}-tp{layout['tp']}-pp{layout['pp']}{f'-ep{ep}' if ep > 1 else ''}-zero{layout['zero_stage']}"
     return (f"megatrain convert reshard {ckpt_dir} --output {out} --set parallel.tp={layout['tp']} "
-            f"--set parallel.pp={layout['pp']} --set parallel.ep={ep} --set parallel.zero_stage={layout['zero_stage']} "
-            f"--world-size {layout['world_size']}, then run with --set checkpoint.dir={out}")
+            f"--set parallel.pp={layout['pp']} {f'--set parallel.ep={ep} ' if ep_set else ''}"
+            f"--set parallel.zero_stage={layout['zero_stage']} --world-size {layout['world_size']}, then run with "
+            f"--set checkpoint.dir={out}")
 
 
 def _fmt(layout: dict) -> str:
