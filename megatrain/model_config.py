@@ -118,7 +118,8 @@ class ModelConfig(_Section):
     # shared experts, always on (Qwen2-MoE, DeepSeek), held as one MLP of moe_shared_experts x moe_ffn width
     moe_shared_experts: int = 0
     moe_shared_ffn: int = 0  # the shared MLP's hidden width when set apart (Qwen2-MoE); 0: moe_shared_experts x moe_ffn
-    moe_shared_gate: bool = False  # the shared output is scaled by sigmoid(a learned projection of the token) (Qwen2-MoE)
+    # the shared experts' output is scaled by sigmoid(a learned projection of the token) (Qwen2-MoE)
+    moe_shared_gate: bool = False
     # which blocks are MoE: all | every N (blocks N-1, 2N-1, ...: the last of every N, Qwen2-MoE's
     # decoder_sparse_step) | after K (all but the first K, which stay dense: DeepSeek's first_k_dense_replace)
     moe_layers: str = "all"

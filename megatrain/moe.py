@@ -149,7 +149,8 @@ class LoadStats:
         self.calls += 1
 
 
-def route(logits: torch.Tensor, top_k: int, router: str, norm_topk: bool, capacity: float) -> tuple[Routing, torch.Tensor]:
+def route(logits: torch.Tensor, top_k: int, router: str, norm_topk: bool,
+          capacity: float) -> tuple[Routing, torch.Tensor]:
     """logits [T, E] -> the routing and the softmax over every expert [T, E] (for the load-balancing loss)."""
     T, E = logits.shape
     probs = logits.softmax(-1)

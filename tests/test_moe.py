@@ -10,7 +10,8 @@ import torch
 from megatrain.config import ConfigError, ModelConfig, is_moe_layer
 from megatrain.model import Transformer
 from megatrain.model_config import validate_model
-from megatrain.moe import AuxLoss, MoE, grouped_linear, load_balancing_loss, moe_layers, route, router_z_loss, take_stats
+from megatrain.moe import (AuxLoss, MoE, grouped_linear, load_balancing_loss, moe_layers, route, router_z_loss,
+                           take_stats)
 
 
 def moe_cfg(**kw) -> ModelConfig:

@@ -252,7 +252,8 @@ def reshard_command(ckpt_dir: str, layout: dict, saved: dict | None = None) -> s
     """The `megatrain convert reshard` line that makes `ckpt_dir` (saved under `saved`) resumable under `layout`."""
     ep = layout.get("ep", 1)
     ep_set = ep > 1 or (saved or {}).get("ep", 1) > 1  # (the expert split is named when either side has one)
-    out = f"{ckpt_dir.rstrip('/')}-tp{layout['tp']}-pp{layout['pp']}{f'-ep{ep}' if ep > 1 else ''}-zero{layout['zero_stage']}"
+    tag = f"tp{layout['tp']}-pp{layout['pp']}{f'-ep{ep}' if ep > 1 else ''}-zero{layout['zero_stage']}"
+    out = f"{ckpt_dir.rstrip('/')}-{tag}"
     return (f"megatrain convert reshard {ckpt_dir} --output {out} --set parallel.tp={layout['tp']} "
             f"--set parallel.pp={layout['pp']} {f'--set parallel.ep={ep} ' if ep_set else ''}"
             f"--set parallel.zero_stage={layout['zero_stage']} --world-size {layout['world_size']}, then run with "

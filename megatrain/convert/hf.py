@@ -1,8 +1,8 @@
 """`megatrain convert to-hf` and `from-hf`: megatrain checkpoints <-> Hugging Face transformers folders.
 
 The families and their name maps are in checkpoint/hf_families.py (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
-Phi-3, OLMo 2, GPT-2) and checkpoint/hf_moe.py (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). Both directions check themselves: the export is loaded with transformers and run beside
-megatrain's model on a fixed batch (logits within 1e-4, greedy tokens equal past the sliding window), and a failed
+Phi-3, OLMo 2, GPT-2) and checkpoint/hf_moe.py (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). Both directions check
+themselves: the export is loaded with transformers and run beside megatrain's model on a fixed batch (logits within 1e-4, greedy tokens equal past the sliding window), and a failed
 check leaves no output behind. from-hf keeps the source's class and generation_config.json beside the checkpoint;
 to-hf writes them back.
 """

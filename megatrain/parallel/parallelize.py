@@ -280,11 +280,11 @@ def zero3_partitioner(ds_config: dict, grid):
 
 
 def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: dict | None = None):
-    """Everything, in order: TP split -> this rank's experts (expert parallelism) -> values for a meta-built model (`weights(name)`'s full tensors if given, else
-    materialize's draws) -> activation checkpointing -> pipeline stages. Returns the module to hand to
-    deepspeed.initialize (the model itself, or a PipelineModule when pp > 1). `ds_config`: the DeepSpeed JSON the
-    engine will be built with (training/engine.deepspeed_config), needed to partition a meta-built model under ZeRO-3
-    as it is filled."""
+    """Everything, in order: TP split -> this rank's experts (expert parallelism) -> values for a meta-built model
+    (`weights(name)`'s full tensors if given, else materialize's draws) -> activation checkpointing -> pipeline
+    stages. Returns the module to hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1).
+    `ds_config`: the DeepSpeed JSON the engine will be built with (training/engine.deepspeed_config), needed to
+    partition a meta-built model under ZeRO-3 as it is filled."""
     tp_group = grid.get_slice_parallel_group()
     # NOTE: TP first: checkpointing must wrap the split blocks (and their dropout streams, which it then restores for
     # the recompute), and the pipeline cuts the final modules. A meta-built model gets its values right after the TP
