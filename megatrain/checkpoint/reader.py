@@ -152,7 +152,9 @@ class CheckpointReader:
         lay, p = self.state.get("layout") or {}, self.cfg.parallel
         self.layout = dict(tp=1, pp=1, dp=1, zero_stage=0) if self.consolidated else dict(
             tp=lay.get("tp", p.tp), pp=lay.get("pp", p.pp), dp=lay.get("dp", 1),
-            zero_stage=lay.get("zero_stage", p.zero_stage), ep=lay.get("ep", 1))
+            zero_stage=lay.get("zero_stage", p.zero_stage))
+        if lay.get("ep", 1) > 1:  # expert parallelism (parallel/expert.py)
+            self.layout["ep"] = lay["ep"]
         self._fds: dict[str, int] = {}
         self._params = self._expected_params()
         self._meta0 = None  # the first model-states file (LR scheduler, engine counters)
