@@ -142,17 +142,19 @@ def test_lora_on_the_experts_under_ep2_equals_one_rank_resumes_and_merges(moe_in
 
     init, files = moe_init
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8.0, "train.lr": 1e-2}
-    one, two, part = (str(tmp_path / n) for n in ("one", "two", "part"))
+    one, two, part, tp2 = (str(tmp_path / n) for n in ("one", "two", "part", "tp2"))
     ep2 = {**lora, "parallel.ep": 2, "parallel.zero_stage": 2}
     run_distributed(finetune_runs, 1, [("finetune-sft", _ft(init, one, files["sft"], **lora))], timeout=300)
-    run_distributed(finetune_runs, 2, [("finetune-sft", _ft(init, d, files["sft"], **ep2)) for d in (two, part)],
-                    timeout=300)
+    run_distributed(finetune_runs, 2, [("finetune-sft", _ft(init, d, files["sft"], **ep2)) for d in (two, part)] +
+                    [("finetune-sft", _ft(init, tp2, files["sft"], **lora, **{"parallel.tp": 2}))], timeout=300)
     worst = _close(losses(one), losses(two), "lora"), _close(losses(one, "eval"), losses(two, "eval"), "lora eval")
+    # under TP=2 the experts' adapters are cut as their weights (B's rows of gate_up, A's columns of down)
+    worst += _close(losses(one), losses(tp2), "lora tp2"), _close(losses(one, "eval"), losses(tp2, "eval"), "tp2 eval")
     with open(os.path.join(part, "latest"), "w") as f:
         f.write("step00000002")
     run_distributed(finetune_runs, 2, [("finetune-sft", _ft(init, part, files["sft"], **ep2))], timeout=300)
     assert {s: losses(part)[s] for s in (3, 4)} == {s: losses(two)[s] for s in (3, 4)}
-    print("worst relative train / eval loss difference, LoRA EP=2 vs one rank:", worst)
+    print("worst relative train / eval loss difference, LoRA EP=2 and TP=2 vs one rank:", worst)
     with CheckpointReader(init) as base, CheckpointReader(two) as tuned, \
             CheckpointReader(two, merge_lora=True) as merged:
         names = tuned.names()
@@ -167,3 +169,42 @@ def test_lora_on_the_experts_under_ep2_equals_one_rank_resumes_and_merges(moe_in
                 assert a.shape[0] == b.shape[0] == 4 and b.abs().max() > 0, n
                 want = base.tensor(n) + scale * torch.stack([b[e] @ a[e] for e in range(4)])
                 torch.testing.assert_close(merged.tensor(n), want, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_lora_on_a_moe_model_adapts_the_routed_and_the_shared_experts_and_merges_to_a_plain_model():
+    """apply_lora on a MoE block: adapters on every routed expert and on the shared expert's projections (the router
+    frozen); W + alpha/r B @ A (per expert) in a model without adapters computes the same; the sharding table cuts
+    the experts' adapters as their weights."""
+    from megatrain.config import ModelConfig
+    from megatrain.heads import apply_lora
+    from megatrain.model import Transformer
+    from megatrain.parallel.sharding import REPLICATED, Split, is_expert_param, split_of
+
+    cfg = ModelConfig(vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=16, moe_experts=4,
+                      moe_top_k=2, moe_ffn=16, moe_shared_experts=1)
+    torch.manual_seed(0)
+    plain = Transformer(cfg).double()
+    lora = apply_lora(Transformer(cfg), 2, 4.0, 0.0, "qkv,gate_up,down").double()
+    lora.load_state_dict(plain.state_dict(), strict=False)
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert {"layers.0.mlp.experts.gate_up_lora_A", "layers.0.mlp.experts.down_lora_B",
+            "layers.0.mlp.shared.gate_up.lora_A", "layers.1.mlp.shared.down.lora_B"} <= trained
+    assert all("lora_" in n for n in trained) and len(trained) == 2 * 2 * 5  # qkv, shared x2, experts x2
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(lora(x), plain(x), rtol=0, atol=0)  # B = 0: unchanged
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+        weights = dict(plain.named_parameters())
+        ours = dict(lora.named_parameters())
+        for n in trained:
+            if n.endswith("lora_A"):
+                base = n.removesuffix(".lora_A") + ".weight" if n.endswith(".lora_A") else n.removesuffix("_lora_A")
+                weights[base].add_(2.0 * ours[n[:-1] + "B"] @ ours[n])  # (batched over the experts: [E, out, in])
+    torch.testing.assert_close(lora(x), plain(x), rtol=1e-10, atol=1e-12)
+    assert is_expert_param("layers.0.mlp.experts.gate_up_lora_B") and not is_expert_param("layers.0.mlp.shared.gate_up.lora_B")
+    assert split_of("layers.0.mlp.experts.gate_up_lora_B", cfg) == Split(1, (16, 16))
+    assert split_of("layers.0.mlp.experts.gate_up_lora_A", cfg) == REPLICATED
+    assert split_of("layers.0.mlp.experts.down_lora_A", cfg) == Split(2)
+    assert split_of("layers.0.mlp.experts.down_lora_B", cfg) == REPLICATED
