@@ -222,7 +222,8 @@ class FinetuneConfig(_Section):
     lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank; above 0
     lora_dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
     # the projections of every block that get adapters, comma-separated: qkv, o_proj (attention), gate_up (swiglu
-    # MLP), up (gelu MLP), down; those the model lacks are skipped, but one at least must exist
+    # MLP), up (gelu MLP), down (on a MoE block: every routed expert's and the shared expert's); those the model
+    # lacks are skipped, but one at least must exist
     lora_targets: str = "qkv,o_proj,gate_up,up,down"
     # parameters to freeze, comma-separated: embeddings, blocks:N (the first N blocks), all_but_head; empty: none
     freeze: str = ""

@@ -105,7 +105,7 @@ def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = 
         return numel(params[name]) if name in params else 0
 
     def used(name: str, p) -> float:  # elements of a matrix one token multiplies by: top_k / E of a MoE's experts
-        if ".mlp.experts." in name and ndim(p) == 3:
+        if ".mlp.experts." in name and ndim(p) == 3 and "lora_" not in name:
             return numel(p) * m.moe_top_k / m.moe_experts
         return numel(p) if name.endswith(".weight") and ndim(p) == 2 else 0
 
@@ -126,7 +126,8 @@ def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = 
             change -= qkv + 2 * adapter(pre + "attn.qkv.lora_A")
         upstream = True
         change -= attn_proj * frozen_share(pre + "attn.") + mlp * frozen_share(pre + "mlp.")
-        change += 3 * 2 * sum(adapter(n) for n in params if n.startswith(pre) and ".lora_" in n)  # x A^T, then B
+        change += 3 * 2 * sum(adapter(n) * (m.moe_top_k / m.moe_experts if ".mlp.experts." in n else 1)
+                              for n in params if n.startswith(pre) and "lora_" in n)  # x A^T, then B (experts': k/E)
     lm_head = params.get("lm_head.weight", params.get("embed.weight"))  # tied: the embedding is the head
     if head and m.vocab_size and lm_head is not None and not lm_head.requires_grad:
         change -= 2 * m.d_model * m.vocab_size

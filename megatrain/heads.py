@@ -12,7 +12,9 @@ treats a fine-tuned model as it treats a pretrained one:
 sft trains the language model itself. A head replaces the LM head, which a fine-tuned classifier does not keep.
 
 LoRA (Hu et al. 2021) adds B @ A (rank r, B zero at the start, scaled by alpha / r) to the chosen projections and
-freezes everything else but the head. Under tensor parallelism apply_tp cuts B like a column-parallel weight's rows
+freezes everything else but the head. On a MoE block the targets gate_up / up / down adapt every routed expert
+(per-expert adapters on the stacked weights, moe.GroupedExperts.add_lora) and the shared expert's projections.
+Under tensor parallelism apply_tp cuts B like a column-parallel weight's rows
 and A like a row-parallel weight's columns (parallel/sharding.py), so the adapters split as the weights they adapt.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from megatrain.config import Config, ModelConfig
 from megatrain.model import IGNORE_INDEX, Transformer
+from megatrain.moe import MoE
 
 LORA_TARGETS = ("qkv", "o_proj", "gate_up", "up", "down")  # the projections a block has that LoRA can adapt
 
@@ -101,8 +104,8 @@ def new_part_value(cfg: Config, name: str, shape: tuple[int, ...]) -> torch.Tens
     starts unchanged."""
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
     t = torch.zeros(shape)
-    if name.endswith(".lora_A"):
-        bound = 1 / math.sqrt(shape[1])
+    if name.endswith("lora_A"):  # (a MoE layer's experts: [E, r, in], `experts.{w}_lora_A`)
+        bound = 1 / math.sqrt(shape[-1])
         t.uniform_(-bound, bound, generator=g)
     elif name.endswith(".weight"):
         t.normal_(0.0, cfg.model.init_std, generator=g)
@@ -140,20 +143,35 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targ
                          f"{', '.join(LORA_TARGETS)}")
     found = 0
     for block in model.layers:
-        for owner in (block.attn, block.mlp):
+        for owner in _owners(block):
             for n in names:
                 layer = getattr(owner, n, None)
                 if isinstance(layer, nn.Linear):
                     setattr(owner, n, LoRALinear(layer, rank, alpha, dropout))
                     found += 1
+        if isinstance(block.mlp, MoE):  # the routed experts: per-expert adapters on their stacked weights
+            block.mlp.experts.add_lora(names, rank, alpha, dropout)
+            found += len(block.mlp.experts.lora)
     if not found:
-        has = [n for n in LORA_TARGETS if any(isinstance(getattr(o, n, None), nn.Linear)
-                                              for o in (model.layers[0].attn, model.layers[0].mlp))]
+        has = [n for n in LORA_TARGETS if any(isinstance(getattr(o, n, None), nn.Linear) or
+                                              isinstance(getattr(o, n, None), nn.Parameter)
+                                              for o in _owners(model.layers[0]) + _experts(model.layers[0]))]
         raise ValueError(f"finetune.lora_targets: {targets!r} names no projection this model has (it has "
                          f"{', '.join(has)})")
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name or _is_head(model, name)
     return model
+
+
+def _owners(block: nn.Module) -> list[nn.Module]:
+    """The modules of a block whose nn.Linear projections LoRA can adapt (a MoE block's: its shared expert)."""
+    mlp = block.mlp
+    return [block.attn, mlp.shared] if isinstance(mlp, MoE) and mlp.shared is not None else \
+        [block.attn] if isinstance(mlp, MoE) else [block.attn, mlp]
+
+
+def _experts(block: nn.Module) -> list[nn.Module]:
+    return [block.mlp.experts] if isinstance(block.mlp, MoE) else []
 
 
 def _is_head(model: Transformer, name: str) -> bool:

@@ -23,6 +23,7 @@ Parameter names (under layers.{i}.mlp):
     router.weight           [E, d_model]
     experts.gate_up         [E, 2 x moe_ffn, d_model]   rows [gate; up] (swiglu, geglu)   or experts.up [E, ff, d]
     experts.down            [E, d_model, moe_ffn]
+    experts.{w}_lora_A, experts.{w}_lora_B   [E, r, in], [E, out, r]: LoRA adapters of expert weight w (add_lora)
     shared.gate_up.weight, shared.down.weight           the shared expert: a plain MLP (model.py), always on
     shared_gate.weight      [1, d_model]                its sigmoid gate (model.moe_shared_gate)
 """
@@ -102,6 +103,32 @@ class GroupedExperts(nn.Module):
         setattr(self, name, nn.Parameter(torch.empty(n_experts, rows, d_model)))
         self.down = nn.Parameter(torch.empty(n_experts, d_model, ffn))
         self.loop = False  # True: the per-expert loop even where a grouped matmul exists (benchmarks, parity)
+        self.lora: tuple[str, ...] = ()  # the weights with LoRA adapters (add_lora)
+        self.lora_scale, self.lora_dropout = 1.0, nn.Identity()
+
+    def add_lora(self, names: list[str], rank: int, alpha: float, dropout: float = 0.0) -> None:
+        """Per-expert LoRA on the named weights (gate_up / up, down): `{w}_lora_A` [E, r, in] and `{w}_lora_B`
+        [E, out, r], B zero (the experts start unchanged), A as nn.Linear's default, U(-1/sqrt(in), 1/sqrt(in)).
+        Expert w then computes rows @ (W[e] + alpha / r B[e] A[e])^T. (Not `gate_up.lora_A`: a parameter has no
+        children; the sharding table and the checkpoint reader know these names.)"""
+        self.lora = tuple(n for n in ("gate_up", "up", "down") if n in names and hasattr(self, n))
+        self.lora_scale, self.lora_dropout = alpha / rank, nn.Dropout(dropout)
+        for n in self.lora:
+            w = getattr(self, n)
+            a = nn.Parameter(torch.empty(w.shape[0], rank, w.shape[2], device=w.device, dtype=w.dtype))
+            b = nn.Parameter(torch.zeros(w.shape[0], w.shape[1], rank, device=w.device, dtype=w.dtype))
+            if w.device.type != "meta":
+                bound = 1 / math.sqrt(w.shape[2])
+                nn.init.uniform_(a, -bound, bound)
+            setattr(self, n + "_lora_A", a)
+            setattr(self, n + "_lora_B", b)
+
+    def _linear(self, x: torch.Tensor, name: str, counts: torch.Tensor) -> torch.Tensor:
+        y = grouped_linear(x, getattr(self, name), counts, self.loop)
+        if name not in self.lora:
+            return y
+        h = grouped_linear(self.lora_dropout(x), getattr(self, name + "_lora_A"), counts, self.loop)
+        return y + self.lora_scale * grouped_linear(h, getattr(self, name + "_lora_B"), counts, self.loop)
 
     @property
     def n_experts(self) -> int:
@@ -110,12 +137,12 @@ class GroupedExperts(nn.Module):
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, d] sorted by expert, counts [E] -> [N, d]."""
         if self.mlp == "gelu":
-            h = F.gelu(grouped_linear(rows, self.up, counts, self.loop),
+            h = F.gelu(self._linear(rows, "up", counts),
                        approximate="tanh" if self.gelu == "tanh" else "none")
         else:
-            h = grouped_linear(rows, self.gate_up, counts, self.loop)
+            h = self._linear(rows, "gate_up", counts)
             h = reference.geglu(h) if self.mlp == "geglu" else reference.swiglu(h)
-        return grouped_linear(h, self.down, counts, self.loop)
+        return self._linear(h, "down", counts)
 
 
 @dataclass

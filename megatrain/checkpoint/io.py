@@ -25,6 +25,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from megatrain import faults
 from megatrain.config import Config, ConfigError, RunStopped
@@ -95,6 +96,10 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     error = getattr(ce, "megatrain_error", None)
     if error is None:
         error = _write(lambda p: torch.save(rng_state(), p), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    frozen = _frozen_experts(engine)
+    if error is None and frozen and frozen[1] == 0:
+        error = _write(lambda p: save_file({n: t.detach().cpu().contiguous() for n, t in frozen[3]}, p),
+                       os.path.join(ckpt_dir, tag, frozen_experts_file(frozen[0], frozen[2])))
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     if rank == 0 and not any(errors):
@@ -123,6 +128,31 @@ def _experts_as_parameters(engine):
         yield
     finally:
         engine.has_moe_layers = moe
+
+
+def frozen_experts_file(ep_rank: int, mp_rank: int) -> str:
+    return f"frozen_experts_ep{ep_rank}_mp_rank_{mp_rank:02d}.safetensors"
+
+
+def _frozen_experts(engine) -> tuple[int, int, int, list] | None:
+    """Under expert parallelism, the expert parameters no optimizer holds (LoRA's base experts, finetune.freeze) as
+    (EP rank, expert-data-parallel rank, mp rank, [(module name, tensor)]); None when there are none.
+
+    NOTE: DeepSpeed writes the module from data-parallel rank 0 only, which holds EP rank 0's experts; the trained
+    ones are in every rank's ZeRO partition, but frozen ones are nowhere else. So save() writes each EP rank's frozen
+    experts to frozen_experts_file(e, mp) (from its first replica), resume() loads them back and the reader reads
+    them from there."""
+    from deepspeed.utils import groups
+
+    from megatrain.parallel.expert import GROUP_NAME
+
+    named = [(n, p) for n, p in engine.module.named_parameters()
+             if getattr(p, "group_name", None) == GROUP_NAME and not p.requires_grad]
+    if not named:
+        return None
+    mp = engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0  # as DeepSpeed names its files
+    return (dist.get_rank(groups._EXPERT_PARALLEL_GROUP[GROUP_NAME]),
+            dist.get_rank(groups._EXPERT_DATA_PARALLEL_GROUP[GROUP_NAME]), mp, named)
 
 
 def _write(write, path: str) -> str | None:
@@ -415,6 +445,16 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
         # NOTE: DeepSpeed loads the module's weights from data-parallel rank 0's file, which holds only its own
         # experts; each rank's are in its ZeRO partition (just restored): copy them into the module
         engine.optimizer.update_lp_params()
+        frozen = _frozen_experts(engine)
+        if frozen:  # and the frozen ones from their own file (see _frozen_experts)
+            path = os.path.join(ckpt_dir, tag, frozen_experts_file(frozen[0], frozen[2]))
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: missing; this checkpoint's frozen expert weights cannot be restored "
+                                  f"(saved by an older megatrain?); resume from a checkpoint that has it")
+            saved_experts = load_file(path)
+            with torch.no_grad():
+                for name, p in frozen[3]:
+                    p.copy_(saved_experts[name])
     if path is None:
         raise ConfigError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it (different world size or ZeRO stage?)")
     rng = os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")

@@ -32,7 +32,8 @@ from typing import Iterator
 
 import torch
 
-from megatrain.checkpoint.io import DEEPSPEED_RECORDS, STATE_FILE, numpy_scalars, read_latest, why_unreadable
+from megatrain.checkpoint.io import (DEEPSPEED_RECORDS, STATE_FILE, frozen_experts_file, numpy_scalars, read_latest,
+                                    why_unreadable)
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
 from megatrain.resolved import Resolved, saved_resolved
@@ -341,12 +342,34 @@ class CheckpointReader:
                     if hi > lo:
                         self._add(mp, name, "fp32", tp_rank, lo, hi - lo, mpath, t)
         else:  # parameters the optimizer never held (frozen: LoRA's base, finetune.freeze) are in the module
+            for e in range(ep if ep > 1 else 0):  # (frozen experts: each EP rank's in a file of its own, io.save)
+                self._index_frozen_experts(mp, tp_rank, e)
             for name, t in (meta.get("module") or {}).items():
                 canon = canonical_name(name, self.cfg.model.n_layers)
                 p = self._params.get(canon)
                 if p is not None and not any(f.tp_rank == tp_rank for f in p.fragments.get("fp32", [])):
                     self._check_local_shape(name, t.shape, path)
                     self._add(mp, name, "fp32", tp_rank, 0, t.numel(), path, t)
+
+    def _index_frozen_experts(self, mp: int, tp_rank: int, e: int) -> None:
+        path = self._file(frozen_experts_file(e, mp))
+        if not os.path.isfile(path):
+            return  # none frozen (or saved before these files: reported as an expert's missing elements)
+        try:
+            header, data = read_header(path)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        for name, h in header.items():
+            self._check_local_shape(name, h["shape"], path)
+            canon = canonical_name(name, self.cfg.model.n_layers)
+            if canon not in self._params:
+                raise CheckpointError(f"{path}: holds parameter {name!r}, which the saved model config has no place "
+                                      f"for; the checkpoint and its {STATE_FILE} disagree")
+            if self._owner.setdefault((canon, tp_rank, e), mp) == mp:
+                begin, end = h["data_offsets"]
+                dtype = TORCH_DTYPES[h["dtype"]]
+                self._params[canon].fragments.setdefault("fp32", []).append(
+                    Fragment(tp_rank, 0, (end - begin) // dtype.itemsize, path, data + begin, dtype, e))
 
     def _index_zero0(self, mp: int, tp_rank: int, pp_rank: int) -> None:
         path = self._file(f"mp_rank_{mp:02d}_model_states.pt")
@@ -417,7 +440,8 @@ class CheckpointReader:
 
     def tensor(self, name: str, key: str = "fp32", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The full tensor `name` (a canonical parameter name), reassembled from every rank that holds a piece."""
-        adapter = name.removesuffix(".weight") + ".lora_A"
+        # a linear layer's `X.weight` has `X.lora_A`; an expert weight `experts.w` has `experts.w_lora_A`
+        adapter = name.removesuffix(".weight") + ".lora_A" if name.endswith(".weight") else name + "_lora_A"
         if self.lora_scale and key == "fp32" and adapter in self._params:
             a, b = self._tensor(adapter, key, torch.float32), self._tensor(adapter[:-1] + "B", key, torch.float32)
             merged = self._tensor(name, key, torch.float32) + self.lora_scale * (b @ a)

@@ -137,6 +137,10 @@ def _tp_moe(m: MoE, pre: str, mine, split, group, sp: bool) -> None:
     for name in ("gate_up", "up", "down"):
         if hasattr(m.experts, name):
             setattr(m.experts, name, mark_tp(nn.Parameter(mine(pre + "experts." + name).detach().clone())))
+    for name in (f"{w}_lora_{x}" for w in m.experts.lora for x in "AB"):  # LoRA: cut as its weight (sharding.py)
+        p = nn.Parameter(mine(pre + "experts." + name).detach().clone())
+        # the uncut factor's gradient is this rank's share (of the rows of B it met, or of A's low-rank output)
+        setattr(m.experts, name, mark_tp(p) if p.shape != getattr(m.experts, name).shape else mark_partial_grad(p))
     if m.shared is not None:
         _tp_mlp(m.shared, pre + "shared.", mine, split)
     mark_partial_grad(m.router.weight)

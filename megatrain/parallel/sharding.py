@@ -18,6 +18,8 @@ Tensor parallelism (canonical names, as in model.py):
                                                                  column-parallel layer's
     layers.N.mlp.experts.up                1    -                (mlp=gelu experts)
     layers.N.mlp.experts.down              2    -                [E, d, ff]: each expert row-parallel
+    ....experts.gate_up_lora_B, up_lora_B  1    as its weight    expert LoRA: B [E, out, r], A [E, r, in] split as
+    ....experts.down_lora_A                2    -                a dense weight's adapters, one dimension in
     layers.N.mlp.shared.*                  as layers.N.mlp.*    the shared expert, a plain MLP
     ....lora_B of a column-parallel one    0    as its weight    LoRA: B [out, r] splits like the weight's rows
     ....lora_A of a row-parallel one       1    -                A [r, in] like the weight's columns
@@ -64,10 +66,15 @@ def split_of(name: str, cfg: ModelConfig) -> Split:
     hd = head_dim(cfg)
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0)
-    m = re.fullmatch(r"layers\.\d+\.mlp\.experts\.(gate_up|up|down)", name)
+    m = re.fullmatch(r"layers\.\d+\.mlp\.experts\.(gate_up|up|down)(_lora_[AB])?", name)
     if m:  # [E, out, in]: each expert cut like a dense MLP's weight, one dimension further in
         ff = moe_ffn_width(cfg)
-        return {"gate_up": Split(1, (ff, ff)), "up": Split(1), "down": Split(2)}[m.group(1)]
+        base = {"gate_up": Split(1, (ff, ff)), "up": Split(1), "down": Split(2)}[m.group(1)]
+        if m.group(2) == "_lora_B":  # [E, out, r]: its rows as a column-parallel weight's
+            return base if base.dim == 1 else REPLICATED
+        if m.group(2) == "_lora_A":  # [E, r, in]: its columns as a row-parallel weight's
+            return base if base.dim == 2 else REPLICATED
+        return base
     m = re.fullmatch(r"(layers\.\d+\.mlp)\.shared\.(gate_up\.weight|up\.weight|down\.weight)", name)
     if m:  # the shared expert: a dense MLP of its own width
         if m.group(2) == "gate_up.weight":
@@ -97,7 +104,7 @@ def split_of(name: str, cfg: ModelConfig) -> Split:
 
 def is_expert_param(name: str) -> bool:
     """Whether expert parallelism cuts this canonical parameter (along EXPERT_DIM)."""
-    return re.fullmatch(r"layers\.\d+\.mlp\.experts\.(gate_up|up|down)(\.lora_[AB])?", name) is not None
+    return re.fullmatch(r"layers\.\d+\.mlp\.experts\.(gate_up|up|down)(_lora_[AB])?", name) is not None
 
 
 def _part_sizes(split: Split, full: int) -> tuple[int, ...]:
