@@ -447,11 +447,11 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
         engine.optimizer.update_lp_params()
         frozen = _frozen_experts(engine)
         if frozen:  # and the frozen ones from their own file (see _frozen_experts)
-            path = os.path.join(ckpt_dir, tag, frozen_experts_file(frozen[0], frozen[2]))
-            if not os.path.isfile(path):
-                raise ConfigError(f"{path}: missing; this checkpoint's frozen expert weights cannot be restored "
-                                  f"(saved by an older megatrain?); resume from a checkpoint that has it")
-            saved_experts = load_file(path)
+            experts_path = os.path.join(ckpt_dir, tag, frozen_experts_file(frozen[0], frozen[2]))
+            if not os.path.isfile(experts_path):
+                raise ConfigError(f"{experts_path}: missing; this checkpoint's frozen expert weights cannot be "
+                                  f"restored; resume from a checkpoint that has it")
+            saved_experts = load_file(experts_path)
             with torch.no_grad():
                 for name, p in frozen[3]:
                     p.copy_(saved_experts[name])
