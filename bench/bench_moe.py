@@ -18,6 +18,8 @@ against parallel.ep=1, --ep-steps steps: the median seconds per step, each rank'
 run's rank table (printed after the engine is built, before the first step), and the peak RSS of the largest process
 over the whole run (/usr/bin/time). On one CPU machine the all-to-all is shared-memory gloo between two processes
 sharing the cores: the step time says little about a cluster; the memory per rank is the figure that carries.
+Every run through the CLI records the machine's 1-minute load average before it (a shared machine's speed drifts).
+`--skip PART` keeps that part's last figures, with the run that measured them.
 Results go to bench/results/bench_moe.json (bench/results_file.py: with the command, commit, date and machine).
 """
 from __future__ import annotations
@@ -72,7 +74,9 @@ def metrics(ckpt: str) -> tuple[list[dict], list[dict]]:
 
 
 def pretrain(sets: dict, launcher: list[str], env: dict) -> tuple[str, float]:
-    """One `megatrain pretrain --config tiny` run; its output and wall seconds."""
+    """One `megatrain pretrain --config tiny` run; its output and wall seconds. The machine's 1-minute load average
+    before the run is printed (on a shared machine it says how comparable two runs' speeds are)."""
+    print(f"  load average before the run: {os.getloadavg()[0]:.2f}", flush=True)
     cmd = [*launcher, "-m", "megatrain.pretrain", "--config", "tiny",
            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     t0 = time.perf_counter()
@@ -95,11 +99,12 @@ def part_dense(args, work: str) -> dict:
                           eval_batches=args.eval_iters, lr="tiny's: 3e-3 cosine to 3e-4, warmup steps/10"))
     for name, moe in (("dense", False), ("moe", True)):
         ckpt = os.path.join(work, name)
+        load = os.getloadavg()[0]
         log, wall = pretrain({**common, **model_sets(args, moe, args.width, args.moe_ffn), "checkpoint.dir": ckpt},
                              [sys.executable], env1())
         train, evals = metrics(ckpt)
         params = float(re.search(r"\|\s+([\d.]+)M parameters \|", log).group(1)) * 1e6
-        out[name] = dict(tokens_per_s=statistics.median(r["tokens_per_s"] for r in train[1:]),
+        out[name] = dict(load_avg_before=load, tokens_per_s=statistics.median(r["tokens_per_s"] for r in train[1:]),
                          val_loss=evals[-1]["val_loss"], final_train_loss=train[-1]["loss"], wall_s=wall,
                          params=params)
         print(f"{name:6s} {out[name]['tokens_per_s']:8,.0f} tokens/s  val loss {out[name]['val_loss']:.4f}  "
@@ -182,12 +187,13 @@ def part_ep(args, work: str) -> dict:
                     "cores, so the step time is not representative of a cluster; the memory per rank carries")
     for ep in (1, 2):
         ckpt = os.path.join(work, f"ep{ep}")
+        load = os.getloadavg()[0]
         launcher = ["/usr/bin/time", "-f", "maxrss_kib %M", sys.executable, "-m", "torch.distributed.run",
                     "--nproc_per_node", "2", "--master_port", str(free_port())]
         log, wall = pretrain({**sets, "parallel.ep": ep, "checkpoint.dir": ckpt}, launcher, env1())
         ranks = sorted((int(r), float(n) * 1e6, float(m)) for r, n, m in RANK_ROW.findall(log))
         train, _ = metrics(ckpt)
-        r = dict(seconds_per_step=statistics.median(x["seconds_per_step"] for x in train[1:]),
+        r = dict(load_avg_before=load, seconds_per_step=statistics.median(x["seconds_per_step"] for x in train[1:]),
                  params_per_rank=[n for _, n, _ in ranks], rss_gib_at_start=[m for _, _, m in ranks],
                  peak_rss_gib=int(re.findall(r"maxrss_kib (\d+)", log)[-1]) / 2**20, wall_s=wall)
         out[f"ep{ep}"] = r
