@@ -96,7 +96,8 @@ def part_dense(args, work: str) -> dict:
     out = dict(sizes=dict(d_model=args.width, layers=args.layers, heads=args.heads, seq_len=args.seq,
                           batch=args.batch, steps=args.steps, experts=args.experts, top_k=args.top_k,
                           moe_ffn=args.moe_ffn, dense_d_ff=2 * args.moe_ffn, vocab="byte (256)",
-                          eval_batches=args.eval_iters, lr="tiny's: 3e-3 cosine to 3e-4, warmup steps/10"))
+                          eval_batches=args.eval_iters,
+                          lr=f"3e-3, cosine to 3e-4 (the tiny preset's), warmup {args.steps // 10} steps"))
     for name, moe in (("dense", False), ("moe", True)):
         ckpt = os.path.join(work, name)
         load = os.getloadavg()[0]
