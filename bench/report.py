@@ -192,7 +192,9 @@ TEXT = {
             "`../shared/data/tinyshakespeare.txt` by default, or any copy of char-rnn's tinyshakespeare `input.txt`; "
             "a skipped part keeps its last figures, with the run that measured them)",
         read="Tokens/s is the median of the logged intervals after the first; the load average before each run "
-             "says how busy the shared machine was (the two sides of a ratio are comparable when it is alike). On "
+             "says how busy the shared machine was: on the 2-core machine shared with other jobs, repeated runs of the "
+             "same command moved the tokens/s ratio and the step-time ratio by tens of percent, so read them as "
+             "rough; the validation losses are the same in every run (fixed seeds). On "
              "CPU `torch._grouped_mm` gives the loop's results exactly (largest difference shown). In part 3 the "
              "all-to-all is shared-memory gloo between two ranks on one 2-core machine, so the step time says "
              "little about a cluster; the memory per rank is the figure that carries."),
