@@ -174,6 +174,30 @@ TEXT = {
         read="Each figure is the larger of the two ranks'; the ratio is to the rank's share of the fp32 weights "
              "(under ZeRO-3 its partition). What comes after the build is DeepSpeed's: `initialize` allocates the "
              "fp32 buffers ZeRO keeps, and the first step adds Adam's states."),
+    "moe": dict(
+        title="Mixture of Experts",
+        measures="`bench/bench_moe.py`, three parts, each against a baseline run in the same invocation. Part 1: an "
+                 "8-expert top-2 model (swiglu experts of width `moe_ffn`) against the dense model of the same active "
+                 "width (`d_ff` = 2 x `moe_ffn`: the same matmul FLOPs per token apart from the router's), the same "
+                 "width, layers, heads, data, steps, batch, sequence length and learning-rate schedule, fp32, one "
+                 "process on one thread, each through `megatrain pretrain`; the data is tinyshakespeare with the byte "
+                 "tokenizer, the first 90% of the text to train and the last 10% to validate (as nanoGPT splits it). "
+                 "Part 2: `GroupedExperts` forward and backward on rows spread at random over 8 experts, with "
+                 "`torch._grouped_mm` (`loop=False`) against one matmul per expert (`loop=True`), fp32 and bf16, one "
+                 "thread. Part 3: one MoE model on 2 ranks (`torchrun`, ZeRO-1, data parallel 2), `parallel.ep=2` "
+                 "against `parallel.ep=1`: the median step time, each rank's parameters and RSS from the run's rank "
+                 "table (after the engine is built, before the first step) and the peak RSS of the largest process "
+                 "over the run.",
+        run="`python bench/bench_moe.py [--data FILE] [--steps 400] [--skip dense|grouped|ep]` (`--data`: "
+            "`../shared/data/tinyshakespeare.txt` by default, or any copy of char-rnn's tinyshakespeare `input.txt`; "
+            "a skipped part keeps its last figures, with the run that measured them)",
+        read="Tokens/s is the median of the logged intervals after the first; the load average before each run "
+             "says how busy the shared machine was: on the 2-core machine shared with other jobs, repeated runs of the "
+             "same command moved the tokens/s ratio and the step-time ratio by tens of percent, so read them as "
+             "rough; the validation losses are the same in every run (fixed seeds). On "
+             "CPU `torch._grouped_mm` gives the loop's results exactly (largest difference shown). In part 3 the "
+             "all-to-all is shared-memory gloo between two ranks on one 2-core machine, so the step time says "
+             "little about a cluster; the memory per rank is the figure that carries."),
     "soak": dict(
         title="A long run",
         measures="`bench/bench_soak.py` runs one `megatrain pretrain --config tiny` process (the built-in corpus, "
@@ -196,6 +220,11 @@ def num(x: float, digits: int = 0) -> str:
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
+
+
+def mil(n: float) -> str:
+    """A parameter count in millions, at the precision of a run's rank table."""
+    return f"{n / 1e6:.2f}M"
 
 
 def pct(x: float, digits: int = 1) -> str:
@@ -516,6 +545,55 @@ def soak(name: str, d: dict) -> list[dict]:
     return [section("soak", name, d["meta"], name, body + table(["measure", "first", "last"], rows))]
 
 
+def moe(name: str, d: dict) -> list[dict]:
+    out = []
+    if "vs_dense" in d:
+        r, z = d["vs_dense"], d["vs_dense"]["sizes"]
+        dense, moe_ = r["dense"], r["moe"]
+        body = [f"Width {z['d_model']}, {z['layers']} layers, {z['heads']} heads, sequence {z['seq_len']}, batch "
+                f"{z['batch']}, {num(z['steps'])} steps, {z['experts']} experts top-{z['top_k']} of width "
+                f"{z['moe_ffn']} against dense `d_ff` {z['dense_d_ff']}; byte vocabulary; learning rate {z['lr']}; validation "
+                f"loss over {z['eval_batches']} batches at the end.", ""]
+        body += table(["measure", "MoE", "dense", "ratio (MoE / dense)"], [
+            ["parameters (active)", f"{mil(moe_['params'])} ({mil(moe_['active_params'])})", mil(dense["params"]), ""],
+            ["tokens/s", num(moe_["tokens_per_s"]), num(dense["tokens_per_s"]),
+             ratio(moe_["tokens_per_s"], dense["tokens_per_s"])],
+            ["validation loss", f"{moe_['val_loss']:.4f}", f"{dense['val_loss']:.4f}",
+             f"{moe_['val_loss'] - dense['val_loss']:+.4f} (difference)"],
+            ["wall time", f"{moe_['wall_s']:.0f} s", f"{dense['wall_s']:.0f} s", ratio(moe_["wall_s"], dense["wall_s"])],
+            ["load average before the run", f"{moe_['load_avg_before']:.2f}", f"{dense['load_avg_before']:.2f}", ""]])
+        out.append(section("moe", "MoE against dense", r.get("meta") or d["meta"], name, body))
+    if "grouped_mm" in d:
+        r = d["grouped_mm"]
+        rows = [[f"{c['d_model']} / {c['ffn']}", c["dtype"], f"{1e3 * c['grouped_s']:.1f} ms" +
+                 ("" if c["grouped_mm"] else " (loop: no grouped matmul)"), f"{1e3 * c['loop_s']:.1f} ms",
+                 ratio(c["loop_s"], c["grouped_s"]), f"{c['max_abs_diff']:.1e}"] for c in r["cases"]]
+        body = [f"{num(r['rows'])} rows over {r['experts']} experts; median of {r['repeats']} repeats, best of 2 "
+                f"interleaved rounds; {r['threads']} thread.", ""]
+        body += table(["width / expert width", "dtype", "grouped matmul", "per-expert loop", "loop / grouped",
+                       "largest difference"], rows)
+        out.append(section("moe", "Grouped matmul against the loop", r.get("meta") or d["meta"], name, body))
+    if "ep" in d:
+        r, z = d["ep"], d["ep"]["sizes"]
+        a, b = r["ep2"], r["ep1"]
+        body = [f"Width {z['d_model']}, {z['layers']} layers, {z['experts']} experts top-{z['top_k']} of width "
+                f"{z['moe_ffn']}, sequence {z['seq_len']}, micro-batch {z['micro_batch']}, global batch "
+                f"{z['global_batch']}, {z['steps']} steps, {z['ranks']} ranks, ZeRO-{z['zero_stage']}; the larger "
+                f"rank's figures.", ""]
+        body += table(["measure", "EP=2", "EP=1", "ratio (EP=2 / EP=1)"], [
+            ["parameters per rank", mil(max(a["params_per_rank"])), mil(max(b["params_per_rank"])),
+             ratio(max(a["params_per_rank"]), max(b["params_per_rank"]))],
+            ["RSS per rank at the start", f"{max(a['rss_gib_at_start']):.2f} GiB",
+             f"{max(b['rss_gib_at_start']):.2f} GiB", ratio(max(a["rss_gib_at_start"]), max(b["rss_gib_at_start"]))],
+            ["peak RSS over the run", f"{a['peak_rss_gib']:.2f} GiB", f"{b['peak_rss_gib']:.2f} GiB",
+             ratio(a["peak_rss_gib"], b["peak_rss_gib"])],
+            ["seconds per step", f"{a['seconds_per_step']:.3f} s", f"{b['seconds_per_step']:.3f} s",
+             ratio(a["seconds_per_step"], b["seconds_per_step"])],
+            ["load average before the run", f"{a['load_avg_before']:.2f}", f"{b['load_avg_before']:.2f}", ""]])
+        out.append(section("moe", "Expert parallelism", r.get("meta") or d["meta"], name, body))
+    return out
+
+
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
 RENDERERS = [
     ("bench_data.json", (), data),
@@ -527,6 +605,7 @@ RENDERERS = [
     ("bench_convert.json", (), convert),
     ("bench_parallel*.json", ("*_startup.json",), parallel),
     ("bench_parallel*_startup.json", (), startup),
+    ("bench_moe.json", (), moe),
     ("soak.json", (), soak),
 ]
 
