@@ -4,9 +4,9 @@
     python bench/report.py --check    # exit 1 when the committed page differs from what this would write
 
 The page is never edited by hand. What each benchmark measures, how to run it and how to read it is the text in
-bench/report_text.py (TEXT); every figure is read from a results file, next to the command, commit, date and machine that file
-records (bench/results_file.py). A ratio is always printed with both of its sides. The output depends only on the
-results files (fixed order, fixed number formats), so the check is stable. A results file this script has no
+bench/report_text.py (TEXT); every figure is read from a results file, next to the command, commit, date and machine
+that file records (bench/results_file.py). A ratio is always printed with both of its sides. The output depends only
+on the results files (fixed order, fixed number formats), so the check is stable. A results file this script has no
 section for is an error: add one.
 """
 from __future__ import annotations
