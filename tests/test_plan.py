@@ -129,22 +129,16 @@ BLOCK_FEATURES = {  # over a 4-head, 2-KV-head, d_model 32 block
 }
 
 
-@pytest.mark.skipif(not __import__("megatrain.kernels").kernels.built(), reason="counts of the fused kernels")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("feature", BLOCK_FEATURES)
-def test_block_activation_bytes_are_what_autograd_saves(feature, dtype):
-    """What one block's forward hands autograd to keep (every distinct storage but the parameters and the RoPE
-    tables) is the plan's per-token count times the tokens, plus a window block's [T, T] mask: exactly, for an
-    explicit head_dim, QK-norm per head and over the projection, sandwich and post norms, GeGLU and windows. Gemma's
-    norm_one_plus also keeps each norm's 1 + weight, a few parameter-sized vectors per block the plan leaves out."""
+def _saved_by_first_block(dtype: str, **features):
+    """A small model with `features`; its first block's forward on a [2, 32] batch: (the config, the block,
+    (B, T, dtype), {storage: bytes} of every distinct storage autograd keeps but the parameters and RoPE tables)."""
     import torch
 
     from megatrain.config import ModelConfig
     from megatrain.model import Transformer
-    from megatrain.planning.memory import per_token_layer_bytes, window_mask_bytes
 
     m = ModelConfig(vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64, max_seq_len=64,
-                    **BLOCK_FEATURES[feature])
+                    **features)
     B, T, dt = 2, 32, getattr(torch, dtype)
     torch.manual_seed(0)
     model = Transformer(m).to(dt)
@@ -161,6 +155,20 @@ def test_block_activation_bytes_are_what_autograd_saves(feature, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         block(x, rope)
+    return m, block, (B, T, dt), saved
+
+
+@pytest.mark.skipif(not __import__("megatrain.kernels").kernels.built(), reason="counts of the fused kernels")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("feature", BLOCK_FEATURES)
+def test_block_activation_bytes_are_what_autograd_saves(feature, dtype):
+    """What one block's forward hands autograd to keep (every distinct storage but the parameters and the RoPE
+    tables) is the plan's per-token count times the tokens, plus a window block's [T, T] mask: exactly, for an
+    explicit head_dim, QK-norm per head and over the projection, sandwich and post norms, GeGLU and windows. Gemma's
+    norm_one_plus also keeps each norm's 1 + weight, a few parameter-sized vectors per block the plan leaves out."""
+    from megatrain.planning.memory import per_token_layer_bytes, window_mask_bytes
+
+    m, block, (B, T, dt), saved = _saved_by_first_block(dtype, **BLOCK_FEATURES[feature])
     w = dt.itemsize
     part = per_token_layer_bytes(m, 1, False, w)
     planned = B * T * (2 * part["norm"] + part["post_norm"] + part["attention"] + part["mlp"])
@@ -314,30 +322,10 @@ def test_moe_block_activation_bytes_are_what_autograd_saves(feature, dtype):
     """A MoE block saves what per_token_layer_bytes says of its attention and norms and, for its feed-forward,
     moe_mlp_bytes per token (dropless): the router's, each routed copy's, the shared MLP's; plus a few [E]-sized
     tensors per layer (the grouped matmuls' offsets, the load-balancing loss's counts)."""
-    import torch
-
-    from megatrain.config import ModelConfig
-    from megatrain.model import Transformer
     from megatrain.planning.memory import moe_mlp_bytes, per_token_layer_bytes
 
-    m = ModelConfig(vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64, max_seq_len=64,
-                    moe_experts=4, moe_top_k=2, moe_ffn=16, **MOE_FEATURES[feature])
-    B, T, dt = 2, 32, getattr(torch, dtype)
-    torch.manual_seed(0)
-    model = Transformer(m).to(dt)
-    block = model.layers[0]
-    x = torch.randn(B, T, m.d_model, dtype=dt, requires_grad=True)
-    rope = model.rope_of(block, slice(0, T), dt)
-    skip = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *rope)}
-    saved = {}
-
-    def keep(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        block(x, rope)
+    m, block, (B, T, dt), saved = _saved_by_first_block(dtype, moe_experts=4, moe_top_k=2, moe_ffn=16,
+                                                        **MOE_FEATURES[feature])
     w = dt.itemsize
     part = per_token_layer_bytes(m, 1, False, w)
     planned = B * T * (2 * part["norm"] + part["attention"] + moe_mlp_bytes(m, 1, w))
