@@ -511,9 +511,6 @@ def _validate_expert_parallel(m: ModelConfig, p: ParallelConfig) -> None:
                "ZeRO-3 would gather each expert over the data-parallel ranks, which is what expert parallelism avoids")
         raise ConfigError(f"config key parallel.zero_stage: {p.zero_stage} with parallel.ep={p.ep}; expert "
                           f"parallelism needs ZeRO-1 or ZeRO-2 ({why})")
-    if p.pp > 1:
-        raise ConfigError(f"config key parallel.ep: {p.ep} with parallel.pp={p.pp}; expert parallelism does not "
-                          f"combine with pipeline stages: set parallel.pp=1 (or parallel.ep=1)")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

@@ -147,24 +147,25 @@ def _pretrain(tmp_path, data, name: str, world: int, **over) -> str:
 
 @pytest.mark.slow
 def test_pretraining_under_expert_parallelism_has_the_one_rank_losses(tmp_path, moe_data, one_rank):
-    """Dropless, fp32: EP=2 on 2 ranks, EP=2 x DP=2 and TP=2 x EP=2 on 4, ZeRO-1 and ZeRO-2, give one rank's losses
-    over 10 steps (1e-5); the expert-load figures are in metrics.jsonl."""
+    """Dropless, fp32: EP=2 on 2 ranks, EP=2 x DP=2 (ZeRO-2), TP=2 x EP=2 (sequence parallel) and PP=2 x EP=2 on 4 give one rank's
+    losses over 10 steps (1e-5) and resume bit for bit; the expert-load figures are in metrics.jsonl."""
     from training_utils import losses
 
     one = one_rank
     runs = {"ep2": (2, {"parallel.ep": 2}),
             "ep2_dp2_zero2": (4, {"parallel.ep": 2, "parallel.zero_stage": 2}),
-            "tp2_ep2": (4, {"parallel.ep": 2, "parallel.tp": 2})}
+            "tp2_sp_ep2": (4, {"parallel.ep": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}),
+            "pp2_ep2": (4, {"parallel.ep": 2, "parallel.pp": 2})}
     curves = {}
     for name, (world, over) in runs.items():
         got = curves[name] = losses(_pretrain(tmp_path, moe_data, name, world, **over))
         assert sorted(got) == sorted(one) == list(range(1, 11)), name
         for s in one:
             assert abs(got[s] - one[s]) <= 1e-5 * abs(one[s]), (name, s, got[s], one[s])
-    # resumed from step 5 under the same layout: bit-exact
-    (tmp_path / "ep2_dp2_zero2" / "latest").write_text("step00000005")
-    resumed = losses(_pretrain(tmp_path, moe_data, "ep2_dp2_zero2", 4, **runs["ep2_dp2_zero2"][1]))
-    assert {s: resumed[s] for s in range(6, 11)} == {s: curves["ep2_dp2_zero2"][s] for s in range(6, 11)}
+    for name in ("ep2_dp2_zero2", "pp2_ep2"):  # resumed from step 5 under the same layout: bit-exact
+        (tmp_path / name / "latest").write_text("step00000005")
+        resumed = losses(_pretrain(tmp_path, moe_data, name, 4, **runs[name][1]))
+        assert {s: resumed[s] for s in range(6, 11)} == {s: curves[name][s] for s in range(6, 11)}, name
     import json
 
     rows = [json.loads(line) for line in open(tmp_path / "ep2" / "metrics.jsonl")]

@@ -325,7 +325,10 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, grid, cfg.parallel.partition_activations)
     if layout.pp == 1:
         return model
-    return apply_pipeline(model, grid.topology(), layout.tp if cfg.parallel.sequence_parallel else 1)
+    pipe = apply_pipeline(model, grid.topology(), layout.tp if cfg.parallel.sequence_parallel else 1)
+    if hasattr(model, "deepspeed_moe_marker"):  # what DeepSpeed looks for, in the module it is handed
+        pipe.deepspeed_moe_marker = model.deepspeed_moe_marker
+    return pipe
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, partition_activations: bool = False) -> Transformer:

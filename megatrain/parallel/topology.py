@@ -68,7 +68,7 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
 
 
 def check_expert_layout(cfg: Config, dp: int) -> None:
-    """parallel.ep against the data-parallel ranks (the stages it composes with: config.validate)."""
+    """parallel.ep against the data-parallel ranks (the ZeRO stage it needs: config.validate)."""
     if dp % cfg.parallel.ep:
         raise ConfigError(f"config key parallel.ep: {cfg.parallel.ep} does not divide the {dp} data-parallel ranks "
                           f"(world / (tp x pp))")
