@@ -213,3 +213,25 @@ def test_moe_layers_rule():
 def test_moe_config_refusals(kw, text):
     with pytest.raises(ConfigError, match=text.replace("(", r"\(")):
         validate_model(moe_cfg(**kw))
+
+
+@pytest.mark.parametrize("sets,text", [
+    (["parallel.ep=2"], "parallel.ep: 2 needs a MoE model whose model.moe_experts (0) it divides"),
+    (["model.moe_experts=3", "parallel.ep=2"], "parallel.ep: 2 needs a MoE model whose model.moe_experts (3)"),
+    (["model.moe_experts=4", "parallel.ep=2", "parallel.zero_stage=3"], "expert parallelism needs ZeRO-1 or ZeRO-2"),
+    (["model.moe_experts=4", "parallel.ep=2", "parallel.zero_stage=0"], "expert parallelism needs ZeRO-1 or ZeRO-2"),
+])
+def test_expert_parallel_config_refusals(sets, text):
+    from megatrain.config import load_config
+
+    with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny", sets)
+
+
+def test_expert_parallel_must_divide_the_data_parallel_ranks():
+    from megatrain.config import load_config
+    from megatrain.parallel.topology import check_layout
+
+    cfg = load_config("tiny", ["model.moe_experts=4", "parallel.ep=4", "train.global_batch_size=24"])
+    with pytest.raises(ConfigError, match="parallel.ep: 4 does not divide the 6 data-parallel ranks"):
+        check_layout(cfg, 6)
