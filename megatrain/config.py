@@ -67,6 +67,10 @@ class DataConfig(_Section):
     # objective=mlm: the share of tokens made targets, in (0, 1); of those 80% become the mask token, 10% a random
     # token and 10% stay as they are
     mlm_probability: float = 0.15
+    # objective=causal: a sample's tokens attend only within their own document (a document ends at the tokenizer's
+    # end-of-document token, which belongs to it), its positions restarting at each document's first token;
+    # attention runs document by document (no [T, T] mask). Not with pipeline stages. false: across the whole sample
+    document_attention: bool = False
 
 
 @dataclass
@@ -469,6 +473,8 @@ def validate(cfg: Config) -> None:
                           f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
     if p.ep > 1:
         _validate_expert_parallel(m, p)
+    if d.document_attention and (m.objective != "causal" or p.pp > 1):
+        raise ConfigError("config key data.document_attention: needs model.objective=causal and parallel.pp=1")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("config key parallel.sequence_parallel: needs parallel.tp > 1")
     if t.global_batch_size % t.micro_batch_size:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -163,6 +164,52 @@ def soft_capped_attention(q, k, v, mask, causal: bool, scale: float, cap: float,
     return probs @ v
 
 
+@dataclass(frozen=True)
+class Documents:
+    """Where the examples of each row of a packed or padded batch lie: spans[b] = ((start, end, real), ...) in order,
+    covering [0, T); `real` False for a run of padding (segment 0). Attention then runs document by document (each
+    one's own [n, n] problem), never on a [T, T] mask."""
+
+    spans: tuple[tuple[tuple[int, int, bool], ...], ...]
+
+    @staticmethod
+    def of(segments: torch.Tensor) -> "Documents":
+        """From segments [B, T] (1, 2, ... per example, 0 for padding)."""
+        B, T = segments.shape
+        change = (segments[:, 1:] != segments[:, :-1]).nonzero().tolist()  # (row, i): a new span starts at i + 1
+        starts = [[0] for _ in range(B)]
+        for b, i in change:
+            starts[b].append(i + 1)
+        ids = segments.tolist()
+        rows = []
+        for b in range(B):
+            edges = starts[b] + [T]
+            rows.append(tuple((lo, hi, ids[b][lo] != 0) for lo, hi in zip(edges, edges[1:])))
+        return Documents(tuple(rows))
+
+
+def document_attention(q, k, v, docs: Documents, causal: bool, scale: float, window: int = 0, softcap: float = 0.0,
+                       dropout: float = 0.0) -> torch.Tensor:
+    """Attention within each document of each row: q, k, v [B, H(_kv), T, D] -> [B, H, T, D]. A run of padding is a
+    document of its own (no real token sees it; its outputs feed nothing). Each document is its own SDPA call (or soft-capped attention), causal or
+    not, within `window` if set: memory per call is its own length squared at most, never the batch's T x T."""
+    B, H, T, _ = q.shape
+    out = q.new_empty(B, H, T, v.shape[-1])
+    for b, spans in enumerate(docs.spans):
+        for lo, hi, _ in spans:
+            qs, ks, vs = q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi]
+            n, mask = hi - lo, None
+            if window and n > window:
+                mask = window_mask(n, window, q.device) if softcap else window_bias(n, window, q.device, q.dtype)
+            if softcap:
+                y = soft_capped_attention(qs, ks, vs, mask, causal and mask is None, scale, softcap, dropout)
+            else:
+                y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                                   dropout_p=dropout, scale=scale, enable_gqa=ks.shape[1] != H)
+            out[b:b + 1, :, lo:hi] = y
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, fused: bool = False, layer: int = 0):
         super().__init__()
@@ -205,6 +252,12 @@ class Attention(nn.Module):
                 if T != 1:
                     raise ValueError("with a KV cache, only the first call may pass more than one token")
                 causal = False  # one new query attends to every cached position (a window layer caches its window)
+        if isinstance(mask, Documents) and cache is None:  # packed or padded rows: document by document
+            y = document_attention(q, k, v, mask, self.causal, self.scale, self.window, self.softcap,
+                                   self.dropout if self.training else 0.0)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if isinstance(mask, Documents):  # (decoding with a cache: one row of one example, no documents to keep apart)
+            mask = None
         if self.window and T > self.window:  # the window cuts into the causal triangle
             if mask is None and not self.softcap:
                 mask = window_bias(T, self.window, x.device, q.dtype)
@@ -361,7 +414,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         mask, positions = None, None
         if segments is not None:
-            mask, positions = segment_mask(segments, causal=self.cfg.objective == "causal"), segment_positions(segments)
+            mask, positions = Documents.of(segments), segment_positions(segments)
         x = self.embed_tokens(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions if positions is not None else torch.arange(pos, pos + T, device=tokens.device))

@@ -18,7 +18,7 @@ from megatrain.tasks.tagging import Tokens
 
 def pretraining_task(cfg: Config, tokenizer) -> Task:
     if cfg.model.objective == "causal":
-        return CausalLM()
+        return CausalLM(tokenizer.eod_id if cfg.data.document_attention else None)
     return MaskedLM(cfg.train.seed, tokenizer.mask_id, tokenizer.vocab_size, cfg.data.mlm_probability,
                     tuple(i for i in (tokenizer.eod_id, tokenizer.pad_id, tokenizer.bos_id) if i is not None))
 

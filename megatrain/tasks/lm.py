@@ -26,12 +26,23 @@ from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task
 
 
 class CausalLM(Task):
+    """Next-token prediction on packed samples; with `eod` (data.document_attention) each token attends only within
+    its document, which ends with (and holds) the end-of-document token."""
+
     name = "causal"
     constant_targets = True
 
+    def __init__(self, eod: int | None = None):
+        self.eod = eod
+
     def make(self, dataset, ids: np.ndarray, device) -> Batch:
         tokens = torch.from_numpy(np.stack([dataset[int(i)] for i in ids]))
-        return Batch(tokens[:, :-1].to(device), tokens[:, 1:].contiguous().to(device))
+        inputs = tokens[:, :-1]
+        segments = None
+        if self.eod is not None:  # 1, 2, ...: a new document starts after each end-of-document token
+            ends = (inputs == self.eod).long()
+            segments = (1 + ends.cumsum(1) - ends).to(device)
+        return Batch(inputs.to(device), tokens[:, 1:].contiguous().to(device), segments)
 
     def targets(self, batch: Batch) -> int:
         return batch.labels.numel()
