@@ -166,8 +166,9 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targ
 def _owners(block: nn.Module) -> list[nn.Module]:
     """The modules of a block whose nn.Linear projections LoRA can adapt (a MoE block's: its shared expert)."""
     mlp = block.mlp
-    return [block.attn, mlp.shared] if isinstance(mlp, MoE) and mlp.shared is not None else \
-        [block.attn] if isinstance(mlp, MoE) else [block.attn, mlp]
+    if not isinstance(mlp, MoE):
+        return [block.attn, mlp]
+    return [block.attn] + ([mlp.shared] if mlp.shared is not None else [])
 
 
 def _experts(block: nn.Module) -> list[nn.Module]:

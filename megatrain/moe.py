@@ -156,6 +156,7 @@ class Routing:
     weights: torch.Tensor
     keep: torch.Tensor | None
     dropped: torch.Tensor | int = 0
+    kept: torch.Tensor | None = None  # [E] rows each expert keeps under the capacity (None: dropless)
 
 
 @dataclass
@@ -191,15 +192,16 @@ def route(logits: torch.Tensor, top_k: int, router: str, norm_topk: bool,
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: within an expert, rows stay in token order
     counts = torch.bincount(flat, minlength=E)
-    keep, dropped = None, 0
+    keep, dropped, kept = None, 0, None
     if capacity > 0:
         cap = math.ceil(capacity * T * top_k / E)
         starts = counts.cumsum(0) - counts
         sorted_experts = flat[order]
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[sorted_experts]
         keep = rank_in_expert < cap
-        dropped = (~keep).sum()
-    return Routing(order, counts, weights.reshape(-1)[order], keep, dropped), probs
+        kept = counts.clamp(max=cap)  # (an expert keeps its first `cap` rows)
+        dropped = (counts - kept).sum()
+    return Routing(order, counts, weights.reshape(-1)[order], keep, dropped, kept), probs
 
 
 class MoE(nn.Module):
@@ -237,7 +239,7 @@ class MoE(nn.Module):
         routing, probs = route(logits, self.top_k, self.router_kind, self.norm_topk, self.capacity)
         tokens, weights, counts = routing.order // self.top_k, routing.weights, routing.counts
         if routing.keep is not None:  # capacity: the dropped rows leave before the experts
-            tokens, weights, counts = tokens[routing.keep], weights[routing.keep], _kept_counts(routing)
+            tokens, weights, counts = tokens[routing.keep], weights[routing.keep], routing.kept
         rows = x[tokens]
         y = self.experts(rows, counts) if self.dispatch is None else self.dispatch(rows, counts, self.experts)
         out = torch.zeros_like(x).index_add_(0, tokens, y * weights.to(y.dtype)[:, None]).view(shape)
@@ -252,13 +254,6 @@ class MoE(nn.Module):
         if self.tp_regions is not None:
             out = self.tp_regions[1](out)  # the sum of the TP ranks' expert slices (scattered again under SP)
         return out if shared is None else out + shared
-
-
-def _kept_counts(routing: Routing) -> torch.Tensor:
-    """Rows each expert keeps under the capacity (the sorted rows are grouped by expert, so a segment sum)."""
-    expert_of_row = torch.repeat_interleave(torch.arange(routing.counts.numel(), device=routing.counts.device),
-                                            routing.counts)
-    return torch.bincount(expert_of_row[routing.keep], minlength=routing.counts.numel())
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:

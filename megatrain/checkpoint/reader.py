@@ -193,7 +193,7 @@ class CheckpointReader:
     def _local_shape(self, p: _Param) -> tuple[int, ...]:
         """The shape one rank holds: its TP slice (of its EP rank's experts)."""
         shape = list(local_shape(p.shape, p.split, self.layout["tp"]))
-        shape[EXPERT_DIM] = shape[EXPERT_DIM] // p.ep if p.ep > 1 else shape[EXPERT_DIM]
+        shape[EXPERT_DIM] //= p.ep
         return tuple(shape)
 
     def names(self) -> list[str]:

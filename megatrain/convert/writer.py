@@ -30,8 +30,8 @@ from megatrain.convert.consolidate import WEIGHT_SUFFIXES, check_output
 from megatrain.resolved import Resolved
 from megatrain.generate import load_weights
 from megatrain.model import Transformer
-from megatrain.parallel.expert import local_experts
-from megatrain.parallel.sharding import canonical_name, is_expert_param, shard, split_of
+from megatrain.parallel.expert import experts_of, local_experts
+from megatrain.parallel.sharding import canonical_name, shard, split_of
 from megatrain.parallel.topology import check_layout
 from megatrain.training.dist_env import end_distributed, free_port
 from megatrain.training.runtime import Run
@@ -219,10 +219,12 @@ def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
             opt._lazy_init_hp_params_optimizer_state()
     cfg_model = run.cfg.model
     masters = {id(p): m for p, m in _zero0_masters(opt)}
+    ep = run.cfg.parallel.ep  # this rank's experts under expert parallelism (None: every expert)
+    experts = local_experts(cfg_model.moe_experts, ep, run.ep_rank) if ep > 1 else None
     for name, p in _local_names(engine, cfg_model.n_layers):
         if not p.requires_grad or not reader.has(name, "exp_avg"):
             continue  # frozen (LoRA's base weights): its value came with the model, there are no moments
-        values = {k: shard(_ep_slice(reader.tensor(name, k), name, run), split_of(name, cfg_model), tp, r)
+        values = {k: shard(experts_of(reader.tensor(name, k), name, experts), split_of(name, cfg_model), tp, r)
                   for k in KEYS}
         if flats is not None:
             safe_set_full_fp32_param(p, values["fp32"])
@@ -243,14 +245,6 @@ def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
         sched.load_state_dict(state)
         for group, lr in zip(base.param_groups, sched.get_last_lr()):
             group["lr"] = lr
-
-
-def _ep_slice(full: torch.Tensor, name: str, run) -> torch.Tensor:
-    """This rank's experts of an expert weight under expert parallelism; any other tensor whole."""
-    ep = run.cfg.parallel.ep
-    if ep == 1 or not is_expert_param(name):
-        return full
-    return full[local_experts(run.cfg.model.moe_experts, ep, run.ep_rank)]
 
 
 def _zero0_masters(opt) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

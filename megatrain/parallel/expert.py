@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megatrain.moe import moe_layers
+from megatrain.parallel.sharding import is_expert_param
 
 GROUP_NAME = "megatrain_ep"  # the name DeepSpeed files the groups and the expert parameters under
 
@@ -144,9 +145,8 @@ def apply_ep(model: nn.Module, ep_group, edp_group) -> nn.Module:
         raise ValueError("apply_ep: the model has no MoE layers")
     for _, m in layers:
         m.dispatch = AllToAllDispatch(ep_group, m.n_experts)
-        local = m.n_experts // ep
         for name, p in list(m.experts.named_parameters(recurse=False)):
-            mine = p.detach()[e * local:(e + 1) * local].clone()
+            mine = p.detach()[local_experts(m.n_experts, ep, e)].clone()
             new = nn.Parameter(mine, requires_grad=p.requires_grad)
             new.__dict__.update(p.__dict__)
             setattr(m.experts, name, mark_expert_param(new))
@@ -159,3 +159,9 @@ def local_experts(n_experts: int, ep: int, ep_rank: int) -> slice:
     """The experts EP rank `ep_rank` holds (along the expert dimension)."""
     local = n_experts // ep
     return slice(ep_rank * local, (ep_rank + 1) * local)
+
+
+def experts_of(full: torch.Tensor, name: str, experts: slice | None) -> torch.Tensor:
+    """`experts` of an expert weight (is_expert_param: a view along EXPERT_DIM); any other tensor, or experts None,
+    whole. apply_ep, parallelize's fill and the checkpoint writer cut with it."""
+    return full[experts] if experts is not None and is_expert_param(name) else full

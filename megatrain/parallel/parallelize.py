@@ -22,10 +22,10 @@ import torch.nn as nn
 from megatrain.kernels import ops
 from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
 from megatrain.moe import MoE
-from megatrain.parallel.expert import apply_ep, expert_groups, local_experts
+from megatrain.parallel.expert import apply_ep, expert_groups, experts_of, local_experts
 from megatrain.parallel.pipeline import apply_pipeline, stage_holds
 from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
-from megatrain.parallel.sharding import is_expert_param, shard, split_of
+from megatrain.parallel.sharding import shard, split_of
 from megatrain.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                 copy_to_tp, gather_seq, mark_partial_grad, mark_tp, reduce_from_tp,
                                                 reduce_scatter_seq, vocab_parallel_cross_entropy)
@@ -248,9 +248,7 @@ def _place(mine: nn.Parameter, name: str, full: torch.Tensor, cfg, tp: int, tp_r
     """Give the meta parameter `mine` its TP slice of `full` (of this rank's experts, for an expert weight under
     expert parallelism), in place: its own copy, so that `full` can go (or be drawn again), unless `partition` takes
     its part out first."""
-    if experts is not None and is_expert_param(name):
-        full = full[experts]
-    value = shard(full, split_of(name, cfg), tp, tp_rank)
+    value = shard(experts_of(full, name, experts), split_of(name, cfg), tp, tp_rank)
     value = value.contiguous() if partition is not None else value.clone()
     if value.shape != mine.shape:
         raise RuntimeError(f"{name} is {tuple(mine.shape)} on this rank, its slice {tuple(value.shape)}")
