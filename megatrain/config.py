@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -137,6 +138,11 @@ class ParallelConfig(_Section):
     # (tokens reach their experts by all-to-all; the expert weights are averaged over the dp / ep ranks holding the
     # same experts); divides the data-parallel ranks and model.moe_experts; 1: every rank holds every expert
     ep: int = 1
+    # context-parallel ranks (DeepSpeed-Ulysses): each sample's sequence split over cp ranks carved out of the
+    # data-parallel ones; attention gathers the whole sequence for heads / cp of the heads by all-to-all. Divides
+    # the data-parallel ranks and model.n_heads / tp (KV heads are replicated when fewer); data.seq_len a multiple
+    # of cp (of cp x tp with sequence_parallel); pretraining, pp=1, dense models
+    cp: int = 1
     partition_activations: bool = False  # with activation checkpointing and tp > 1: split saved inputs over TP ranks
     # compare the weights every TP rank holds whole (norms, row-parallel biases) across the TP group by checksum
     # every this many steps (and at step 1); a mismatch stops the run naming the parameter; 0: off
@@ -454,7 +460,7 @@ def validate(cfg: Config) -> None:
     positive = {"data.seq_len": d.seq_len, "train.max_steps": t.max_steps,
                 "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
                 "train.log_interval": t.log_interval, "parallel.tp": p.tp, "parallel.pp": p.pp,
-                "parallel.ep": p.ep}
+                "parallel.ep": p.ep, "parallel.cp": p.cp}
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"config key {k}: must be at least 1, got {v}")
@@ -473,6 +479,8 @@ def validate(cfg: Config) -> None:
                           f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
     if p.ep > 1:
         _validate_expert_parallel(m, p)
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
     if d.document_attention and (m.objective != "causal" or p.pp > 1):
         raise ConfigError("config key data.document_attention: needs model.objective=causal and parallel.pp=1")
     if p.sequence_parallel and p.tp == 1:
@@ -519,9 +527,33 @@ def _validate_expert_parallel(m: ModelConfig, p: ParallelConfig) -> None:
                           f"parallelism needs ZeRO-1 or ZeRO-2 ({why})")
 
 
+def _validate_context_parallel(cfg: Config) -> None:
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    why = ("pipeline stages (parallel.pp)" if p.pp > 1 else "Mixture-of-Experts models" if m.moe_experts else
+           "fine-tuning (finetune.task)" if cfg.finetune.task else "")
+    if why:
+        raise ConfigError(f"config key parallel.cp: {p.cp} is not available with {why}; set parallel.cp=1")
+    if m.n_heads % (p.tp * p.cp):
+        raise ConfigError(f"config key parallel.cp: model.n_heads={m.n_heads} is not divisible by tp x cp = "
+                          f"{p.tp} x {p.cp}; each context-parallel rank attends over n_heads / (tp x cp) heads")
+    kv = kv_heads(m) // p.tp if kv_heads(m) % p.tp == 0 else 0
+    if kv and (m.n_heads // p.tp) % math.lcm(kv, p.cp):
+        raise ConfigError(f"config key parallel.cp: the {kv_heads(m)} KV heads (model.n_kv_heads) cannot be shared "
+                          f"out over tp x cp = {p.tp} x {p.cp} with whole query groups; choose cp so that "
+                          f"n_heads / tp is a multiple of lcm(n_kv_heads / tp, cp)")
+    shard = p.cp * (p.tp if p.sequence_parallel else 1)
+    if d.seq_len % shard:
+        raise ConfigError(f"config key data.seq_len: {d.seq_len} is not divisible by parallel.cp"
+                          f"{' x tp' if p.sequence_parallel else ''} = {shard} (each rank holds an equal slice)")
+
+
 def validate_world(cfg: Config, world_size: int) -> int:
     """Checks that need the world size; returns gradient accumulation steps."""
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    if dp % cfg.parallel.cp:
+        raise ConfigError(f"config key parallel.cp: {cfg.parallel.cp} does not divide the {dp} data-parallel ranks "
+                          f"(world {world_size} / (tp {cfg.parallel.tp} x pp {cfg.parallel.pp}))")
+    dp //= cfg.parallel.cp  # the ranks of a context-parallel group read the same samples
     if dp % cfg.parallel.ep:
         raise ConfigError(f"config key parallel.ep: {cfg.parallel.ep} does not divide the {dp} data-parallel ranks "
                           f"(world {world_size} / (tp {cfg.parallel.tp} x pp {cfg.parallel.pp}))")

@@ -230,6 +230,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.causal = cfg.objective == "causal"
+        self.context = None  # context parallelism's hook (parallel/context.py): None runs `attend` on this rank
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0, mask=None):
         qkv = self.qkv(x)
@@ -244,36 +245,43 @@ class Attention(nn.Module):
         if rope is not None:
             rotate = (ops if self.fused else reference).rope
             q, k = rotate(q, *rope), rotate(k, *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim] for SDPA
         causal = self.causal
-        if cache is not None:
-            k, v = cache.update(layer, k, v, pos)
+        if cache is not None:  # (the cache holds [B, kv heads, length, head_dim])
+            k, v = (t.transpose(1, 2) for t in cache.update(layer, k.transpose(1, 2), v.transpose(1, 2), pos))
             if pos > 0:
                 if T != 1:
                     raise ValueError("with a KV cache, only the first call may pass more than one token")
                 causal = False  # one new query attends to every cached position (a window layer caches its window)
-        if isinstance(mask, Documents) and cache is None:  # packed or padded rows: document by document
-            y = document_attention(q, k, v, mask, self.causal, self.scale, self.window, self.softcap,
-                                   self.dropout if self.training else 0.0)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        if isinstance(mask, Documents):  # (decoding with a cache: one row of one example, no documents to keep apart)
-            mask = None
+            if isinstance(mask, Documents):  # decoding: one row of one example, no documents to keep apart
+                mask = None
+        # context parallelism (parallel/context.py): this rank's tokens, attention over the whole sequence
+        attend = self.context if self.context is not None and cache is None else self.attend
+        return self.o_proj(attend(q, k, v, mask, causal).reshape(B, T, -1))
+
+    def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """Attention itself: q [B, Tq, heads, hd], k, v [B, Tk, kv heads, hd] -> [B, Tq, heads, hd]. `mask`: None,
+        Documents (packed or padded rows: document by document) or a [B, 1, Tq, Tk] bool mask."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim] for SDPA
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, Documents):
+            y = document_attention(q, k, v, mask, causal, self.scale, self.window, self.softcap, dropout)
+            return y.transpose(1, 2)
+        T = q.shape[2]
         if self.window and T > self.window:  # the window cuts into the causal triangle
             if mask is None and not self.softcap:
-                mask = window_bias(T, self.window, x.device, q.dtype)
-            else:  # packed examples' own mask (a new one each layer), or capped attention's bool mask
-                band = window_mask(T, self.window, x.device)
+                mask = window_bias(T, self.window, q.device, q.dtype)
+            else:  # a given mask, or capped attention's bool mask
+                band = window_mask(T, self.window, q.device)
                 mask = band if mask is None else mask & band
-        if mask is not None:  # [B, 1, T, T]: which keys each query sees (packed examples, padding); causal inside
+        if mask is not None:  # which keys each query sees; causal inside
             causal = False
-        dropout = self.dropout if self.training else 0.0
         if self.softcap:
             y = soft_capped_attention(q, k, v, mask, causal, self.scale, self.softcap, dropout)
         else:
             # NOTE: enable_gqa lets SDPA broadcast the kv heads instead of materialising repeated copies.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
-                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                                               scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
+        return y.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -386,6 +394,8 @@ class Transformer(nn.Module):
                 self.register_buffer("rope_local_sin", sin, persistent=False)
         # apply_tp swaps in a vocab-parallel loss; None: plain cross-entropy over full logits
         self.loss_fn = None
+        # (rank, n): under context parallelism (parallel/context.py) the tokens given are slice `rank` of n of each row
+        self.context_shard = (0, 1)
         if self.embed.weight.device.type != "meta":  # a model built on the meta device has shapes, no values
             self.reset_parameters()
 
@@ -408,17 +418,21 @@ class Transformer(nn.Module):
                  pos: int = 0) -> torch.Tensor:
         """tokens [B, T] -> the final norm's output [B, T, d_model]. `segments` [B, T] says which example each token
         belongs to (1, 2, ...; 0 for padding) when a row holds several, or padding: attention stays inside an
-        example (causally, for a causal model) and positions restart at each example's first token."""
+        example (causally, for a causal model) and positions restart at each example's first token. Under context
+        parallelism tokens are this rank's slice of each row and `segments` the whole rows'."""
         B, T = tokens.shape
-        if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        rank, n = self.context_shard if cache is None else (0, 1)  # (decoding runs whole, on one rank)
+        first = pos + rank * T  # the position of tokens[:, 0]
+        if pos + n * T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + n * T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         mask, positions = None, None
         if segments is not None:
-            mask, positions = Documents.of(segments), segment_positions(segments)
+            mask, positions = Documents.of(segments), segment_positions(segments)[:, rank * T:(rank + 1) * T]
         x = self.embed_tokens(tokens)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions if positions is not None else torch.arange(pos, pos + T, device=tokens.device))
-        rows = positions if positions is not None else slice(pos, pos + T)
+            x = x + self.pos_embed(positions if positions is not None else
+                                   torch.arange(first, first + T, device=tokens.device))
+        rows = positions if positions is not None else slice(first, first + T)
         x = self.drop(x)
         for i, block in enumerate(self.layers):
             rope = self.rope_of(block, rows, x.dtype) if self.pos_embed is None else None

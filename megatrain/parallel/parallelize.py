@@ -22,6 +22,7 @@ import torch.nn as nn
 from megatrain.kernels import ops
 from megatrain.model import LayerNorm, RMSNorm, Transformer, init_parameter_
 from megatrain.moe import MoE
+from megatrain.parallel.context import apply_cp, context_groups
 from megatrain.parallel.expert import apply_ep, expert_groups, experts_of, local_experts
 from megatrain.parallel.pipeline import apply_pipeline, stage_holds
 from megatrain.parallel.rng import apply_tp_dropout_streams, tp_stream_seed
@@ -282,7 +283,8 @@ def zero3_partitioner(ds_config: dict, grid):
 
 
 def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: dict | None = None):
-    """Everything, in order: TP split -> this rank's experts (expert parallelism) -> values for a meta-built model
+    """Everything, in order: TP split -> this rank's experts (expert parallelism) -> context parallelism's
+    attention hooks -> values for a meta-built model
     (`weights(name)`'s full tensors if given, else materialize's draws) -> activation checkpointing -> pipeline
     stages. Returns the module to hand to deepspeed.initialize (the model itself, or a PipelineModule when pp > 1).
     `ds_config`: the DeepSpeed JSON the engine will be built with (training/engine.deepspeed_config), needed to
@@ -298,6 +300,8 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
         ep_group, edp_group = expert_groups(grid, layout.tp, layout.pp, layout.dp, cfg.parallel.ep)
         apply_ep(model, ep_group, edp_group)
         experts = local_experts(cfg.model.moe_experts, cfg.parallel.ep, dist.get_rank(ep_group))
+    if layout.cp > 1:  # NOTE: after apply_tp: each rank's attention splits its TP rank's heads further
+        apply_cp(model, context_groups(grid, layout.tp, layout.pp, layout.dp, layout.cp))
     if any(p.is_meta for p in model.parameters()):
         keep = None
         if layout.pp > 1:

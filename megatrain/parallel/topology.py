@@ -3,7 +3,9 @@
 Ranks are laid out as DeepSpeed's PipeModelDataParallelTopology does: axes (pipe, data, model), tensor
 parallel ('model') fastest, so the ranks of one TP group are adjacent (same node: the TP collectives
 are the chattiest). The PipelineParallelGrid built on it is the `mpu`: ZeRO shards over its data
-group and gradient norms combine over its model group.
+group and gradient norms combine over its model group. Context parallelism (parallel/context.py) and expert
+parallelism carve their groups out of consecutive data-parallel ranks, so DeepSpeed sees them as data-parallel ranks
+(ZeRO shards over them, gradients are averaged over them) and the grid stays DeepSpeed's own.
 """
 from __future__ import annotations
 
@@ -16,7 +18,21 @@ from megatrain.config import Config, ConfigError, ffn_width, kv_heads, moe_ffn_w
 class Layout:
     tp: int
     pp: int
-    dp: int
+    dp: int  # DeepSpeed's data-parallel ranks (ZeRO shards over them); with cp > 1, dp / cp samples at a time
+    cp: int = 1  # context-parallel ranks: consecutive data-parallel ranks that share a sample, a slice each
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel ranks that read their own samples: dp / cp."""
+        return self.dp // self.cp
+
+    def cp_rank(self, dp_rank: int) -> int:
+        """Which slice of its sample's sequence a data-parallel rank holds."""
+        return dp_rank % self.cp
+
+    def replica(self, dp_rank: int) -> int:
+        """Which of the `replicas` sample streams a data-parallel rank reads."""
+        return dp_rank // self.cp
 
     @property
     def world_size(self) -> int:
@@ -30,6 +46,8 @@ class Layout:
         return pp_rank, dp_rank, tp_rank
 
     def __str__(self) -> str:
+        if self.cp > 1:
+            return f"tp {self.tp} x pp {self.pp} x dp {self.replicas} x cp {self.cp}"
         return f"tp {self.tp} x pp {self.pp} x dp {self.dp}"
 
 
@@ -64,7 +82,11 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
         raise ConfigError("config key parallel.sequence_parallel: needs parallel.tp > 1")
     if p.sequence_parallel and cfg.data.seq_len % tp:
         raise ConfigError(f"config key parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} is not divisible by tp={tp}")
-    return Layout(tp=tp, pp=pp, dp=world_size // (tp * pp))
+    dp = world_size // (tp * pp)
+    if dp % p.cp:
+        raise ConfigError(f"config key parallel.cp: {p.cp} does not divide the {dp} data-parallel ranks "
+                          f"(world / (tp x pp))")
+    return Layout(tp=tp, pp=pp, dp=dp, cp=p.cp)
 
 
 def check_expert_layout(cfg: Config, dp: int) -> None:

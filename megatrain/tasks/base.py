@@ -32,6 +32,23 @@ class Batch:
     labels: torch.Tensor  # the task's targets; IGNORE_INDEX where a position has none
     segments: torch.Tensor | None = None  # [B, T] example of each token (packing, padding); None: one per row
     extra: dict = field(default_factory=dict)  # what else a task's loss or decoding needs
+    # (rank, n): tokens and labels hold slice `rank` of n of each row (context parallelism); segments stay whole
+    shard: tuple[int, int] = (0, 1)
+
+    def context_slice(self, rank: int, n: int) -> "Batch":
+        """This context-parallel rank's slice of every row: tokens and labels [B, T/n]; the segments stay whole
+        (attention runs over the whole sequence, and positions are global)."""
+        T = self.tokens.shape[1] // n
+        cut = slice(rank * T, (rank + 1) * T)
+        return dataclasses.replace(self, tokens=self.tokens[:, cut], labels=self.labels[:, cut], shard=(rank, n))
+
+    def real_tokens(self) -> int:
+        """Tokens of this batch that are not padding."""
+        if self.segments is None:
+            return self.tokens.numel()
+        rank, n = self.shard
+        T = self.segments.shape[1] // n
+        return int((self.segments[:, rank * T:(rank + 1) * T] > 0).sum())
 
     def model_inputs(self, labels: bool = True) -> tuple:
         """The positional arguments of the engine's forward (tokens, labels, cache, pos, segments)."""
@@ -46,6 +63,15 @@ def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -
     b, G = cfg.train.micro_batch_size, cfg.train.global_batch_size
     start = step * G + micro * b * dp + dp_rank * b
     return np.arange(start, start + b)
+
+
+def rank_micro_batch(run, task: "Task", dataset, step: int, micro: int, device) -> Batch:
+    """Micro-batch `micro` of global batch `step` as this rank holds it: its data-parallel replica's samples, and
+    under context parallelism its slice of each row."""
+    layout = run.layout
+    ids = micro_batch_ids(step, micro, run.cfg, layout.replicas, layout.replica(run.dp_rank))
+    batch = task.make(dataset, ids, device)
+    return batch if layout.cp == 1 else batch.context_slice(layout.cp_rank(run.dp_rank), layout.cp)
 
 
 def is_pipeline(engine) -> bool:
@@ -83,8 +109,8 @@ class Task:
         cfg = run.cfg
         engine.eval()
         n_iters = min(cfg.train.eval_iters, len(valid) // cfg.train.global_batch_size)
-        batches = [[self.make(valid, micro_batch_ids(it, m, cfg, run.layout.dp, run.dp_rank), engine.device)
-                    for m in range(run.grad_accum)] for it in range(n_iters)]
+        batches = [[rank_micro_batch(run, self, valid, it, m, engine.device) for m in range(run.grad_accum)]
+                   for it in range(n_iters)]
         if is_pipeline(engine):  # already the mean over micro-batches and data-parallel ranks
             losses = [float(engine.eval_batch(iter([b.model_inputs() for b in step]))) for step in batches]
             value = float(np.mean(losses)) if losses else float("nan")

@@ -52,7 +52,8 @@ def deepspeed_config(cfg: Config, world_size: int, local_params: int | None = No
     grad_accum = validate_world(cfg, world_size)  # data-parallel size = world / (tp x pp)
     precision = resolve_precision(cfg)
     ds.update(
-        train_batch_size=cfg.train.global_batch_size,
+        # DeepSpeed counts a sample per data-parallel rank: the cp ranks sharing one count cp times
+        train_batch_size=cfg.train.global_batch_size * p.cp,
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
         gradient_accumulation_steps=grad_accum,
         # fp32 without ZeRO or a pipeline, SkipNonFinite clips (see there); DeepSpeed's clip would loop over the

@@ -22,7 +22,7 @@ from megatrain.fileio import write_atomic
 from megatrain.moe import AuxLoss
 from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
 from megatrain.tasks import Batch, Task
-from megatrain.tasks.base import is_pipeline, micro_batch_ids
+from megatrain.tasks.base import is_pipeline, rank_micro_batch
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.moe_metrics import moe_row
@@ -84,9 +84,8 @@ def note_stop(why: str, step: int) -> None:
 
 
 def micro_batches(run: Run, task: Task, dataset, step: int, device) -> list[Batch]:
-    """This data-parallel rank's micro-batches of global batch `step`."""
-    return [task.make(dataset, micro_batch_ids(step, m, run.cfg, run.layout.dp, run.dp_rank), device)
-            for m in range(run.grad_accum)]
+    """This rank's micro-batches of global batch `step`."""
+    return [rank_micro_batch(run, task, dataset, step, m, device) for m in range(run.grad_accum)]
 
 
 def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
@@ -108,8 +107,7 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
     # MoE's auxiliary losses reach the gradients in the backward, past DeepSpeed's scaling of the loss: scale them
     # as it scales the loss (1 / accumulation steps, times fp16's loss scale)
     AuxLoss.scale = loss_scale(engine) / run.grad_accum
-    tokens = run.layout.dp * sum(int((b.segments > 0).sum()) if b.segments is not None else b.tokens.numel()
-                                 for b in batches)
+    tokens = run.layout.dp * sum(b.real_tokens() for b in batches)
     if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
         share = float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp
         return share, tokens

@@ -24,8 +24,10 @@ import torch.distributed as dist
 from megatrain.checkpoint import io as checkpoint
 from megatrain.checkpoint.lock import acquire
 from megatrain.checkpoint.source import WeightSource
-from megatrain.config import Config, ConfigError, ModelConfig, padded_vocab_size, validate, validate_world
+from megatrain.config import (Config, ConfigError, ModelConfig, kv_heads, padded_vocab_size, validate,
+                              validate_world)
 from megatrain.resolved import Resolved
+from megatrain.parallel.context import describe_cp
 from megatrain.parallel.parallelize import parallelize
 from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
 from megatrain.parallel.topology import Layout, build_grid, check_layout
@@ -110,12 +112,15 @@ class Run:
         """The layout as a checkpoint records it (and checks it on resume)."""
         p = self.cfg.parallel
         return dict(world_size=self.world, dp=self.layout.dp, tp=self.layout.tp, pp=self.layout.pp,
-                    zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel, ep=p.ep)
+                    zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel, ep=p.ep, cp=p.cp)
 
     def describe(self, n_params: int) -> str:
+        cp = ""
+        if self.layout.cp > 1:
+            cp = f" | {describe_cp(kv_heads(self.cfg.model), self.layout.tp, self.layout.cp)}"
         return (f"launcher {self.launcher} | world {self.world} = {self.layout} | "
                 f"ZeRO-{self.cfg.parallel.zero_stage} | {self.precision} | {n_params / 1e6:.2f}M parameters | "
-                f"grad accumulation {self.grad_accum}")
+                f"grad accumulation {self.grad_accum}{cp}")
 
     def engine(self, model, weights=None, log_ranks: bool = True, release=None):
         """TP split, activation checkpointing and pipeline stages (parallelize), then deepspeed.initialize. A model
