@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import sys
 import types
 import typing
@@ -24,7 +23,7 @@ from typing import Any, Union
 import yaml
 
 from megatrain.model_config import (MODEL_CHOICES, ConfigError, ModelConfig, _Section, ffn_width,  # noqa: F401
-                                    has_window_layers, head_dim, is_local_layer, is_moe_layer, kv_heads,
+                                    has_window_layers, head_dim, is_local_layer, is_moe_layer, kv_heads, kv_repeat,
                                     moe_ffn_width, padded_vocab_size, shared_ffn_width, validate_model)
 
 
@@ -536,11 +535,7 @@ def _validate_context_parallel(cfg: Config) -> None:
     if m.n_heads % (p.tp * p.cp):
         raise ConfigError(f"config key parallel.cp: model.n_heads={m.n_heads} is not divisible by tp x cp = "
                           f"{p.tp} x {p.cp}; each context-parallel rank attends over n_heads / (tp x cp) heads")
-    kv = kv_heads(m) // p.tp if kv_heads(m) % p.tp == 0 else 0
-    if kv and (m.n_heads // p.tp) % math.lcm(kv, p.cp):
-        raise ConfigError(f"config key parallel.cp: the {kv_heads(m)} KV heads (model.n_kv_heads) cannot be shared "
-                          f"out over tp x cp = {p.tp} x {p.cp} with whole query groups; choose cp so that "
-                          f"n_heads / tp is a multiple of lcm(n_kv_heads / tp, cp)")
+    # (KV heads need no check: a TP rank's are repeated up to lcm(n_kv / tp, cp), which divides n_heads / tp too)
     shard = p.cp * (p.tp if p.sequence_parallel else 1)
     if d.seq_len % shard:
         raise ConfigError(f"config key data.seq_len: {d.seq_len} is not divisible by parallel.cp"

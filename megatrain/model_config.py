@@ -172,6 +172,12 @@ def kv_heads(m: ModelConfig) -> int:
     return m.n_kv_heads or m.n_heads
 
 
+def kv_repeat(kv_heads_per_tp_rank: int, cp: int) -> int:
+    """How many times context parallelism repeats each of a TP rank's KV heads so that cp ranks get whole, equal
+    shares (parallel/context.py): 1 when cp divides them."""
+    return cp // math.gcd(kv_heads_per_tp_rank, cp)
+
+
 def head_dim(m: ModelConfig) -> int:
     return m.head_dim or m.d_model // m.n_heads
 

@@ -23,10 +23,10 @@ loop's normalisation expects (each rank's loss is over its slice's targets, weig
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
+
+from megatrain.config import kv_repeat
 
 
 def context_groups(grid, tp: int, pp: int, dp: int, cp: int):
@@ -42,11 +42,6 @@ def context_groups(grid, tp: int, pp: int, dp: int, cp: int):
                 if me in members:
                     mine = g
     return mine
-
-
-def kv_repeat(kv_heads: int, cp: int) -> int:
-    """How many times each of a TP rank's `kv_heads` is repeated so that cp ranks get whole, equal shares."""
-    return cp // math.gcd(kv_heads, cp)
 
 
 class UlyssesAttention:
