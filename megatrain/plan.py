@@ -104,6 +104,7 @@ def render(plan, cluster, title: str) -> list[str]:
     cfg, t, p = plan.cfg, plan.cfg.train, plan.cfg.parallel
     lines = [title,
              f"layout: tp {plan.tp} x pp {plan.pp} x dp {plan.dp}{f' (ep {plan.ep})' if cfg.model.moe_experts else ''}"
+             f"{f' (cp {p.cp}: {plan.dp // p.cp} sample streams of {p.cp} slices)' if p.cp > 1 else ''}"
              f" | ZeRO-{p.zero_stage}"
              f"{' + offload optimizer' if p.offload_optimizer else ''}{' + offload params' if p.offload_params else ''}"
              f" | {plan.precision} | micro-batch {t.micro_batch_size} x {cfg.data.seq_len} tokens, global batch "
@@ -169,6 +170,7 @@ def render(plan, cluster, title: str) -> list[str]:
               f"  DP/ZeRO collectives  {tm.dp_s:8.3f} s exposed ({tm.dp_bytes / 1e9:.2f} GB per rank)",
               *([f"  EP all-to-alls       {tm.ep_s:8.3f} s ({tm.ep_bytes / 1e9:.2f} GB per rank)"]
                 if m.moe_experts else []),
+              *([f"  CP all-to-alls       {tm.cp_s:8.3f} s ({tm.cp_bytes / 1e9:.2f} GB per rank)"] if p.cp > 1 else []),
               *([f"  {'host offload':<21}{tm.offload_s:8.3f} s (PCIe transfers, Adam on the host)"] if tm.offload_s else []),
               f"  step                 {tm.step_s:8.3f} s | {tm.tokens_per_s:,.0f} tokens/s"]
     if tm.model_share < 1 - 1e-6:  # at 1.0 the MFU would only be the assumption read back
@@ -214,14 +216,14 @@ def command(args: argparse.Namespace) -> int:
     print(assumptions(cluster) + "; 'model' below: the step's share in model FLOPs (MFU = the assumed "
           f"{cluster.compute_efficiency:.0%} x it)")
     print(f"{len(fits)} layouts fit; fastest first:")
-    moe = cfg.model.moe_experts > 0  # an ep column for a MoE model
-    ep_head = f" {'ep':>3}" if moe else ""
+    moe = cfg.model.moe_experts > 0  # an ep column for a MoE model, a cp column for a dense one
+    ep_head = f" {'ep':>3}" if moe else f" {'cp':>3}"
     print(f"  {'#':>2} {'tp':>3} {'pp':>3} {'dp':>4}{ep_head} {'ZeRO':>4} {'offload':>8} {'mb':>3} {'ckpt':>9} "
           f"{'sp':>3} {'peak GiB':>9} {'step s':>8} {'model':>6}")
     for i, pl in enumerate(fits[: args.top], 1):
         c = pl.cfg
         off = "+".join(k for k, on in (("opt", c.parallel.offload_optimizer), ("param", c.parallel.offload_params)) if on)
-        ep_col = f" {pl.ep:>3}" if moe else ""
+        ep_col = f" {pl.ep:>3}" if moe else f" {c.parallel.cp:>3}"
         print(f"  {i:>2} {pl.tp:>3} {pl.pp:>3} {pl.dp:>4}{ep_col} {c.parallel.zero_stage:>4} {off or '-':>8} "
               f"{c.train.micro_batch_size:>3} "
               f"{c.train.activation_checkpointing:>9} {'y' if c.parallel.sequence_parallel else '-':>3} "

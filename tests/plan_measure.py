@@ -93,7 +93,7 @@ def measure(rank, world, sets, out_dir):
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     engine = run.engine(model, log_ranks=False)
-    b, T, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    b, T, V = cfg.train.micro_batch_size, cfg.data.seq_len // run.layout.cp, cfg.model.vocab_size  # (cp: a slice)
     gen = torch.Generator().manual_seed(rank)
     states, acts = [], []
     pipe = is_pipeline(engine)

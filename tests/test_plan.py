@@ -38,6 +38,8 @@ LAYOUTS = {  # name: (world size, --set values over BASE)
     "pp2": (2, ["parallel.pp=2"]),
     "pp2_selective_ckpt": (2, ["parallel.pp=2", "train.activation_checkpointing=selective"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "cp2": (2, ["parallel.cp=2"]),
+    "tp2_cp2_sp": (4, ["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"]),
 }
 
 
@@ -373,6 +375,45 @@ def test_expert_parallel_all_to_alls_enter_the_step():
     assert plans[1, 8].time.ep_bytes / plans[1, 8].time.ep_s == pytest.approx(within)  # 8 adjacent ranks
     assert plans[2, 8].time.ep_bytes / plans[2, 8].time.ep_s == pytest.approx(across)  # 8 ranks 2 apart: 2 nodes
     assert plans[1, 8].peak < plans[1, 4].peak < plans[1, 1].peak  # fewer experts per rank
+
+
+def test_context_parallel_all_to_alls_and_activations():
+    """Per block and micro-batch, q, k, v and the output exchanged forward and backward (and again when attention is
+    recomputed) over the rank's b x s / cp tokens, (cp - 1) / cp leaving the rank, KV heads repeated when cp needs
+    them; the activations are a cp-th of the sequence's plus attention's exchanged copies; none at cp 1."""
+    from megatrain.planning.timing import KNOWN_GPUS, Cluster
+
+    cluster = Cluster(KNOWN_GPUS["h100"], 16, 8)
+    sets = ["parallel.zero_stage=3", "train.global_batch_size=16", "train.micro_batch_size=1", "data.seq_len=32768",
+            "model.max_seq_len=32768", "train.activation_checkpointing=full"]
+    plans = {(tp, cp): plan_layout(load_config("llama3.1-8b", [*sets, f"parallel.tp={tp}", f"parallel.cp={cp}"]),
+                                   16, cluster, "bf16") for tp, cp in ((1, 1), (1, 8), (2, 8), (1, 16))}
+    assert plans[1, 1].time.cp_bytes == plans[1, 1].time.cp_s == 0
+    for (tp, cp), plan in plans.items():
+        t = plan.time
+        kv = 8 // tp  # Llama 3.1 8B: 32 query heads, 8 KV heads of 128
+        width = (2 * 32 // tp + 2 * kv * max(1, cp // kv)) * 128
+        assert t.cp_bytes == pytest.approx(3 * 32 * plan.grad_accum * 32768 // cp * width * 2 * (cp - 1) / cp)
+        assert t.step_s == pytest.approx(t.compute_s + t.tp_s + t.pp_s + t.dp_s + t.offload_s + t.ep_s + t.cp_s)
+    assert plans[1, 8].time.cp_bytes / plans[1, 8].time.cp_s == pytest.approx(3600e9 / 8 * 0.8)  # within a node
+    assert plans[1, 16].time.cp_bytes / plans[1, 16].time.cp_s == pytest.approx(400e9 / 8 * 0.8)  # two nodes
+    # full checkpointing keeps each block's input, the recomputed block its activations: a cp-th of the sequence's
+    # (the fused LM head's weight gradient, 2 GB in fp32, does not shrink)
+    assert plans[1, 8].acts[0].recompute < plans[1, 1].acts[0].recompute / 7
+    assert plans[1, 8].acts[0].saved < plans[1, 1].acts[0].saved / 3
+    assert plans[1, 8].peak < plans[1, 1].peak
+
+
+def test_search_enumerates_context_parallelism():
+    """A dense model: every cp dividing dp that splits its heads over tp x cp; a MoE model or a pipeline: cp 1."""
+    from megatrain.planning.search import candidate_layouts
+
+    dense = load_config("llama-1.3b", ["model.vocab_size=32000", "train.global_batch_size=64"])
+    cps = {(c.parallel.tp, c.parallel.pp, c.parallel.cp) for c in candidate_layouts(dense, 16, 8)}
+    assert {cp for tp, pp, cp in cps if tp * pp == 1} == {1, 2, 4, 8, 16}
+    assert {cp for tp, pp, cp in cps if pp > 1} == {1}
+    moe = load_config("olmoe-1b-7b", ["train.global_batch_size=64"])
+    assert {c.parallel.cp for c in candidate_layouts(moe, 16, 8)} == {1}
 
 
 def test_search_enumerates_expert_parallelism():

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 from megatrain.config import (Config, ModelConfig, ffn_width, head_dim, is_local_layer, is_moe_layer, kv_heads,
-                              moe_ffn_width, shared_ffn_width)
+                              kv_repeat, moe_ffn_width, shared_ffn_width)
 
 FP32 = 4
 DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000  # ZeRO-3 keeps at most this many gathered parameters (its default)
@@ -231,7 +231,7 @@ class Activations:
     buffers: int = 0  # a receiving pipeline stage's activation and gradient buffers, kept from step to step
 
 
-def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int) -> dict[str, float]:
+def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int, cp: int = 1) -> dict[str, float]:
     """Bytes per token that one block saves for its backward (fused kernels), by part.
 
     norm (each of two): its input and the fp32 1/rms; the column-parallel projection after it saves the normed
@@ -244,13 +244,19 @@ def per_token_layer_bytes(m: ModelConfig, tp: int, sp: bool, w: int) -> dict[str
     qk_norm=full (plain PyTorch) per projection its normed values before the weight, their fp32 copy under
     bf16/fp16, and one fp32 1/rms per token. mlp: swiglu's gate|up output and its product (the down projection's
     input); geglu (plain PyTorch) the same and its GeLU output; gelu's input and output. dropout > 0: a one-byte mask
-    on each residual branch. (A sliding-window block's mask is per sequence: window_mask_bytes.)"""
+    on each residual branch. (A sliding-window block's mask is per sequence: window_mask_bytes.) Under context
+    parallelism (cp > 1; per token of the rank's slice) attention keeps instead what the all-to-alls make: the
+    exchanged q, k and v the kernel saves (KV heads repeated when cp needs it; the qkv output and the rotated copies
+    are then not kept), its output, and o_proj's input (that output exchanged back)."""
     h, hd = m.d_model, head_dim(m)
     q, kv, ff, heads = m.n_heads * hd, kv_heads(m) * hd, ffn_width(m), m.n_heads
     seq_share = tp if sp else 1
     norm = (w * h + FP32) / seq_share + w * h
     post_norm = 2 * (w * h + FP32) / seq_share if m.norm_placement == "sandwich" else 0
     attn = w * ((q + 2 * kv) + (q + kv if m.position == "rope" else 0) + q) / tp + FP32 * heads / tp
+    if cp > 1:  # the kernel's exchanged q, k, v and its output, and o_proj's input (the output exchanged back)
+        repeat = kv_repeat(kv_heads(m) // tp, cp) if kv_heads(m) % tp == 0 else 1
+        attn = w * (3 * q + 2 * kv * repeat) / tp + FP32 * heads / tp
     if m.qk_norm == "head":
         attn += FP32 * (heads + kv_heads(m)) / tp
     elif m.qk_norm == "full":
@@ -301,9 +307,9 @@ def activations(cfg: Config, stage: StageParams, stage_index: int, tp: int, pp: 
     m, p = cfg.model, cfg.parallel
     w = bytes_per_value(precision)
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len
-    tokens = b * s
+    tokens = b * s // p.cp  # a context-parallel rank's slice of each row (its attention's extra: per_token_layer_bytes)
     sp = p.sequence_parallel and tp > 1
-    part = per_token_layer_bytes(m, tp, sp, w)
+    part = per_token_layer_bytes(m, tp, sp, w, p.cp)
     mlps = [(stage.layers - stage.moe_layers, part["mlp"]), (stage.moe_layers, moe_mlp_bytes(m, tp, w))]
     mlps = [(n, mlp) for n, mlp in mlps if n] or mlps[:1]  # (blocks, their feed-forward's bytes per token)
 

@@ -60,6 +60,8 @@ class LayoutPlan:
                  f"train.micro_batch_size={t.micro_batch_size}", f"train.activation_checkpointing={t.activation_checkpointing}"]
         if p.ep > 1:
             items.append(f"parallel.ep={p.ep}")
+        if p.cp > 1:
+            items.append(f"parallel.cp={p.cp}")
         if p.sequence_parallel:
             items.append("parallel.sequence_parallel=true")
         if p.offload_optimizer:
@@ -130,26 +132,39 @@ def expert_options(cfg: Config, dp: int) -> list[int]:
     return [ep for ep in _divisors(dp) if E and E % ep == 0] or [1]
 
 
+def context_options(cfg: Config, tp: int, pp: int, dp: int) -> list[int]:
+    """The context-parallel sizes of a layout: divisors of dp that split a dense model's heads over tp x cp and its
+    sequence evenly, without pipeline stages (1 alone otherwise; config.validate has the rules)."""
+    m, s = cfg.model, cfg.data.seq_len
+    if pp > 1 or m.moe_experts:
+        return [1]
+    return [cp for cp in _divisors(dp) if cp == 1 or (m.n_heads % (tp * cp) == 0 and s % cp == 0)]
+
+
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, tokenizer_vocab: int = 0):
-    """Every (tp, pp, ep, zero_stage, offload, micro-batch, checkpointing, sequence parallel) the config's model and
-    global batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, micro-batches dividing the
-    batch share, expert parallelism (a MoE model) over divisors of dp that divide its experts. tokenizer_vocab: as
+    """Every (tp, pp, cp, ep, zero_stage, offload, micro-batch, checkpointing, sequence parallel) the config's model
+    and global batch allow on `gpus` ranks: TP within a node, pipelines of ZeRO-0/1 only, context parallelism over
+    divisors of dp (a dense model without stages), micro-batches dividing the batch share of a sample stream (dp /
+    cp ranks), expert parallelism (a MoE model) over divisors of dp that divide its experts. tokenizer_vocab: as
     with_layout's."""
     G = cfg.train.global_batch_size
     for tp in _divisors(gpus):
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            if tp > gpus_per_node or pp > cfg.model.n_layers or G % dp:
+            if tp > gpus_per_node or pp > cfg.model.n_layers:
                 continue
-            micro = [mb for mb in (1, 2, 4, 8, 16, 32) if (G // dp) % mb == 0]
-            for ep, (zero, offload), mb, ckpt, sp in itertools.product(
-                    expert_options(cfg, dp), _zero_options(pp), micro, ("none", "selective", "full"),
-                    (False, True) if tp > 1 else (False,)):
-                yield with_layout(cfg, tokenizer_vocab, parallel__tp=tp, parallel__pp=pp, parallel__ep=ep,
-                                  parallel__zero_stage=zero,
-                                  parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
-                                  parallel__offload_params=offload[1], train__micro_batch_size=mb,
-                                  train__activation_checkpointing=ckpt)
+            for cp in context_options(cfg, tp, pp, dp):
+                if G % (dp // cp):
+                    continue
+                micro = [mb for mb in (1, 2, 4, 8, 16, 32) if (G // (dp // cp)) % mb == 0]
+                for ep, (zero, offload), mb, ckpt, sp in itertools.product(
+                        expert_options(cfg, dp), _zero_options(pp), micro, ("none", "selective", "full"),
+                        (False, True) if tp > 1 else (False,)):
+                    yield with_layout(cfg, tokenizer_vocab, parallel__tp=tp, parallel__pp=pp, parallel__ep=ep,
+                                      parallel__cp=cp, parallel__zero_stage=zero,
+                                      parallel__sequence_parallel=sp, parallel__offload_optimizer=offload[0],
+                                      parallel__offload_params=offload[1], train__micro_batch_size=mb,
+                                      train__activation_checkpointing=ckpt)
 
 
 def search(cfg: Config, cluster: Cluster, precision: str, tokenizer_vocab: int = 0) -> tuple[list[LayoutPlan], int]:

@@ -4,17 +4,17 @@ over the given compute rate and bandwidths.
 A first-order model, stated so it can be checked: compute runs at `compute_efficiency` of the GPU's dense bf16
 peak; a collective moves its bytes at `comm_efficiency` of the link (ring all-reduce: 2(n-1)/n of the tensor per
 rank, reduce-scatter and all-gather (n-1)/n each, all-to-all (n-1)/n of what a rank sends); a TP, EP or DP group
-that spans nodes goes at the inter-node rate. Expert parallelism's groups are ep adjacent data-parallel ranks (tp
-apart); the ranks holding the same experts, dp / ep of them, are tp x ep apart. TP, pipeline and expert-parallel
-transfers are not overlapped with compute (they sit between dependent matmuls); ZeRO-2/3's
-reductions overlap the backward (DeepSpeed's overlap_comm), ZeRO-0/1's all-reduce does not; offloaded states cross
-PCIe and the host runs Adam, neither overlapped.
+that spans nodes goes at the inter-node rate. Expert and context parallelism's groups are ep (cp) adjacent
+data-parallel ranks (tp apart); the ranks holding the same experts, dp / ep of them, are tp x ep apart. TP,
+pipeline, expert- and context-parallel transfers are not overlapped with compute (they sit between dependent
+matmuls); ZeRO-2/3's reductions overlap the backward (DeepSpeed's overlap_comm), ZeRO-0/1's all-reduce does not;
+offloaded states cross PCIe and the host runs Adam, neither overlapped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatrain.config import Config, ffn_width, shared_ffn_width
+from megatrain.config import Config, ffn_width, head_dim, kv_heads, kv_repeat, shared_ffn_width
 from megatrain.flops import block_flops_per_token, mlp_matrices, moe_flops_per_token, train_flops_per_token
 from megatrain.planning.memory import FP32, StageParams, bytes_per_value
 
@@ -79,6 +79,8 @@ class StepTime:
     tokens_per_s: float
     ep_s: float = 0.0  # expert parallelism's all-to-alls (not overlapped)
     ep_bytes: float = 0.0  # per rank per step
+    cp_s: float = 0.0  # context parallelism's all-to-alls (not overlapped)
+    cp_bytes: float = 0.0  # per rank per step
 
 
 def _all_reduce(nbytes: float, n: int) -> float:
@@ -99,13 +101,28 @@ def all_to_all_bytes(cfg: Config, moe_layers: int, grad_accum: int, precision: s
     return passes * moe_layers * grad_accum * rows * m.d_model * bytes_per_value(precision) * (ep - 1) / ep
 
 
+def context_bytes(cfg: Config, layers: int, tp: int, grad_accum: int, precision: str) -> float:
+    """What one rank sends per step in context parallelism's all-to-alls: per block and micro-batch, q, k and v to
+    head shards and the output back (each over the rank's b x s / cp tokens, its TP rank's heads: KV heads repeated
+    when cp needs it), forward and backward, and again when attention is recomputed (full or selective
+    checkpointing); (cp - 1) / cp of each leaves the rank."""
+    cp, m, t = cfg.parallel.cp, cfg.model, cfg.train
+    if cp == 1:
+        return 0.0
+    hd, kv = head_dim(m), kv_heads(m) // tp
+    width = (2 * m.n_heads // tp + 2 * kv * kv_repeat(kv, cp)) * hd
+    passes = 2 + (1 if t.activation_checkpointing != "none" else 0)
+    tokens = t.micro_batch_size * cfg.data.seq_len // cp
+    return passes * layers * grad_accum * tokens * width * bytes_per_value(precision) * (cp - 1) / cp
+
+
 def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int, grad_accum: int, precision: str,
               cluster: Cluster) -> StepTime:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     ep = p.ep
     w = bytes_per_value(precision)
     s, b = cfg.data.seq_len, t.micro_batch_size
-    tokens_mb = b * s
+    tokens_mb = b * s // p.cp  # a context-parallel rank computes its slice's tokens (and its heads' share of attention)
     flops_per_step = train_flops_per_token(m, s) * t.global_batch_size * s
     attention_proj, mlp, mix = block_flops_per_token(m, s, causal=m.objective == "causal")
     proj = attention_proj + mlp
@@ -159,6 +176,8 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
     dp_s = max(0.0, dp_total - hidden)
     ep_bytes = all_to_all_bytes(cfg, max(st.moe_layers for st in stages), grad_accum, precision)
     ep_s = ep_bytes / cluster.link_bytes_per_s(tp, ep) if ep_bytes else 0.0
+    cp_bytes = context_bytes(cfg, layers, tp, grad_accum, precision)
+    cp_s = cp_bytes / cluster.link_bytes_per_s(tp, p.cp) if cp_bytes else 0.0  # (cp ranks are tp apart, as EP's)
     offload_s = 0.0
     part = big.dense / dp + big.expert / (dp // ep) if p.zero_stage >= 1 else local
     host_link = cluster.gpu.host_gbps * 1e9 / 8 * cluster.comm_efficiency
@@ -166,9 +185,9 @@ def step_time(cfg: Config, stages: list[StageParams], tp: int, pp: int, dp: int,
         offload_s += (FP32 + w) * part / host_link + part / CPU_ADAM_PARAMS_PER_S
     if p.offload_params:  # every micro-batch reads the partition from the host, forward and backward
         offload_s += 2 * w * part * grad_accum / host_link
-    step = compute + tp_s + pp_s + dp_s + offload_s + ep_s
+    step = compute + tp_s + pp_s + dp_s + offload_s + ep_s + cp_s
     world = tp * pp * dp
     model_share = flops_per_step / (world * rate) / step
     return StepTime(flops_per_step, compute, bubble, tp_s, pp_s, dp_s, offload_s, tp_bytes, pp_bytes, dp_bytes, step,
                     model_share, cluster.compute_efficiency * model_share, t.global_batch_size * s / step, ep_s,
-                    ep_bytes)
+                    ep_bytes, cp_s, cp_bytes)
