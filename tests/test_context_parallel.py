@@ -216,3 +216,26 @@ def test_pretraining_under_cp_has_the_one_rank_losses(tmp_path, cp_data, documen
     (tmp_path / "cp2" / "latest").write_text("step00000005")
     resumed = losses(_pretrain(tmp_path, cp_data, "cp2", 2, **over, **runs["cp2"][1]))
     assert {s: resumed[s] for s in range(6, 11)} == {s: first[s] for s in range(6, 11)}
+
+
+# -- long-context continued pretraining: the context keys over an imported model ---------------------------------------
+
+def test_a_rope_models_context_keys_may_be_raised_over_its_init(tmp_path):
+    """checkpoint.init from a Hugging Face Llama folder: model.max_seq_len, rope_theta and the RoPE scaling set in the
+    config win over the folder's (no weight depends on them), data.seq_len follows; a shape key still contradicts."""
+    from megatrain.config import load_config
+    from megatrain.training.runtime import adopt_init
+    from test_hf_families import tiny_hf
+
+    src = tiny_hf("llama", str(tmp_path / "hf"), max_position_embeddings=64)
+    sets = [f"checkpoint.init={src}", "model.max_seq_len=256", "model.rope_theta=500000", "model.rope_scaling=yarn",
+            "model.rope_factor=4", "model.rope_original_max_len=64", "data.seq_len=256", "data.tokenizer=byte"]
+    source, resolved = adopt_init(load_config(None, sets))
+    m = resolved.apply(load_config(None, sets)).model
+    assert (m.max_seq_len, m.rope_theta, m.rope_scaling, m.rope_factor, m.rope_original_max_len) == (
+        256, 500000.0, "yarn", 4.0, 64)
+    assert m.d_model == source.model.d_model and m.n_layers == source.model.n_layers  # the shape is the folder's
+    assert resolved.apply(load_config(None, sets)).data.seq_len == 256
+    source.close()
+    with pytest.raises(ConfigError, match="model.n_layers: 7 contradicts checkpoint.init"):
+        adopt_init(load_config(None, [*sets, "model.n_layers=7"]))

@@ -209,12 +209,17 @@ def peak_rss_bytes() -> int:
 
 
 MAY_DIFFER_FROM_INIT = ("dropout", "fused_kernels")  # model keys a run may set apart from its checkpoint.init
+# with RoPE, the context a model is trained for: no weight depends on these, so a run may raise them over its
+# checkpoint.init (long-context continued pretraining: a longer max_seq_len, a larger base or a scaling)
+CONTEXT_KEYS = ("max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len",
+                "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow")
 
 
 def adopt_init(cfg: Config, key: str = "checkpoint.init") -> tuple[WeightSource | None, Resolved]:
     """checkpoint.init / finetune.init: the model's shape, and the tokenizer unless the config sets one, come from
     those weights (a megatrain checkpoint of any layout, a convert output or a Hugging Face folder); a model.* key the
-    config sets to something else is refused (dropout and fused_kernels may differ). Returns the WeightSource
+    config sets to something else is refused (dropout and fused_kernels may differ, and a RoPE model's CONTEXT_KEYS,
+    which the config's values then set). Returns the WeightSource
     (nothing loaded yet; None when the key is empty) and the Resolved holding what was taken from it (cfg stays
     as it is)."""
     section, name = key.split(".")
@@ -229,6 +234,9 @@ def adopt_init(cfg: Config, key: str = "checkpoint.init") -> tuple[WeightSource 
         if f.name in MAY_DIFFER_FROM_INIT:
             continue
         mine, theirs = getattr(cfg.model, f.name), getattr(source.model, f.name)
+        if f"model.{f.name}" in explicit and f.name in CONTEXT_KEYS and source.model.position == "rope":
+            shape[f.name] = mine
+            continue
         if f"model.{f.name}" in explicit and mine != theirs:
             source.close()
             raise ConfigError(f"config key model.{f.name}: {mine!r} contradicts {key} {source.where}, which has "
