@@ -410,6 +410,41 @@ def moe(name: str, d: dict) -> list[dict]:
     return out
 
 
+def long_(name: str, d: dict) -> list[dict]:
+    out = []
+    if "cp" in d:
+        r, z = d["cp"], d["cp"]["sizes"]
+        body = [f"Width {z['d_model']}, {z['layers']} layers of {z['heads']} heads, SwiGLU `d_ff` {z['d_ff']}, "
+                f"{z['vocab']} vocabulary, micro-batch {z['batch']}, {z['steps']} steps, ZeRO-{z['zero_stage']}, "
+                f"{z['precision']}; per rank, the largest rank's figures.", ""]
+        rows = [[num(x["seq_len"]), str(x["cp"]), str(x["tp"]), str(x["ranks"]), mil(x["params_per_rank"]),
+                 f"{x['rss_gib_at_start']:.2f} GiB", f"{x['peak_rss_gib']:.2f} GiB", f"{x['seconds_per_step']:.2f} s",
+                 f"{x['load_avg_before']:.2f}"] for x in r["runs"]]
+        body += table(["sequence", "cp", "tp", "ranks", "parameters per rank", "RSS at the start", "peak RSS",
+                       "seconds per step", "load average before"], rows)
+        by = {(x["seq_len"], x["cp"], x["tp"]): x for x in r["runs"]}
+        body += table(["sequence", "peak RSS per rank, cp=2 / cp=1", "seconds per step, cp=2 / cp=1"], [
+            [num(q["seq_len"]), f"{by[q['seq_len'], 2, 1]['peak_rss_gib']:.2f} / "
+             f"{by[q['seq_len'], 1, 1]['peak_rss_gib']:.2f} GiB = {q['peak_rss_cp2_over_cp1']:.2f}x",
+             f"{by[q['seq_len'], 2, 1]['seconds_per_step']:.2f} / {by[q['seq_len'], 1, 1]['seconds_per_step']:.2f} s "
+             f"= {q['step_cp2_over_cp1']:.2f}x"] for q in r["ratios"]])
+        out.append(section("long", "Context parallelism", r.get("meta") or d["meta"], name, body))
+    if "documents" in d:
+        r, z = d["documents"], d["documents"]["sizes"]
+        a, b = r["documents"], r["dense"]
+        body = [f"One block (width {z['d_model']}, {z['heads']} heads, SwiGLU `d_ff` {z['d_ff']}), "
+                f"{num(z['seq_len'])} tokens in {z['documents']} equal documents, forward and backward, median of "
+                f"{z['repeats']}, {z['threads']} thread, {z['precision']}; the outputs' sums differ by "
+                f"{r['output_rel_diff']:.1e} (relative).", ""]
+        body += table(["measure", "documents", "dense mask", "ratio (dense / documents)"], [
+            ["seconds", f"{a['seconds']:.3f} s", f"{b['seconds']:.3f} s", ratio(b["seconds"], a["seconds"])],
+            ["peak RSS growth", f"{a['peak_growth_gib']:.3f} GiB", f"{b['peak_growth_gib']:.3f} GiB",
+             ratio(b["peak_growth_gib"], a["peak_growth_gib"])],
+            ["load average before", f"{a['load_avg_before']:.2f}", f"{b['load_avg_before']:.2f}", ""]])
+        out.append(section("long", "Document masking against the dense mask", r.get("meta") or d["meta"], name, body))
+    return out
+
+
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
 RENDERERS = [
     ("bench_data.json", (), data),
@@ -422,6 +457,7 @@ RENDERERS = [
     ("bench_parallel*.json", ("*_startup.json",), parallel),
     ("bench_parallel*_startup.json", (), startup),
     ("bench_moe.json", (), moe),
+    ("bench_long.json", (), long_),
     ("soak.json", (), soak),
 ]
 

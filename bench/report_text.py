@@ -176,6 +176,27 @@ TEXT = {
              "CPU `torch._grouped_mm` gives the loop's results exactly (largest difference shown). In part 3 the "
              "all-to-all is shared-memory gloo between two ranks on one 2-core machine, so the step time says "
              "little about a cluster; the memory per rank is the figure that carries."),
+    "long": dict(
+        title="Long sequences",
+        measures="`bench/bench_long.py`, two parts, each against a baseline run in the same invocation. Part 1: one "
+                 "long-sequence model through `megatrain pretrain` under `torchrun`, fp32, one sample a step, at each "
+                 "sequence length: context parallelism `parallel.cp=2` on two ranks (the sample's sequence split in "
+                 "two) against `cp=1` on one, and at the longest length `tp=2` x `cp=2` on four. The model is small "
+                 "(6M parameters: its weights and optimizer states under 0.1 GiB) so that the sequence decides the "
+                 "memory, and attention "
+                 "is most of its FLOPs at the longer lengths. Per run: the peak RSS of the largest rank over the whole "
+                 "run (torch, DeepSpeed and the model's states included), its RSS after start-up (the rank table, "
+                 "before the first step) and the median seconds per step after the first. Part 2: one block's "
+                 "forward and backward over a row of equal documents, attending document by document "
+                 "(`model.Documents`: one SDPA call each) against the dense [B, 1, T, T] segment mask through the same "
+                 "block, each in a fresh process on one thread: the time and how far the process's peak RSS grew.",
+        run="`python bench/bench_long.py [--seqs 2048 8192 16384] [--skip cp|documents]` (`--data`: "
+            "`../shared/data/tinyshakespeare.txt` by default; a skipped part keeps its last figures)",
+        read="The peak RSS per rank is the figure that carries to a cluster: a cp rank holds half of each row's "
+             "activations, while what every process holds anyway (torch, DeepSpeed, the model) stays. The step times "
+             "are this 2-core machine's: cp=1 gets both cores, each cp=2 rank one, and the all-to-alls are gloo "
+             "over shared memory. In part 2 the dense mask costs T x T of memory and the kernel that takes a mask; "
+             "the documents path makes nothing of T x T."),
     "soak": dict(
         title="A long run",
         measures="`bench/bench_soak.py` runs one `megatrain pretrain --config tiny` process (the built-in corpus, "
