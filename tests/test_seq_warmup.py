@@ -208,3 +208,16 @@ def test_kill_9_mid_warmup_and_rerun_continues_the_uninterrupted_curve(tmp_path,
     assert_close_curves(losses(ref, "eval"), losses(ck, "eval"), rtol=1e-6)
     assert losses(ref, key="seq_len") == losses(ck, key="seq_len")
     assert losses(ck, key="seq_len")[8] == 32
+
+
+@pytest.mark.slow
+def test_under_context_parallelism_a_warmup_run_trains_as_one_rank_does(tmp_path):
+    """cp=2 on 2 ranks: the samples are shortened before each rank takes its half of every row, so the lengths and
+    the losses are the one-rank run's."""
+    data = make_byte_dataset(tmp_path)
+    warm = {"train.seq_len_warmup_steps": 4, "train.seq_len_warmup_start": 8, "train.eval_interval": 0}
+    one, two = str(tmp_path / "one"), str(tmp_path / "cp2")
+    run_distributed(run_configs, 1, [small_sets(data, one, **warm)], timeout=300)
+    run_distributed(run_configs, 2, [small_sets(data, two, **warm, **{"parallel.cp": 2})], timeout=300)
+    assert losses(two, key="seq_len") == losses(one, key="seq_len") == {1: 8, 2: 8, 3: 16, 4: 16, 5: 32, 6: 32}
+    assert_close_curves(losses(one), losses(two), rtol=1e-5)
