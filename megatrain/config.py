@@ -112,6 +112,17 @@ class TrainConfig(_Section):
     # none | full (recompute each block in the backward pass) | selective (recompute attention only)
     activation_checkpointing: str = "none"
     max_bad_steps: int = 3  # a non-finite loss or gradient norm skips that update; this many in a row stop the run
+    # sequence-length warmup (pretraining, parallel.pp=1): the first this many steps train on shorter sequences,
+    # from seq_len_warmup_start growing linearly to data.seq_len (each step's length a multiple of 8, rounded down;
+    # a function of the step, so a resumed run continues exactly); the samples per step stay global_batch_size; 0: off
+    seq_len_warmup_steps: int = 0
+    # the first step's sequence length; a multiple of 8 below data.seq_len (a divisor of it with
+    # seq_len_warmup_keep_tokens)
+    seq_len_warmup_start: int = 8
+    # true: reshape each [b, seq_len] micro-batch into [b x seq_len / L, L] rows (every token of every sample is
+    # trained on, the tokens per step unchanged; L divides data.seq_len); false: truncate each sample to its first L
+    # tokens (the rest of it is not trained on; fewer tokens per step)
+    seq_len_warmup_keep_tokens: bool = True
 
 
 @dataclass
@@ -503,6 +514,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"config key train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
+    _validate_seq_len_warmup(cfg)
     f = cfg.finetune
     for k in ("max_seq_len", "patience", "lora_rank"):
         if getattr(f, k) < 0:
@@ -513,6 +525,48 @@ def validate(cfg: Config) -> None:
     if f.epochs < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
         bad = "epochs" if f.epochs < 0 else "lora_alpha" if f.lora_alpha <= 0 else "lora_dropout"
         raise ConfigError(f"config key finetune.{bad}: out of range ({getattr(f, bad)})")
+
+
+def seq_len_warmup_lengths(seq_len: int, keep_tokens: bool) -> list[int]:
+    """The lengths a sequence-length warmup step may have below seq_len, ascending: multiples of 8 (kernel-friendly
+    shapes; rows split over up to 8 context- or sequence-parallel ranks), and divisors of seq_len when every token is
+    kept (a sample is reshaped into whole rows)."""
+    return [n for n in range(8, seq_len, 8) if not keep_tokens or seq_len % n == 0]
+
+
+def _validate_seq_len_warmup(cfg: Config) -> None:
+    t, T = cfg.train, cfg.data.seq_len
+    if t.seq_len_warmup_steps < 0:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: must be at least 0 (0: off), got "
+                          f"{t.seq_len_warmup_steps}")
+    if not t.seq_len_warmup_steps:
+        return
+    if cfg.finetune.task:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: {t.seq_len_warmup_steps} with finetune.task="
+                          f"{cfg.finetune.task}; sequence-length warmup is for pretraining only, set it to 0")
+    # DeepSpeed's pipeline engine sizes its receive buffers from the first batch (megatrain sets no dynamic_shape)
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: {t.seq_len_warmup_steps} with parallel.pp="
+                          f"{cfg.parallel.pp}; the pipeline needs one sequence length, set it to 0 or parallel.pp=1")
+    p = cfg.parallel
+    shard = p.cp * (p.tp if p.sequence_parallel else 1)  # each rank holds 1/shard of a row: it must divide 8
+    if 8 % shard:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: {t.seq_len_warmup_steps} with rows split over "
+                          f"parallel.cp{' x tp' if p.sequence_parallel else ''} = {shard} ranks, which does not divide "
+                          f"the warmup lengths (multiples of 8); set it to 0")
+    start, keep = t.seq_len_warmup_start, t.seq_len_warmup_keep_tokens
+    key = "config key train.seq_len_warmup_start"
+    if start < 8:
+        raise ConfigError(f"{key}: must be at least 8, got {start}")
+    if start >= T:
+        raise ConfigError(f"{key}: {start} is not below data.seq_len={T}; set a shorter first length")
+    if start % 8 or (keep and T % start):
+        near = sorted(sorted(seq_len_warmup_lengths(T, keep), key=lambda n: abs(n - start))[:2])
+        what = ("is not a multiple of 8" if start % 8 else
+                f"does not divide data.seq_len={T} (seq_len_warmup_keep_tokens cuts each sample into rows that long)")
+        fix = (f"e.g. {' or '.join(map(str, near))}" if near else
+               f"no multiple of 8 below data.seq_len={T} divides it; set train.seq_len_warmup_keep_tokens=false")
+        raise ConfigError(f"{key}: {start} {what}; {fix}")
 
 
 def _validate_expert_parallel(m: ModelConfig, p: ParallelConfig) -> None:

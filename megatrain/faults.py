@@ -10,6 +10,8 @@ global rank R). A point with no conditions fires every time. The points:
     enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
     raise        the code at a fault point raises (a rank failing before a collective)
     kill_before_index         preprocess (IndexedDatasetWriter) is killed (SIGKILL) between renaming its .bin and .idx
+    kill_mid_save             the checkpoint save of that step is killed (SIGKILL) after DeepSpeed wrote its files,
+                              before megatrain.json and `latest`: the rerun resumes from the checkpoint before
     kill_before_sample_meta   the sample-index build is killed after saving its arrays, before the .json that marks it
 Unset (the normal case), every check is one dictionary lookup.
 """
@@ -29,9 +31,10 @@ def _parse(spec: str) -> dict[str, list[dict[str, int]]]:
     return faults
 
 
-def kill_here(point: str) -> None:
-    """SIGKILL this process at fault point `point` when it is injected (no cleanup runs, as with kill -9)."""
-    if os.environ.get("MEGATRAIN_FAULTS") and fires(point):
+def kill_here(point: str, step: int | None = None) -> None:
+    """SIGKILL this process at fault point `point` (of optimizer step `step`) when it is injected (no cleanup runs, as
+    with kill -9)."""
+    if os.environ.get("MEGATRAIN_FAULTS") and fires(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -92,6 +92,7 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
         ce.megatrain_inject = True
     with _experts_as_parameters(engine):
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"megatrain": state}, save_latest=False)
+    faults.kill_here("kill_mid_save", step)
     rank = dist.get_rank()
     error = getattr(ce, "megatrain_error", None)
     if error is None:

@@ -5,6 +5,8 @@
     classify            sequence classification (classify.py)
     tokens              token classification / NER (tagging.py)
     qa                  extractive question answering (qa.py)
+
+seq_warmup.py is the sequence-length warmup's schedule (train.seq_len_warmup_*); Batch.shortened cuts the batches.
 """
 from __future__ import annotations
 

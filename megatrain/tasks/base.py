@@ -42,6 +42,25 @@ class Batch:
         cut = slice(rank * T, (rank + 1) * T)
         return dataclasses.replace(self, tokens=self.tokens[:, cut], labels=self.labels[:, cut], shard=(rank, n))
 
+    def shortened(self, length: int, keep_tokens: bool) -> "Batch":
+        """Every row at sequence length `length` (a sequence-length warmup step): reshaped to [B*T/length, length]
+        rows, sample b's chunk k being row b*T/length + k (keep_tokens: every token stays), or each row cut to its
+        first `length` tokens. Labels are already shifted (labels[t] is the token after tokens[t]), so tokens, labels
+        and segments are cut alike; document segments are per row, so a chunk that starts mid-document starts a row
+        of its own. For a whole pretraining micro-batch (no slice taken, nothing in `extra`)."""
+        B, T = self.tokens.shape
+
+        def cut(x):
+            if x is None:
+                return None
+            if keep_tokens:
+                if T % length:
+                    raise ValueError(f"sequence-length warmup: {length} does not divide the sample length {T}")
+                return x.reshape(B * T // length, length)
+            return x[:, :length].contiguous()
+
+        return dataclasses.replace(self, tokens=cut(self.tokens), labels=cut(self.labels), segments=cut(self.segments))
+
     def real_tokens(self) -> int:
         """Tokens of this batch that are not padding."""
         if self.segments is None:
@@ -65,12 +84,15 @@ def micro_batch_ids(step: int, micro: int, cfg: Config, dp: int, dp_rank: int) -
     return np.arange(start, start + b)
 
 
-def rank_micro_batch(run, task: "Task", dataset, step: int, micro: int, device) -> Batch:
-    """Micro-batch `micro` of global batch `step` as this rank holds it: its data-parallel replica's samples, and
-    under context parallelism its slice of each row."""
+def rank_micro_batch(run, task: "Task", dataset, step: int, micro: int, device, length: int | None = None) -> Batch:
+    """Micro-batch `micro` of global batch `step` as this rank holds it: its data-parallel replica's samples, at
+    sequence length `length` when given (a sequence-length warmup step, tasks.seq_warmup), and under context
+    parallelism its slice of each row."""
     layout = run.layout
     ids = micro_batch_ids(step, micro, run.cfg, layout.replicas, layout.replica(run.dp_rank))
     batch = task.make(dataset, ids, device)
+    if length is not None and length < batch.tokens.shape[1]:
+        batch = batch.shortened(length, run.cfg.train.seq_len_warmup_keep_tokens)
     return batch if layout.cp == 1 else batch.context_slice(layout.cp_rank(run.dp_rank), layout.cp)
 
 

@@ -23,6 +23,7 @@ from megatrain.moe import AuxLoss
 from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
 from megatrain.tasks import Batch, Task
 from megatrain.tasks.base import is_pipeline, rank_micro_batch
+from megatrain.tasks.seq_warmup import step_length, warmup_length
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.moe_metrics import moe_row
@@ -85,7 +86,8 @@ def note_stop(why: str, step: int) -> None:
 
 def micro_batches(run: Run, task: Task, dataset, step: int, device) -> list[Batch]:
     """This rank's micro-batches of global batch `step`."""
-    return [rank_micro_batch(run, task, dataset, step, m, device) for m in range(run.grad_accum)]
+    length = step_length(run.cfg, step)  # train.seq_len_warmup_*: shorter sequences early on; None: as made
+    return [rank_micro_batch(run, task, dataset, step, m, device, length) for m in range(run.grad_accum)]
 
 
 def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
@@ -279,6 +281,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                            **window.row(run, engine, throughput))
                 if cfg.model.moe_experts:
                     row.update(moe_row(engine.module, run.grid, window.steps))
+                if t.seq_len_warmup_steps:  # the length of the window's last step
+                    row["seq_len"] = warmup_length(cfg, state.step - 1)
                 logger.log(row, f"step {state.step:>6}/{t.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                                 f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tokens/s | "
                                 f"{row['tflops_per_device']:.3f} TFLOP/s/device"
