@@ -10,7 +10,8 @@ is one where the sequence decides the memory: a small model (d_model --width, --
 SwiGLU MLP of --ffn) whose activations at 16K tokens are several times its weights and optimizer states, and where
 attention is most of the FLOPs. Reported per run: the peak RSS of the largest rank over the whole run
 (/usr/bin/time; torch, DeepSpeed and the model's states included), the RSS after start-up (the run's rank table,
-before the first step), and the median seconds per step of the steps after the first. On one 2-core CPU machine the
+before the first step), and the median seconds per step of the steps after the first. Every process runs with
+MALLOC_MMAP_THRESHOLD_=16384, so that its RSS follows its tensors rather than the heap glibc keeps. On one 2-core CPU machine the
 ranks share the cores (cp=1 gets both, each cp=2 rank one) and gloo's all-to-all is shared memory: the memory per
 rank is the figure that carries to a cluster, the time is this machine's.
 Part 2 (`documents`): one block's forward and backward at --doc-seq tokens holding --docs equal documents
@@ -40,8 +41,14 @@ from results_file import run_meta, write_results  # noqa: E402
 RANK_ROW = re.compile(r"rank\s+(\d+):.*\|\s+([\d.]+)M parameters \| ([\d.]+) GiB RSS")
 
 
+# glibc keeps freed heap blocks below its (moving) mmap threshold, so a process's RSS can hold memory no tensor uses:
+# a fixed threshold of 16 KiB maps every larger block and returns it when freed, so the RSS follows the tensors (as
+# tests/plan_measure.py measures the plan's activations)
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "16384"}
+
+
 def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", **MALLOC}
 
 
 def prepare_data(text_file: str, work: str) -> str:
@@ -173,8 +180,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--ffn", type=int, default=1536)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--doc-seq", type=int, default=8192)
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)

@@ -179,14 +179,16 @@ TEXT = {
     "long": dict(
         title="Long sequences",
         measures="`bench/bench_long.py`, two parts, each against a baseline run in the same invocation. Part 1: one "
-                 "long-sequence model through `megatrain pretrain` under `torchrun`, fp32, one sample a step, at each "
+                 "long-sequence model through `megatrain pretrain` under `torchrun`, fp32, two samples a step, at each "
                  "sequence length: context parallelism `parallel.cp=2` on two ranks (the sample's sequence split in "
                  "two) against `cp=1` on one, and at the longest length `tp=2` x `cp=2` on four. The model is small "
                  "(6M parameters: its weights and optimizer states under 0.1 GiB) so that the sequence decides the "
                  "memory, and attention "
                  "is most of its FLOPs at the longer lengths. Per run: the peak RSS of the largest rank over the whole "
                  "run (torch, DeepSpeed and the model's states included), its RSS after start-up (the rank table, "
-                 "before the first step) and the median seconds per step after the first. Part 2: one block's "
+                 "before the first step) and the median seconds per step after the first; every process runs with "
+                 "`MALLOC_MMAP_THRESHOLD_=16384`, so that its RSS follows its tensors rather than the freed heap glibc "
+                 "keeps. Part 2: one block's "
                  "forward and backward over a row of equal documents, attending document by document "
                  "(`model.Documents`: one SDPA call each) against the dense [B, 1, T, T] segment mask through the same "
                  "block, each in a fresh process on one thread: the time and how far the process's peak RSS grew.",
