@@ -5,15 +5,15 @@ mask.
 
 Part 1 (`cp`): one long-sequence model through the real CLI (`torchrun -m megatrain.pretrain --config tiny --set ...`),
 fp32, a micro-batch (and global batch) of --batch samples, --steps steps, for each --seqs length: cp=1 on one rank
-against cp=2 on two ranks (the same sample split in two), and at the longest length tp=2 x cp=2 on four. The shape
+against cp=2 on two ranks (the same samples split in two), and at the longest length tp=2 x cp=2 on four. The shape
 is one where the sequence decides the memory: a small model (d_model --width, --layers blocks of --heads heads, a
 SwiGLU MLP of --ffn) whose activations at 16K tokens are several times its weights and optimizer states, and where
 attention is most of the FLOPs. Reported per run: the peak RSS of the largest rank over the whole run
 (/usr/bin/time; torch, DeepSpeed and the model's states included), the RSS after start-up (the run's rank table,
 before the first step), and the median seconds per step of the steps after the first. Every process runs with
-MALLOC_MMAP_THRESHOLD_=16384, so that its RSS follows its tensors rather than the heap glibc keeps. On one 2-core CPU machine the
-ranks share the cores (cp=1 gets both, each cp=2 rank one) and gloo's all-to-all is shared memory: the memory per
-rank is the figure that carries to a cluster, the time is this machine's.
+MALLOC_MMAP_THRESHOLD_=16384, so that its RSS follows its tensors rather than the heap glibc keeps. On one 2-core CPU
+machine the ranks share the cores (cp=1 gets both, each cp=2 rank one) and gloo's all-to-all is shared memory: the
+memory per rank is the figure that carries to a cluster, the time is this machine's.
 Part 2 (`documents`): one block's forward and backward at --doc-seq tokens holding --docs equal documents
 (model.Documents: one SDPA call per document) against the dense [B, 1, T, T] segment mask through the same block,
 each in a fresh process (one thread): the median seconds of --repeats after a warm-up, and the growth of the
