@@ -179,6 +179,9 @@ class CheckpointConfig(_Section):
     # start from these weights (a checkpoint of any layout, or a convert output); the model's shape and tokenizer
     # come from it and the optimizer starts afresh; resuming checkpoint.dir/latest wins
     init: str = ""
+    # before resuming, compare the checkpoint's files with the manifest its save wrote last: full (sizes and CRC-32s;
+    # a changed byte anywhere) | size (sizes only: a truncated or missing file, without reading the files) | none
+    verify: str = "full"
 
 
 @dataclass
@@ -297,6 +300,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.activation_checkpointing": ("none", "full", "selective"),
+    "checkpoint.verify": ("full", "size", "none"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "logging.progress_bar": ("auto", "on", "off"),
     "finetune.task": ("", "sft", "classify", "tokens", "qa"),

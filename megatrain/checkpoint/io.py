@@ -28,6 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megatrain import faults
+from megatrain.checkpoint import manifest
 from megatrain.config import Config, ConfigError, RunStopped
 from megatrain.resolved import Resolved, saved_config
 from megatrain.fileio import read_json, write_atomic
@@ -105,12 +106,15 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     dist.all_gather_object(errors, error)
     if rank == 0 and not any(errors):
         errors[0] = _write(lambda p: write_atomic(p, json.dumps(state, indent=1)), os.path.join(ckpt_dir, tag, STATE_FILE))
-        if errors[0] is None:
-            errors[0] = _write(lambda p: write_atomic(p, tag), os.path.join(ckpt_dir, "latest"))
-        if errors[0] is None:
-            _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
     box = [next((e for e in errors if e), None)]
     dist.broadcast_object_list(box, src=0)
+    if box[0] is None:  # every file is written: the manifest (collective: the ranks share the hashing), then latest
+        box[0] = manifest.write_manifest(os.path.join(ckpt_dir, tag))
+        if rank == 0 and box[0] is None:
+            box[0] = _write(lambda p: write_atomic(p, tag), os.path.join(ckpt_dir, "latest"))
+            if box[0] is None:
+                _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
+        dist.broadcast_object_list(box, src=0)
     ce.megatrain_error = ce.megatrain_inject = None
     if box[0]:
         failed(ckpt_dir, tag, box[0], quiet=rank != 0)
@@ -200,6 +204,12 @@ def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
     for t in tags[:-keep_last]:
         if t not in (keep, best):
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """The step folders of `ckpt_dir` that hold megatrain.json (a save that finished), oldest first."""
+    return sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and os.path.isfile(
+        os.path.join(ckpt_dir, t, STATE_FILE)))
 
 
 def read_pointer(ckpt_dir: str, name: str) -> str | None:
@@ -440,6 +450,12 @@ def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
         return None
     saved = read_json(os.path.join(ckpt_dir, tag, STATE_FILE), f"point {ckpt_dir}/latest at an earlier complete step")
     check_compatible(cfg, saved, os.path.join(ckpt_dir, tag), layout)
+    problem = manifest.verify(os.path.join(ckpt_dir, tag), cfg.checkpoint.verify)
+    if problem:
+        earlier = [t for t in complete_tags(ckpt_dir) if t < tag]
+        fix = (f"point {ckpt_dir}/latest at {earlier[-1]} (the complete checkpoint before it) to resume from there"
+               if earlier else "no earlier complete checkpoint is there: start afresh in a new checkpoint.dir")
+        raise ConfigError(f"{problem}; {tag} cannot be resumed: {fix}")
     with _experts_as_parameters(engine):
         path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is not None and getattr(engine, "has_moe_layers", False):
