@@ -172,9 +172,12 @@ class CheckpointConfig(_Section):
     # save every this many steps and at the end (and on SIGUSR1/SIGTERM or train.exit_duration_minutes); 0: only
     # at the end
     interval: int = 100
-    # continue from dir/latest when it exists (under the layout it was saved with; megatrain convert reshard
-    # rewrites it for another); false: start afresh
+    # continue from dir/latest when it exists; false: start afresh
     resume: bool = True
+    # resuming under another layout (parallel.tp/pp/zero_stage/ep, the world size, train.micro_batch_size) reshards
+    # dir/latest into a new step folder beside it (the original kept) and continues with the same global batch and
+    # sample order; false: such a resume is refused (and names the `megatrain convert reshard` line)
+    elastic: bool = True
     keep_last: int = 0  # keep only this many newest checkpoints (never the one `best` names); 0: keep all
     # start from these weights (a checkpoint of any layout, or a convert output); the model's shape and tokenizer
     # come from it and the optimizer starts afresh; resuming checkpoint.dir/latest wins

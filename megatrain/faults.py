@@ -9,6 +9,7 @@ global rank R). A point with no conditions fires every time. The points:
     inf_grad     one gradient element on this rank becomes inf after the backward (an overflow)
     enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
     raise        the code at a fault point raises (a rank failing before a collective)
+    stop         the run stops after that step as on SIGUSR1 (saves, exits 0): a run cut short at a chosen step
     kill_before_index         preprocess (IndexedDatasetWriter) is killed (SIGKILL) between renaming its .bin and .idx
     kill_mid_save             the checkpoint save of that step is killed (SIGKILL) after DeepSpeed wrote its files,
                               before megatrain.json and `latest`: the rerun resumes from the checkpoint before

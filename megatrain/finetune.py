@@ -103,12 +103,16 @@ def run(cfg: Config) -> dict:
     log0(f"data: {len(train_set)} training {unit}" + (f" ({train_set.truncated} {cut})" if train_set.truncated else "")
          + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
          + (f" | labels {', '.join(task.labels[:12])}{' ...' if len(task.labels) > 12 else ''}" if task.labels else ""))
-    if run.will_resume():  # nothing to read from finetune.init: the checkpoint's weights replace these zeros
+    reshard = run.reshard_source()  # latest saved under another layout (checkpoint.elastic): read from there
+    if reshard is not None:
+        weights, _ = reshard.weights(model)
+    elif run.will_resume():  # nothing to read from finetune.init: the checkpoint's weights replace these zeros
         shapes = {n: p.shape for n, p in model.named_parameters()}  # the full ones, before parallelize cuts them
         weights = lambda name: torch.zeros(shapes[name])  # noqa: E731
     else:
         # finetune.init's weights, one full tensor at a time, of which each rank keeps its slice; the head and adapters
         # start from values seeded by train.seed and their names (the same on every layout)
+        run.verify_init(init)
         weights, new = init.weights(model, functools.partial(new_part_value, cfg))
         heads = sorted({n.split(".")[0] for n in new if "lora_" not in n})
         adapters = sum("lora_" in n for n in new)
@@ -163,7 +167,7 @@ def check_tokenizer(cfg: Config, tok, init) -> None:
 
 def test(run, engine, task, test_set) -> dict:
     """finetune.test_file, scored once with the best checkpoint's weights (or the last, without a valid_file)."""
-    from megatrain.checkpoint.io import read_pointer
+    from megatrain.checkpoint.io import read_pointer, step_of
     from megatrain.training.metrics import MetricsLogger
 
     best = read_pointer(run.cfg.checkpoint.dir, "best")
@@ -172,7 +176,7 @@ def test(run, engine, task, test_set) -> dict:
                                load_lr_scheduler_states=False)
     row = task.evaluate(run, engine, test_set, prefix="test")
     logger = MetricsLogger(run.cfg, run.cfg.checkpoint.dir, 0, 0, enabled=run.rank == 0)
-    logger.log(dict(step=int(best[4:]) if best else 0, kind="test", **row),
+    logger.log(dict(step=step_of(best) if best else 0, kind="test", **row),
                "test: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
     logger.close()
     return row

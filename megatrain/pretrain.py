@@ -92,7 +92,11 @@ def run(cfg: Config) -> dict:
     # Shapes only: each rank allocates just its share when parallelize fills it, with the initial values (the same
     # on every layout) or its slices of checkpoint.init's weights, read one tensor at a time
     model, weights, init_line = build_on_meta(cfg.model), None, None
-    if init is not None and not run.will_resume():  # weights only: the optimizer and the step start afresh
+    reshard = run.reshard_source()  # latest saved under another layout (checkpoint.elastic): read from there
+    if reshard is not None:
+        weights, _ = reshard.weights(model)
+    elif init is not None and not run.will_resume():  # weights only: the optimizer and the step start afresh
+        run.verify_init(init)
         weights, _ = init.weights(model)
         init_line = f"initialized from {init.where} (weights only; the optimizer starts afresh)"
     log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")

@@ -58,11 +58,12 @@ def test_a_checkpoint_without_a_manifest_verifies_as_it_is(tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_a_changed_rank_file_naming_it_and_the_previous_checkpoint(tmp_path):
     """A tiny pretraining run saves at steps 2 and 4; one byte flipped in each kind of rank file of step 4 (model
-    states, ZeRO optimizer states, RNG) makes the rerun refuse in one line naming the file and step 2; with
-    checkpoint.verify=size a cut-short file is refused too."""
+    states, ZeRO optimizer states, RNG) makes the rerun refuse in one line naming the file and step 2 (and `convert
+    consolidate` and a checkpoint.init run, for the model file); with checkpoint.verify=size a cut-short file is
+    refused too."""
     import shutil
 
-    from test_reliability import error_line, pretrain
+    from test_reliability import cli, error_line, pretrain
     from training_utils import make_byte_dataset
 
     data = make_byte_dataset(tmp_path)
@@ -79,6 +80,13 @@ def test_resume_refuses_a_changed_rank_file_naming_it_and_the_previous_checkpoin
         _flip(ck / "step00000004" / name, at=os.path.getsize(ck / "step00000004" / name) // 2)
         line = error_line(pretrain(data, str(ck), **more))
         assert f"step00000004/{name}: its CRC-32 differs" in line and "latest at step00000002" in line, (kind, line)
+        if kind == "model":  # every reader verifies the same way: convert, and checkpoint.init
+            out = tmp_path / "consolidated"
+            line = error_line(cli("convert", "consolidate", str(ck), "--output", str(out)))
+            assert f"step00000004/{name}: its CRC-32 differs" in line and "step00000002" in line, line
+            assert not out.exists()
+            line = error_line(pretrain(data, str(tmp_path / "from-init"), **{**more, "checkpoint.init": str(ck)}))
+            assert f"step00000004/{name}: its CRC-32 differs" in line and "step00000002" in line, line
         shutil.rmtree(ck / "step00000004")
         shutil.copytree(good, ck / "step00000004")
     with open(ck / "step00000004" / kinds["optimizer"], "r+b") as f:

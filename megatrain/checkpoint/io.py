@@ -41,6 +41,11 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The step a tag names: step00000100 -> 100 (also a resharded step00000100-tp2-pp1-dp1-zero2)."""
+    return int(tag[4:12])
+
+
 def read_latest(ckpt_dir: str) -> str | None:
     path = os.path.join(ckpt_dir, "latest")
     if not os.path.isfile(path):
@@ -76,7 +81,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: int, layout: dict,
-         extra: dict | None = None) -> str:
+         extra: dict | None = None, tag: str | None = None) -> str:
     """Save on every rank; `latest` moves to this tag only once every rank's files are on disk. megatrain.json holds
     `cfg` as the user asked it (`config`), what the run derived (`resolved`: the model's shape and the rest; readers
     take the model from there), the step, and `extra` (the fine-tuning loop keeps its best metric there).
@@ -85,7 +90,7 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     collectives: its remaining files are skipped (see harden), every rank learns of it afterwards, the partial step
     folder is removed, `latest` keeps naming the previous complete checkpoint, and RunStopped says what happened."""
     ckpt_dir = cfg.checkpoint.dir
-    tag = tag_for(step)
+    tag = tag or tag_for(step)
     state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), resolved=resolved.to_dict(),
                  layout=layout, **(extra or {}))
     ce = engine.checkpoint_engine
@@ -259,17 +264,29 @@ def check_resumable(cfg: Config) -> None:
                                   f"complete step"), where)
 
 
+LAYOUT_KEYS = ("tp", "pp", "dp", "ep", "zero_stage")  # what DeepSpeed's rank files depend on (cp is within dp)
+
+
+def layout_change(saved: dict, layout: dict) -> str | None:
+    """The first LAYOUT_KEYS key whose value differs between a checkpoint's megatrain.json and `layout`, or None."""
+    for k in LAYOUT_KEYS:
+        then = saved.get("layout", {}).get(k, 1 if k == "ep" else None)  # (no "ep": saved without expert parallelism)
+        if then is not None and k in layout and then != layout[k]:
+            return k
+    return None
+
+
 def check_compatible(cfg: Config, saved: dict, where: str, layout: dict | None = None) -> None:
-    """Resuming needs the same kind of run, model, batch shape and parallel layout; name the first key that
-    differs."""
+    """Resuming needs the same kind of run, model, batch shape and (unless checkpoint.elastic reshards it) parallel
+    layout; name the first key that differs."""
     check_kind(cfg, saved, where)
-    if layout is not None and "layout" in saved:
-        for k in ("tp", "pp", "dp", "ep", "zero_stage"):
-            then = saved["layout"].get(k, 1 if k == "ep" else None)  # (no "ep": saved without expert parallelism)
-            if then is not None and k in layout and then != layout[k]:
-                raise ConfigError(f"{where}: saved with {k}={then} ({_fmt(saved['layout'])}) but this "
-                                  f"run has {k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, or convert "
-                                  f"it: {reshard_command(os.path.dirname(where), layout, saved['layout'])}")
+    changed = layout_change(saved, layout) if layout is not None else None
+    if changed and not cfg.checkpoint.elastic:
+        k = changed
+        raise ConfigError(f"{where}: saved with {k}={saved['layout'].get(k, 1)} ({_fmt(saved['layout'])}) but this "
+                          f"run has {k}={layout[k]} ({_fmt(layout)}); resume with the saved layout, set "
+                          f"checkpoint.elastic=true to reshard it here, or convert it: "
+                          f"{reshard_command(os.path.dirname(where), layout, saved['layout'])}")
     saved_cfg = saved_config(saved)  # the effective config it trained with, as `cfg` is this run's
     pairs = [("model", cfg.model, saved_cfg.model), ("data", cfg.data, saved_cfg.data)]
     for section, now, then in pairs:
@@ -438,24 +455,40 @@ def _latest_from_rank0(ckpt_dir: str) -> str | None:
     return value
 
 
+def latest_state(cfg: Config) -> tuple[str, dict] | None:
+    """checkpoint.dir/latest's tag and megatrain.json, as rank 0 reads the pointer (None: nothing to resume, or
+    checkpoint.resume is off). Collective."""
+    if not cfg.checkpoint.resume:
+        return None
+    tag = _latest_from_rank0(cfg.checkpoint.dir)
+    if tag is None:
+        return None
+    return tag, read_json(os.path.join(cfg.checkpoint.dir, tag, STATE_FILE),
+                          f"point {cfg.checkpoint.dir}/latest at an earlier complete step")
+
+
+def verify_or_refuse(ckpt_dir: str, tag: str, mode: str) -> None:
+    """Check step folder `tag` against its manifest (checkpoint.verify's `mode`; collective: the ranks share the
+    files); a difference is refused in one line that names the file and the complete checkpoint before it."""
+    problem = manifest.verify(os.path.join(ckpt_dir, tag), mode)
+    if problem:
+        earlier = manifest.earlier_complete(ckpt_dir, tag)
+        fix = (f"point {ckpt_dir}/latest at {earlier} (the complete checkpoint before it) to resume from there"
+               if earlier else "no earlier complete checkpoint is there: start afresh in a new checkpoint.dir")
+        raise ConfigError(f"{problem}; {tag} cannot be resumed: {fix}")
+
+
 def resume(engine, cfg: Config, layout: dict | None = None) -> dict | None:
     """Load checkpoint.dir/latest if there is one; returns megatrain's saved state (step, samples) and, under "rng",
     this rank's saved RNG states (the caller restores them last, right before the first step: anything drawn from
     the generators in between would shift every dropout mask after a resume)."""
     ckpt_dir = cfg.checkpoint.dir
-    if not cfg.checkpoint.resume:
+    latest = latest_state(cfg)
+    if latest is None:
         return None
-    tag = _latest_from_rank0(ckpt_dir)
-    if tag is None:
-        return None
-    saved = read_json(os.path.join(ckpt_dir, tag, STATE_FILE), f"point {ckpt_dir}/latest at an earlier complete step")
+    tag, saved = latest
     check_compatible(cfg, saved, os.path.join(ckpt_dir, tag), layout)
-    problem = manifest.verify(os.path.join(ckpt_dir, tag), cfg.checkpoint.verify)
-    if problem:
-        earlier = [t for t in complete_tags(ckpt_dir) if t < tag]
-        fix = (f"point {ckpt_dir}/latest at {earlier[-1]} (the complete checkpoint before it) to resume from there"
-               if earlier else "no earlier complete checkpoint is there: start afresh in a new checkpoint.dir")
-        raise ConfigError(f"{problem}; {tag} cannot be resumed: {fix}")
+    verify_or_refuse(ckpt_dir, tag, cfg.checkpoint.verify)
     with _experts_as_parameters(engine):
         path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is not None and getattr(engine, "has_moe_layers", False):

@@ -82,8 +82,9 @@ def write_manifest(folder: str) -> str | None:
     return problem
 
 
-def check(folder: str, mode: str) -> str | None:
-    """What is wrong with the folder against its manifest (this rank's share of the files), or None."""
+def check(folder: str, mode: str, rank: int = 0, world: int = 1) -> str | None:
+    """What is wrong with the folder against its manifest (the share of its files of `rank` of `world`: all of them
+    by default), or None."""
     path = os.path.join(folder, MANIFEST_FILE)
     if mode == "none" or not os.path.isfile(path):
         return None
@@ -92,7 +93,6 @@ def check(folder: str, mode: str) -> str | None:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path}: not a readable manifest ({type(e).__name__})"
-    rank, world = _ranks()
     for name in _share(sorted(files), rank, world):
         want, where = files[name], os.path.join(folder, name)
         if not os.path.isfile(where):
@@ -108,4 +108,12 @@ def check(folder: str, mode: str) -> str | None:
 def verify(folder: str, mode: str) -> str | None:
     """check() over every rank's share: the first problem any rank found (the same on every rank), or None.
     Collective when distributed."""
-    return next((p for p in _gather(check(folder, mode)) if p), None)
+    return next((p for p in _gather(check(folder, mode, *_ranks())) if p), None)
+
+
+def earlier_complete(ckpt_dir: str, tag: str) -> str | None:
+    """The newest complete step folder of `ckpt_dir` before `tag` (what to fall back on when `tag` is damaged)."""
+    from megatrain.checkpoint.io import complete_tags
+
+    earlier = [t for t in complete_tags(ckpt_dir) if t < tag]
+    return earlier[-1] if earlier else None

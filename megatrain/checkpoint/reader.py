@@ -32,6 +32,7 @@ from typing import Iterator
 
 import torch
 
+from megatrain.checkpoint import manifest
 from megatrain.checkpoint.io import (DEEPSPEED_RECORDS, STATE_FILE, frozen_experts_file, numpy_scalars, read_latest,
                                     why_unreadable)
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
@@ -112,7 +113,10 @@ def _where(t: torch.Tensor) -> tuple[int, torch.dtype]:
 
 
 class CheckpointReader:
-    def __init__(self, path: str, tag: str | None = None, merge_lora: bool = False):
+    def __init__(self, path: str, tag: str | None = None, merge_lora: bool = False, verify: str = "size"):
+        """`verify`: compare the step folder's files with its manifest first (checkpoint.verify's modes: full,
+        size, none; `convert` reads in full, the model readers check sizes); a difference is refused naming the
+        file."""
         path = os.path.abspath(path)
         self.consolidated = os.path.isfile(os.path.join(path, CONSOLIDATED)) and tag is None
         if self.consolidated:  # `megatrain convert consolidate`'s output
@@ -137,6 +141,12 @@ class CheckpointReader:
         if not os.path.isfile(state_path):
             raise CheckpointError(f"{self.folder}: not a complete checkpoint (no {STATE_FILE}); pick another step "
                                   f"folder")
+        problem = None if self.consolidated else manifest.check(self.folder, verify)
+        if problem:
+            earlier = manifest.earlier_complete(self.dir, self.tag)
+            fix = f"read the complete checkpoint before it, {os.path.join(self.dir, earlier)}" if earlier else \
+                "no earlier complete checkpoint is beside it"
+            raise CheckpointError(f"{problem}; {fix}")
         try:
             with open(state_path) as f:
                 self.state = json.load(f)

@@ -30,7 +30,9 @@ def is_hf_folder(path: str) -> bool:
 
 
 class WeightSource:
-    def __init__(self, path: str, tp: int = 1):
+    def __init__(self, path: str, tp: int = 1, tag: str | None = None, verify: str = "size"):
+        """`verify`: how a megatrain checkpoint's files are compared with its manifest here (every rank builds a
+        source, so by default sizes only; Run.verify_init then shares the CRC-32s over the ranks)."""
         self.path, self.reader, self.hf = path, None, None
         if is_hf_folder(path):
             self.family, m, vocab, arch = read_hf_config(path)
@@ -40,7 +42,7 @@ class WeightSource:
             self.hf = HFWeights(path)
             self.where = f"{path} ({arch})"
         elif any(os.path.isfile(os.path.join(path, f)) for f in ("latest", STATE_FILE)):
-            self.reader = CheckpointReader(path)
+            self.reader = CheckpointReader(path, tag, verify=verify)
             self.model, self.tokenizer = self.reader.cfg.model, self.reader.cfg.data.tokenizer
             self.where = self.reader.where
         else:

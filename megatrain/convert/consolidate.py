@@ -61,7 +61,7 @@ def copy_tokenizer(spec: str, out: str) -> str:
 def consolidate(src: str, out: str, tag: str | None = None, dtype: str = "fp32", force: bool = False) -> str:
     check_output(out, force, checkpoint_inputs(src, tag))
     t0 = time.perf_counter()
-    with CheckpointReader(src, tag, merge_lora=True) as reader, atomic_dir(out, replace=force) as tmp:
+    with CheckpointReader(src, tag, merge_lora=True, verify="full") as reader, atomic_dir(out, replace=force) as tmp:
         write_consolidated(reader, tmp, PRECISION_DTYPE[dtype])
     n = sum(torch.Size(reader.shape(k)).numel() for k in reader.names())
     size = os.path.getsize(os.path.join(out, CONSOLIDATED))

@@ -79,7 +79,7 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
           verify: bool = True, force: bool = False) -> int:
     check_output(out, force, checkpoint_inputs(src, tag))
     limit = parse_size(max_shard_size)
-    with CheckpointReader(src, tag, merge_lora=True) as reader:
+    with CheckpointReader(src, tag, merge_lora=True, verify="full") as reader:
         m = reader.cfg.model
         if reader.cfg.finetune.task not in ("", "sft"):
             raise CheckpointError(f"finetune.task={reader.cfg.finetune.task}: to-hf exports language models; use "

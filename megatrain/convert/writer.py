@@ -77,7 +77,7 @@ def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Con
 def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None,
             force: bool = False) -> None:
     check_output(out, force, checkpoint.checkpoint_inputs(src, tag))
-    with CheckpointReader(src, tag) as reader:
+    with CheckpointReader(src, tag, verify="full") as reader:
         cfg, world = target_config(reader.cfg, sets, world)  # the layout is checked against the run's model
         # saved as the source saved it: its config (with the new layout) and what its run derived
         asked = reader.asked.replaced({"parallel": cfg.parallel, "train.micro_batch_size": cfg.train.micro_batch_size})
@@ -161,7 +161,7 @@ def write_rank(job: Job) -> None:
         if job.tokenizer_from:
             _copy_tokenizer(job.tokenizer_from, os.path.join(job.tmp, "tokenizer"))
     model = Transformer(cfg.model)
-    reader = CheckpointReader(job.source, job.tag) if job.source else None
+    reader = CheckpointReader(job.source, job.tag, verify="none") if job.source else None  # (verified in reshard)
     if reader:
         load_weights(model, reader)
     else:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.checkpoint import io as checkpoint
+from megatrain.checkpoint import manifest
 from megatrain.checkpoint.lock import acquire
 from megatrain.checkpoint.source import WeightSource
 from megatrain.config import (Config, ConfigError, ModelConfig, kv_heads, padded_vocab_size, validate,
@@ -58,6 +59,8 @@ class Run:
     ranks_on_node: int = 1  # ranks of the job sharing this machine (they share its CPU cores, for the MFU peak)
     saved: dict | None = None  # megatrain.json of the checkpoint resumed from, if any
     saved_rng: dict | None = None  # that checkpoint's RNG states for this rank, restored by start_rng()
+    reshard: Any = None  # latest, saved under another layout (training/elastic.py); found by reshard_source()
+    rng_step: int = 0  # the step a run resumed from without RNG states (an elastic resume) seeds from
 
     @classmethod
     def start(cls, asked: Config, resolved: Resolved | None = None) -> "Run":
@@ -142,15 +145,43 @@ class Run:
         """checkpoint.dir/latest exists and checkpoint.resume is on."""
         return self.cfg.checkpoint.resume and checkpoint.read_latest(self.cfg.checkpoint.dir) is not None
 
+    def reshard_source(self) -> WeightSource | None:
+        """When checkpoint.dir/latest was saved under another layout (and checkpoint.elastic): its weights, for
+        engine(); resume() then brings in its optimizer state and saves it under this layout. Collective."""
+        from megatrain.training import elastic
+
+        self.reshard = elastic.find(self)
+        return self.reshard.source if self.reshard else None
+
+    def verify_init(self, source: WeightSource) -> None:
+        """checkpoint.init / finetune.init's files against their manifest's CRC-32s (checkpoint.verify=full; the
+        sizes were checked when the source was opened), the ranks sharing the files. Collective."""
+        if source.reader is None or self.cfg.checkpoint.verify != "full":
+            return
+        problem = manifest.verify(source.reader.folder, "full")
+        if problem:
+            earlier = manifest.earlier_complete(source.reader.dir, source.reader.tag)
+            fix = f"start from the complete checkpoint before it, {source.reader.dir}/{earlier}" if earlier else \
+                "no earlier complete checkpoint is beside it"
+            raise ConfigError(f"{problem}; {fix}")
+
     def resume(self, engine) -> TrainState:
         """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
-        saved = self.saved = checkpoint.resume(engine, self.cfg, self.record)
+        if self.reshard is not None:
+            from megatrain.training import elastic
+
+            saved = self.saved = elastic.load(self, engine, self.reshard)
+            self.reshard = None
+        else:
+            saved = self.saved = checkpoint.resume(engine, self.cfg, self.record)
         if not saved:
             return TrainState()
         self.saved_rng = saved.pop("rng")
         state = TrainState(saved["step"], saved["consumed_samples"])
-        log0(f"resumed from {self.cfg.checkpoint.dir}/{checkpoint.tag_for(state.step)} at step {state.step} "
-             f"({state.consumed_samples:,} samples consumed)")
+        if self.saved_rng is None:
+            self.rng_step = state.step
+        log0(f"resumed from {self.cfg.checkpoint.dir}/{checkpoint.read_pointer(self.cfg.checkpoint.dir, 'latest')} "
+             f"at step {state.step} ({state.consumed_samples:,} samples consumed)")
         return state
 
     def start_rng(self) -> None:
@@ -165,9 +196,10 @@ class Run:
             self.saved_rng = None
             return
         replica = self.pp_rank * self.layout.dp + self.dp_rank
-        torch.manual_seed(self.cfg.train.seed * 1_000_003 + 7919 * replica + 1)
+        seed = self.cfg.train.seed + 104_729 * self.rng_step  # (rng_step: 0 unless resumed without RNG states)
+        torch.manual_seed(seed * 1_000_003 + 7919 * replica + 1)
         if self.layout.tp > 1 and self.cfg.model.dropout > 0:  # attention's (and SP's) own stream per TP rank
-            seed_tp_stream(tp_stream_seed(self.cfg.train.seed, replica, self.tp_rank))
+            seed_tp_stream(tp_stream_seed(seed, replica, self.tp_rank))
 
     def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
         return checkpoint.save(engine, self.asked, self.resolved, state.step, state.consumed_samples, self.record,
