@@ -4,11 +4,13 @@ variable so that the real training path runs around them:
     MEGATRAIN_FAULTS="nan_loss@step=3@rank=1,enospc@step=4"
 
 Each entry is a fault point, then conditions (`step=N`: at optimizer step N, counting from 1; `rank=R`: only on
-global rank R). A point with no conditions fires every time. The points:
+global rank R; `restart=K`: only in the K-th restart of the job, as torchrun (TORCHELASTIC_RESTART_COUNT) or Slurm
+(SLURM_RESTART_COUNT) counts them, 0 the first start). A point with no conditions fires every time. The points:
     nan_loss     this rank's loss of that step becomes NaN (as from a corrupt batch)
     inf_grad     one gradient element on this rank becomes inf after the backward (an overflow)
     enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
     raise        the code at a fault point raises (a rank failing before a collective)
+    kill         the rank kills itself (SIGKILL) after that step, as a lost node would go
     stop         the run stops after that step as on SIGUSR1 (saves, exits 0): a run cut short at a chosen step
     kill_before_index         preprocess (IndexedDatasetWriter) is killed (SIGKILL) between renaming its .bin and .idx
     kill_mid_save             the checkpoint save of that step is killed (SIGKILL) after DeepSpeed wrote its files,
@@ -47,4 +49,6 @@ def fires(point: str, step: int | None = None) -> bool:
     import torch.distributed as dist  # only with faults injected: preprocess imports this module, and never torch
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    return any(c.get("step", step) == step and c.get("rank", rank) == rank for c in _parse(spec).get(point, []))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
+    return any(c.get("step", step) == step and c.get("rank", rank) == rank and c.get("restart", restart) == restart
+               for c in _parse(spec).get(point, []))

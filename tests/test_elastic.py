@@ -100,3 +100,40 @@ def test_a_run_stopped_and_rerun_on_other_layouts_logs_the_uninterrupted_losses(
             "step00000015", "step00000015-tp1-pp1-dp2-zero3", "step00000020"} == set(_folders(ck))
     assert_close_curves(losses(ref), losses(ck), rtol=1e-5)
     assert sorted(losses(ck)) == list(range(1, 21))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torchrun_restarts_a_killed_rank_and_the_run_finishes_on_the_uninterrupted_curve(tmp_path):
+    """torchrun's elastic agent (c10d rendezvous on localhost, --max-restarts): rank 1 SIGKILLed after step 5 (in the
+    job's first start only), torchrun restarts both ranks, they resume from latest (step 4) by themselves and finish
+    step 8 with every loss of the uninterrupted 2-rank run (fp32, 1e-6)."""
+    import signal
+    import subprocess
+    import sys
+
+    from training_utils import set_args
+
+    from megatrain.training.dist_env import free_port
+
+    data = make_byte_dataset(tmp_path)
+    over = {"train.max_steps": 8, "train.eval_interval": 0, "checkpoint.interval": 2, "parallel.zero_stage": 2,
+            "parallel.timeout_minutes": 2}
+    ref, ck = str(tmp_path / "ref"), str(tmp_path / "ck")
+    run_distributed(run_configs, 2, [small_sets(data, ref, **over)], timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=megatrain-elastic-test",
+           "--rdzv-conf=last_call_timeout=1",
+           "-m", "megatrain.pretrain", "--config", "tiny", *set_args(small_sets(data, ck, **over))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env=dict(os.environ, MEGATRAIN_FAULTS="kill@step=5@rank=1@restart=0"))
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    assert p.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "at step 4" in out, out[-4000:]
+    assert open(os.path.join(ck, "latest")).read() == "step00000008"
+    assert_close_curves(losses(ref), losses(ck), rtol=1e-6)

@@ -139,7 +139,8 @@ def test_finetune_sbatch_runs_to_the_end_and_equals_one_rank(cluster, reference,
 
 def test_a_rank_killed_under_srun_ends_the_job_in_seconds_and_a_resubmit_resumes(cluster, reference, tmp_path):
     """kill -9 of one rank (the second node's) of a 2-node srun job: the job ends FAILED within a minute, not at
-    DeepSpeed's 30-minute collective timeout; a resubmitted job resumes from the last complete checkpoint."""
+    DeepSpeed's 30-minute collective timeout; a job resubmitted on the one node left resumes from the last complete
+    checkpoint, resharded for its one rank (checkpoint.elastic)."""
     import os
     import pathlib
     import signal
@@ -150,8 +151,8 @@ def test_a_rank_killed_under_srun_ends_the_job_in_seconds_and_a_resubmit_resumes
     args = set_args(small_sets(data, str(ckpt), **{"train.max_steps": 100000, "train.eval_interval": 0,
                                                    "checkpoint.interval": 10, "parallel.timeout_minutes": 2}))
 
-    def submit(output):
-        sub = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+    def submit(output, nodes=2):
+        sub = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--gpus-per-node=0",
                               "--cpus-per-task=1", "--time=10", "--no-requeue", f"--output={output}", str(SBATCH),
                               "--config", "tiny", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=60)
@@ -189,11 +190,13 @@ def test_a_rank_killed_under_srun_ends_the_job_in_seconds_and_a_resubmit_resumes
     args = set_args(small_sets(data, str(ckpt), **{"train.max_steps": step + 2, "train.eval_interval": 0,
                                                    "checkpoint.interval": 10}))
     log2 = tmp_path / "rerun.out"
-    job = submit(log2)
+    job = submit(log2, nodes=1)
     try:
         state = wait_for(lambda: finished(cluster.job(job)), 240, "the resubmitted job ended", context)
     finally:
         cluster.run(f"scancel {job}", check=False)
-    assert state["JobState"] == "COMPLETED", log2.read_text()[-3000:]
-    assert f"resumed from {ckpt}/step{step:08d} at step {step}" in log2.read_text()
+    text = log2.read_text()
+    assert state["JobState"] == "COMPLETED", text[-3000:]
+    resharded = f"step{step:08d}-tp1-pp1-dp1-zero1"
+    assert f"into {ckpt}/{resharded}" in text and f"resumed from {ckpt}/{resharded} at step {step}" in text, text[-3000:]
     assert step + 2 in losses(str(ckpt))

@@ -313,6 +313,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 last_saved = state.step
             if faults.fires("raise", state.step):
                 raise RuntimeError(f"injected fault at step {state.step} (MEGATRAIN_FAULTS)")
+            faults.kill_here("kill", state.step)
             why = stop.reason(state.step, engine.device, log_step) or (
                 "stop injected (MEGATRAIN_FAULTS)" if faults.fires("stop", state.step) else None)
             if why:
