@@ -1,0 +1,98 @@
+"""The config checks of combinations: sequence-length warmup, expert and context parallelism against the rest of the
+config, and what needs the world size (validate_world). config.validate calls them; config re-exports them."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from megatrain.model_config import ConfigError
+
+if TYPE_CHECKING:
+    from megatrain.config import Config, ModelConfig, ParallelConfig
+
+
+def seq_len_warmup_lengths(seq_len: int, keep_tokens: bool) -> list[int]:
+    """The lengths a sequence-length warmup step may have below seq_len, ascending: multiples of 8 (kernel-friendly
+    shapes; rows split over up to 8 context- or sequence-parallel ranks), and divisors of seq_len when every token is
+    kept (a sample is reshaped into whole rows)."""
+    return [n for n in range(8, seq_len, 8) if not keep_tokens or seq_len % n == 0]
+
+
+def _validate_seq_len_warmup(cfg: Config) -> None:
+    t, T = cfg.train, cfg.data.seq_len
+    if t.seq_len_warmup_steps < 0:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: must be at least 0 (0: off), got "
+                          f"{t.seq_len_warmup_steps}")
+    if not t.seq_len_warmup_steps:
+        return
+    if cfg.finetune.task:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: {t.seq_len_warmup_steps} with finetune.task="
+                          f"{cfg.finetune.task}; sequence-length warmup is for pretraining only, set it to 0")
+    # DeepSpeed's pipeline engine sizes its receive buffers from the first batch (megatrain sets no dynamic_shape)
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: {t.seq_len_warmup_steps} with parallel.pp="
+                          f"{cfg.parallel.pp}; the pipeline needs one sequence length, set it to 0 or parallel.pp=1")
+    p = cfg.parallel
+    shard = p.cp * (p.tp if p.sequence_parallel else 1)  # each rank holds 1/shard of a row: it must divide 8
+    if 8 % shard:
+        raise ConfigError(f"config key train.seq_len_warmup_steps: {t.seq_len_warmup_steps} with rows split over "
+                          f"parallel.cp{' x tp' if p.sequence_parallel else ''} = {shard} ranks, which does not divide "
+                          f"the warmup lengths (multiples of 8); set it to 0")
+    start, keep = t.seq_len_warmup_start, t.seq_len_warmup_keep_tokens
+    key = "config key train.seq_len_warmup_start"
+    if start < 8:
+        raise ConfigError(f"{key}: must be at least 8, got {start}")
+    if start >= T:
+        raise ConfigError(f"{key}: {start} is not below data.seq_len={T}; set a shorter first length")
+    if start % 8 or (keep and T % start):
+        near = sorted(sorted(seq_len_warmup_lengths(T, keep), key=lambda n: abs(n - start))[:2])
+        what = ("is not a multiple of 8" if start % 8 else
+                f"does not divide data.seq_len={T} (seq_len_warmup_keep_tokens cuts each sample into rows that long)")
+        fix = (f"e.g. {' or '.join(map(str, near))}" if near else
+               f"no multiple of 8 below data.seq_len={T} divides it; set train.seq_len_warmup_keep_tokens=false")
+        raise ConfigError(f"{key}: {start} {what}; {fix}")
+
+
+def _validate_expert_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    if not m.moe_experts or m.moe_experts % p.ep:
+        raise ConfigError(f"config key parallel.ep: {p.ep} needs a MoE model whose model.moe_experts "
+                          f"({m.moe_experts}) it divides")
+    if p.zero_stage not in (1, 2):
+        why = ("each rank's experts are kept in its ZeRO optimizer partition" if p.zero_stage == 0 else
+               "ZeRO-3 would gather each expert over the data-parallel ranks, which is what expert parallelism avoids")
+        raise ConfigError(f"config key parallel.zero_stage: {p.zero_stage} with parallel.ep={p.ep}; expert "
+                          f"parallelism needs ZeRO-1 or ZeRO-2 ({why})")
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    why = ("pipeline stages (parallel.pp)" if p.pp > 1 else "Mixture-of-Experts models" if m.moe_experts else
+           "fine-tuning (finetune.task)" if cfg.finetune.task else "")
+    if why:
+        raise ConfigError(f"config key parallel.cp: {p.cp} is not available with {why}; set parallel.cp=1")
+    if m.n_heads % (p.tp * p.cp):
+        raise ConfigError(f"config key parallel.cp: model.n_heads={m.n_heads} is not divisible by tp x cp = "
+                          f"{p.tp} x {p.cp}; each context-parallel rank attends over n_heads / (tp x cp) heads")
+    # (KV heads need no check: a TP rank's are repeated up to lcm(n_kv / tp, cp), which divides n_heads / tp too)
+    shard = p.cp * (p.tp if p.sequence_parallel else 1)
+    if d.seq_len % shard:
+        raise ConfigError(f"config key data.seq_len: {d.seq_len} is not divisible by parallel.cp"
+                          f"{' x tp' if p.sequence_parallel else ''} = {shard} (each rank holds an equal slice)")
+
+
+def validate_world(cfg: Config, world_size: int) -> int:
+    """Checks that need the world size; returns gradient accumulation steps."""
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    if dp % cfg.parallel.cp:
+        raise ConfigError(f"config key parallel.cp: {cfg.parallel.cp} does not divide the {dp} data-parallel ranks "
+                          f"(world {world_size} / (tp {cfg.parallel.tp} x pp {cfg.parallel.pp}))")
+    dp //= cfg.parallel.cp  # the ranks of a context-parallel group read the same samples
+    if dp % cfg.parallel.ep:
+        raise ConfigError(f"config key parallel.ep: {cfg.parallel.ep} does not divide the {dp} data-parallel ranks "
+                          f"(world {world_size} / (tp {cfg.parallel.tp} x pp {cfg.parallel.pp}))")
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"config key train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel ranks = {cfg.train.micro_batch_size} x {dp} = {per_step}")
+    return cfg.train.global_batch_size // per_step
+
