@@ -2,12 +2,9 @@
 config, and what needs the world size (validate_world). config.validate calls them; config re-exports them."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from megatrain.model_config import ConfigError
 
-if TYPE_CHECKING:
-    from megatrain.config import Config, ModelConfig, ParallelConfig
+# (the annotations name config.py's sections: strings here, as config.py imports this module)
 
 
 def seq_len_warmup_lengths(seq_len: int, keep_tokens: bool) -> list[int]:

@@ -30,7 +30,7 @@ Parameter names (under layers.{i}.mlp):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

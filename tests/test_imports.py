@@ -20,6 +20,7 @@ LAYERS = [
     # injection, this machine's cores, a parameter's full size and decay rule
     ("megatrain", "megatrain._C", "megatrain.fileio", "megatrain.faults", "megatrain.hostinfo", "megatrain.parameters"),
     ("megatrain.model_config",),  # the model section of the config, its sizes and checks
+    ("megatrain.config_checks",),  # the config's combination checks (of typed sections it does not import)
     ("megatrain.config", "megatrain.config_docs", "megatrain.resolved"),  # the typed config, its reference page, and
     # what a run derives from it (saved beside it in checkpoints)
     # the data path, the fused kernels, the built-in corpus, the FLOP formulas and Slurm node lists: over the config

@@ -217,6 +217,12 @@ def complete_tags(ckpt_dir: str) -> list[str]:
         os.path.join(ckpt_dir, t, STATE_FILE)))
 
 
+def earlier_complete(ckpt_dir: str, tag: str) -> str | None:
+    """The newest complete step folder of `ckpt_dir` before `tag` (what to fall back on when `tag` is damaged)."""
+    earlier = [t for t in complete_tags(ckpt_dir) if t < tag]
+    return earlier[-1] if earlier else None
+
+
 def read_pointer(ckpt_dir: str, name: str) -> str | None:
     """The tag a pointer file (latest, best) names, or None."""
     path = os.path.join(ckpt_dir, name)
@@ -472,7 +478,7 @@ def verify_or_refuse(ckpt_dir: str, tag: str, mode: str) -> None:
     files); a difference is refused in one line that names the file and the complete checkpoint before it."""
     problem = manifest.verify(os.path.join(ckpt_dir, tag), mode)
     if problem:
-        earlier = manifest.earlier_complete(ckpt_dir, tag)
+        earlier = earlier_complete(ckpt_dir, tag)
         fix = (f"point {ckpt_dir}/latest at {earlier} (the complete checkpoint before it) to resume from there"
                if earlier else "no earlier complete checkpoint is there: start afresh in a new checkpoint.dir")
         raise ConfigError(f"{problem}; {tag} cannot be resumed: {fix}")

@@ -110,10 +110,3 @@ def verify(folder: str, mode: str) -> str | None:
     Collective when distributed."""
     return next((p for p in _gather(check(folder, mode, *_ranks())) if p), None)
 
-
-def earlier_complete(ckpt_dir: str, tag: str) -> str | None:
-    """The newest complete step folder of `ckpt_dir` before `tag` (what to fall back on when `tag` is damaged)."""
-    from megatrain.checkpoint.io import complete_tags
-
-    earlier = [t for t in complete_tags(ckpt_dir) if t < tag]
-    return earlier[-1] if earlier else None

@@ -23,15 +23,14 @@ import torch.multiprocessing as mp
 
 from megatrain.checkpoint import io as checkpoint
 from megatrain.checkpoint.hf import load_hf_weights
-from megatrain.checkpoint.reader import KEYS, CheckpointReader
+from megatrain.checkpoint.optimizer_state import layout_words, set_optimizer_state
+from megatrain.checkpoint.reader import CheckpointReader
 from megatrain.config import (Config, ConfigError, apply_overrides, config_from_dict, parse_set, validate,
                               validate_world)
 from megatrain.convert.consolidate import WEIGHT_SUFFIXES, check_output
 from megatrain.resolved import Resolved
 from megatrain.generate import load_weights
 from megatrain.model import Transformer
-from megatrain.parallel.expert import experts_of, local_experts
-from megatrain.parallel.sharding import canonical_name, shard, split_of
 from megatrain.parallel.topology import check_layout
 from megatrain.training.dist_env import end_distributed, free_port
 from megatrain.training.runtime import Run
@@ -97,11 +96,6 @@ def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | N
           f"resume it with --set checkpoint.dir={out} --set parallel.tp={p.tp} --set parallel.pp={p.pp} "
           f"--set parallel.zero_stage={p.zero_stage}{f' --set parallel.ep={p.ep}' if p.ep > 1 else ''} on {world} "
           f"ranks")
-
-
-def layout_words(cfg: Config, world: int) -> str:
-    p = cfg.parallel
-    return f"tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)}, ZeRO-{p.zero_stage}"
 
 
 def write(job: Job, world: int) -> bool:
@@ -183,77 +177,6 @@ def _copy_tokenizer(src: str, dst: str) -> None:
         if os.path.isfile(os.path.join(src, name)) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith(
                 ("config.json", "generation_config.json")):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
-
-
-def _local_names(engine, n_layers: int) -> list[tuple[str, torch.nn.Parameter]]:
-    """The engine's parameters under the model's own names (a PipelineModule numbers its layers)."""
-    out, seen = [], set()
-    for name, p in engine.module.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((canonical_name(name, n_layers), p))
-    return out
-
-
-def set_optimizer_state(engine, run, reader: CheckpointReader) -> None:
-    """The source's fp32 masters, AdamW moments, step count and LR schedule, into this rank's engine."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    tp, r = run.layout.tp, run.tp_rank
-    step = torch.tensor(reader.optimizer_step() or float(reader.state.get("step", 0)))
-    opt = engine.optimizer
-    base = getattr(opt, "optimizer", opt)  # ZeRO wraps torch's AdamW; without ZeRO (fp32) it is the optimizer
-    zero = run.cfg.parallel.zero_stage
-    if zero == 3:
-        flats = opt.fp32_partitioned_groups_flat
-    elif zero in (1, 2):
-        flats = opt.single_partition_of_fp32_groups
-    else:
-        flats = None
-    if flats is not None:  # ZeRO keeps AdamW's state per flat fp32 partition; it exists only after a first step
-        for flat in flats:
-            base.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat),
-                                "exp_avg_sq": torch.zeros_like(flat)}
-        if zero in (1, 2):
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
-    cfg_model = run.cfg.model
-    masters = {id(p): m for p, m in _zero0_masters(opt)}
-    ep = run.cfg.parallel.ep  # this rank's experts under expert parallelism (None: every expert)
-    experts = local_experts(cfg_model.moe_experts, ep, run.ep_rank) if ep > 1 else None
-    for name, p in _local_names(engine, cfg_model.n_layers):
-        if not p.requires_grad or not reader.has(name, "exp_avg"):
-            continue  # frozen (LoRA's base weights): its value came with the model, there are no moments
-        values = {k: shard(experts_of(reader.tensor(name, k), name, experts), split_of(name, cfg_model), tp, r)
-                  for k in KEYS}
-        if flats is not None:
-            safe_set_full_fp32_param(p, values["fp32"])
-            for k in KEYS[1:]:
-                safe_set_full_optimizer_state(p, values[k], k)
-        else:
-            master = masters.get(id(p), p)
-            with torch.no_grad():
-                master.copy_(values["fp32"])
-            base.state[master] = {"step": step.clone(), **{k: values[k].clone() for k in KEYS[1:]}}
-    sched = engine.lr_scheduler
-    if sched is not None and reader.lr_scheduler_state:
-        # one schedule for every group; the number of groups follows the layout (expert parallelism adds its own)
-        state, n = dict(reader.lr_scheduler_state), len(base.param_groups)
-        for k in ("base_lrs", "_last_lr", "lr_lambdas"):
-            if isinstance(state.get(k), list) and len(state[k]) != n:
-                state[k] = state[k][:1] * n
-        sched.load_state_dict(state)
-        for group, lr in zip(base.param_groups, sched.get_last_lr()):
-            group["lr"] = lr
-
-
-def _zero0_masters(opt) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """Without ZeRO, bf16/fp16 training keeps fp32 masters beside the module's parameters (fp32_groups)."""
-    fp32 = getattr(opt, "fp32_groups", None)
-    lp = getattr(opt, "bf16_groups", None) or getattr(opt, "fp16_groups", None)
-    if not fp32 or not lp:
-        return []
-    return [(p, m) for pg, mg in zip(lp, fp32) for p, m in zip(pg, mg)]
 
 
 def _restore_rng(reader: CheckpointReader, rank: int) -> None:

@@ -6,7 +6,7 @@ size; train.micro_batch_size follows), and checkpoint.elastic is on. The run res
     engine = run.engine(model, weights)
     saved = load(run, engine, reshard)       # AdamW's moments, step count and LR schedule; saved as a new step folder
 
-The optimizer state goes in through the same code as `megatrain convert reshard` (convert/writer.set_optimizer_state),
+The optimizer state goes in through the same code as `megatrain convert reshard` (checkpoint/optimizer_state.py),
 so the result is what that command would write; it is saved at once under `stepNNNNNNNN-<layout>` beside the
 original (which stays as it was), and `latest` names it. The global batch and the sample order do not depend on the
 layout (tasks/base.micro_batch_ids), so the run continues with the samples the original would have served next.
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from megatrain.checkpoint import io as checkpoint
+from megatrain.checkpoint.optimizer_state import layout_words, set_optimizer_state
 from megatrain.checkpoint.source import WeightSource
 from megatrain.training.dist_env import log0
 
@@ -55,8 +56,6 @@ def find(run) -> Reshard | None:
 def load(run, engine, reshard: Reshard) -> dict:
     """The source's optimizer state into `engine` (its weights are in already), then saved as this layout's step
     folder; returns the saved state as io.resume does (no RNG states: another layout draws its own)."""
-    from megatrain.convert.writer import layout_words, set_optimizer_state
-
     t0 = time.perf_counter()
     reader, saved = reshard.source.reader, reshard.saved
     if reader.has_optimizer_state():

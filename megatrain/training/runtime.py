@@ -160,7 +160,7 @@ class Run:
             return
         problem = manifest.verify(source.reader.folder, "full")
         if problem:
-            earlier = manifest.earlier_complete(source.reader.dir, source.reader.tag)
+            earlier = checkpoint.earlier_complete(source.reader.dir, source.reader.tag)
             fix = f"start from the complete checkpoint before it, {source.reader.dir}/{earlier}" if earlier else \
                 "no earlier complete checkpoint is beside it"
             raise ConfigError(f"{problem}; {fix}")
