@@ -25,8 +25,9 @@ import yaml
 from megatrain.model_config import (MODEL_CHOICES, ConfigError, ModelConfig, _Section, ffn_width,  # noqa: F401
                                     has_window_layers, head_dim, is_local_layer, is_moe_layer, kv_heads, kv_repeat,
                                     moe_ffn_width, padded_vocab_size, shared_ffn_width, validate_model)
-from megatrain.config_checks import (_validate_context_parallel, _validate_expert_parallel,  # noqa: F401
-                                     _validate_seq_len_warmup, seq_len_warmup_lengths, validate_world)
+from megatrain.config_checks import (_validate_context_parallel, _validate_evals,  # noqa: F401
+                                     _validate_expert_parallel, _validate_seq_len_warmup, seq_len_warmup_lengths,
+                                     validate_world)
 
 
 def shipped_dir(folder: str) -> Path:
@@ -105,6 +106,17 @@ class TrainConfig(_Section):
     # validation global batches (of global_batch_size samples) per pretraining evaluation; fine-tuning evaluates
     # its whole finetune.valid_file
     eval_iters: int = 10
+    # more pretraining validation sets, evaluated with the validation split and logged as val_loss/NAME and
+    # val_ppl/NAME: {NAME: PATH, ...}, each a preprocessed prefix of the same tokenizer read through its validation
+    # split (data.split), e.g. one per domain of a blend; {}: none
+    eval_sets: dict = field(default_factory=dict)
+    # lm-eval tasks (comma-separated names) run on each saved checkpoint in a background process on rank 0's node,
+    # one checkpoint at a time, while training goes on; each score is logged at that checkpoint's step as
+    # lm_eval/TASK/METRIC; "": off
+    eval_tasks: str = ""
+    eval_tasks_include: str = ""  # a folder of local lm-eval task YAML files that train.eval_tasks may name
+    # examples per task for train.eval_tasks (lm-eval's --limit: a count, or a share of them below 1); 0: all
+    eval_tasks_limit: float = 0.0
     # a console line and a metrics.jsonl row (loss, lr, grad norm, tokens/s, TFLOP/s, MFU) every this many steps
     # and at the last; at least 1
     log_interval: int = 10
@@ -340,6 +352,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, list):
             return value
         raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return value
+        raise ConfigError(f"config key {key}: expected a mapping of NAME: PATH, e.g. {{web: data/web, code: "
+                          f"data/code}}, got {value!r}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -496,6 +513,7 @@ def validate(cfg: Config) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"config key parallel.zero_stage: ZeRO-{p.zero_stage} cannot be combined with pipeline "
                           f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
+    _validate_evals(cfg)
     if p.ep > 1:
         _validate_expert_parallel(m, p)
     if p.cp > 1:

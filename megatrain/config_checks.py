@@ -93,3 +93,24 @@ def validate_world(cfg: Config, world_size: int) -> int:
             f"micro_batch_size x data-parallel ranks = {cfg.train.micro_batch_size} x {dp} = {per_step}")
     return cfg.train.global_batch_size // per_step
 
+
+
+def _validate_evals(cfg: Config) -> None:
+    """train.eval_sets and train.eval_tasks against the rest (their paths are checked where the run starts)."""
+    t = cfg.train
+    for name in t.eval_sets:
+        if not name or "/" in name or name != name.strip() or " " in name:
+            raise ConfigError(f"config key train.eval_sets: {name!r} is not a name to log val_loss/NAME under; use "
+                              f"letters, digits, - and _")
+    if t.eval_sets and cfg.finetune.task:
+        raise ConfigError(f"config key train.eval_sets: a pretraining setting (fine-tuning evaluates "
+                          f"finetune.valid_file); remove it for finetune.task={cfg.finetune.task}")
+    if t.eval_sets and not t.eval_interval:
+        raise ConfigError("config key train.eval_sets: evaluated every train.eval_interval steps, which is 0 (never); "
+                          "set train.eval_interval")
+    if t.eval_tasks_limit < 0 or (t.eval_tasks_limit > 1 and not float(t.eval_tasks_limit).is_integer()):
+        raise ConfigError(f"config key train.eval_tasks_limit: {t.eval_tasks_limit:g} is neither a count of examples "
+                          f"(1, 2, ...) nor a share of them between 0 and 1 (0: all)")
+    if t.eval_tasks.strip() and cfg.model.objective != "causal":
+        raise ConfigError(f"config key train.eval_tasks: lm-eval scores causal language models (model.objective="
+                          f"{cfg.model.objective}); set it to \"\"")

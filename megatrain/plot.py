@@ -3,7 +3,8 @@ curves from metrics.jsonl as one image, PNG or the format the output's extension
 Agg: no display needed).
 
 One panel per metric, step on x, every run in its own colour and labelled by its folder. The training loss is drawn
-raw (thin) and smoothed (an exponential moving average, thick); evaluation metrics (val_*) as marked points; a
+raw (thin) and smoothed (an exponential moving average, thick); evaluation metrics (val_*, train.eval_sets's
+val_loss/NAME, train.eval_tasks's lm_eval/TASK/METRIC: accuracies and exact matches by default) as marked points; a
 resumed run continues on the same curve (a later row for a step replaces an earlier one, as after a resume from an
 older checkpoint), with a dotted line where it stopped and resumed. A fine-tuning run's default panels add its task
 metric (finetune.metric_for_best, or the task's own).
@@ -40,7 +41,9 @@ def read_runs(run_dir: str) -> dict:
                 raise ConfigError(f"{path}:{n}: not a JSON line") from None
             kind = row.get("kind", "train")
             if kind in ("train", "eval"):
-                out[kind][row["step"]] = row  # a resumed run re-logs the steps after its checkpoint: the later wins
+                # a resumed run re-logs the steps after its checkpoint: the later value wins; an evaluation's rows of
+                # one step (validation, and lm-eval's scores arriving later from the background) add up
+                out[kind][row["step"]] = {**out[kind].get(row["step"], {}), **row} if kind == "eval" else row
             elif kind in ("stop", "resume") and row["step"] not in out["stops"]:
                 out["stops"].append(row["step"])
     state = _saved_config(run_dir)
@@ -61,8 +64,13 @@ def _saved_config(run_dir: str) -> dict | None:
     return None
 
 
+def is_eval_metric(metric: str) -> bool:
+    """Logged by evaluations (drawn as points): validation losses and metrics, per-set losses, lm-eval scores."""
+    return metric.startswith(("val_", "lm_eval/"))
+
+
 def points(run: dict, metric: str) -> tuple[list[int], list[float]]:
-    rows = run["eval"] if metric.startswith("val_") else run["train"]
+    rows = run["eval"] if is_eval_metric(metric) else run["train"]
     steps = sorted(s for s, r in rows.items() if isinstance(r.get(metric), (int, float))
                    and math.isfinite(r[metric]))
     return steps, [float(rows[s][metric]) for s in steps]
@@ -111,6 +119,9 @@ def plot(run_dirs: list[str], metrics: list[str] | None = None, output: str = "c
     if metrics is None:
         metrics = list(DEFAULT) + sorted({r["task_metric"] for r in runs.values()
                                           if r["task_metric"] and r["task_metric"] not in DEFAULT})
+        # train.eval_sets's losses and train.eval_tasks's scores (their accuracies, not every lm-eval metric)
+        metrics += [k for k in known if k.startswith("val_loss/") or (k.startswith("lm_eval/") and
+                                                                       k.rsplit("/", 1)[1] in ("acc", "exact_match"))]
         metrics = [m for m in metrics if m in known]
     unknown = [m for m in metrics if m not in known]
     if unknown:
@@ -130,7 +141,7 @@ def plot(run_dirs: list[str], metrics: list[str] | None = None, output: str = "c
                 continue
             c, label = colors[i % len(colors)], os.path.basename(name) or name
             entry = {"steps": steps, "values": values}
-            if metric.startswith("val_"):
+            if is_eval_metric(metric):
                 ax.plot(steps, values, "o-", color=c, label=label, markersize=4)
             elif metric == "loss":
                 entry["smoothed"] = smooth(values)

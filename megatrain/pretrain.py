@@ -34,13 +34,16 @@ def check_data_path(cfg: Config) -> None:
     from megatrain.data import parse_data_path
     from megatrain.data.indexed import dataset_exists
 
-    if cfg.data.path in (None, "", []):
-        return
+    check_eval_tasks(cfg)
+    prefixes = [(f"train.eval_sets {name}", path) for name, path in cfg.train.eval_sets.items()]
+    if cfg.data.path not in (None, "", []):
+        prefixes = [("data.path", prefix) for _, prefix in parse_data_path(cfg.data.path)] + prefixes
     tokenizer = None
-    for _, prefix in parse_data_path(cfg.data.path):
+    for key, prefix in prefixes:
         if not dataset_exists(prefix):
-            raise ConfigError(f"config key data.path: {prefix}.bin/.idx: no such file; make it with "
-                              f"`megatrain preprocess --output-prefix {prefix} ...`, or unset data.path for the built-in corpus")
+            raise ConfigError(f"config key {key}: {prefix}.bin/.idx: no such file; make it with "
+                              f"`megatrain preprocess --output-prefix {prefix} ...`"
+                              + (", or unset data.path for the built-in corpus" if key == "data.path" else ""))
         meta_file = f"{prefix}.meta.json"
         if os.path.isfile(meta_file):  # what preprocess wrote: the tokenizer the ids come from
             meta = read_json(meta_file, "remake the dataset with `megatrain preprocess`, or remove the file")
@@ -51,9 +54,24 @@ def check_data_path(cfg: Config) -> None:
                                   f"pieces, {meta_file}); set data.tokenizer to the tokenizer the data was made with")
 
 
+def check_eval_tasks(cfg: Config) -> None:
+    """train.eval_tasks needs lm-eval, and its include folder to exist (before anything starts)."""
+    t = cfg.train
+    if not t.eval_tasks.strip():
+        return
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ConfigError("config key train.eval_tasks: lm-eval is not installed: pip install 'lm-eval==0.4.*' (or "
+                          "pip install -e '.[eval]'), or set it to \"\"") from None
+    if t.eval_tasks_include and not os.path.isdir(t.eval_tasks_include):
+        raise ConfigError(f"config key train.eval_tasks_include: {t.eval_tasks_include}: no such folder (it should "
+                          f"hold the task YAML files)")
+
+
 def setup_data(cfg: Config):
-    """The tokenizer and train/valid datasets of the effective config (the built-in corpus's where the config left
-    data.path unset: built here, once per node)."""
+    """The tokenizer, the train/valid datasets of the effective config (the built-in corpus's where the config left
+    data.path unset: built here, once per node) and train.eval_sets's validation datasets by name."""
     from megatrain.corpus import builtin_corpus_paths, ensure_builtin_corpus
 
     if cfg.data.path == builtin_corpus_paths()[0]:
@@ -66,7 +84,14 @@ def setup_data(cfg: Config):
     train_ds, valid_ds, _ = build_gpt_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_len,
                                                [t.max_steps * t.global_batch_size, n_valid, 0], t.seed,
                                                cfg.data.cache_dir or None, cfg.data.sample_offsets)
-    return tok, train_ds, valid_ds
+    eval_sets = {}
+    for name, path in t.eval_sets.items():  # their validation splits, the same windows every evaluation
+        eval_sets[name] = build_gpt_datasets(path, cfg.data.split, cfg.data.seq_len, [0, n_valid, 0], t.seed,
+                                             cfg.data.cache_dir or None)[1]
+        if eval_sets[name] is None or valid_ds is None:
+            raise ConfigError(f"config key train.eval_sets: {name} is read through its validation split, and "
+                              f"data.split={cfg.data.split} has none; give the split a validation share")
+    return tok, train_ds, valid_ds, eval_sets
 
 
 def run(cfg: Config) -> dict:
@@ -82,10 +107,11 @@ def run(cfg: Config) -> dict:
 
         path, tokenizer = builtin_corpus_paths()
         resolved = resolved.but(data_path=path, tokenizer=tokenizer)
+        check_data_path(cfg)  # (train.eval_sets; the corpus itself is built below)
     else:
         check_data_path(resolved.apply(cfg))  # fail in one line before any distributed setup
     run = Run.start(cfg, resolved)  # likewise every invalid TP x PP x DP layout, then the process groups
-    tok, train_ds, valid_ds = setup_data(run.cfg)
+    tok, train_ds, valid_ds, eval_sets = setup_data(run.cfg)
     cfg = run.derive(model=resolve_vocab(run.cfg, tok))  # the run's effective config from here on
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
@@ -109,7 +135,7 @@ def run(cfg: Config) -> dict:
     task = pretraining_task(cfg, tok)
     throughput = Throughput.of(run, task, cfg.data.seq_len)
     t0 = time.perf_counter()
-    state = train(run, engine, train_ds, valid_ds, task, state, throughput)
+    state = train(run, engine, train_ds, valid_ds, task, state, throughput, eval_sets)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")
     if (cfg.model.objective == "causal" and state.step >= cfg.train.max_steps and run.layout.tp == run.layout.pp == 1
             and cfg.parallel.ep == 1):  # (a model split over ranks: no plain copy on rank 0)

@@ -24,6 +24,7 @@ from megatrain.parallel.parallelize import check_tp_drift, replicated_parameters
 from megatrain.tasks import Batch, Task
 from megatrain.tasks.base import is_pipeline, rank_micro_batch
 from megatrain.tasks.seq_warmup import step_length, warmup_length
+from megatrain.training.checkpoint_evals import CheckpointEvals, evaluate_sets
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.moe_metrics import moe_row
@@ -241,7 +242,10 @@ class Window:
                     seconds_per_step=self.seconds / self.steps)
 
 
-def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, throughput: Throughput) -> TrainState:
+def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, throughput: Throughput,
+          eval_sets: dict | None = None) -> TrainState:
+    """Train from `state` to train.max_steps: log, evaluate (valid_ds, and train.eval_sets's `eval_sets` by name),
+    save, stop on request; returns the state reached."""
     cfg, layout = run.cfg, run.layout
     rank0 = run.rank == 0
     t = cfg.train
@@ -252,6 +256,12 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
     last_saved = state.step
     best = Best(run, task) if cfg.finetune.task else None
     extra = (lambda: best.state()) if best is not None else (lambda: None)  # noqa: E731
+    evals = CheckpointEvals(cfg, logger, enabled=rank0)  # train.eval_tasks on each checkpoint, in the background
+
+    def save() -> str:
+        tag = run.save(engine, state, extra())
+        evals.landed(tag, state.step)
+        return tag
     engine.train()
     run.start_rng()  # NOTE: last before the first step
     try:
@@ -291,25 +301,28 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                                    if "moe_aux" in row else ""))
                 logger.advance(0, f"loss {row['loss']:.3f}")
                 window = Window()
+                evals.poll()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
                 row = task.evaluate(run, engine, valid_ds)
+                row.update(evaluate_sets(run, engine, task, eval_sets or {}))
                 logger.log(dict(step=state.step, kind="eval", **row), _eval_line(state.step, row))
                 if best is not None and best.update(row, state.step):
-                    tag = run.save(engine, state, extra())
+                    tag = save()
                     last_saved = state.step
                     if rank0:
                         mark_best(cfg.checkpoint.dir, tag)
                 if best is not None and best.exhausted():
                     if last_saved != state.step:
-                        run.save(engine, state, extra())
+                        save()
                     logger.log(dict(step=state.step, kind="stop", reason="early stopping"),
                                f"stopping at step {state.step}: no better {best.metric} in {best.since} evaluations "
                                f"(finetune.patience); the best, {best.value:.4f} at step {best.step}, is in "
                                f"{cfg.checkpoint.dir}/best")
+                    evals.finish(wait=True)
                     return state
             interval = cfg.checkpoint.interval
             if interval and state.step % interval == 0 and state.step < t.max_steps:
-                run.save(engine, state, extra())
+                save()
                 last_saved = state.step
             if faults.fires("raise", state.step):
                 raise RuntimeError(f"injected fault at step {state.step} (MEGATRAIN_FAULTS)")
@@ -318,14 +331,16 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 "stop injected (MEGATRAIN_FAULTS)" if faults.fires("stop", state.step) else None)
             if why:
                 if last_saved != state.step:
-                    run.save(engine, state, extra())
+                    save()
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
                 if rank0:
                     note_stop(why, state.step)
+                evals.finish(wait=False)
                 return state
         if last_saved != state.step:
-            run.save(engine, state, extra())
+            save()
+        evals.finish(wait=True)
     except RuntimeError as e:  # torch's DistBackendError is one
         if not _lost_peer(e):
             raise
@@ -335,6 +350,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                          f"({str(e).strip().splitlines()[0][:160]}): another rank died or hung, so this one stops too "
                          f"(the launcher's log names it); rerun to resume from {where}") from None
     finally:
+        evals.close()
         logger.close()
     return state
 

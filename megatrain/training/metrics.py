@@ -70,6 +70,7 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode,
                                     dir=run_dir, config=cfg.to_dict(), id=_wandb_id(run_dir), resume="allow")
+            self.wandb.define_metric("eval/lm_eval/*", step_metric="eval/checkpoint_step")
         show = cfg.logging.progress_bar
         if show == "on" or (show == "auto" and sys.stderr.isatty()):
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
@@ -88,7 +89,12 @@ class MetricsLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
+            if any(k.startswith("eval/lm_eval/") for k in scalars):
+                # background scores of an earlier checkpoint: W&B drops a step below its last one, so these go
+                # against their own axis (defined in __init__)
+                self.wandb.log({**scalars, "eval/checkpoint_step": step}, commit=False)
+            else:
+                self.wandb.log(scalars, step=step)
         if console:
             if self.bar is not None:
                 self.bar.write(console)
