@@ -215,12 +215,16 @@ class LoggingConfig(_Section):
     progress_bar: str = "auto"  # a progress bar on stderr: auto (when stderr is a terminal) | on | off
 
 
+LM_TASKS = ("", "sft", "dpo")  # finetune.task values whose model is the language model itself (no task head)
+
+
 @dataclass
 class FinetuneConfig(_Section):
     """A fine-tuning run (megatrain finetune): the task, the pretrained model, the files, LoRA and freezing."""
 
-    # sft (instruction tuning of the LM) | classify (a label per text) | tokens (a tag per word, e.g. NER) | qa
-    # (an answer span in a context, SQuAD-style); empty: not a fine-tuning run
+    # sft (instruction tuning of the LM) | dpo (preference tuning of the LM on chosen/rejected pairs) | classify (a
+    # label per text) | tokens (a tag per word, e.g. NER) | qa (an answer span in a context, SQuAD-style); empty: not
+    # a fine-tuning run
     task: str = ""
     # the pretrained model: a megatrain checkpoint of any layout, a convert output, or a Hugging Face folder (read
     # through from-hf's maps); the model's shape and tokenizer come from it
@@ -255,6 +259,13 @@ class FinetuneConfig(_Section):
     pooling: str = "auto"
     # sft: several examples per sequence (attention and positions never cross them); false: one per sequence
     pack: bool = True
+    dpo_beta: float = 0.1  # dpo: beta, how far the policy may move from the reference (the rewards' scale); above 0
+    # dpo: the share of pairs taken as mislabelled (conservative DPO: the loss also pulls towards the rejected
+    # response by this much); 0 to below 0.5
+    dpo_label_smoothing: float = 0.0
+    # dpo: the reference model's log-probabilities: precompute (one pass with finetune.init's weights before
+    # training, stored in checkpoint.dir/dpo_reference.safetensors; one model in memory) | none (reference-free)
+    dpo_reference: str = "precompute"
     doc_stride: int = 64  # qa: tokens shared by consecutive windows of a long context; 1 to (max_seq_len + 1) // 2 - 2
     max_answer_tokens: int = 30  # qa: the longest answer span predicted, in tokens; at least 1
     # LoRA adapters of this rank on lora_targets, every other weight but the task head frozen; 0: full fine-tuning
@@ -320,7 +331,8 @@ CHOICES = {
     "checkpoint.verify": ("full", "size", "none"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "logging.progress_bar": ("auto", "on", "off"),
-    "finetune.task": ("", "sft", "classify", "tokens", "qa"),
+    "finetune.task": ("", "sft", "dpo", "classify", "tokens", "qa"),
+    "finetune.dpo_reference": ("precompute", "none"),
     "finetune.format": ("auto", "jsonl", "csv", "tsv", "conll", "squad"),
     "finetune.scheme": ("iob1", "iob2", "bioes"),
     "finetune.pooling": ("auto", "last", "mean", "first"),
@@ -552,3 +564,7 @@ def validate(cfg: Config) -> None:
     if f.epochs < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
         bad = "epochs" if f.epochs < 0 else "lora_alpha" if f.lora_alpha <= 0 else "lora_dropout"
         raise ConfigError(f"config key finetune.{bad}: out of range ({getattr(f, bad)})")
+    if f.dpo_beta <= 0 or not 0 <= f.dpo_label_smoothing < 0.5:
+        bad = "dpo_beta" if f.dpo_beta <= 0 else "dpo_label_smoothing"
+        raise ConfigError(f"config key finetune.{bad}: out of range ({getattr(f, bad)}; beta above 0, label smoothing "
+                          f"0 to below 0.5)")

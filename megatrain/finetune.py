@@ -36,7 +36,7 @@ def check(cfg: Config) -> None:
     """What a fine-tuning run needs, checked before any process group exists (one line each)."""
     f = cfg.finetune
     if not f.task:
-        raise ConfigError("config key finetune.task: set it to sft, classify, tokens or qa")
+        raise ConfigError("config key finetune.task: set it to sft, dpo, classify, tokens or qa")
     if not f.init:
         raise ConfigError("config key finetune.init: name the pretrained model (a megatrain checkpoint, a convert "
                           "output or a Hugging Face folder)")
@@ -98,7 +98,7 @@ def run(cfg: Config) -> dict:
     total = sum(p.numel() for p in model.parameters())
     log0(f"megatrain finetune {f.task} | {run.describe(total)} | trainable {trainable / 1e6:.2f}M of "
          f"{total / 1e6:.2f}M ({100 * trainable / total:.2f}%){' LoRA r=' + str(f.lora_rank) if f.lora_rank else ''}")
-    unit = {"sft": "rows", "qa": "windows"}.get(f.task, "examples")
+    unit = {"sft": "rows", "qa": "windows", "dpo": "pairs"}.get(f.task, "examples")
     cut = "contexts split into windows" if f.task == "qa" else f"cut to {task.max_len} tokens"
     log0(f"data: {len(train_set)} training {unit}" + (f" ({train_set.truncated} {cut})" if train_set.truncated else "")
          + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
@@ -119,6 +119,9 @@ def run(cfg: Config) -> dict:
         log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
              + (f", {adapters} LoRA matrices" if adapters else ""))
     engine = run.engine(model, weights, release=init.close)
+    if hasattr(task, "prepare_reference"):  # dpo: the reference's log-probabilities, from the weights before any step
+        log0(task.prepare_reference(run, engine, {"train": train_set, "valid": valid_set, "test": test_set},
+                                    resuming=run.will_resume()))
     state = run.resume(engine)
     state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len, engine.module))
     result = dict(step=state.step)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from megatrain.config import ConfigError
+from megatrain.config import LM_TASKS, ConfigError
 from megatrain.model import KVCache, Transformer
 
 
@@ -75,7 +75,7 @@ def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict
         return model, {"step": 0, "config": cfg.to_dict()}
     with CheckpointReader(ckpt_dir, tag, merge_lora=True) as reader:
         task = reader.cfg.finetune.task
-        if task not in ("", "sft"):
+        if task not in LM_TASKS:
             raise ConfigError(f"{reader.where}: a finetune.task={task} model, not a language model (its head scores "
                               f"{'labels' if task == 'classify' else 'tags' if task == 'tokens' else 'answer spans'}"
                               f", not the next token); use megatrain predict or evaluate on it")

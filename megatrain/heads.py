@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.config import Config, ModelConfig
+from megatrain.config import LM_TASKS, Config, ModelConfig
 from megatrain.model import IGNORE_INDEX, Transformer
 from megatrain.moe import MoE
 
@@ -205,7 +205,7 @@ def build_model(cfg: Config) -> Transformer:
     """The model a run with this config trains (or a checkpoint of it holds): a pretraining run's Transformer, or
     the fine-tuning task's head on it, with LoRA and frozen parameters as finetune.* says."""
     f = cfg.finetune
-    if f.task in ("", "sft"):
+    if f.task in LM_TASKS:
         model = Transformer(cfg.model)
     elif f.task == "classify":
         model = SequenceClassifier(cfg.model, len(f.labels), f.pooling)

@@ -48,7 +48,8 @@ def read_runs(run_dir: str) -> dict:
                 out["stops"].append(row["step"])
     state = _saved_config(run_dir)
     if state and state.get("finetune", {}).get("task"):
-        defaults = {"classify": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss"}
+        defaults = {"classify": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss",
+                    "dpo": "val_reward_accuracy"}
         out["task_metric"] = state["finetune"].get("metric_for_best") or defaults[state["finetune"]["task"]]
     return out
 

@@ -99,7 +99,7 @@ def command(args: argparse.Namespace) -> int:
     check_numbers(("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                   ("--temperature", args.temperature, 0))
     model, cfg, tok, task, step = load(args.checkpoint, best_tag(args.checkpoint, args.tag))
-    if cfg.finetune.task == "sft":
+    if cfg.finetune.task in ("sft", "dpo"):
         if args.max_new_tokens is not None:  # the shortest prompt is one token
             check_length(args.max_new_tokens, 1, cfg.model.max_seq_len, args.checkpoint)
         rows = generate_responses(model, cfg, tok, task, args)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from megatrain import faults
 from megatrain.checkpoint import manifest
-from megatrain.config import Config, ConfigError, RunStopped
+from megatrain.config import LM_TASKS, Config, ConfigError, RunStopped
 from megatrain.resolved import Resolved, saved_config
 from megatrain.fileio import read_json, write_atomic
 from megatrain.parallel.rng import set_tp_stream_state, tp_stream_state
@@ -254,7 +254,7 @@ def check_kind(cfg: Config, saved: dict, where: str) -> None:
     kind = lambda task: f"a finetune.task={task} run" if task else "a pretraining run"  # noqa: E731
     ckpt_dir = os.path.dirname(where)
     hint = ""
-    if theirs in ("", "sft"):  # a language model's weights: a start for any run
+    if theirs in LM_TASKS:  # a language model's weights: a start for any run
         hint = f", or start from its weights with {'finetune.init' if mine else 'checkpoint.init'}={ckpt_dir}"
     raise ConfigError(f"checkpoint.dir {ckpt_dir} holds {kind(theirs)} ({os.path.basename(where)}), not {kind(mine)} "
                       f"to resume; choose another checkpoint.dir{hint}")

@@ -26,7 +26,7 @@ from megatrain.checkpoint.source import is_hf_folder
 from megatrain.checkpoint.io import checkpoint_inputs
 from megatrain.checkpoint.reader import CheckpointError, CheckpointReader
 from megatrain.checkpoint.stream import SafetensorsWriter
-from megatrain.config import Config, ModelConfig, has_window_layers
+from megatrain.config import LM_TASKS, Config, ModelConfig, has_window_layers
 from megatrain.convert.consolidate import check_output
 from megatrain.convert.writer import Job, finish, layout_words, target_config, write
 from megatrain.data import TokenizerError, build_tokenizer
@@ -81,7 +81,7 @@ def to_hf(src: str, out: str, tag: str | None = None, dtype: str = "fp32", max_s
     limit = parse_size(max_shard_size)
     with CheckpointReader(src, tag, merge_lora=True, verify="full") as reader:
         m = reader.cfg.model
-        if reader.cfg.finetune.task not in ("", "sft"):
+        if reader.cfg.finetune.task not in LM_TASKS:
             raise CheckpointError(f"finetune.task={reader.cfg.finetune.task}: to-hf exports language models; use "
                                   f"`megatrain convert consolidate` for a fine-tuned {reader.cfg.finetune.task} model")
         architecture, generation = hf_origin(reader)

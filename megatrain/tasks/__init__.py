@@ -2,6 +2,7 @@
 
     causal, mlm         pretraining (lm.py)
     sft                 supervised fine-tuning on conversations (lm.py)
+    dpo                 preference tuning on pairs of responses (preference.py)
     classify            sequence classification (classify.py)
     tokens              token classification / NER (tagging.py)
     qa                  extractive question answering (qa.py)
@@ -14,6 +15,7 @@ from megatrain.config import Config
 from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task
 from megatrain.tasks.classify import Classify
 from megatrain.tasks.lm import SFT, CausalLM, MaskedLM
+from megatrain.tasks.preference import DPO
 from megatrain.tasks.qa import QA
 from megatrain.tasks.tagging import Tokens
 
@@ -26,7 +28,7 @@ def pretraining_task(cfg: Config, tokenizer) -> Task:
 
 
 def finetune_task(cfg: Config, tokenizer) -> FinetuneTask:
-    return {"sft": SFT, "classify": Classify, "tokens": Tokens, "qa": QA}[cfg.finetune.task](cfg, tokenizer)
+    return {"sft": SFT, "dpo": DPO, "classify": Classify, "tokens": Tokens, "qa": QA}[cfg.finetune.task](cfg, tokenizer)
 
 
 __all__ = ["Batch", "Examples", "Task", "FinetuneTask", "CausalLM", "MaskedLM", "SFT", "pretraining_task",

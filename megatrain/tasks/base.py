@@ -216,7 +216,7 @@ class FinetuneTask(Task):
 
     @property
     def counts_lm_head(self) -> bool:
-        return self.name == "sft"
+        return self.name in ("sft", "dpo")
 
     def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:
         """A task head replaces the LM head (whose FLOPs are most of a small model's): count the blocks only."""
@@ -224,6 +224,10 @@ class FinetuneTask(Task):
         return train_flops_per_token(blocks, seq_len, whole_attention)
 
     # -- evaluation -------------------------------------------------------------------------------------------------
+
+    def drop_items(self, batch: Batch, keep: int) -> None:
+        """Ignore the labels of every item of the micro-batch from `keep` on (evaluation's padding repeats)."""
+        batch.labels[keep:] = IGNORE_INDEX
 
     def outputs(self, logits_or_loss, batch: Batch, items: list) -> list:
         """Per-item results of one evaluated micro-batch (predictions the metrics need)."""
@@ -238,11 +242,18 @@ class FinetuneTask(Task):
         """Metrics from every item's result (in file order)."""
         return {}
 
-    @torch.no_grad()
     def evaluate(self, run, engine, examples: Examples, prefix: str = "val") -> dict:
-        """Loss and metrics over a whole file. Each data-parallel rank takes every dp-th item; all ranks run the same
-        number of micro-batches (ZeRO-3 gathers weights collectively), the last ones padded with repeats whose labels
-        are ignored and whose results are dropped."""
+        """Loss and metrics over a whole file."""
+        sums, results = self.run_items(run, engine, examples)
+        loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
+        return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in self.score(examples, results).items()}}
+
+    @torch.no_grad()
+    def run_items(self, run, engine, examples: Examples) -> tuple[torch.Tensor, list]:
+        """Every item of a file through the model in evaluation mode: (loss x targets and targets summed over every
+        rank, each item's `outputs` in file order). Each data-parallel rank takes every dp-th item; all ranks run
+        the same number of micro-batches (ZeRO-3 gathers weights collectively), the last ones padded with repeats
+        whose labels are ignored and whose results are dropped."""
         dp, r, micro = run.layout.dp, run.dp_rank, run.cfg.train.micro_batch_size
         n = len(examples.items)
         mine = list(range(r, n, dp))
@@ -256,7 +267,7 @@ class FinetuneTask(Task):
             items = [examples.items[i] for i in idx]
             batch = self.collate(items, engine.device)
             n_real = max(0, min(len(idx), real - start))
-            batch.labels[n_real:] = IGNORE_INDEX  # the padding repeats count in no loss
+            self.drop_items(batch, n_real)  # the padding repeats count in no loss
             t = self.targets(batch)
             loss, raw = self.forward_eval(engine, batch)
             results += list(zip(idx[:n_real], self.outputs(raw, batch, items)[:n_real]))
@@ -269,6 +280,4 @@ class FinetuneTask(Task):
             gathered = [None] * dp
             dist.all_gather_object(gathered, results, group=group)
             results = [x for part in gathered for x in part]
-        results = [o for _, o in sorted(results, key=lambda x: x[0])]
-        loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
-        return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in self.score(examples, results).items()}}
+        return sums, [o for _, o in sorted(results, key=lambda x: x[0])]

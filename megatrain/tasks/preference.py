@@ -1,0 +1,212 @@
+"""Preference tuning: Direct Preference Optimization (finetune.task=dpo) on pairs of responses to one prompt.
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}                       jsonl, one pair a line
+    {"messages": [{"role": "user", ...}, ...], "chosen": ..., "rejected": ...}   the conversation so far; chosen and
+                                                                               rejected a text or [{"role": "assistant",
+                                                                               "content": ...}]
+
+Each response is rendered after its prompt exactly as sft renders an assistant turn (the tokenizer's chat template,
+or megatrain's plain format ending in the end-of-document token), and its log-probability is the sum over the
+tokens sft's loss would cover. With the policy's log-probabilities pi and the reference model's ref (beta =
+finetune.dpo_beta, eps = finetune.dpo_label_smoothing):
+
+    h = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
+    loss = -(1 - eps) * log sigmoid(h) - eps * log sigmoid(-h)                (Rafailov et al. 2023; eps: cDPO)
+
+The reference model is the policy before its first step (finetune.init, LoRA adapters at zero). With
+finetune.dpo_reference=precompute its log-probabilities are computed in one pass over every file before training
+(one model in memory) and stored in checkpoint.dir/dpo_reference.safetensors, which a resumed run reads; =none
+drops the reference (ref = 0: the reference-free variant). A micro-batch holds its pairs' chosen rows, then their
+rejected rows; the mean is over pairs. Evaluation reports the loss, the reward accuracy (how often the chosen
+response's reward beta * (pi - ref) beats the rejected one's), both mean rewards and their margin.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatrain.data.readers import InputError
+from megatrain.data.task_files import read_records
+from megatrain.model import IGNORE_INDEX
+from megatrain.tasks.base import Batch, Examples, FinetuneTask
+from megatrain.tasks.lm import SFT
+
+REFERENCE_FILE = "dpo_reference.safetensors"
+
+
+def sequence_logps(module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its targets (labels != IGNORE_INDEX), [R] in fp32. Under tensor
+    parallelism the logits are split along the vocabulary and the model's own loss_fn (a collective) reads them, one
+    row at a time (it returns a mean: times the row's target count)."""
+    loss_fn = getattr(module, "loss_fn", None)
+    if loss_fn is None:
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none")
+        return -nll.view(labels.shape).sum(1)
+    rows = []
+    for i in range(labels.shape[0]):
+        n = int((labels[i] != IGNORE_INDEX).sum())
+        rows.append(-loss_fn(logits[i], labels[i]).float() * n if n else logits.new_zeros((), dtype=torch.float32))
+    return torch.stack(rows)
+
+
+def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float, smoothing: float) -> tuple[torch.Tensor, ...]:
+    """pi, ref [P, 2] (chosen, rejected) log-probabilities -> per-pair loss [P], chosen and rejected rewards [P]."""
+    chosen, rejected = beta * (pi[:, 0] - ref[:, 0]), beta * (pi[:, 1] - ref[:, 1])
+    h = chosen - rejected
+    loss = -(1 - smoothing) * F.logsigmoid(h) - smoothing * F.logsigmoid(-h)
+    return loss, chosen, rejected
+
+
+class DPO(SFT):
+    name = "dpo"
+    metric = "val_loss"
+    metrics = ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_chosen_reward", "val_rejected_reward")
+
+    # -- data -------------------------------------------------------------------------------------------------------
+
+    def _response(self, rec, key: str) -> list[dict]:
+        value = rec.fields.get(key)
+        if isinstance(value, str):
+            return [{"role": "assistant", "content": value}]
+        if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+                and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+            return value
+        has = ", ".join(repr(k) for k in list(rec.fields)[:6]) or "none"
+        raise InputError(f"{rec.where}: {key!r} must be the response text or [{{\"role\": \"assistant\", \"content\": "
+                         f"text}}] (the row has {has}); a finetune.task=dpo row is {{\"prompt\" or \"messages\", "
+                         f"\"chosen\", \"rejected\"}}")
+
+    def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
+        items, truncated = [], 0
+        for rec in read_records(path, self.cfg.finetune.format):
+            prompt = self.prompt_messages(rec)
+            pair = {}
+            for key in ("chosen", "rejected"):
+                ids, target = self.tokens(prompt + self._response(rec, key))
+                if len(ids) > self.max_len + 1:
+                    ids, target, truncated = ids[: self.max_len + 1], target[: self.max_len + 1], truncated + 1
+                pair[key] = (ids[:-1], [t if k else IGNORE_INDEX for t, k in zip(ids[1:], target[1:])])
+            if all(any(y != IGNORE_INDEX for y in pair[k][1]) for k in pair):
+                items.append(dict(chosen=pair["chosen"], rejected=pair["rejected"], ref=None))
+        if not items:
+            raise InputError(f"{path}: no pair has a response token left in both responses (empty, or cut by "
+                             f"max_seq_len)")
+        return Examples(items, self.cfg.train.seed, shuffle=train, truncated=truncated)
+
+    def rows_per_epoch(self, train: Examples) -> int:
+        return len(train)
+
+    def collate(self, items: list, device) -> Batch:
+        rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        T = max(len(x) for x, _ in rows)
+        tokens = torch.full((len(rows), T), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        segments = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, (x, y) in enumerate(rows):
+            tokens[b, : len(x)], labels[b, : len(y)], segments[b, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ref = torch.tensor([it["ref"] or (0.0, 0.0) for it in items], dtype=torch.float32)
+        return Batch(tokens.to(device), labels.to(device), segments.to(device), extra={"ref": ref.to(device)})
+
+    # -- loss -------------------------------------------------------------------------------------------------------
+
+    def drop_items(self, batch: Batch, keep: int) -> None:
+        P = batch.tokens.shape[0] // 2  # (a pair's rows: its chosen row in the first half, its rejected in the second)
+        batch.labels[keep:P] = IGNORE_INDEX
+        batch.labels[P + keep:] = IGNORE_INDEX
+
+    def targets(self, batch: Batch) -> int:
+        """The pairs of the micro-batch (a padding repeat in evaluation has its labels ignored: not a pair)."""
+        P = batch.tokens.shape[0] // 2
+        return int((batch.labels[:P] != IGNORE_INDEX).any(1).sum())
+
+    def logps(self, engine, batch: Batch) -> torch.Tensor:
+        """The policy's log-probabilities of the micro-batch's responses, [P, 2] (chosen, rejected)."""
+        logits = engine(*batch.model_inputs(labels=False))
+        lp = sequence_logps(engine.module, logits, batch.labels)
+        return torch.stack(lp.chunk(2), dim=1)
+
+    def pair_losses(self, engine, batch: Batch) -> tuple[torch.Tensor, ...]:
+        f = self.cfg.finetune
+        pi = self.logps(engine, batch)
+        loss, chosen, rejected = dpo_loss(pi, batch.extra["ref"], f.dpo_beta, f.dpo_label_smoothing)
+        real = (batch.labels[: pi.shape[0]] != IGNORE_INDEX).any(1)
+        return loss, chosen, rejected, real, pi
+
+    def loss(self, engine, batch: Batch) -> torch.Tensor:
+        loss, _, _, real, _ = self.pair_losses(engine, batch)
+        return (loss * real).sum() / real.sum().clamp(min=1)
+
+    # -- evaluation -------------------------------------------------------------------------------------------------
+
+    evaluate = FinetuneTask.evaluate  # (not sft's: a perplexity of the DPO loss means nothing)
+
+    def forward_eval(self, engine, batch: Batch):
+        loss, chosen, rejected, real, pi = self.pair_losses(engine, batch)
+        return (loss * real).sum() / real.sum().clamp(min=1), (chosen, rejected, pi)
+
+    def outputs(self, raw, batch: Batch, items: list) -> list:
+        chosen, rejected, pi = raw
+        return [dict(chosen=float(c), rejected=float(r), logps=(float(a), float(b)))
+                for c, r, (a, b) in zip(chosen, rejected, pi.tolist())]
+
+    def score(self, examples: Examples, results: list) -> dict:
+        if not results:
+            return {}
+        n = len(results)
+        chosen = sum(r["chosen"] for r in results) / n
+        rejected = sum(r["rejected"] for r in results) / n
+        return dict(reward_accuracy=sum(r["chosen"] > r["rejected"] for r in results) / n,
+                    reward_margin=chosen - rejected, chosen_reward=chosen, rejected_reward=rejected)
+
+    # -- the reference --------------------------------------------------------------------------------------------
+
+    def prepare_reference(self, run, engine, sets: dict[str, Examples | None], resuming: bool) -> str | None:
+        """The reference log-probabilities of every example of `sets` (by name: train, valid, test) into the items,
+        from checkpoint.dir's file or (before the first step) computed with `engine`'s weights and saved there.
+        Collective. Returns a line for the log."""
+        if self.cfg.finetune.dpo_reference == "none":
+            return "dpo: reference-free (finetune.dpo_reference=none)"
+        from safetensors.torch import load_file, save_file
+
+        from megatrain.fileio import atomic_path
+
+        sets = {k: v for k, v in sets.items() if v is not None}
+        path = os.path.join(self.cfg.checkpoint.dir, REFERENCE_FILE)
+        stamp = json.dumps({k: len(v.items) for k, v in sets.items()}, sort_keys=True)
+        if os.path.isfile(path):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                saved_stamp = (f.metadata() or {}).get("examples")
+            if saved_stamp == stamp:
+                values = load_file(path)
+                for name, examples in sets.items():
+                    for item, ref in zip(examples.items, values[name].tolist()):
+                        item["ref"] = tuple(ref)
+                return f"dpo: reference log-probabilities read from {path}"
+            if resuming:
+                raise InputError(f"{path} holds the reference log-probabilities of other files ({saved_stamp} "
+                                 f"examples, these have {stamp}); resume with the files the run started with, or "
+                                 f"start afresh in a new checkpoint.dir")
+        elif resuming:
+            raise InputError(f"{path}: missing; this run's reference log-probabilities (of finetune.init's weights) "
+                             f"are gone; start afresh in a new checkpoint.dir")
+        values = {}
+        for name, examples in sets.items():
+            results = self.run_items(run, engine, examples)[1]
+            values[name] = torch.tensor([r["logps"] for r in results], dtype=torch.float32).reshape(-1, 2)
+            for item, ref in zip(examples.items, values[name].tolist()):
+                item["ref"] = tuple(ref)
+        if run.rank == 0:
+            os.makedirs(self.cfg.checkpoint.dir, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(values, tmp, metadata={"examples": stamp})
+        if dist.is_initialized():
+            dist.barrier()
+        return f"dpo: reference log-probabilities of {sum(len(v.items) for v in sets.values())} pairs computed " \
+               f"with finetune.init's weights into {path}"
