@@ -8,11 +8,15 @@ global rank R). A point with no conditions fires every time. The points:
     nan_loss     this rank's loss of that step becomes NaN (as from a corrupt batch)
     inf_grad     one gradient element on this rank becomes inf after the backward (an overflow)
     enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
+                 (under checkpoint.async_save, in the background writer after its first file)
     raise        the code at a fault point raises (a rank failing before a collective)
     kill_before_index         preprocess (IndexedDatasetWriter) is killed (SIGKILL) between renaming its .bin and .idx
     kill_mid_save             the checkpoint save of that step is killed (SIGKILL) after DeepSpeed wrote its files,
                               before megatrain.json and `latest`: the rerun resumes from the checkpoint before
     kill_before_sample_meta   the sample-index build is killed after saving its arrays, before the .json that marks it
+    kill_mid_async_write      a background save (checkpoint.async_save) of that step is killed (SIGKILL) in its writer
+                              thread after the first file: `latest` still names the checkpoint before
+    slow_async_write          a background save of that step takes 2 s more after its first file (a slow disk)
 Unset (the normal case), every check is one dictionary lookup.
 """
 from __future__ import annotations
