@@ -124,6 +124,24 @@ TEXT = {
         read="Python, torch and megatrain start-up is in every wall time (measured alone below); on a small model "
              "it dominates the whole-command rates, which is why the writing phase is given too. consolidate and "
              "to-hf write with fsync before the rename; `zero_to_fp32` does not."),
+    "ckpt": dict(
+        title="Checkpoint saves: the training time a save costs",
+        measures="`bench/bench_ckpt.py` trains the preset's model on one rank (fp32, ZeRO-1, micro-batch 1, "
+                 "tinyshakespeare) through `megatrain.pretrain.run` for a few steps, with no saves between the steps, "
+                 "with a synchronous save every few steps, and with a background save (`checkpoint.async_save`) as "
+                 "often; each twice, in the order none, sync, async, async, sync, none, each in a process of its own. "
+                 "Timed: the first step's start to the last step's end, plus, with background saves, the wait for "
+                 "the one still in flight (a run's final save is not made). The training time lost per save is "
+                 "(timed span with saves - timed span without) / saves; also recorded, the seconds inside each save "
+                 "call: the whole save when synchronous, the host copy (and any wait for the save before) when in the "
+                 "background.",
+        run="`python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128]` (`--data`: "
+            "`../shared/data/tinyshakespeare.txt` by default)",
+        read="The target is a background save losing at most 0.20x of what a synchronous one does. A background "
+             "save also fsyncs every file (a synchronous one does not), off the training thread; on this 2-core "
+             "machine its writer shares the cores with training, which the steps it overlaps pay for, and the "
+             "lost time counts that. The spans differ by seconds from run to run on a shared machine: the save "
+             "call times are the steadier figure."),
     "parallel": dict(
         title="Parallel layouts: memory and step time",
         measures="`bench/bench_parallel.py` runs each layout as its own 2-rank `torchrun` job on a Llama-shaped "
