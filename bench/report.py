@@ -451,7 +451,8 @@ def ckpt(name: str, d: dict) -> list[dict]:
             f"{d['micro_batch']}, fp32, 1 rank: {d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
             f"{d['median_step_s']:.2f} s a step. {d['steps']} steps, a save every {d['every']} "
             f"({d['saves']} between the steps).", ""]
-    body += table(["saves", f"{d['steps']} steps (mean of 2 runs)", "lost per save", "inside a save call (median)"], [
+    body += table(["saves", f"{d['steps']} steps (the shorter of 2 runs)", "lost per save",
+                   "inside a save call (median)"], [
         ["none", f"{span['none']:.2f} s", "", ""],
         ["synchronous", f"{span['sync']:.2f} s", f"{d['sync_s_per_save']:.2f} s", f"{d['sync_save_call_s']:.2f} s"],
         ["background (`checkpoint.async_save`)", f"{span['async']:.2f} s", f"{d['async_s_per_save']:.2f} s",

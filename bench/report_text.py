@@ -132,7 +132,8 @@ TEXT = {
                  "often; each twice, in the order none, sync, async, async, sync, none, each in a process of its own. "
                  "Timed: the first step's start to the last step's end, plus, with background saves, the wait for "
                  "the one still in flight (a run's final save is not made). The training time lost per save is "
-                 "(timed span with saves - timed span without) / saves; also recorded, the seconds inside each save "
+                 "(timed span with saves - timed span without) / saves, each kind's span the shorter of its two runs "
+                 "(the one the machine's other load disturbed least); also recorded, the seconds inside each save "
                  "call: the whole save when synchronous, the host copy (and any wait for the save before) when in the "
                  "background.",
         run="`python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128]` (`--data`: "

@@ -439,7 +439,11 @@ def harden(engine) -> None:
 
     def save(state_dict, path: str):
         if ce.megatrain_queue is not None:  # checkpoint.async_save: a host copy now, written in the background
-            ce.megatrain_queue.append((path, async_save.torch_writer(async_save.host_copy(state_dict))))
+            if ce.megatrain_error is None:
+                try:
+                    ce.megatrain_queue.append((path, async_save.torch_writer(async_save.host_copy(state_dict))))
+                except Exception as e:  # (out of host memory): the save fails on every rank, as a failed write
+                    ce.megatrain_error = f"{path}: copying it to host memory failed ({type(e).__name__}: {e})"
         elif ce.megatrain_error is None:
             ce.megatrain_error = _write(lambda p: _save_or_inject(plain_save, state_dict, p), path)
 
