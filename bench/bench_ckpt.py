@@ -1,6 +1,6 @@
 """Checkpoint benchmark: the training time a save costs, synchronous and in the background (checkpoint.async_save).
 
-    python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128]
+    python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128] [--threads N --out F]
 
 One rank, fp32, ZeRO-1, the preset's model (a 32000-row vocabulary; the byte-level tinyshakespeare text, `--data`),
 micro-batch 1, trained through `megatrain.pretrain.run` for `--steps` steps: with no saves between steps, with a
@@ -13,7 +13,8 @@ saves, each kind's span the shorter of its two runs (the one the machine's other
 ratio async / sync (the target: <= 0.20). Also recorded: the seconds inside each save call (what a synchronous save
 stalls; for a background one the host copy, and any wait for the previous save) and how long each background write
 took in its thread. A synchronous save does not fsync its files; a background save fsyncs each, off the training
-thread.
+thread. `--threads 1` trains on one core and leaves the others to the writer (as a GPU node's host cores are);
+its results go to bench/results/bench_ckpt_1thread.json.
 Results go to bench/results/bench_ckpt.json (bench/results_file.py).
 """
 from __future__ import annotations
@@ -143,6 +144,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="training's torch threads (OMP_NUM_THREADS), e.g. 1 to leave a core to the writer as a GPU "
+                         "node's host has; 0: torch's default, every core")
     ap.add_argument("--out", default=os.path.join(here, "results", "bench_ckpt.json"))
     ap.add_argument("--one", nargs=2, metavar=("KIND", "DATA"), help=argparse.SUPPRESS)  # (a run in a child process)
     args = ap.parse_args()
@@ -165,7 +169,8 @@ def main() -> None:
             os.sync()  # the run before's files on disk: its writeback does not slow this one
             child = subprocess.run([sys.executable, __file__, "--one", kind, prefix, "--config", args.config,
                                     "--vocab", str(args.vocab), "--steps", str(args.steps), "--every", str(args.every),
-                                    "--seq", str(args.seq)], capture_output=True, text=True)
+                                    "--seq", str(args.seq)], capture_output=True, text=True,
+                                   env=dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})))
             line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT ")), None)
             if child.returncode != 0 or line is None:
                 sys.exit(f"{child.stdout[-2000:]}{child.stderr[-3000:]}\nbench_ckpt: the {kind} run failed")
@@ -178,6 +183,7 @@ def main() -> None:
     per = {k: (span[k] - span["none"]) / saves for k in ("sync", "async")}
     calls = {k: statistics.median(c for r in runs[k] for c in r["save_call_s"]) for k in ("sync", "async")}
     results = dict(config=args.config, vocab_size=args.vocab, seq=args.seq, micro_batch=1, steps=args.steps,
+                   threads=args.threads or os.cpu_count(),
                    every=args.every, saves=saves, checkpoint_bytes=max(r["checkpoint_bytes"] for r in runs["sync"]),
                    median_step_s=statistics.median(t for r in runs["none"] for t in r["steps_s"][1:]),
                    span_s=span, sync_s_per_save=per["sync"], async_s_per_save=per["async"],

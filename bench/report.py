@@ -447,8 +447,10 @@ def long_(name: str, d: dict) -> list[dict]:
 
 def ckpt(name: str, d: dict) -> list[dict]:
     span = d["span_s"]
+    threads = d.get("threads", d["meta"]["machine"].get("cores"))
     body = [f"`{d['config']}` shape, vocabulary {d['vocab_size']}, sequence {d['seq']}, micro-batch "
-            f"{d['micro_batch']}, fp32, 1 rank: {d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
+            f"{d['micro_batch']}, fp32, 1 rank, {threads} torch thread(s) for training: "
+            f"{d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
             f"{d['median_step_s']:.2f} s a step. {d['steps']} steps, a save every {d['every']} "
             f"({d['saves']} between the steps).", ""]
     body += table(["saves", f"{d['steps']} steps (the shorter of 2 runs)", "lost per save",
@@ -464,7 +466,7 @@ def ckpt(name: str, d: dict) -> list[dict]:
          ratio(d["async_save_call_s"], d["sync_save_call_s"])]])
     body += [f"A background write (in its thread, with fsync and the manifest's CRC-32) took "
              f"{d['async_background_write_s']:.2f} s (median).", ""]
-    return [section("ckpt", name, d["meta"], name, body)]
+    return [section("ckpt", f"Training on {threads} thread(s)", d["meta"], name, body)]
 
 
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
@@ -476,7 +478,7 @@ RENDERERS = [
     ("bench_compile.json", (), compile_),
     ("bench_finetune.json", (), finetune),
     ("bench_convert.json", (), convert),
-    ("bench_ckpt.json", (), ckpt),
+    ("bench_ckpt*.json", (), ckpt),
     ("bench_parallel*.json", ("*_startup.json",), parallel),
     ("bench_parallel*_startup.json", (), startup),
     ("bench_moe.json", (), moe),

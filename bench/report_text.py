@@ -137,7 +137,9 @@ TEXT = {
                  "call: the whole save when synchronous, the host copy (and any wait for the save before) when in the "
                  "background.",
         run="`python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128]` (`--data`: "
-            "`../shared/data/tinyshakespeare.txt` by default)",
+            "`../shared/data/tinyshakespeare.txt` by default); with `--threads 1 --out "
+            "bench/results/bench_ckpt_1thread.json`, training runs on one core and the writer has the other, as "
+            "a GPU node's host cores are free of the training's compute",
         read="The target is a background save losing at most 0.20x of what a synchronous one does. A background "
              "save also fsyncs every file (a synchronous one does not), off the training thread; on this 2-core "
              "machine its writer shares the cores with training, which the steps it overlaps pay for, and the "
