@@ -449,7 +449,7 @@ def ckpt(name: str, d: dict) -> list[dict]:
     span = d["span_s"]
     threads = d.get("threads", d["meta"]["machine"].get("cores"))
     body = [f"`{d['config']}` shape, vocabulary {d['vocab_size']}, sequence {d['seq']}, micro-batch "
-            f"{d['micro_batch']}, fp32, 1 rank, {threads} torch thread(s) for training: "
+            f"{d['micro_batch']}, fp32, 1 rank, {threads} torch thread{'s' if threads != 1 else ''} for training: "
             f"{d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
             f"{d['median_step_s']:.2f} s a step. {d['steps']} steps, a save every {d['every']} "
             f"({d['saves']} between the steps).", ""]
@@ -466,7 +466,7 @@ def ckpt(name: str, d: dict) -> list[dict]:
          ratio(d["async_save_call_s"], d["sync_save_call_s"])]])
     body += [f"A background write (in its thread, with fsync and the manifest's CRC-32) took "
              f"{d['async_background_write_s']:.2f} s (median).", ""]
-    return [section("ckpt", f"Training on {threads} thread(s)", d["meta"], name, body)]
+    return [section("ckpt", f"Training on {threads} thread{'s' if threads != 1 else ''}", d["meta"], name, body)]
 
 
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
