@@ -36,7 +36,7 @@ from megatrain.checkpoint import manifest
 
 @dataclass
 class Pending:
-    """A save whose files a writer thread is writing; committed by finish()."""
+    """A save whose files a writer thread is writing; committed by poll() or wait() (io.commit) on the main thread."""
 
     ckpt_dir: str
     tag: str
@@ -58,8 +58,8 @@ class Pending:
         from megatrain.checkpoint.io import _write
 
         for i, (path, write) in enumerate(self.files):
-            if self.error is not None:
-                return
+            if self.error is not None:  # (the rest skipped, as a synchronous save skips them)
+                break
             entry = {}
             self.error = _write(lambda p: entry.update(_durably(write, p, self.inject and i == 0)), path)
             name = os.path.relpath(path, self.folder)
@@ -70,6 +70,8 @@ class Pending:
                 if faults.fires("slow_async_write", self.step):
                     time.sleep(2.0)
         self.files = []  # the host copy goes as soon as it is on disk
+        if self.error is not None:
+            return
         try:
             fd = os.open(self.folder, os.O_RDONLY)
             try:
