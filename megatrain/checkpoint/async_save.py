@@ -26,6 +26,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,19 +50,21 @@ class Pending:
     inject: bool = False  # faults: ENOSPC after the first file
     hashes: dict = field(default_factory=dict)  # manifest entries of the files written: {name: {size, crc32}}
     thread: threading.Thread | None = None
+    # io's own steps, handed in (io imports this module): guard(write, path) -> the reason a write failed, or None;
+    # commit(ckpt_dir, tag, state, error, keep_last, best, hashes=): megatrain.json, manifest, latest (collective)
+    guard: Callable | None = None
+    commit: Callable | None = None
 
     @property
     def folder(self) -> str:
         return os.path.join(self.ckpt_dir, self.tag)
 
     def write_all(self) -> None:
-        from megatrain.checkpoint.io import _write
-
         for i, (path, write) in enumerate(self.files):
             if self.error is not None:  # (the rest skipped, as a synchronous save skips them)
                 break
             entry = {}
-            self.error = _write(lambda p: entry.update(_durably(write, p, self.inject and i == 0)), path)
+            self.error = self.guard(lambda p: entry.update(_durably(write, p, self.inject and i == 0)), path)
             name = os.path.relpath(path, self.folder)
             if self.error is None and not name.startswith(".."):
                 self.hashes[name] = entry
@@ -247,9 +250,7 @@ def wait(engine, before: str) -> None:
 
 
 def _commit(ce, pending: Pending) -> None:
-    from megatrain.checkpoint.io import commit
-
     pending.thread.join()
     ce.megatrain_pending = None
-    commit(pending.ckpt_dir, pending.tag, pending.state, pending.error, pending.keep_last, pending.best,
+    pending.commit(pending.ckpt_dir, pending.tag, pending.state, pending.error, pending.keep_last, pending.best,
            hashes=pending.hashes)

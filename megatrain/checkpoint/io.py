@@ -125,7 +125,8 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     if background:
         queued, ce.megatrain_queue = ce.megatrain_queue, None
         async_save.start(ce, async_save.Pending(ckpt_dir, tag, step, state, cfg.checkpoint.keep_last, best,
-                                                queued + files, error=error, inject=bool(ce.megatrain_inject)))
+                                                queued + files, error=error, inject=bool(ce.megatrain_inject),
+                                                guard=_write, commit=commit))
         ce.megatrain_error = ce.megatrain_inject = None
         return tag
     for path, write in files:
