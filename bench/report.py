@@ -445,6 +445,30 @@ def long_(name: str, d: dict) -> list[dict]:
     return out
 
 
+def ckpt(name: str, d: dict) -> list[dict]:
+    span = d["span_s"]
+    threads = d.get("threads", d["meta"]["machine"].get("cores"))
+    body = [f"`{d['config']}` shape, vocabulary {d['vocab_size']}, sequence {d['seq']}, micro-batch "
+            f"{d['micro_batch']}, fp32, 1 rank, {threads} torch thread{'s' if threads != 1 else ''} for training: "
+            f"{d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
+            f"{d['median_step_s']:.2f} s a step. {d['steps']} steps, a save every {d['every']} "
+            f"({d['saves']} between the steps).", ""]
+    body += table(["saves", f"{d['steps']} steps (the shorter of 2 runs)", "lost per save",
+                   "inside a save call (median)"], [
+        ["none", f"{span['none']:.2f} s", "", ""],
+        ["synchronous", f"{span['sync']:.2f} s", f"{d['sync_s_per_save']:.2f} s", f"{d['sync_save_call_s']:.2f} s"],
+        ["background (`checkpoint.async_save`)", f"{span['async']:.2f} s", f"{d['async_s_per_save']:.2f} s",
+         f"{d['async_save_call_s']:.2f} s"]])
+    body += table(["measure", "background", "synchronous", "ratio"], [
+        ["training time lost per save", f"{d['async_s_per_save']:.2f} s", f"{d['sync_s_per_save']:.2f} s",
+         ratio(d["async_s_per_save"], d["sync_s_per_save"])],
+        ["inside a save call (median)", f"{d['async_save_call_s']:.2f} s", f"{d['sync_save_call_s']:.2f} s",
+         ratio(d["async_save_call_s"], d["sync_save_call_s"])]])
+    body += [f"A background write (in its thread, with fsync and the manifest's CRC-32) took "
+             f"{d['async_background_write_s']:.2f} s (median).", ""]
+    return [section("ckpt", f"Training on {threads} thread{'s' if threads != 1 else ''}", d["meta"], name, body)]
+
+
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
 RENDERERS = [
     ("bench_data.json", (), data),
@@ -454,6 +478,7 @@ RENDERERS = [
     ("bench_compile.json", (), compile_),
     ("bench_finetune.json", (), finetune),
     ("bench_convert.json", (), convert),
+    ("bench_ckpt*.json", (), ckpt),
     ("bench_parallel*.json", ("*_startup.json",), parallel),
     ("bench_parallel*_startup.json", (), startup),
     ("bench_moe.json", (), moe),

@@ -124,6 +124,32 @@ TEXT = {
         read="Python, torch and megatrain start-up is in every wall time (measured alone below); on a small model "
              "it dominates the whole-command rates, which is why the writing phase is given too. consolidate and "
              "to-hf write with fsync before the rename; `zero_to_fp32` does not."),
+    "ckpt": dict(
+        title="Checkpoint saves: the training time a save costs",
+        measures="`bench/bench_ckpt.py` trains the preset's model on one rank (fp32, ZeRO-1, micro-batch 1, "
+                 "tinyshakespeare) through `megatrain.pretrain.run` for a few steps, with no saves between the steps, "
+                 "with a synchronous save every few steps, and with a background save (`checkpoint.async_save`) as "
+                 "often; each twice, in the order none, sync, async, async, sync, none, each in a process of its own. "
+                 "Timed: the first step's start to the last step's end, plus, with background saves, the wait for "
+                 "the one still in flight (a run's final save is not made). The training time lost per save is "
+                 "(timed span with saves - timed span without) / saves, each kind's span the shorter of its two runs "
+                 "(the one the machine's other load disturbed least); also recorded, the seconds inside each save "
+                 "call: the whole save when synchronous, the host copy (and any wait for the save before) when in the "
+                 "background.",
+        run="`python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128]` (`--data`: "
+            "`../shared/data/tinyshakespeare.txt` by default); with `--threads 1 --out "
+            "bench/results/bench_ckpt_1thread.json`, training runs on one core and leaves the other to the writer",
+        read="The target is a background save losing at most 0.20x of what a synchronous one does; on this 2-core "
+             "virtual machine it is not met. A background save stalls the training thread only for its host copy "
+             "(the time inside its save call), but the step it overlaps slows down by several seconds: the writer "
+             "streams the checkpoint through memory several times (torch.save's zip CRC, the manifest's CRC-32, "
+             "the copy into the page cache, the kernel's writeback for the fsync), and this machine's memory "
+             "bandwidth (about 2.5 GB/s for a copy) and its 2 cores are what a CPU training step runs on too. "
+             "With training on one thread and a core left to the writer the slowdown shrinks but stays. The "
+             "writer is meant to overlap steps that leave the host's cores and memory bandwidth free, as GPU "
+             "training's do; this page has no GPU measurement. A background save also fsyncs every file (a "
+             "synchronous one does not). The spans vary by seconds from run to run on a shared machine; the "
+             "per-step times of each run are in the results file."),
     "parallel": dict(
         title="Parallel layouts: memory and step time",
         measures="`bench/bench_parallel.py` runs each layout as its own 2-rank `torchrun` job on a Llama-shaped "

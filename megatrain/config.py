@@ -199,6 +199,10 @@ class CheckpointConfig(_Section):
     # before resuming, compare the checkpoint's files with the manifest its save wrote last: full (sizes and CRC-32s;
     # a changed byte anywhere) | size (sizes only: a truncated or missing file, without reading the files) | none
     verify: str = "full"
+    # write checkpoints in the background: at a save each rank copies its state to host memory (one copy of the
+    # rank's checkpoint) and a writer thread writes and fsyncs the files while training goes on; `latest` moves once
+    # every rank's files are on disk. At most one save in flight: the next one (or the end of the run) waits for it
+    async_save: bool = False
 
 
 @dataclass

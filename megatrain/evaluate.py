@@ -2,7 +2,8 @@
 
 One process, no DeepSpeed, the same evaluation the training run logs: loss and the task's metrics (classify:
 accuracy, macro and per-class precision / recall / F1, confusion matrix; tokens: entity precision / recall / F1 per
-type, token accuracy; qa: exact match and F1; sft: loss and perplexity). --json prints them as one JSON object.
+type, token accuracy; qa: exact match and F1; sft: loss and perplexity; dpo: loss, reward accuracy, rewards and
+margin against the reference model, finetune.init). --json prints them as one JSON object.
 """
 from __future__ import annotations
 
@@ -18,6 +19,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
+def reference_of(cfg, task, examples, batch_size: int) -> None:
+    """dpo: the reference model's log-probabilities of the file's pairs, from finetune.init (the run's reference)."""
+    import os
+
+    from megatrain.config import ConfigError
+    from megatrain.generate import load_model
+    from megatrain.predict import LocalEngine, LocalRun
+
+    init = cfg.finetune.init
+    if not os.path.exists(init):
+        raise ConfigError(f"finetune.init {init}: not there, and a dpo model's rewards are measured against it (the "
+                          f"reference model); put it back where the run read it")
+    reference, _ = load_model(init)
+    task.set_reference(LocalRun(cfg, batch_size), LocalEngine(reference), examples)
+
+
 def command(args: argparse.Namespace) -> int:
     from megatrain.generate import check_numbers
     from megatrain.predict import LocalEngine, LocalRun, best_tag, load
@@ -25,6 +42,8 @@ def command(args: argparse.Namespace) -> int:
     check_numbers(("--batch-size", args.batch_size, 1))
     model, cfg, tok, task, step = load(args.checkpoint, best_tag(args.checkpoint, args.tag))
     examples = task.encode(args.input, train=False)
+    if cfg.finetune.task == "dpo" and cfg.finetune.dpo_reference != "none":
+        reference_of(cfg, task, examples, args.batch_size)
     row = task.evaluate(LocalRun(cfg, args.batch_size), LocalEngine(model), examples, prefix="eval")
     row = {k.removeprefix("eval_"): v for k, v in row.items()}
     if args.json:
@@ -32,7 +51,7 @@ def command(args: argparse.Namespace) -> int:
         return 0
     n = len(getattr(examples, "examples", examples.items))  # qa: questions, not their windows
     print(f"{args.checkpoint} (step {step}), {cfg.finetune.task}, {n} "
-          f"{'rows' if cfg.finetune.task == 'sft' else 'examples'} of {args.input}")
+          f"{ {'sft': 'rows', 'dpo': 'pairs'}.get(cfg.finetune.task, 'examples')} of {args.input}")
     for k, v in row.items():
         if isinstance(v, float):
             print(f"  {k:<18}{v:10.4f}")

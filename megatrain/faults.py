@@ -9,6 +9,7 @@ global rank R; `restart=K`: only in the K-th restart of the job, as torchrun (TO
     nan_loss     this rank's loss of that step becomes NaN (as from a corrupt batch)
     inf_grad     one gradient element on this rank becomes inf after the backward (an overflow)
     enospc       the checkpoint save of that step fails with ENOSPC (a full disk), after writing part of its files
+                 (under checkpoint.async_save, in the background writer after its first file)
     raise        the code at a fault point raises (a rank failing before a collective)
     kill         the rank kills itself (SIGKILL) after that step, as a lost node would go
     stop         the run stops after that step as on SIGUSR1 (saves, exits 0): a run cut short at a chosen step
@@ -16,6 +17,9 @@ global rank R; `restart=K`: only in the K-th restart of the job, as torchrun (TO
     kill_mid_save             the checkpoint save of that step is killed (SIGKILL) after DeepSpeed wrote its files,
                               before megatrain.json and `latest`: the rerun resumes from the checkpoint before
     kill_before_sample_meta   the sample-index build is killed after saving its arrays, before the .json that marks it
+    kill_mid_async_write      a background save (checkpoint.async_save) of that step is killed (SIGKILL) in its writer
+                              thread after the first file: `latest` still names the checkpoint before
+    slow_async_write          a background save of that step takes 2 s more after its first file (a slow disk)
 Unset (the normal case), every check is one dictionary lookup.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ class LocalEngine:
     """A model called the way the training loop calls DeepSpeed's engine."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
+        self.model = self.module = model.eval()
         self.device = next(model.parameters()).device
 
     def __call__(self, *args):

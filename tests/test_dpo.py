@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
-from test_finetune import finetune_runs, ft_sets, pretrained, task_for, write  # noqa: F401
+from test_finetune import cli, finetune_runs, ft_sets, pretrained, task_for, write  # noqa: F401
 from training_utils import losses
 
 from megatrain.model import IGNORE_INDEX, Transformer
@@ -101,6 +101,14 @@ def test_a_dpo_run_raises_its_reward_accuracy_and_reuses_its_reference_on_resume
     assert os.path.getmtime(ref_path) == made and sorted(losses(out)) == list(range(1, 11))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert any(r.get("kind") == "resume" for r in rows)
+    # `megatrain evaluate` on the held-out pairs: the run's own numbers at the best step, its reference read again
+    # from finetune.init
+    best = int(open(os.path.join(out, "best")).read()[4:12])
+    r = cli("evaluate", "--checkpoint", out, "--input", valid, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    for key in ("loss", "reward_accuracy", "reward_margin"):
+        assert abs(got[key] - losses(out, "eval", f"val_{key}")[best]) < 1e-4, (key, got)
 
 
 @pytest.mark.slow

@@ -18,10 +18,10 @@ from megatrain.tasks.base import micro_batch_ids
 # --- tier 1: which samples each step serves ------------------------------------------------------------------------
 
 def test_a_run_continued_under_other_layouts_serves_each_sample_once():
-    """Steps 0-4 on 2 data-parallel ranks (micro batch 2), 5-9 on 1 rank (micro batch 4: 2 accumulation steps),
-    10-14 on 2 ranks with tp=2 (one replica), 15-19 on 2 ranks under ZeRO-3 with micro batch 1: every sample id of
-    [0, 20 x G) is served exactly once, each in the step whose global batch it belongs to."""
-    legs = [(range(0, 5), 2, 1, 2), (range(5, 10), 1, 1, 4), (range(10, 15), 2, 2, 2), (range(15, 20), 2, 1, 1)]
+    """The legs of the slow test below: steps 0-19 on 2 data-parallel ranks (micro batch 2), 20-24 on 1 rank (micro
+    batch 4: 2 accumulation steps), 25-29 on 2 ranks with tp=2 (one replica), 30-34 on 2 ranks under ZeRO-3 with micro
+    batch 1: every sample id of [0, 35 x G) is served exactly once, each in the step whose global batch it belongs to."""
+    legs = [(range(0, 20), 2, 1, 2), (range(20, 25), 1, 1, 4), (range(25, 30), 2, 2, 2), (range(30, 35), 2, 1, 1)]
     seen: dict[int, int] = {}
     for steps, world, tp, micro in legs:
         cfg = load_config("tiny", [f"parallel.tp={tp}", f"train.micro_batch_size={micro}", "train.global_batch_size=8"])
@@ -36,7 +36,7 @@ def test_a_run_continued_under_other_layouts_serves_each_sample_once():
             for s in served:
                 assert seen.setdefault(s, step) == step, f"sample {s} served at steps {seen[s]} and {step}"
             assert sorted(served) == list(range(step * G, (step + 1) * G))
-    assert sorted(seen) == list(range(20 * 8))
+    assert sorted(seen) == list(range(35 * 8))
 
 
 # --- tier 2/3: real runs --------------------------------------------------------------------------------------------
@@ -84,22 +84,22 @@ def test_elastic_false_refuses_another_layout_in_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_run_stopped_and_rerun_on_other_layouts_logs_the_uninterrupted_losses(tmp_path, monkeypatch):
-    """A 2-rank ZeRO-2 run stopped at step 5, rerun as 1 rank (stopped at 10), as 2 ranks with tp=2 (stopped at 15),
-    then as 2 ranks under ZeRO-3 to step 20: every logged loss equals the uninterrupted 2-rank ZeRO-2 run's (fp32,
+    """A 2-rank ZeRO-2 run stopped at step 20, rerun as 1 rank (stopped at 25), as 2 ranks with tp=2 (stopped at
+    30), then as 2 ranks under ZeRO-3 to step 35: every logged loss equals the uninterrupted 2-rank ZeRO-2 run's (fp32,
     1e-5), and each rerun resharded latest into a folder of its layout."""
     data = make_byte_dataset(tmp_path)
-    over = {"train.max_steps": 20, "train.eval_interval": 0, "checkpoint.interval": 0, "parallel.zero_stage": 2,
+    over = {"train.max_steps": 35, "train.eval_interval": 0, "checkpoint.interval": 0, "parallel.zero_stage": 2,
             "train.log_interval": 1}
     ref, ck = str(tmp_path / "ref"), str(tmp_path / "ck")
     run_distributed(run_configs, 2, [small_sets(data, ref, **over)], timeout=300)
-    monkeypatch.setenv("MEGATRAIN_FAULTS", "stop@step=5,stop@step=10,stop@step=15")
+    monkeypatch.setenv("MEGATRAIN_FAULTS", "stop@step=20,stop@step=25,stop@step=30")
     legs = [(2, {}), (1, {"train.micro_batch_size": 4}), (2, {"parallel.tp": 2}), (2, {"parallel.zero_stage": 3})]
     for world, change in legs:
         run_distributed(run_configs, world, [small_sets(data, ck, **{**over, **change})], timeout=300)
-    assert {"step00000005", "step00000005-tp1-pp1-dp1-zero2", "step00000010", "step00000010-tp2-pp1-dp1-zero2",
-            "step00000015", "step00000015-tp1-pp1-dp2-zero3", "step00000020"} == set(_folders(ck))
+    assert {"step00000020", "step00000020-tp1-pp1-dp1-zero2", "step00000025", "step00000025-tp2-pp1-dp1-zero2",
+            "step00000030", "step00000030-tp1-pp1-dp2-zero3", "step00000035"} == set(_folders(ck))
     assert_close_curves(losses(ref), losses(ck), rtol=1e-5)
-    assert sorted(losses(ck)) == list(range(1, 21))
+    assert sorted(losses(ck)) == list(range(1, 36))
 
 
 @pytest.mark.slow

@@ -557,23 +557,39 @@ def test_a_build_lock_left_by_a_killed_start_is_removed_not_waited_for():
     assert not os.path.exists(stale)
 
 
+KILL_CAMPAIGN = {"parallel.zero_stage": 2, "checkpoint.interval": 1, "train.eval_interval": 0, "train.max_steps": 200,
+                 "train.warmup_steps": 2, "checkpoint.keep_last": 3, "train.log_interval": 1}
+
+
+@pytest.fixture(scope="module")
+def kill_campaign_reference(tmp_path_factory):
+    """The kill campaign's data and its uninterrupted run (one for both kinds of save: their curves are the same)."""
+    tmp = tmp_path_factory.mktemp("kill9")
+    data = make_byte_dataset(tmp)
+    ref = str(tmp / "ref")
+    run_distributed(run_configs, 2, [small_sets(data, ref, **KILL_CAMPAIGN)], timeout=600)
+    return data, ref
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_path):
+@pytest.mark.parametrize("saves,at_least", [("sync", 10), ("async", 6)])  # (async: fewer, for the slow tier's time)
+def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_path, kill_campaign_reference, saves,
+                                                                            at_least):
     """Every process of a 2-rank ZeRO-2 run killed with SIGKILL at >= 10 random moments once training runs (mid-step,
     mid-save, mid-`latest`: it saves every step), then the same command rerun until it finishes: every logged step has the
-    uninterrupted run's loss (fp32, 1e-6), and `latest` always names a complete checkpoint. The kill times come from a
-    seed (MEGATRAIN_KILL_SEED, printed), so a failure is reproducible."""
+    uninterrupted run's loss (fp32, 1e-6), and `latest` always names a complete checkpoint (with its manifest, which
+    the files match). With checkpoint.async_save (>= 6 kills), the kills also land while a background write is in
+    flight. The kill times come from a seed (MEGATRAIN_KILL_SEED, printed), so a failure is reproducible."""
     import random
+
+    from megatrain.checkpoint import manifest
 
     seed = int(os.environ.get("MEGATRAIN_KILL_SEED", "20261129"))
     print(f"kill seed {seed} (MEGATRAIN_KILL_SEED)")
     rng = random.Random(seed)
-    data = make_byte_dataset(tmp_path)
-    over = {"parallel.zero_stage": 2, "checkpoint.interval": 1, "train.eval_interval": 0, "train.max_steps": 200,
-            "train.warmup_steps": 2, "checkpoint.keep_last": 3, "train.log_interval": 1}
-    ref = str(tmp_path / "ref")
-    run_distributed(run_configs, 2, [small_sets(data, ref, **over)], timeout=600)
+    data, ref = kill_campaign_reference
+    over = {**KILL_CAMPAIGN, "checkpoint.async_save": saves == "async"}
     ck = str(tmp_path / "victim")
     args = ["--config", "tiny", *set_args(small_sets(data, ck, **over))]
     kills, runs = 0, 0
@@ -583,7 +599,7 @@ def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_
         procs = _bare_ranks(args, str(free_port()), {}, subprocess.DEVNULL)
         runs += 1
         try:
-            if kills < 10:  # once this run has logged a step, at a random moment in the next ~2 s of steps and saves
+            if kills < at_least:  # once this run logged a step, at a random moment in the next ~2 s of steps and saves
                 metrics = os.path.join(ck, "metrics.jsonl")
                 logged = os.path.getsize(metrics) if os.path.isfile(metrics) else 0
                 deadline = time.time() + 300
@@ -605,9 +621,11 @@ def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_
         if os.path.isfile(latest):
             tag = open(latest).read()
             assert _complete(ck, tag, 2), f"after kill {kills}: latest names {tag}, which is not complete"
+            assert os.path.isfile(os.path.join(ck, tag, manifest.MANIFEST_FILE)), f"after kill {kills}: {tag}: no manifest"
+            assert manifest.check(os.path.join(ck, tag), "full") is None, f"after kill {kills}: {tag}"
         if codes == [0, 0]:
             break
         assert runs < 40, "the run never finished"
     print(f"{kills} kills, {runs} runs, {len(losses(ck))} steps")
     assert_close_curves(losses(ref), losses(ck), rtol=1e-6)
-    assert kills >= 10
+    assert kills >= at_least

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megatrain import faults
-from megatrain.checkpoint import manifest
+from megatrain.checkpoint import async_save, manifest
 from megatrain.config import LM_TASKS, Config, ConfigError, RunStopped
 from megatrain.resolved import Resolved, saved_config
 from megatrain.fileio import read_json, write_atomic
@@ -81,19 +81,32 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: int, layout: dict,
-         extra: dict | None = None, tag: str | None = None) -> str:
+         extra: dict | None = None, tag: str | None = None, best: bool = False, background: bool = False) -> str:
     """Save on every rank; `latest` moves to this tag only once every rank's files are on disk. megatrain.json holds
     `cfg` as the user asked it (`config`), what the run derived (`resolved`: the model's shape and the rest; readers
-    take the model from there), the step, and `extra` (the fine-tuning loop keeps its best metric there).
+    take the model from there), the step, and `extra` (the fine-tuning loop keeps its best metric there). `best`:
+    point DIR/best at it too (after `latest`).
 
     A write that fails on any rank (a full disk, a quota, an I/O error) does not stop that rank inside DeepSpeed's
     collectives: its remaining files are skipped (see harden), every rank learns of it afterwards, the partial step
-    folder is removed, `latest` keeps naming the previous complete checkpoint, and RunStopped says what happened."""
+    folder is removed, `latest` keeps naming the previous complete checkpoint, and RunStopped says what happened.
+
+    `background` (checkpoint.async_save): the files are copied to host memory and written by a thread while training
+    goes on; the commit comes later (async_save.poll / wait, which the training loop calls). The save in flight, if
+    any, is waited for and committed first."""
     ckpt_dir = cfg.checkpoint.dir
     tag = tag or tag_for(step)
     state = dict(step=step, consumed_samples=consumed_samples, config=cfg.to_dict(), resolved=resolved.to_dict(),
                  layout=layout, **(extra or {}))
     ce = engine.checkpoint_engine
+    background = background and hasattr(ce, "megatrain_queue")  # (another checkpoint engine: saved as before)
+    if background:
+        async_save.wait(engine, f"saving {tag}")
+        ce.megatrain_queue = []
+    if dist.get_rank() == 0 and read_pointer(ckpt_dir, "latest") != tag:  # (DeepSpeed's barriers follow)
+        for name in (STATE_FILE, manifest.MANIFEST_FILE):  # a folder an interrupted save left: not complete while
+            with contextlib.suppress(OSError):  # its files are rewritten
+                os.remove(os.path.join(ckpt_dir, tag, name))
     if faults.fires("enospc", step):
         ce.megatrain_inject = True
     with _experts_as_parameters(engine):
@@ -101,12 +114,35 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     faults.kill_here("kill_mid_save", step)
     rank = dist.get_rank()
     error = getattr(ce, "megatrain_error", None)
-    if error is None:
-        error = _write(lambda p: torch.save(rng_state(), p), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    rng = rng_state()  # (fresh tensors)
+    files = [(os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"),
+              async_save.torch_writer(rng) if background else lambda p: torch.save(rng, p))]
     frozen = _frozen_experts(engine)
-    if error is None and frozen and frozen[1] == 0:
-        error = _write(lambda p: save_file({n: t.detach().cpu().contiguous() for n, t in frozen[3]}, p),
-                       os.path.join(ckpt_dir, tag, frozen_experts_file(frozen[0], frozen[2])))
+    if frozen and frozen[1] == 0:
+        experts = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in frozen[3]}
+        files.append((os.path.join(ckpt_dir, tag, frozen_experts_file(frozen[0], frozen[2])),
+                      lambda p: save_file(experts, p)))
+    if background:
+        queued, ce.megatrain_queue = ce.megatrain_queue, None
+        async_save.start(ce, async_save.Pending(ckpt_dir, tag, step, state, cfg.checkpoint.keep_last, best,
+                                                queued + files, error=error, inject=bool(ce.megatrain_inject),
+                                                guard=_write, commit=commit))
+        ce.megatrain_error = ce.megatrain_inject = None
+        return tag
+    for path, write in files:
+        if error is None:
+            error = _write(write, path)
+    ce.megatrain_error = ce.megatrain_inject = None
+    commit(ckpt_dir, tag, state, error, cfg.checkpoint.keep_last, best)
+    return tag
+
+
+def commit(ckpt_dir: str, tag: str, state: dict, error: str | None, keep_last: int, best: bool = False,
+           hashes: dict | None = None) -> None:
+    """Once each rank has written its files (`error`: this rank's failure, or None): megatrain.json (rank 0), the
+    manifest (collective: the ranks share the hashing; `hashes`: entries this rank's writer already made), then
+    `latest`, `best` if asked, and pruning. A failure anywhere: io.failed on every rank. Collective."""
+    rank = dist.get_rank()
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     if rank == 0 and not any(errors):
@@ -114,16 +150,16 @@ def save(engine, cfg: Config, resolved: Resolved, step: int, consumed_samples: i
     box = [next((e for e in errors if e), None)]
     dist.broadcast_object_list(box, src=0)
     if box[0] is None:  # every file is written: the manifest (collective: the ranks share the hashing), then latest
-        box[0] = manifest.write_manifest(os.path.join(ckpt_dir, tag))
+        box[0] = manifest.write_manifest(os.path.join(ckpt_dir, tag), known=hashes)
         if rank == 0 and box[0] is None:
             box[0] = _write(lambda p: write_atomic(p, tag), os.path.join(ckpt_dir, "latest"))
+            if box[0] is None and best:
+                box[0] = _write(lambda p: mark_best(ckpt_dir, tag), os.path.join(ckpt_dir, "best"))
             if box[0] is None:
-                _prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
+                _prune(ckpt_dir, keep_last, keep=tag)
         dist.broadcast_object_list(box, src=0)
-    ce.megatrain_error = ce.megatrain_inject = None
     if box[0]:
         failed(ckpt_dir, tag, box[0], quiet=rank != 0)
-    return tag
 
 
 @contextlib.contextmanager
@@ -414,18 +450,25 @@ def harden(engine) -> None:
     - loads: DeepSpeed unpickles rank files with weights_only off, which runs whatever code a pickle names, so a
       checkpoint handed over by someone else could; here it goes through load_rank_file instead;
     - saves: a write that fails is recorded (megatrain_error) and the rank's remaining files are skipped, so the rank
-      still reaches DeepSpeed's barriers with the others; save() then stops every rank together."""
+      still reaches DeepSpeed's barriers with the others; save() then stops every rank together. While a background
+      save collects its files (megatrain_queue is a list) each is copied to host memory and queued instead."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     ce = engine.checkpoint_engine
     if type(ce) is not TorchCheckpointEngine:  # another engine (Nebula, decoupled) is the user's choice: left alone
         return
-    ce.megatrain_error = ce.megatrain_inject = None
+    ce.megatrain_error = ce.megatrain_inject = ce.megatrain_queue = None
     ce.load = lambda path, map_location=None: load_rank_file(path, map_location)
     plain_save = ce.save
 
     def save(state_dict, path: str):
-        if ce.megatrain_error is None:
+        if ce.megatrain_queue is not None:  # checkpoint.async_save: a host copy now, written in the background
+            if ce.megatrain_error is None:
+                try:
+                    ce.megatrain_queue.append((path, async_save.torch_writer(async_save.host_copy(state_dict))))
+                except Exception as e:  # (out of host memory): the save fails on every rank, as a failed write
+                    ce.megatrain_error = f"{path}: copying it to host memory failed ({type(e).__name__}: {e})"
+        elif ce.megatrain_error is None:
             ce.megatrain_error = _write(lambda p: _save_or_inject(plain_save, state_dict, p), path)
 
     def _save_or_inject(write, state_dict, path):

@@ -57,14 +57,22 @@ def _gather(part):
     return everyone
 
 
-def write_manifest(folder: str) -> str | None:
+def write_manifest(folder: str, known: dict | None = None) -> str | None:
     """Hash this rank's share of the folder's files; rank 0 writes the manifest. Returns what went wrong (a file that
     could not be read or the manifest not written: on every rank alike), or None. Collective when distributed: a
-    rank that fails to read still takes part."""
+    rank that fails to read still takes part. `known` (on every rank, or on none): entries this rank made already
+    (a background save's writer hashes the files it wrote); the ranks share the hashing of the rest."""
     rank, world = _ranks()
     mine, problem = {}, None
+    done = {}
+    if known is not None:
+        for part in _gather(known):
+            done.update(part)
     try:
-        for n in _share(_files(folder), rank, world):
+        listing = _files(folder)
+        if rank == 0:
+            mine.update({n: done[n] for n in listing if n in done})
+        for n in _share([n for n in listing if n not in done], rank, world):
             where = os.path.join(folder, n)
             mine[n] = dict(size=os.path.getsize(where), crc32=crc32_of(where))
     except OSError as e:

@@ -165,6 +165,14 @@ class DPO(SFT):
 
     # -- the reference --------------------------------------------------------------------------------------------
 
+    def set_reference(self, run, engine, examples: Examples) -> torch.Tensor:
+        """`engine`'s log-probabilities of every pair of `examples` as their reference, [N, 2]. Collective."""
+        results = self.run_items(run, engine, examples)[1]
+        values = torch.tensor([r["logps"] for r in results], dtype=torch.float32).reshape(-1, 2)
+        for item, ref in zip(examples.items, values.tolist()):
+            item["ref"] = tuple(ref)
+        return values
+
     def prepare_reference(self, run, engine, sets: dict[str, Examples | None], resuming: bool) -> str | None:
         """The reference log-probabilities of every example of `sets` (by name: train, valid, test) into the items,
         from checkpoint.dir's file or (before the first step) computed with `engine`'s weights and saved there.
@@ -196,12 +204,7 @@ class DPO(SFT):
         elif resuming:
             raise InputError(f"{path}: missing; this run's reference log-probabilities (of finetune.init's weights) "
                              f"are gone; start afresh in a new checkpoint.dir")
-        values = {}
-        for name, examples in sets.items():
-            results = self.run_items(run, engine, examples)[1]
-            values[name] = torch.tensor([r["logps"] for r in results], dtype=torch.float32).reshape(-1, 2)
-            for item, ref in zip(examples.items, values[name].tolist()):
-                item["ref"] = tuple(ref)
+        values = {name: self.set_reference(run, engine, examples) for name, examples in sets.items()}
         if run.rank == 0:
             os.makedirs(self.cfg.checkpoint.dir, exist_ok=True)
             with atomic_path(path) as tmp:

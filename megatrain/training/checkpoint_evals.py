@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+from megatrain.checkpoint.manifest import MANIFEST_FILE
 from megatrain.config import Config
 from megatrain.training.dist_env import log0
 
@@ -62,19 +63,26 @@ class CheckpointEvals:
         if self.running is not None and self.running[0].poll() is not None:
             self._collect()
         while self.running is None and self.queue:
-            self._start(*self.queue.pop(0))
+            tag, step = self.queue[0]
+            folder = os.path.join(self.cfg.checkpoint.dir, tag)
+            if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST_FILE)):
+                return  # still being written (checkpoint.async_save): its turn comes once it is complete
+            self.queue.pop(0)
+            self._start(tag, step)
 
     def finish(self, wait: bool) -> None:
         """The end of training (wait: every queued checkpoint evaluated and logged), or a stop (the running one
         stopped; what is left is said, with the command that evaluates it by hand)."""
         if not self.on:
             return
-        if wait:
+        if wait:  # (every save is complete by now: the loop waits for a background one first)
             while self.running is not None or self.queue:
                 if self.running is not None:
                     log0(f"waiting for lm-eval of {self.running[1]} (train.eval_tasks)")
                     self.running[0].wait()
                 self.poll()
+                if self.running is None and self.queue:  # the head never completed (a failed save): not scored
+                    log0(f"lm-eval of {self.queue.pop(0)[0]} skipped: the checkpoint is incomplete")
             return
         left = ([self.running[1]] if self.running else []) + [tag for tag, _ in self.queue]
         self.close()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain import faults
-from megatrain.checkpoint.io import mark_best, read_latest
+from megatrain.checkpoint.io import read_latest
 from megatrain.config import Config, RunStopped
 from megatrain.fileio import write_atomic
 from megatrain.moe import AuxLoss
@@ -258,8 +258,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
     extra = (lambda: best.state()) if best is not None else (lambda: None)  # noqa: E731
     evals = CheckpointEvals(cfg, logger, enabled=rank0)  # train.eval_tasks on each checkpoint, in the background
 
-    def save() -> str:
-        tag = run.save(engine, state, extra())
+    def save(best: bool = False) -> str:
+        tag = run.save(engine, state, extra(), best=best)
         evals.landed(tag, state.step)
         return tag
     engine.train()
@@ -307,19 +307,20 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 row.update(evaluate_sets(run, engine, task, eval_sets or {}))
                 logger.log(dict(step=state.step, kind="eval", **row), _eval_line(state.step, row))
                 if best is not None and best.update(row, state.step):
-                    tag = save()
+                    save(best=True)
                     last_saved = state.step
-                    if rank0:
-                        mark_best(cfg.checkpoint.dir, tag)
                 if best is not None and best.exhausted():
                     if last_saved != state.step:
                         save()
+                    run.finish_saves(engine)
                     logger.log(dict(step=state.step, kind="stop", reason="early stopping"),
                                f"stopping at step {state.step}: no better {best.metric} in {best.since} evaluations "
                                f"(finetune.patience); the best, {best.value:.4f} at step {best.step}, is in "
                                f"{cfg.checkpoint.dir}/best")
                     evals.finish(wait=True)
                     return state
+            run.poll_save(engine)  # a background save written by every rank: committed
+            evals.poll()  # (a committed checkpoint's lm-eval may start)
             interval = cfg.checkpoint.interval
             if interval and state.step % interval == 0 and state.step < t.max_steps:
                 save()
@@ -332,6 +333,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
             if why:
                 if last_saved != state.step:
                     save()
+                run.finish_saves(engine, "stopping")
                 logger.log(dict(step=state.step, kind="stop", reason=why), f"stopping at step {state.step}: {why}; "
                                                                             f"checkpoint saved, rerun to resume")
                 if rank0:
@@ -340,6 +342,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                 return state
         if last_saved != state.step:
             save()
+        run.finish_saves(engine)
         evals.finish(wait=True)
     except RuntimeError as e:  # torch's DistBackendError is one
         if not _lost_peer(e):

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatrain.checkpoint import async_save, manifest
 from megatrain.checkpoint import io as checkpoint
-from megatrain.checkpoint import manifest
 from megatrain.checkpoint.lock import acquire
 from megatrain.checkpoint.source import WeightSource
 from megatrain.config import (Config, ConfigError, ModelConfig, kv_heads, padded_vocab_size, validate,
@@ -201,9 +201,20 @@ class Run:
         if self.layout.tp > 1 and self.cfg.model.dropout > 0:  # attention's (and SP's) own stream per TP rank
             seed_tp_stream(tp_stream_seed(seed, replica, self.tp_rank))
 
-    def save(self, engine, state: TrainState, extra: dict | None = None) -> str:
+    def save(self, engine, state: TrainState, extra: dict | None = None, best: bool = False) -> str:
+        """Save a checkpoint of `state` (`best`: DIR/best names it too). Under checkpoint.async_save the files are
+        written in the background: poll_save() at each step boundary commits it once written, finish_saves() before
+        the run ends."""
         return checkpoint.save(engine, self.asked, self.resolved, state.step, state.consumed_samples, self.record,
-                               extra)
+                               extra, best=best, background=self.cfg.checkpoint.async_save)
+
+    def poll_save(self, engine) -> None:
+        """At a step boundary: commit the background save in flight once every rank has written it (collective)."""
+        async_save.poll(engine)
+
+    def finish_saves(self, engine, before: str = "the end of the run") -> None:
+        """Wait for the background save in flight, if any, and commit it (collective)."""
+        async_save.wait(engine, before)
 
     def log_rank_table(self, local_params: int) -> None:
         """Each rank's place in the layout, its parameter count and its memory, printed by rank 0."""

@@ -1,0 +1,208 @@
+"""Checkpoint benchmark: the training time a save costs, synchronous and in the background (checkpoint.async_save).
+
+    python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128] [--threads N --out F]
+
+One rank, fp32, ZeRO-1, the preset's model (a 32000-row vocabulary; the byte-level tinyshakespeare text, `--data`),
+micro-batch 1, trained through `megatrain.pretrain.run` for `--steps` steps: with no saves between steps, with a
+synchronous save every `--every` steps, with a background save every `--every` steps; each twice, in the order
+none, sync, async, async, sync, none (so a drift in the machine's speed hits all alike), each run in a process of its
+own, one after the other in this run (the disk synced before each). Timed: from the start of the first step to the
+end of the last, plus, with background saves, the wait for the last one in flight (where the run's final save would
+wait for it; that final save is not made). The cost per save is (timed span with saves - timed span without) /
+saves, each kind's span the shorter of its two runs (the one the machine's other load disturbed least), and the
+ratio async / sync (the target: <= 0.20). Also recorded: the seconds inside each save call (what a synchronous save
+stalls; for a background one the host copy, and any wait for the previous save) and how long each background write
+took in its thread. A synchronous save does not fsync its files; a background save fsyncs each, off the training
+thread. `--threads 1` trains on one core and leaves the others to the writer (as a GPU node's host cores are);
+its results go to bench/results/bench_ckpt_1thread.json.
+Results go to bench/results/bench_ckpt.json (bench/results_file.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from results_file import write_results  # noqa: E402
+
+
+def prepare_data(text_file: str, work: str) -> str:
+    """tinyshakespeare as two documents (90% / 10%), byte tokenizer: the prefix of the preprocessed files."""
+    text = open(text_file, encoding="utf-8").read()
+    cut = int(len(text) * 0.9)
+    src, prefix = os.path.join(work, "shakespeare.jsonl"), os.path.join(work, "shakespeare")
+    with open(src, "w") as g:
+        g.write(json.dumps({"text": text[:cut]}) + "\n" + json.dumps({"text": text[cut:]}) + "\n")
+    subprocess.run([sys.executable, "-m", "megatrain", "preprocess", "--input", src, "--tokenizer", "byte",
+                    "--output-prefix", prefix], check=True, capture_output=True)
+    return prefix
+
+
+class Clock:
+    """Wraps the training loop's step, the save and the wait for a background save, recording when they ran."""
+
+    def __init__(self):
+        from megatrain.checkpoint import async_save, io
+        from megatrain.training import loop
+
+        self.steps, self.saves, self.waits, self.writes = [], [], [], []
+        self.last_step = None
+        self._patch(loop, "train_step", self.steps)
+        plain_save = io.save
+
+        def save(engine, cfg, resolved, step, *args, **kwargs):
+            if step == self.last_step:  # the run's final save: not timed, so not made (only the wait before it)
+                async_save.wait(engine, "the end of the run")
+                return io.tag_for(step)
+            return plain_save(engine, cfg, resolved, step, *args, **kwargs)
+
+        io.save = save
+        self._patch(io, "save", self.saves)
+        self._patch(async_save, "wait", self.waits)
+        plain_run = async_save.Pending.run
+        writes = self.writes
+
+        def timed_run(pending):
+            t0 = time.perf_counter()
+            plain_run(pending)
+            writes.append(time.perf_counter() - t0)
+
+        async_save.Pending.run = timed_run
+
+    @staticmethod
+    def _patch(module, name: str, into: list) -> None:
+        plain = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return plain(*args, **kwargs)
+            finally:
+                into.append((t0, time.perf_counter()))
+
+        setattr(module, name, timed)
+
+    def reset(self) -> None:
+        for x in (self.steps, self.saves, self.waits, self.writes):
+            x.clear()
+
+    def span(self) -> float:
+        """First step's start to the last step's end, plus the first wait after it (the final save's wait for the
+        save in flight: with background saves, part of the training time the saves cost)."""
+        start, end = self.steps[0][0], self.steps[-1][1]
+        after = [b - a for a, b in self.waits if a >= end]
+        return end - start + (after[0] if after else 0.0)
+
+
+def one_run(prefix: str, args, work: str, interval: int, background: bool, clock: Clock) -> dict:
+    from megatrain.config import load_config
+    from megatrain.pretrain import run
+
+    ck = os.path.join(work, f"ck-{interval}-{int(background)}")
+    sets = {"data.path": prefix, "data.tokenizer": "byte", "data.seq_len": args.seq, "model.vocab_size": args.vocab,
+            "train.max_steps": args.steps, "train.global_batch_size": 1, "train.micro_batch_size": 1,
+            "train.warmup_steps": 1, "train.log_interval": args.steps, "train.eval_interval": 0,
+            "checkpoint.dir": ck, "checkpoint.interval": interval, "checkpoint.keep_last": 2,
+            "checkpoint.async_save": background, "logging.tensorboard": False, "logging.peak_tflops": 1.0,
+            "logging.progress_bar": "off"}
+    clock.reset()
+    clock.last_step = args.steps
+    run(load_config(args.config, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]))
+    span = clock.span()
+    end = clock.steps[-1][1]
+    between = [b - a for a, b in clock.saves if a < end]  # the saves between steps (not the final one)
+    latest = os.path.join(ck, "latest")
+    tag = open(latest).read() if os.path.isfile(latest) else None
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ck, tag)) for f in fs) if tag else 0
+    out = dict(span_s=span, saves=len(between), save_call_s=between, checkpoint_bytes=size,
+               steps_s=[b - a for a, b in clock.steps])
+    if background:
+        out["background_write_s"] = list(clock.writes[:len(between)])
+        out["waits_s"] = [b - a for a, b in clock.waits if b - a > 1e-3]
+    shutil.rmtree(ck, ignore_errors=True)
+    return out
+
+
+ORDER = ("none", "sync", "async", "async", "sync", "none")  # twice, mirrored: a drift in the machine's speed hits all alike
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="llama-125m")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="training's torch threads (OMP_NUM_THREADS), e.g. 1 to leave a core to the writer as a GPU "
+                         "node's host has; 0: torch's default, every core")
+    ap.add_argument("--out", default=os.path.join(here, "results", "bench_ckpt.json"))
+    ap.add_argument("--one", nargs=2, metavar=("KIND", "DATA"), help=argparse.SUPPRESS)  # (a run in a child process)
+    args = ap.parse_args()
+    if args.one:
+        kind, prefix = args.one
+        work = tempfile.mkdtemp(prefix="bench-ckpt-run-")
+        try:
+            out = one_run(prefix, args, work, 0 if kind == "none" else args.every, kind == "async", Clock())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    work = tempfile.mkdtemp(prefix="bench-ckpt-")
+    t0 = time.perf_counter()
+    runs: dict[str, list] = {"none": [], "sync": [], "async": []}
+    try:
+        prefix = prepare_data(args.data, work)
+        for kind in ORDER:  # each in its own process (nothing left over from the run before)
+            print(f"run: {kind}", flush=True)
+            os.sync()  # the run before's files on disk: its writeback does not slow this one
+            child = subprocess.run([sys.executable, __file__, "--one", kind, prefix, "--config", args.config,
+                                    "--vocab", str(args.vocab), "--steps", str(args.steps), "--every", str(args.every),
+                                    "--seq", str(args.seq)], capture_output=True, text=True,
+                                   env=dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})))
+            line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if child.returncode != 0 or line is None:
+                sys.exit(f"{child.stdout[-2000:]}{child.stderr[-3000:]}\nbench_ckpt: the {kind} run failed")
+            runs[kind].append(json.loads(line[len("RESULT "):]))
+            print(f"  {runs[kind][-1]['span_s']:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    span = {k: min(r["span_s"] for r in v) for k, v in runs.items()}  # (the least disturbed by the machine's load)
+    saves = runs["sync"][0]["saves"]
+    per = {k: (span[k] - span["none"]) / saves for k in ("sync", "async")}
+    calls = {k: statistics.median(c for r in runs[k] for c in r["save_call_s"]) for k in ("sync", "async")}
+    results = dict(config=args.config, vocab_size=args.vocab, seq=args.seq, micro_batch=1, steps=args.steps,
+                   threads=args.threads or os.cpu_count(),
+                   every=args.every, saves=saves, checkpoint_bytes=max(r["checkpoint_bytes"] for r in runs["sync"]),
+                   median_step_s=statistics.median(t for r in runs["none"] for t in r["steps_s"][1:]),
+                   span_s=span, sync_s_per_save=per["sync"], async_s_per_save=per["async"],
+                   ratio=per["async"] / per["sync"], sync_save_call_s=calls["sync"], async_save_call_s=calls["async"],
+                   async_background_write_s=statistics.median(w for r in runs["async"] for w in r["background_write_s"]),
+                   order=list(ORDER), runs=runs, wall_s=time.perf_counter() - t0)
+    print(f"\n{args.config} (vocab {args.vocab}), seq {args.seq}, 1 rank, fp32: {results['checkpoint_bytes'] / 1e9:.2f} "
+          f"GB a checkpoint, {results['median_step_s']:.2f} s a step")
+    for k in ("none", "sync", "async"):
+        each = ", ".join(f"{r['span_s']:.2f}" for r in runs[k])
+        print(f"  {k:6s} {span[k]:7.2f} s for {args.steps} steps (the shorter of {each}), "
+              f"{0 if k == 'none' else saves} saves between them")
+    print(f"  training time lost per save: sync {per['sync']:.2f} s, async {per['async']:.2f} s; async / sync "
+          f"{per['async'] / per['sync']:.2f} (target <= 0.20)")
+    print(f"  inside a save call (median): sync {calls['sync']:.2f} s, async {calls['async']:.2f} s; a background "
+          f"write {results['async_background_write_s']:.2f} s")
+    write_results(args.out, results, indent=1)
+    print(f"results: {args.out} ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
