@@ -101,13 +101,31 @@ def init_distributed(timeout_minutes: float = 10.0) -> RankInfo:
         load_comm_op()  # NOTE: before deepspeed.init_distributed, which loads it unguarded
     if not faulthandler.is_enabled():  # a rank dying of a signal (SIGSEGV, SIGABRT) prints where its threads were
         faulthandler.enable()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    restarted = elastic_store(info, timeout)
+    if restarted is not None:  # (DeepSpeed takes over a process group that exists)
+        torch.distributed.init_process_group(acc.communication_backend_name(), store=restarted, rank=info.rank,
+                                             world_size=info.world_size, timeout=timeout)
     with comm_op_skipped(acc.device_name() == "cpu" and info.world_size == 1):
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
-                                   verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))
+                                   verbose=False, timeout=timeout)
     if acc.device_name() == "cpu":
         unlink_shm_buffer(info)
     info.ranks_on_node = count_ranks_on_node()
     return info
+
+
+def elastic_store(info: "RankInfo", timeout: datetime.timedelta):
+    """Under torchrun's elastic agent (its store shared with the ranks): that store, its keys under a prefix of this
+    restart's own. NOTE: the agent's store outlives a restart, and gloo reads each peer's address from it; without a
+    prefix a restarted rank can read the dead generation's address (connection refused, then a timeout of
+    parallel.timeout_minutes). None otherwise: the process group is made as usual."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or info.world_size == 1:
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                                       is_master=False, timeout=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch.distributed.PrefixStore(f"megatrain/restart{restart}/", store)
 
 
 @contextlib.contextmanager
