@@ -201,6 +201,9 @@ def test_reader_bad_inputs(broken, tmp_path):
     optim = os.path.join(broken, "step00000004", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     data = open(optim, "rb").read()
     open(optim, "wb").write(data[: len(data) // 2])
+    # the manifest finds it first; without one (a checkpoint saved before manifests), the reader itself does
+    one_error_line(cli("convert", "consolidate", broken, "--output", out), "the manifest records")
+    os.remove(os.path.join(broken, "step00000004", "manifest.json"))
     one_error_line(cli("convert", "consolidate", broken, "--output", out), "unreadable")
     os.remove(optim)
     one_error_line(cli("convert", "consolidate", broken, "--output", out), "zero_pp_rank_0_mp_rank_00_optim_states.pt: rank file missing")
@@ -224,6 +227,7 @@ def test_converter_bad_inputs(broken, tmp_path):
                    "only the layout can change here")
     one_error_line(cli("convert", "reshard", broken, "--output", out, "--set", "parallel.tp=2", "--world-size", "3"),
                    "does not divide the world size 3")
+    os.remove(os.path.join(broken, "step00000004", "manifest.json"))  # (megatrain.json is edited below)
     state = json.load(open(_state(broken)))
     state["resolved"]["model"]["objective"] = "mlm"
     json.dump(state, open(_state(broken), "w"))
