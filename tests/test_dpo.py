@@ -78,6 +78,7 @@ def test_dpo_loss_is_log2_at_the_reference_and_falls_as_the_margin_grows():
     assert float(better) < math.log(2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_dpo_run_raises_its_reward_accuracy_and_reuses_its_reference_on_resume(pretrained, tmp_path):  # noqa: F811
     """From a tiny pretrained LM: the first step's loss is log 2 (the policy is the reference before its first

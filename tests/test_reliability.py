@@ -95,6 +95,9 @@ def test_a_checkpoint_that_names_code_is_refused_and_the_code_never_runs(tmp_pat
     assert "mp_rank_00_model_states.pt: not loaded" in line and "never pickled code" in line, line
     assert not marker.exists()
     # the readers that do not go through DeepSpeed refuse it too
+    for tag in os.listdir(ck):  # (the readers check sizes against the manifest first: past it, to the guard)
+        if os.path.isfile(os.path.join(ck, tag, "manifest.json")):
+            os.remove(os.path.join(ck, tag, "manifest.json"))
     r = cli("generate", "--checkpoint", ck, "--max-new-tokens", "2")
     assert "never pickled code" in error_line(r) and not marker.exists()
 
