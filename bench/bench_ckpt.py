@@ -32,19 +32,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from shakespeare_data import prepare_data  # noqa: E402
 from results_file import write_results  # noqa: E402
-
-
-def prepare_data(text_file: str, work: str) -> str:
-    """tinyshakespeare as two documents (90% / 10%), byte tokenizer: the prefix of the preprocessed files."""
-    text = open(text_file, encoding="utf-8").read()
-    cut = int(len(text) * 0.9)
-    src, prefix = os.path.join(work, "shakespeare.jsonl"), os.path.join(work, "shakespeare")
-    with open(src, "w") as g:
-        g.write(json.dumps({"text": text[:cut]}) + "\n" + json.dumps({"text": text[cut:]}) + "\n")
-    subprocess.run([sys.executable, "-m", "megatrain", "preprocess", "--input", src, "--tokenizer", "byte",
-                    "--output-prefix", prefix], check=True, capture_output=True)
-    return prefix
 
 
 class Clock:

@@ -36,6 +36,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from shakespeare_data import prepare_data  # noqa: E402
 from results_file import run_meta, write_results  # noqa: E402
 
 RANK_ROW = re.compile(r"rank\s+(\d+):.*\|\s+([\d.]+)M parameters \| ([\d.]+) GiB RSS")
@@ -49,18 +50,6 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "16384"}
 
 def env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", **MALLOC}
-
-
-def prepare_data(text_file: str, work: str) -> str:
-    """tinyshakespeare as two documents (90% / 10%), byte tokenizer: the prefix of the preprocessed files."""
-    text = open(text_file, encoding="utf-8").read()
-    cut = int(len(text) * 0.9)
-    src, prefix = os.path.join(work, "shakespeare.jsonl"), os.path.join(work, "shakespeare")
-    with open(src, "w") as g:
-        g.write(json.dumps({"text": text[:cut]}) + "\n" + json.dumps({"text": text[cut:]}) + "\n")
-    subprocess.run([sys.executable, "-m", "megatrain", "preprocess", "--input", src, "--tokenizer", "byte",
-                    "--output-prefix", prefix], check=True, capture_output=True, env=env())
-    return prefix
 
 
 def pretrain(sets: dict, ranks: int) -> tuple[str, float]:
@@ -79,7 +68,7 @@ def pretrain(sets: dict, ranks: int) -> tuple[str, float]:
 
 
 def part_cp(args, work: str) -> dict:
-    data = prepare_data(args.data, work)
+    data = prepare_data(args.data, work, env())
     model = {"model.d_model": args.width, "model.n_layers": args.layers, "model.n_heads": args.heads,
              "model.n_kv_heads": args.heads, "model.d_ff": args.ffn, "model.dropout": 0.0}
     common = {"data.path": data, "data.tokenizer": "byte", "data.split": "1,1,0", "train.max_steps": args.steps,

@@ -37,6 +37,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from shakespeare_data import prepare_data  # noqa: E402
 from results_file import run_meta, write_results  # noqa: E402
 
 RANK_ROW = re.compile(r"rank\s+(\d+):.*\|\s+([\d.]+)M parameters \| ([\d.]+) GiB RSS")
@@ -44,20 +45,6 @@ RANK_ROW = re.compile(r"rank\s+(\d+):.*\|\s+([\d.]+)M parameters \| ([\d.]+) GiB
 
 def env1() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def prepare_data(text_file: str, work: str) -> str:
-    """tinyshakespeare as two documents (90% / 10%), byte tokenizer: the prefix of the preprocessed files."""
-    text = open(text_file, encoding="utf-8").read()
-    cut = int(len(text) * 0.9)
-    src, prefix = os.path.join(work, "shakespeare.jsonl"), os.path.join(work, "shakespeare")
-    if os.path.isfile(prefix + ".idx"):
-        return prefix
-    with open(src, "w") as g:
-        g.write(json.dumps({"text": text[:cut]}) + "\n" + json.dumps({"text": text[cut:]}) + "\n")
-    subprocess.run([sys.executable, "-m", "megatrain", "preprocess", "--input", src, "--tokenizer", "byte",
-                    "--output-prefix", prefix], check=True, capture_output=True, env=env1())
-    return prefix
 
 
 def model_sets(args, moe: bool, width: int, ffn: int) -> dict:
@@ -87,7 +74,7 @@ def pretrain(sets: dict, launcher: list[str], env: dict) -> tuple[str, float]:
 
 
 def part_dense(args, work: str) -> dict:
-    data = prepare_data(args.data, work)
+    data = prepare_data(args.data, work, env1())
     common = {"data.path": data, "data.tokenizer": "byte", "data.split": "1,1,0", "train.max_steps": args.steps,
               "train.micro_batch_size": args.batch, "train.global_batch_size": args.batch,
               "train.warmup_steps": args.steps // 10, "train.eval_interval": args.steps,
@@ -175,7 +162,7 @@ def part_grouped(args) -> dict:
 def part_ep(args, work: str) -> dict:
     from megatrain.training.dist_env import free_port
 
-    data = prepare_data(args.data, work)
+    data = prepare_data(args.data, work, env1())
     sets = {"data.path": data, "data.tokenizer": "byte", "data.split": "1,1,0", "train.max_steps": args.ep_steps,
             "train.micro_batch_size": args.batch, "train.global_batch_size": 2 * args.batch,
             "train.eval_interval": 0, "train.log_interval": 2, "checkpoint.interval": 0,
