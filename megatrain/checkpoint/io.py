@@ -259,6 +259,14 @@ def earlier_complete(ckpt_dir: str, tag: str) -> str | None:
     return earlier[-1] if earlier else None
 
 
+def fall_back(ckpt_dir: str, tag: str, verb: str) -> str:
+    """What to do when step folder `tag` failed its manifest check: `verb` ("read", "start from") the complete
+    checkpoint before it, named by its path, or that there is none."""
+    earlier = earlier_complete(ckpt_dir, tag)
+    return f"{verb} the complete checkpoint before it, {os.path.join(ckpt_dir, earlier)}" if earlier else \
+        "no earlier complete checkpoint is beside it"
+
+
 def read_pointer(ckpt_dir: str, name: str) -> str | None:
     """The tag a pointer file (latest, best) names, or None."""
     path = os.path.join(ckpt_dir, name)

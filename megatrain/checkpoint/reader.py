@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 
 from megatrain.checkpoint import manifest
-from megatrain.checkpoint.io import (DEEPSPEED_RECORDS, STATE_FILE, earlier_complete, frozen_experts_file,
+from megatrain.checkpoint.io import (DEEPSPEED_RECORDS, STATE_FILE, fall_back, frozen_experts_file,
                                     numpy_scalars, read_latest, why_unreadable)
 from megatrain.checkpoint.stream import TORCH_DTYPES, read_header
 from megatrain.config import Config, ConfigError, config_from_dict
@@ -143,10 +143,7 @@ class CheckpointReader:
                                   f"folder")
         problem = None if self.consolidated else manifest.check(self.folder, verify)
         if problem:
-            earlier = earlier_complete(self.dir, self.tag)
-            fix = f"read the complete checkpoint before it, {os.path.join(self.dir, earlier)}" if earlier else \
-                "no earlier complete checkpoint is beside it"
-            raise CheckpointError(f"{problem}; {fix}")
+            raise CheckpointError(f"{problem}; {fall_back(self.dir, self.tag, 'read')}")
         try:
             with open(state_path) as f:
                 self.state = json.load(f)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from megatrain.data.readers import InputError
 from megatrain.data.task_files import read_records
 from megatrain.model import IGNORE_INDEX
-from megatrain.tasks.base import Batch, Examples, FinetuneTask
+from megatrain.tasks.base import Batch, Examples, FinetuneTask, pad_rows
 from megatrain.tasks.lm import SFT
 
 REFERENCE_FILE = "dpo_reference.safetensors"
@@ -98,17 +98,12 @@ class DPO(SFT):
                              f"max_seq_len)")
         return Examples(items, self.cfg.train.seed, shuffle=train, truncated=truncated)
 
-    def rows_per_epoch(self, train: Examples) -> int:
-        return len(train)
-
     def collate(self, items: list, device) -> Batch:
         rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-        T = max(len(x) for x, _ in rows)
-        tokens = torch.full((len(rows), T), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        segments = torch.zeros((len(rows), T), dtype=torch.long)
-        for b, (x, y) in enumerate(rows):
-            tokens[b, : len(x)], labels[b, : len(y)], segments[b, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        tokens, segments = pad_rows([x for x, _ in rows], self.pad)
+        labels = torch.full_like(tokens, IGNORE_INDEX)
+        for b, (_, y) in enumerate(rows):
+            labels[b, : len(y)] = torch.tensor(y)
         ref = torch.tensor([it["ref"] or (0.0, 0.0) for it in items], dtype=torch.float32)
         return Batch(tokens.to(device), labels.to(device), segments.to(device), extra={"ref": ref.to(device)})
 

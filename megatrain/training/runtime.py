@@ -160,10 +160,7 @@ class Run:
             return
         problem = manifest.verify(source.reader.folder, "full")
         if problem:
-            earlier = checkpoint.earlier_complete(source.reader.dir, source.reader.tag)
-            fix = f"start from the complete checkpoint before it, {source.reader.dir}/{earlier}" if earlier else \
-                "no earlier complete checkpoint is beside it"
-            raise ConfigError(f"{problem}; {fix}")
+            raise ConfigError(f"{problem}; {checkpoint.fall_back(source.reader.dir, source.reader.tag, 'start from')}")
 
     def resume(self, engine) -> TrainState:
         """checkpoint.dir/latest (if any, and checkpoint.resume) into the engine; the step and samples it reached."""
