@@ -301,7 +301,6 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                                    if "moe_aux" in row else ""))
                 logger.advance(0, f"loss {row['loss']:.3f}")
                 window = Window()
-                evals.poll()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
                 row = task.evaluate(run, engine, valid_ds)
                 row.update(evaluate_sets(run, engine, task, eval_sets or {}))
