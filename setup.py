@@ -95,10 +95,14 @@ setup(
         "wandb>=0.18",
         "tensorboard>=2.15",
         "ninja",
+        "fastapi>=0.110",  # megatrain serve: the OpenAI-compatible API
+        "uvicorn>=0.29",
+        "sse-starlette>=2.0",  # its streamed responses (server-sent events)
     ],
     extras_require={"eval": ["lm-eval>=0.4,<0.5"],
                     "bench": ["peft>=0.10"],  # bench_finetune: the Trainer's LoRA
-                    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "lm-eval>=0.4,<0.5", "accelerate"]},  # accelerate: lm-eval's hf model
+                    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "lm-eval>=0.4,<0.5", "accelerate",
+                             "openai>=1.40"]},  # openai: the real client against megatrain serve  # accelerate: lm-eval's hf model
     # Presets and DeepSpeed JSONs, for non-editable installs (found under <prefix>/share/megatrain).
     data_files=[("share/megatrain/configs", sorted(glob.glob("configs/*.yaml"))),
                 ("share/megatrain/ds_configs", sorted(glob.glob("ds_configs/*.json")))],

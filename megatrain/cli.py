@@ -22,6 +22,7 @@ COMMANDS = {
     "plot": ("megatrain.plot", "training curves of one or more runs as a PNG (or .pdf, .svg, ...)"),
     "lm-eval": ("megatrain.lmeval", "lm-evaluation-harness tasks on a checkpoint of any layout"),
     "generate": ("megatrain.generate", "sample text from a checkpoint (any layout) with a KV cache"),
+    "serve": ("megatrain.serve", "an OpenAI-compatible HTTP server for a checkpoint, batching requests together"),
     "convert": ("megatrain.convert", "consolidate, reshard, to-hf, from-hf: move checkpoints between layouts and formats"),
     "hostfile": ("megatrain.launch.hostfile", "write a DeepSpeed hostfile from SLURM_JOB_NODELIST or a host list"),
     "launch": ("megatrain.launch.multinode", "preflight-check every host, then `deepspeed --hostfile` over pdsh + ssh"),

@@ -112,6 +112,27 @@ def check_length(max_new_tokens: int, prompt_tokens: int, max_seq_len: int, wher
                           f"tokens; after a {prompt_tokens}-token prompt at most {room} new tokens fit")
 
 
+def run_tokenizer(model: Transformer, saved: dict, ckpt_dir: str, spec: str | None = None):
+    """The tokenizer a checkpoint trained with, or `spec` (--tokenizer) when it has the same vocabulary."""
+    from megatrain.data import TokenizerError, build_tokenizer
+    from megatrain.data.tokenizer import check_same_vocabulary
+
+    own = saved["config"]["data"]["tokenizer"]
+    try:
+        tok = build_tokenizer(spec or own)
+    except TokenizerError as e:
+        if spec:
+            raise
+        raise TokenizerError(f"{e} (the tokenizer {ckpt_dir} was trained with; or pass --tokenizer SPEC of "
+                             f"the same vocabulary)") from None
+    if spec:  # ids mean what the run's tokenizer says they mean: another one decodes them to other text
+        check_same_vocabulary(tok, f"--tokenizer {spec}", own, f"{ckpt_dir} was trained with")
+    if tok.vocab_size > model.cfg.vocab_size:  # ids the model has no rows for (where the above could not compare)
+        raise ConfigError(f"--tokenizer {spec}: {tok.vocab_size} pieces, more than the model's vocabulary of "
+                          f"{model.cfg.vocab_size}; use the tokenizer the run trained with (the default)")
+    return tok
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="checkpoint.dir of a training run, a convert output or a Hugging Face model folder")
@@ -127,27 +148,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from megatrain.data import TokenizerError, build_tokenizer
-    from megatrain.data.tokenizer import check_same_vocabulary
-
     check_numbers(("--max-new-tokens", args.max_new_tokens, 1), ("--num-samples", args.num_samples, 1),
                   ("--top-k", args.top_k, 0), ("--temperature", args.temperature, 0))
     model, saved = load_model(args.checkpoint, args.tag)
     if model.cfg.objective != "causal":
         raise ConfigError("generate needs a causal LM checkpoint (this one was trained with objective=mlm)")
-    own = saved["config"]["data"]["tokenizer"]
-    try:
-        tok = build_tokenizer(args.tokenizer or own)
-    except TokenizerError as e:
-        if args.tokenizer:
-            raise
-        raise TokenizerError(f"{e} (the tokenizer {args.checkpoint} was trained with; or pass --tokenizer SPEC of "
-                             f"the same vocabulary)") from None
-    if args.tokenizer:  # ids mean what the run's tokenizer says they mean: another one decodes them to other text
-        check_same_vocabulary(tok, f"--tokenizer {args.tokenizer}", own, f"{args.checkpoint} was trained with")
-    if tok.vocab_size > model.cfg.vocab_size:  # ids the model has no rows for (where the above could not compare)
-        raise ConfigError(f"--tokenizer {args.tokenizer}: {tok.vocab_size} pieces, more than the model's vocabulary of "
-                          f"{model.cfg.vocab_size}; use the tokenizer the run trained with (the default)")
+    tok = run_tokenizer(model, saved, args.checkpoint, args.tokenizer)
     ids = tok.encode(args.prompt) if args.prompt else [tok.eod_id]
     if len(ids) >= model.cfg.max_seq_len:
         raise ConfigError(f"--prompt is {len(ids)} tokens; this model reads at most model.max_seq_len="

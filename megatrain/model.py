@@ -107,6 +107,9 @@ class KVCache:
     layer keeps only its window, as a ring: position p lives in slot p % window (attention does not care about the
     order of the keys it reads, and RoPE is applied before a key is stored)."""
 
+    positions: torch.Tensor | None = None  # [B, T] each row's own positions (serve/batcher.py's SlotCache); None:
+    # every row at `pos`
+
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         hd = head_dim(cfg)
         self.window = [cfg.sliding_window if is_local_layer(cfg, i) and cfg.sliding_window < max_len else 0
@@ -248,7 +251,9 @@ class Attention(nn.Module):
         causal = self.causal
         if cache is not None:  # (the cache holds [B, kv heads, length, head_dim])
             k, v = (t.transpose(1, 2) for t in cache.update(layer, k.transpose(1, 2), v.transpose(1, 2), pos))
-            if pos > 0:
+            if cache.positions is not None:  # rows at their own positions: the cache says which keys each query sees
+                mask, causal = cache.visible(self.window), False
+            elif pos > 0:
                 if T != 1:
                     raise ValueError("with a KV cache, only the first call may pass more than one token")
                 causal = False  # one new query attends to every cached position (a window layer caches its window)
@@ -267,7 +272,7 @@ class Attention(nn.Module):
             y = document_attention(q, k, v, mask, causal, self.scale, self.window, self.softcap, dropout)
             return y.transpose(1, 2)
         T = q.shape[2]
-        if self.window and T > self.window:  # the window cuts into the causal triangle
+        if self.window and T > self.window and k.shape[2] == T:  # the window cuts into the causal triangle
             if mask is None and not self.softcap:
                 mask = window_bias(T, self.window, q.device, q.dtype)
             else:  # a given mask, or capped attention's bool mask
@@ -428,6 +433,8 @@ class Transformer(nn.Module):
         mask, positions = None, None
         if segments is not None:
             mask, positions = Documents.of(segments), segment_positions(segments)[:, rank * T:(rank + 1) * T]
+        if cache is not None and cache.positions is not None:  # a serving batch: each row at its own position
+            positions = cache.positions
         x = self.embed_tokens(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions if positions is not None else

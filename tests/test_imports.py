@@ -34,7 +34,8 @@ LAYERS = [
     # the commands' modules: `megatrain <command>` (a command whose module needs nothing above its own layer lives
     # there: data/preprocess.py, launch/hostfile.py, kernels/__main__.py)
     ("megatrain.pretrain", "megatrain.finetune", "megatrain.generate", "megatrain.predict", "megatrain.evaluate",
-     "megatrain.lmeval", "megatrain.plan", "megatrain.plot", "megatrain.convert", "megatrain.launch"),
+     "megatrain.lmeval", "megatrain.plan", "megatrain.plot", "megatrain.convert", "megatrain.launch",
+     "megatrain.serve"),
     # what the user runs: the CLI and the `python -m` faces (a module's `if __name__ == "__main__":` block counts here)
     ("megatrain.cli", "megatrain.__main__", "megatrain.convert.__main__"),
 ]

@@ -73,6 +73,14 @@ class MaskedLM(Task):
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
+def chat_prompt(tok, msgs: list[dict]) -> str:
+    """The text an assistant's next turn follows: the tokenizer's chat template with its generation prompt, or the
+    plain format up to `Assistant: ` (what sft trains on; predict and serve feed it)."""
+    if getattr(getattr(tok, "tok", None), "chat_template", None):
+        return tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant: "
+
+
 def _fields_needed(rec, *keys: str) -> None:
     """A row that lacks what an sft model reads (a classify row {text, label} given to one, say): one line naming
     the fields it reads and those the row has."""
@@ -133,10 +141,7 @@ class SFT(FinetuneTask):
     def prompt_text(self, msgs: list[dict]) -> str:
         """The text the assistant's next turn follows (what predict feeds the model): the chat template's generation
         prompt, or the plain format up to `Assistant: `."""
-        template = getattr(getattr(self.tok, "tok", None), "chat_template", None)
-        if template:
-            return self.tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant: "
+        return chat_prompt(self.tok, msgs)
 
     def tokens(self, msgs: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and which of them the loss covers."""
