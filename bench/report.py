@@ -469,6 +469,27 @@ def ckpt(name: str, d: dict) -> list[dict]:
     return [section("ckpt", f"Training on {threads} thread{'s' if threads != 1 else ''}", d["meta"], name, body)]
 
 
+def serve(name: str, d: dict) -> list[dict]:
+    runs, hf = d["runs"], d["hf_loop"]
+    serial = {r["clients"]: r for r in runs if r["slots"] == 1}
+    rows = []
+    for r in runs:
+        base = serial.get(r["clients"])
+        rows.append([r["mode"] + (f" ({r['slots']} slots)" if r["slots"] > 1 else ""), str(r["clients"]),
+                     num(r["tokens_per_s"], 1), ratio(r["tokens_per_s"], base["tokens_per_s"]) if base else "",
+                     ratio(r["tokens_per_s"], hf["tokens_per_s"]), f"{r['ttft_p50_s']:.3f} s",
+                     f"{r['ttft_p99_s']:.3f} s", f"{1e3 * r['tpot_p50_s']:.1f} ms", f"{1e3 * r['tpot_p99_s']:.1f} ms"])
+    rows.append(["transformers `generate`, one after another", "1", num(hf["tokens_per_s"], 1), "", "1.00x", "", "",
+                 "", ""])
+    n = hf["requests"]
+    body = [f"`{d['model']}`, {n} chat requests, greedy, at most {d['max_tokens']} tokens each. Outputs equal to "
+            f"transformers' generate: {d['same_as_transformers']}/{n}; equal in every run of the server: "
+            f"{d['same_across_runs']}/{n}.", ""]
+    body += table(["server", "clients", "tokens/s", "vs one at a time", "vs transformers", "first token p50",
+                   "p99", "per output token p50", "p99"], rows)
+    return [section("serve", "Serving", d["meta"], name, body)]
+
+
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
 RENDERERS = [
     ("bench_data.json", (), data),
@@ -484,6 +505,7 @@ RENDERERS = [
     ("bench_moe.json", (), moe),
     ("bench_long.json", (), long_),
     ("soak.json", (), soak),
+    ("bench_serve.json", (), serve),
 ]
 
 

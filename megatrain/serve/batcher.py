@@ -27,14 +27,14 @@ from megatrain.model_config import head_dim, kv_heads
 
 
 class SlotCache(KVCache):
-    """Keys and values of `slots` sequences, [slots, kv heads, max_len, head_dim] a layer; `select` names the rows a
-    forward works on (a range of slots) and each row's positions. A sliding-window layer keeps every position: its
-    window is part of the mask (`visible`)."""
+    """Keys and values of `slots` sequences, [slots, kv heads, length, head_dim] a layer, the length grown (doubled)
+    as the longest sequence needs, up to max_len; `select` names the rows a forward works on (a range of slots) and
+    each row's positions. A sliding-window layer keeps every position: its window is part of the mask (`visible`)."""
 
     def __init__(self, cfg, slots: int, max_len: int, device, dtype):
-        shape = (slots, kv_heads(cfg), max_len, head_dim(cfg))
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.shape = (slots, kv_heads(cfg), 0, head_dim(cfg))
+        self.k = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.max_len = max_len
 
     def select(self, first: int, positions: torch.Tensor) -> None:
@@ -42,8 +42,16 @@ class SlotCache(KVCache):
         self.rows = slice(first, first + positions.shape[0])
         self.positions = positions
         self.length = int(positions.max()) + 1  # keys past every row's last position are never read
+        if self.length > self.k[0].shape[2]:
+            self._grow(min(self.max_len, max(self.length, 2 * self.k[0].shape[2], 64)))
         keys = torch.arange(self.length, device=positions.device)
         self.offsets = positions[:, :, None] - keys  # [B, T, length]: query position minus key position
+
+    def _grow(self, length: int) -> None:
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                cache[i] = torch.zeros(self.shape[:2] + (length,) + self.shape[3:], device=old.device, dtype=old.dtype)
+                cache[i][:, :, : old.shape[2]] = old
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         B = k.shape[0]
