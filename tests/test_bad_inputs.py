@@ -153,6 +153,9 @@ CASES = [
     ("generate no samples", ["generate", "--checkpoint", "{ck}", "--num-samples", "0"], "--num-samples", None),
     ("generate negative length", ["generate", "--checkpoint", "{ck}", "--max-new-tokens", "-1"], "--max-new-tokens", None),
     ("generate negative temperature", ["generate", "--checkpoint", "{ck}", "--temperature", "-1"], "--temperature", None),
+    ("serve missing checkpoint", ["serve", "--checkpoint", "{w}/nothing", "--port", "0"], "nothing", None),
+    ("serve no slots", ["serve", "--checkpoint", "{ck}", "--slots", "0"], "--slots", None),
+    ("serve bad port", ["serve", "--checkpoint", "{ck}", "--port", "70000"], "--port 70000", None),
     ("generate truncated rank file", ["generate", "--checkpoint", "{w}/trunc_ck"], "model_states.pt", None),
     ("generate invalid megatrain.json", ["generate", "--checkpoint", "{w}/bad_state"], "megatrain.json", None),
     # hostfile, launch

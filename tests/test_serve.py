@@ -317,3 +317,15 @@ def test_greedy_output_equals_transformers_on_the_export(trained, tmp_path):
             assert text.choices[0].text == tok.decode([t for t in out if t != tok.eod_id])
         finally:
             s.close()
+
+
+def test_a_port_in_use_is_one_line():
+    from megatrain.config import ConfigError
+    from megatrain.serve import check_port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port {port}: cannot listen there"):
+            check_port("127.0.0.1", port)

@@ -39,8 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_port(host: str, port: int) -> None:
     from megatrain.config import ConfigError
 
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port {port}: must be 1 to 65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -60,6 +58,8 @@ def load(args: argparse.Namespace):
     from megatrain.serve.batcher import Batcher
     from megatrain.tasks.lm import chat_prompt
 
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port}: must be 1 to 65535 (0: any free port)")
     check_numbers(("--slots", args.slots, 1), ("--max-waiting", args.max_waiting, 1),
                   ("--max-len", args.max_len, 2), ("--request-timeout", args.request_timeout, 0.001))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,8 +82,8 @@ def command(args: argparse.Namespace) -> int:
 
     from megatrain.serve.api import build_app
 
+    served, saved = load(args)  # (the checks of every flag and the checkpoint first)
     check_port(args.host, args.port)
-    served, saved = load(args)
     app = build_app(served)
     served.batcher.start()
     print(f"megatrain serve: {served.model_id} ({args.checkpoint}, step {saved['step']}) on "

@@ -133,6 +133,9 @@ class Choices:
                 self.seqs.append(Sequence(prompt, s, send, deadline, decode))
         self.open = len(self.seqs)
         self.prompt_tokens = sum(len(p) for p in prompts)  # each prompt once, whatever n
+        if served.batcher.error is not None:
+            raise ApiError(503, "the model's batcher failed; see the server's log (restart the server)",
+                           code="server_error", kind="server_error")
         try:
             served.batcher.submit(self.seqs)
         except Busy as e:
