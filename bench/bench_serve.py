@@ -5,8 +5,8 @@ against transformers' `generate` in a loop, on the same chat requests (greedy, t
 
 The model is SmolLM2-135M-Instruct as a Hugging Face folder (`bash ../shared/data/fetch_smollm2.sh` writes it to
 ~/.cache/megatrain-real-data/smollm2-135m; any causal LM folder or megatrain checkpoint works). Each server is a
-`megatrain serve` process of its own on 127.0.0.1 (--slots 16, then --slots 1: one request at a time, the rest queued);
-the clients are threads of this process streaming through the `openai` client, each taking the next request until
+`megatrain serve` process of its own on 127.0.0.1 (--slots 16, and --slots 1: one request at a time, the rest queued;
+both up, each level measured on one then the other); the clients are threads of this process streaming through the `openai` client, each taking the next request until
 all are answered. Per request: time to first token (the first streamed text), time per output token after it; per
 run: completion tokens / wall time. transformers' loop runs in this process after the servers have stopped.
 Results go to bench/results/bench_serve.json.
@@ -151,17 +151,21 @@ def main() -> None:
     chats = requests(args.requests)
     levels = [int(c) for c in args.clients.split(",")]
     runs = []
-    for slots, mode in ((16, "batched"), (1, "one at a time")):
-        server = Server(args.model, slots)
-        try:
-            drive(server.port, chats[:2], 1, 4)  # warm-up: the first forwards allocate
-            for c in levels:
+    servers = {}
+    try:  # both servers up at once (an idle one waits without using the CPU): each level is measured on both in
+        # turn, so a change in the machine's other load falls on both sides alike
+        for slots, mode in ((16, "batched"), (1, "one at a time")):
+            servers[mode] = Server(args.model, slots)
+            drive(servers[mode].port, chats[:2], 1, 4)  # warm-up: the first forwards allocate
+        for c in levels:
+            for mode, server in servers.items():
                 r = drive(server.port, chats, c, args.max_tokens)
-                runs.append(dict(mode=mode, slots=slots, **r))
+                runs.append(dict(mode=mode, slots=16 if mode == "batched" else 1, **r))
                 print(f"{mode:>14} {c:>3} clients: {r['tokens_per_s']:7.1f} tokens/s, time to first token p50 "
                       f"{r['ttft_p50_s']:.3f} s p99 {r['ttft_p99_s']:.3f} s, per output token p50 "
                       f"{1e3 * r['tpot_p50_s']:.1f} ms p99 {1e3 * r['tpot_p99_s']:.1f} ms", flush=True)
-        finally:
+    finally:
+        for server in servers.values():
             server.close()
     hf = hf_loop(args.model, chats, args.max_tokens)
     print(f"transformers generate loop: {hf['tokens_per_s']:.1f} tokens/s", flush=True)

@@ -227,12 +227,13 @@ TEXT = {
              "the documents path makes nothing of T x T."),
     "serve": dict(
         title="Serving",
-        measures="`bench/bench_serve.py` starts `megatrain serve` on 127.0.0.1 twice, with 16 slots (continuous "
-                 "batching) and with 1 (one request at a time, the others queued), and sends the same chat requests "
-                 "through the `openai` client from 1, 4 and 16 concurrent client threads, streaming; then it runs "
-                 "transformers' `generate` on the same prompts one after another in its own process. Per run: "
-                 "completion tokens per second of wall time; per request: the time to the first streamed text and "
-                 "the time per output token after it (p50 and p99).",
+        measures="`bench/bench_serve.py` starts two `megatrain serve` processes on 127.0.0.1, with 16 slots "
+                 "(continuous batching) and with 1 (one request at a time, the others queued), and sends each the "
+                 "same chat requests through the `openai` client from 1, 4 and 16 concurrent client threads, "
+                 "streaming, each level on one server then the other; then it runs transformers' `generate` on the "
+                 "same prompts one after another in its own process. Per run: completion tokens per second of wall "
+                 "time; per request: the time to the first streamed text and the time per output token after it "
+                 "(p50 and p99).",
         run="`python bench/bench_serve.py [--model DIR] [--requests 16] [--max-tokens 32] [--clients 1,4,16]` "
             "(`--model`: SmolLM2-135M-Instruct from `bash ../shared/data/fetch_smollm2.sh` by default)",
         read="The target is at least 3x the one-at-a-time throughput at 16 clients. On a CPU a decode step of a "

@@ -239,7 +239,6 @@ class Batcher:
         return logits
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits, -1)
         greedy = logits.argmax(-1).tolist()
         for b, seq in enumerate(seqs):
             s = seq.sampling
@@ -247,8 +246,9 @@ class Batcher:
             seq.out.append(token)
             info = {}
             if s.logprobs is not None:
-                info["logprob"] = float(logp[b, token])
-                top = torch.topk(logp[b], s.logprobs) if s.logprobs else None
+                logp = torch.log_softmax(logits[b], -1)
+                info["logprob"] = float(logp[token])
+                top = torch.topk(logp, s.logprobs) if s.logprobs else None
                 info["top"] = {seq.decode([int(i)]): float(v) for v, i in zip(*top)} if top else {}
             self._advance(seq, token, info)
 
