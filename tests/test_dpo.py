@@ -1,6 +1,6 @@
 """Preference tuning (finetune.task=dpo, tasks/preference.py): the pairs as sft renders them, the loss against a hand
-computation from per-token log-probabilities, the reference computed once and reused, and a run whose reward
-accuracy rises."""
+computation from per-token log-probabilities, the training log's reward figures against an evaluation's, the
+reference computed once and reused and a run whose reward accuracy rises."""
 import json
 import math
 import os
@@ -15,6 +15,32 @@ from training_utils import losses
 
 from megatrain.model import IGNORE_INDEX, Transformer
 from megatrain.tasks.preference import REFERENCE_FILE, dpo_loss, sequence_logps
+
+
+class ModelEngine:
+    """A model as the training loop calls its engine: forwards counted, a plain backward, no update."""
+
+    def __init__(self, model):
+        self.module, self.device, self.forwards = model, torch.device("cpu"), 0
+
+    def __call__(self, *args):
+        self.forwards += 1
+        return self.module(*args)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def fp16_enabled(self):
+        return False
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        self.module.train()
 
 
 def pairs(n: int) -> list[dict]:
@@ -40,14 +66,7 @@ def test_each_response_is_scored_as_sft_would_train_it_and_the_loss_matches_a_ha
     model = Transformer(cfg.model)
     batch = task.collate(items, "cpu")
     assert batch.tokens.shape[0] == 4 and task.targets(batch) == 2
-
-    class Engine:  # the model as the engine calls it
-        module = model
-
-        def __call__(self, *args):
-            return model(*args)
-
-    loss = task.loss(Engine(), batch)
+    loss = task.loss(ModelEngine(model), batch)
     by_hand = []
     for i, it in enumerate(items):
         lp = []
@@ -58,6 +77,42 @@ def test_each_response_is_scored_as_sft_would_train_it_and_the_loss_matches_a_ha
         h = 0.5 * ((lp[0] - it["ref"][0]) - (lp[1] - it["ref"][1]))
         by_hand.append(-0.9 * math.log(1 / (1 + math.exp(-h))) - 0.1 * math.log(1 / (1 + math.exp(h))))
     assert abs(float(loss) - sum(by_hand) / 2) < 1e-5
+
+
+def test_a_training_step_logs_the_reward_figures_an_evaluation_of_its_pairs_reports(tmp_path):
+    """train_step's sums over 4 micro-batches (of 2 pairs) give the evaluation's reward accuracy, margin and mean
+    rewards of the step's 8 pairs, from the training forwards alone (one per micro-batch), kept on the device
+    until the log line reads them."""
+    from types import SimpleNamespace
+
+    from megatrain.config import validate_world
+    from megatrain.parallel.topology import Layout
+    from megatrain.training.loop import Window, train_step
+
+    cfg, task = task_for("dpo", ["finetune.dpo_beta=0.5", "train.global_batch_size=8", "train.micro_batch_size=2"])
+    examples = task.encode(write(tmp_path / "pairs.jsonl", pairs(8)), train=True)
+    torch.manual_seed(0)
+    engine = ModelEngine(Transformer(cfg.model))
+    with torch.no_grad():  # references around the policy's own log-probabilities: rewards of both signs
+        pi = task.logps(engine, task.collate(examples.items, "cpu"))
+    for item, ref in zip(examples.items, (pi + torch.randn(pi.shape)).tolist()):
+        item["ref"] = tuple(ref)
+    run = SimpleNamespace(cfg=cfg, layout=Layout(tp=1, pp=1, dp=1), dp_rank=0, grad_accum=validate_world(cfg, 1),
+                          rank=0)
+    engine.forwards = 0
+    share, _, sums = train_step(run, engine, task, examples, 0)
+    assert engine.forwards == run.grad_accum == 4 and isinstance(sums, torch.Tensor) and sums.device == engine.device
+    window = Window()
+    window.add(share, sums)
+    logged = window.task_row(run, task)
+    results = task.run_items(run, engine, examples)[1]
+    want = task.score(examples, results)
+    assert sorted(logged) == sorted(want) == ["chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin"]
+    assert 0 < want["reward_accuracy"] < 1, want
+    for key in want:
+        assert abs(logged[key] - want[key]) < 1e-5, (key, logged, want)
+    assert abs(float(share) - sum(task.train_loss(engine, task.collate([it], "cpu"))[0].item()
+                                  for it in examples.items) / 8) < 1e-5
 
 
 def test_sequence_logps_sum_each_rows_targets_only():
@@ -95,6 +150,13 @@ def test_a_dpo_run_raises_its_reward_accuracy_and_reuses_its_reference_on_resume
     assert sorted(accuracy) == [4, 8]
     assert 0 < margins[4] < margins[8] and accuracy[8] >= 0.75, (accuracy, margins)
     assert all(math.isfinite(v) for v in losses(out).values())
+    # each training row carries its batch's reward figures: 0 at the first step (the policy is the reference), the
+    # chosen responses ahead by the last
+    rewards = {key: losses(out, key=key) for key in ("reward_accuracy", "reward_margin", "chosen_reward",
+                                                     "rejected_reward")}
+    assert all(sorted(v) == list(range(1, 9)) for v in rewards.values()), rewards
+    assert abs(rewards["chosen_reward"][1]) < 1e-4 and abs(rewards["rejected_reward"][1]) < 1e-4
+    assert rewards["reward_margin"][8] > 0 and rewards["reward_accuracy"][8] > 0.5, rewards
     ref_path = os.path.join(out, REFERENCE_FILE)
     made = os.path.getmtime(ref_path)
     more = ft_sets(pretrained, out, train, valid, **{"train.max_steps": 10, "train.lr": 1e-2, "finetune.dpo_beta": 0.5})
@@ -129,5 +191,9 @@ def test_two_rank_zero2_and_tp2_dpo_equal_one_rank(pretrained, tmp_path):  # noq
 
     for name in ("zero2", "tp2"):
         assert_close_curves(losses(runs["one"]), losses(runs[name]), rtol=1e-5)
+        for key in ("reward_accuracy", "reward_margin"):  # over both ranks' pairs (step 1's rewards are ~0: noise)
+            assert_close_curves(losses(runs["one"], key=key), losses(runs[name], key=key), rtol=1e-4,
+                                steps=range(2, 7))
         for key in ("val_loss", "val_reward_margin"):
             assert_close_curves(losses(runs["one"], "eval", key), losses(runs[name], "eval", key), rtol=1e-5)
+
