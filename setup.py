@@ -101,8 +101,10 @@ setup(
     ],
     extras_require={"eval": ["lm-eval>=0.4,<0.5"],
                     "bench": ["peft>=0.10"],  # bench_finetune: the Trainer's LoRA
-                    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "lm-eval>=0.4,<0.5", "accelerate",
-                             "openai>=1.40"]},  # openai: the real client against megatrain serve  # accelerate: lm-eval's hf model
+                    # accelerate: lm-eval's hf model; trl: the DPO parity test (TRL's DPOTrainer); openai: the
+                    # real client against megatrain serve; pytest-xdist: CI's slow tier on both cores
+                    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6",
+                             "lm-eval>=0.4,<0.5", "accelerate", "trl>=1.16", "openai>=1.40"]},
     # Presets and DeepSpeed JSONs, for non-editable installs (found under <prefix>/share/megatrain).
     data_files=[("share/megatrain/configs", sorted(glob.glob("configs/*.yaml"))),
                 ("share/megatrain/ds_configs", sorted(glob.glob("ds_configs/*.json")))],

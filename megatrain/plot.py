@@ -2,12 +2,12 @@
 curves from metrics.jsonl as one image, PNG or the format the output's extension names (.pdf, .svg, ...; matplotlib,
 Agg: no display needed).
 
-One panel per metric, step on x, every run in its own colour and labelled by its folder. The training loss is drawn
-raw (thin) and smoothed (an exponential moving average, thick); evaluation metrics (val_*, train.eval_sets's
-val_loss/NAME, train.eval_tasks's lm_eval/TASK/METRIC: accuracies and exact matches by default) as marked points; a
-resumed run continues on the same curve (a later row for a step replaces an earlier one, as after a resume from an
-older checkpoint), with a dotted line where it stopped and resumed. A fine-tuning run's default panels add its task
-metric (finetune.metric_for_best, or the task's own).
+One panel per metric, step on x, every run in its own colour and labelled by its folder. The training loss (and a
+dpo run's training reward figures) is drawn raw (thin) and smoothed (an exponential moving average, thick);
+evaluation metrics (val_*, train.eval_sets's val_loss/NAME, train.eval_tasks's lm_eval/TASK/METRIC: accuracies and
+exact matches by default) as marked points; a resumed run continues on the same curve (a later row for a step
+replaces an earlier one, as after a resume from an older checkpoint), with a dotted line where it stopped and
+resumed. A fine-tuning run's default panels add its task metric (finetune.metric_for_best, or the task's own).
 """
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ import sys
 from megatrain.config import ConfigError
 
 # the panels drawn by default (those the runs have): a MoE run adds its expert load (the worst layer's coefficient
-# of variation of the tokens per expert, and its busiest expert's tokens over the mean) and its load-balancing loss
-DEFAULT = ("loss", "val_loss", "lr", "tokens_per_s", "moe_load_cv", "moe_load_max", "moe_aux")
+# of variation of the tokens per expert, and its busiest expert's tokens over the mean) and its load-balancing loss;
+# a dpo run its training batches' reward accuracy, margin and mean rewards
+DPO_TRAIN = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+DEFAULT = ("loss", "val_loss", "lr", "tokens_per_s", "moe_load_cv", "moe_load_max", "moe_aux") + DPO_TRAIN
+SMOOTHED = ("loss",) + DPO_TRAIN  # per-batch figures: drawn raw and smoothed
 SMOOTHING_POINTS = 10  # the smoothed training loss averages over about a tenth of the points (window ~ n / 10)
 
 
@@ -144,7 +147,7 @@ def plot(run_dirs: list[str], metrics: list[str] | None = None, output: str = "c
             entry = {"steps": steps, "values": values}
             if is_eval_metric(metric):
                 ax.plot(steps, values, "o-", color=c, label=label, markersize=4)
-            elif metric == "loss":
+            elif metric in SMOOTHED:
                 entry["smoothed"] = smooth(values)
                 ax.plot(steps, values, color=c, alpha=0.3, linewidth=0.8)
                 ax.plot(steps, entry["smoothed"], color=c, linewidth=2, label=f"{label} (smoothed)")

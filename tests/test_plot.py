@@ -44,6 +44,19 @@ def test_curves_of_two_runs_one_resumed(tmp_path):
     assert list(drawn) == ["val_loss"] and png_size(tmp_path / "one.png")[0] >= 600
 
 
+def test_a_dpo_runs_training_rewards_get_panels_of_their_own(tmp_path):
+    keys = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+    a = write_run(tmp_path / "a", [{"step": s, "loss": 0.7 - s / 100, "lr": 1e-3, "reward_accuracy": s / 10,
+                                    "reward_margin": s / 5, "chosen_reward": s / 10, "rejected_reward": -s / 10}
+                                   for s in range(1, 11)] + [{"step": 10, "kind": "eval", "val_loss": 0.6}])
+    drawn = plot([a], output=str(tmp_path / "dpo.png"))
+    assert list(drawn) == ["loss", "val_loss", "lr", *keys]
+    for key in keys:  # per-batch figures: raw and smoothed, like the loss
+        assert drawn[key][a]["values"][-1] == {"reward_accuracy": 1.0, "reward_margin": 2.0, "chosen_reward": 1.0,
+                                               "rejected_reward": -1.0}[key]
+        assert len(drawn[key][a]["smoothed"]) == 10
+
+
 def test_bad_input(tmp_path):
     a = write_run(tmp_path / "a", [{"step": 1, "loss": 1.0}])
     with pytest.raises(ConfigError, match="no metrics.jsonl"):

@@ -119,6 +119,16 @@ class Task:
         """The mean loss over the micro-batch's targets (through the engine, so DeepSpeed's hooks run)."""
         return engine(*batch.model_inputs())
 
+    def train_loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A training micro-batch's mean loss, and what else the task logs about it from the same forward: sums on
+        the device that the loop adds up unread over the micro-batches and ranks of the logged steps and hands to
+        `train_metrics` once per log line (None: nothing)."""
+        return self.loss(engine, batch), None
+
+    def train_metrics(self, sums: torch.Tensor) -> dict:
+        """The metrics.jsonl keys of `train_loss`'s sums, added up over a log line's steps, micro-batches and ranks."""
+        return {}
+
     counts_lm_head = True  # flops_per_token includes the LM head
 
     def flops_per_token(self, m: ModelConfig, seq_len: int, whole_attention: bool = False) -> float:

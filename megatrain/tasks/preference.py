@@ -18,7 +18,8 @@ finetune.dpo_reference=precompute its log-probabilities are computed in one pass
 (one model in memory) and stored in checkpoint.dir/dpo_reference.safetensors, which a resumed run reads; =none
 drops the reference (ref = 0: the reference-free variant). A micro-batch holds its pairs' chosen rows, then their
 rejected rows; the mean is over pairs. Evaluation reports the loss, the reward accuracy (how often the chosen
-response's reward beta * (pi - ref) beats the rejected one's), both mean rewards and their margin.
+response's reward beta * (pi - ref) beats the rejected one's), both mean rewards and their margin; each training
+log line the same four over the pairs its steps trained on (from the training forward, summed on the device).
 """
 from __future__ import annotations
 
@@ -133,8 +134,23 @@ class DPO(SFT):
         return loss, chosen, rejected, real, pi
 
     def loss(self, engine, batch: Batch) -> torch.Tensor:
-        loss, _, _, real, _ = self.pair_losses(engine, batch)
-        return (loss * real).sum() / real.sum().clamp(min=1)
+        return self.train_loss(engine, batch)[0]
+
+    def train_loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss over the micro-batch's pairs, and [pairs, pairs ranked right, chosen rewards, rejected
+        rewards] summed over them (fp64, on the device: the training log's reward figures, read once a log line)."""
+        loss, chosen, rejected, real, _ = self.pair_losses(engine, batch)
+        real = real.to(chosen.dtype)
+        sums = torch.stack([real.sum(), ((chosen > rejected) * real).sum(), (chosen * real).sum(),
+                            (rejected * real).sum()])
+        return (loss * real).sum() / real.sum().clamp(min=1), sums.detach().double()
+
+    def train_metrics(self, sums: torch.Tensor) -> dict:
+        """The same figures as an evaluation's (`score`), over the pairs of a log line's steps."""
+        pairs, right, chosen, rejected = sums.tolist()
+        n = max(pairs, 1.0)
+        return dict(reward_accuracy=right / n, reward_margin=(chosen - rejected) / n, chosen_reward=chosen / n,
+                    rejected_reward=rejected / n)
 
     # -- evaluation -------------------------------------------------------------------------------------------------
 

@@ -101,11 +101,13 @@ def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
     return max(1, int(n))
 
 
-def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.Tensor | float, int]:
+def train_step(run: Run, engine, task: Task, dataset,
+               step: int) -> tuple[torch.Tensor | float, int, torch.Tensor | None]:
     """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
     data-parallel ranks it is the loss: the mean over every target of the global batch; a tensor on the device, read
-    only when a line is logged, so a step waits for no device-to-host copy) and the tokens the global batch held
-    (padding not counted)."""
+    only when a line is logged, so a step waits for no device-to-host copy), the tokens the global batch held
+    (padding not counted), and the task's sums over this rank's micro-batches (Task.train_loss; on the device too,
+    or None)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
     # MoE's auxiliary losses reach the gradients in the backward, past DeepSpeed's scaling of the loss: scale them
     # as it scales the loss (1 / accumulation steps, times fp16's loss scale)
@@ -113,13 +115,16 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
     tokens = run.layout.dp * sum(b.real_tokens() for b in batches)
     if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
         share = float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp
-        return share, tokens
+        return share, tokens, None
     total = global_targets(run, task, batches)
     scale = run.grad_accum * run.layout.dp / total  # DeepSpeed divides by both; each micro-batch weighs its targets
     share = torch.zeros((), dtype=torch.float64, device=engine.device)
+    sums = None
     for m, batch in enumerate(batches):
         n = task.targets(batch)
-        loss = task.loss(engine, batch)
+        loss, more = task.train_loss(engine, batch)
+        if more is not None:
+            sums = more if sums is None else sums + more
         if faults.fires("nan_loss", step + 1):
             loss = loss * float("nan")
         hook = _inject_inf_grad(engine) if m == len(batches) - 1 and faults.fires("inf_grad", step + 1) else None
@@ -128,7 +133,7 @@ def train_step(run: Run, engine, task: Task, dataset, step: int) -> tuple[torch.
             hook.remove()
         engine.step()
         share += loss.detach().double() * (n / total)
-    return share, tokens
+    return share, tokens, sums
 
 
 def loss_scale(engine) -> float:
@@ -221,14 +226,32 @@ def _eval_line(step: int, row: dict) -> str:
 
 @dataclass
 class Window:
-    """What passed since the last log line, started afresh as one unit: the steps, the summed loss shares of those not
-    skipped, the tokens the steps held and the seconds spent in them (not evaluating or saving: those are not steps)."""
+    """What passed since the last log line, started afresh as one unit: the steps, the summed loss shares and task
+    sums of those not skipped, the tokens the steps held and the seconds spent in them (not evaluating or saving:
+    those are not steps)."""
 
     steps: int = 0
     good: int = 0
     loss: torch.Tensor | float = 0.0
+    sums: torch.Tensor | None = None  # Task.train_loss's, this rank's
     tokens: int = 0
     seconds: float = 0.0
+
+    def add(self, share: torch.Tensor | float, sums: torch.Tensor | None) -> None:
+        """A step that was not skipped."""
+        self.loss += share
+        self.good += 1
+        if sums is not None:
+            self.sums = sums if self.sums is None else self.sums + sums
+
+    def task_row(self, run: Run, task: Task) -> dict:
+        """The task's own figures over the window (every rank calls it: one all-reduce of the sums over the
+        data-parallel ranks; TP replicas hold the same sums)."""
+        if self.sums is None:
+            return {}
+        if run.layout.dp > 1:
+            dist.all_reduce(self.sums, group=run.grid.get_data_parallel_group())
+        return task.train_metrics(self.sums)
 
     def row(self, run: Run, engine, throughput: Throughput) -> dict:
         """The window's loss (averaged over the ranks), tokens/s, TFLOP/s per rank and MFU (both FLOP conventions)."""
@@ -267,7 +290,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
     try:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
-            share, tokens = train_step(run, engine, task, train_ds, state.step)
+            share, tokens, sums = train_step(run, engine, task, train_ds, state.step)
             if engine.device.type == "cuda" and ((state.step + 1) % t.log_interval == 0 or state.step + 1 == t.max_steps):
                 torch.cuda.synchronize()  # the steps queue on the GPU unread until a line is logged: count their time
             window.seconds += time.perf_counter() - t0
@@ -278,8 +301,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
             if bad.after_step():
                 note_bad_step(logger, cfg, state.step, bad)
             else:
-                window.loss += share
-                window.good += 1
+                window.add(share, sums)
             logger.advance()
             every = cfg.parallel.drift_check_interval
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
@@ -288,7 +310,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
             if log_step:
                 row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=grad_norm(engine),
                            consumed_samples=state.consumed_samples, skipped_steps=bad.total,
-                           **window.row(run, engine, throughput))
+                           **window.row(run, engine, throughput), **window.task_row(run, task))
                 if cfg.model.moe_experts:
                     row.update(moe_row(engine.module, run.grid, window.steps))
                 if t.seq_len_warmup_steps:  # the length of the window's last step
@@ -298,7 +320,9 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
                                 f"{row['tflops_per_device']:.3f} TFLOP/s/device"
                                 + (f" | MFU {row['mfu']:.1%}" if throughput.peak else "")
                                 + (f" | aux {row['moe_aux']:.3f} | load cv {row['moe_load_cv']:.2f}"
-                                   if "moe_aux" in row else ""))
+                                   if "moe_aux" in row else "")
+                                + (f" | reward acc {row['reward_accuracy']:.2f} | margin {row['reward_margin']:.3f}"
+                                   if "reward_accuracy" in row else ""))
                 logger.advance(0, f"loss {row['loss']:.3f}")
                 window = Window()
             if valid_ds is not None and t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.max_steps):
