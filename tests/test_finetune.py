@@ -184,6 +184,33 @@ def test_squad_scores_follow_the_official_normalisation():
     assert m["exact_match"] == pytest.approx(50.0) and m["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
 
 
+def test_generation_scores_are_the_reference_libraries():
+    """ROUGE (rouge-score, stemmed), corpus BLEU and chrF (sacrebleu) in percent, exact match of stripped texts."""
+    from rouge_score.rouge_scorer import RougeScorer
+    from sacrebleu import corpus_bleu, corpus_chrf
+
+    from megatrain.tasks.metrics import generation_metrics, generation_score_names
+
+    pairs = [("The cat sat on the mat.", "The cat sat on the mat."),  # an exact hit
+             ("  a dog ran\n", "a dog ran"),  # the same once stripped
+             ("the cats were running in the park", "a cat runs in the big park"),  # partial overlap, stems
+             ("", "nothing was said"),  # an empty prediction
+             ("Le café à Tōkyō est naïf, 東京 😀", "Le café de Tokyo est naïf 東京"),  # unicode
+             ("one two three four five", "five four three two one")]  # the same words, another order
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    names = ["exact_match", "rouge", "bleu", "chrf"]
+    got = generation_metrics(preds, refs, names)
+    assert list(got) == generation_score_names(names) == ["exact_match", "rouge1", "rouge2", "rougeL", "bleu", "chrf"]
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    want = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for p, r in pairs) / len(pairs)
+            for k in ("rouge1", "rouge2", "rougeL")}
+    want.update(exact_match=100 * 2 / 6, bleu=corpus_bleu(preds, [refs]).score, chrf=corpus_chrf(preds, [refs]).score)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    assert 0 < got["bleu"] < 100 and 0 < got["rouge2"] < got["rouge1"] < 100  # none of them trivial
+    assert generation_metrics(preds, refs, ["bleu"]) == {"bleu": got["bleu"]}  # only what is asked for
+
+
 def test_windowed_qa_maps_answers_back_to_their_exact_characters(tmp_path):
     """Contexts many times longer than a row: every window's best span (here the oracle's) is mapped back to the
     context's characters, across window borders."""
