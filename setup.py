@@ -91,6 +91,8 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "seqeval>=1.2",  # entity-level NER scores (the conlleval rules)
+        "rouge-score>=0.1.2",  # sft generation metrics: ROUGE-1/2/L
+        "sacrebleu>=2.0",  # sft generation metrics: corpus BLEU and chrF
         "matplotlib>=3.7",  # megatrain plot (Agg backend, no display)
         "wandb>=0.18",
         "tensorboard>=2.15",

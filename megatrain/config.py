@@ -26,8 +26,8 @@ from megatrain.model_config import (MODEL_CHOICES, ConfigError, ModelConfig, _Se
                                     has_window_layers, head_dim, is_local_layer, is_moe_layer, kv_heads, kv_repeat,
                                     moe_ffn_width, padded_vocab_size, shared_ffn_width, validate_model)
 from megatrain.config_checks import (_validate_context_parallel, _validate_evals,  # noqa: F401
-                                     _validate_expert_parallel, _validate_seq_len_warmup, seq_len_warmup_lengths,
-                                     validate_world)
+                                     _validate_expert_parallel, _validate_generation_metrics, _validate_seq_len_warmup,
+                                     seq_len_warmup_lengths, validate_world)
 
 
 def shipped_dir(folder: str) -> Path:
@@ -263,6 +263,14 @@ class FinetuneConfig(_Section):
     pooling: str = "auto"
     # sft: several examples per sequence (attention and positions never cross them); false: one per sequence
     pack: bool = True
+    # sft: scores of the responses generated for finetune.valid_file / test_file (and by megatrain evaluate), each the
+    # greedy continuation of a row's conversation up to its last assistant turn, against that turn; logged beside the
+    # loss, in percent: exact_match (stripped texts equal), rouge (rouge1, rouge2, rougeL: F-measure, stemmed), bleu,
+    # chrf (sacrebleu, corpus level). Empty: no generation
+    generation_metrics: list = field(default_factory=list)
+    # sft: the longest response generated for generation_metrics, in tokens (fewer where the model's context ends);
+    # it stops earlier at the end-of-turn (end-of-document) token
+    generation_max_new_tokens: int = 128
     dpo_beta: float = 0.1  # dpo: beta, how far the policy may move from the reference (the rewards' scale); above 0
     # dpo: the share of pairs taken as mislabelled (conservative DPO: the loss also pulls towards the rejected
     # response by this much); 0 to below 0.5
@@ -558,6 +566,7 @@ def validate(cfg: Config) -> None:
     if t.max_bad_steps < 1:
         raise ConfigError(f"config key train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     _validate_seq_len_warmup(cfg)
+    _validate_generation_metrics(cfg)
     f = cfg.finetune
     for k in ("max_seq_len", "patience", "lora_rank"):
         if getattr(f, k) < 0:

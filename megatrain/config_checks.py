@@ -1,8 +1,13 @@
-"""The config checks of combinations: sequence-length warmup, expert and context parallelism against the rest of the
-config, and what needs the world size (validate_world). config.validate calls them; config re-exports them."""
+"""The config checks of combinations: sequence-length warmup, expert and context parallelism, evaluation sets and
+generation metrics against the rest of the config, and what needs the world size (validate_world). config.validate
+calls them; config re-exports them."""
 from __future__ import annotations
 
+import difflib
+
 from megatrain.model_config import ConfigError
+
+GENERATION_METRICS = ("exact_match", "rouge", "bleu", "chrf")  # finetune.generation_metrics (tasks/metrics.py)
 
 # (the annotations name config.py's sections: strings here, as config.py imports this module)
 
@@ -114,3 +119,27 @@ def _validate_evals(cfg: Config) -> None:
     if t.eval_tasks.strip() and cfg.model.objective != "causal":
         raise ConfigError(f"config key train.eval_tasks: lm-eval scores causal language models (model.objective="
                           f"{cfg.model.objective}); set it to \"\"")
+
+
+def _validate_generation_metrics(cfg: Config) -> None:
+    f, p = cfg.finetune, cfg.parallel
+    key = "config key finetune.generation_metrics"
+    for name in f.generation_metrics:
+        if name not in GENERATION_METRICS:
+            close = difflib.get_close_matches(str(name), GENERATION_METRICS, n=1, cutoff=0.6)
+            raise ConfigError(f"{key}: {name!r} is not one of {', '.join(GENERATION_METRICS)}"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if f.generation_max_new_tokens < 1:
+        raise ConfigError(f"config key finetune.generation_max_new_tokens: must be at least 1, got "
+                          f"{f.generation_max_new_tokens}")
+    if not f.generation_metrics:
+        return
+    if f.task != "sft":
+        raise ConfigError(f"{key}: scores the responses of a finetune.task=sft model, not "
+                          f"finetune.task={f.task or '(empty)'}; remove it")
+    # each rank generates its share of the examples alone, from whole weights (ZeRO-3's are gathered into a copy);
+    # a model whose layers are split over ranks would need every rank in step for each token
+    split = [f"parallel.{k}={n}" for k, n in (("tp", p.tp), ("pp", p.pp), ("ep", p.ep)) if n > 1]
+    if split:
+        raise ConfigError(f"{key}: responses are generated from each rank's whole model, which {' and '.join(split)} "
+                          f"splits over ranks; fine-tune with data parallelism (ZeRO 0-3) or remove it")

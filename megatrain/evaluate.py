@@ -2,8 +2,9 @@
 
 One process, no DeepSpeed, the same evaluation the training run logs: loss and the task's metrics (classify:
 accuracy, macro and per-class precision / recall / F1, confusion matrix; tokens: entity precision / recall / F1 per
-type, token accuracy; qa: exact match and F1; sft: loss and perplexity; dpo: loss, reward accuracy, rewards and
-margin against the reference model, finetune.init). --json prints them as one JSON object.
+type, token accuracy; qa: exact match and F1; sft: loss and perplexity, and the scores of greedy responses that the
+run's finetune.generation_metrics names; dpo: loss, reward accuracy, rewards and margin against the reference model,
+finetune.init). --json prints them as one JSON object.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Sampling with a KV cache, and `megatrain generate --checkpoint DIR --prompt "..."`.
+"""`megatrain generate --checkpoint DIR --prompt "..."`, and loading a checkpoint for it (sampling with a KV cache,
+`generate`, lives with the model in model.py, where the tasks reach it too).
 
 The checkpoint (any layout: ZeRO 0-3, TP, PP) is read into full fp32 weights in this one process through
 checkpoint/reader.py, so generation needs neither DeepSpeed's engine nor the training world size; a Hugging Face
@@ -13,43 +14,7 @@ import sys
 import torch
 
 from megatrain.config import LM_TASKS, ConfigError
-from megatrain.model import KVCache, Transformer
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0, eod_id: int | None = None, vocab_limit: int | None = None) -> torch.Tensor:
-    """Extend prompt [B, T] by up to max_new_tokens sampled tokens (greedy when temperature is 0). `vocab_limit`:
-    the tokenizer's vocabulary; ids from there up to model.vocab_size are padding rows and never chosen."""
-    was_training = model.training
-    model.eval()
-    cfg = model.cfg
-    B, T = prompt.shape
-    total = min(T + max_new_tokens, cfg.max_seq_len)
-    param = next(model.parameters())
-    cache = KVCache(cfg, B, total, prompt.device, param.dtype)
-    g = torch.Generator(device=prompt.device).manual_seed(seed)
-    out = prompt
-    logits = model(prompt, cache=cache, pos=0)[:, -1]
-    for pos in range(T, total):
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits = logits.clone()
-            logits[:, vocab_limit:] = float("-inf")
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits.float() / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-        out = torch.cat([out, nxt], dim=1)
-        if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
-            break
-        if pos + 1 < total:
-            logits = model(nxt, cache=cache, pos=pos)[:, -1]
-    model.train(was_training)
-    return out
+from megatrain.model import Transformer, generate
 
 
 def load_model(ckpt_dir: str, tag: str | None = None) -> tuple[Transformer, dict]:

@@ -6,7 +6,7 @@ grouped-query attention with an explicit head size, QK-norm, sliding-window laye
 tied or untied (scaled) embeddings, and Mixture-of-Experts feed-forward layers (moe.py).
 The same stack trains as a causal LM or, with `objective: mlm`, as a BERT-style masked LM
 (bidirectional attention; loss only on the masked positions). Parallelism is applied elsewhere
-(parallel/), never here.
+(parallel/), never here. `generate` extends a prompt greedily or by sampling, with a KV cache (KVCache).
 
 Parameter names follow the Hugging Face Llama layout, with two fusions for speed (one matmul instead
 of three, or two):
@@ -516,3 +516,39 @@ def mlm_mask(tokens: torch.Tensor, mask_id: int, vocab_size: int, prob: float, g
     random_pos = chosen & (r >= 0.8) & (r < 0.9)
     inputs[random_pos] = torch.randint(0, vocab_size, tokens.shape, generator=generator)[random_pos]
     return inputs, labels
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0, eod_id: int | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+    """Extend prompt [B, T] by up to max_new_tokens sampled tokens (greedy when temperature is 0). `vocab_limit`:
+    the tokenizer's vocabulary; ids from there up to model.vocab_size are padding rows and never chosen."""
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, cfg.max_seq_len)
+    param = next(model.parameters())
+    cache = KVCache(cfg, B, total, prompt.device, param.dtype)
+    g = torch.Generator(device=prompt.device).manual_seed(seed)
+    out = prompt
+    logits = model(prompt, cache=cache, pos=0)[:, -1]
+    for pos in range(T, total):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits.float() / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+        out = torch.cat([out, nxt], dim=1)
+        if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
+            break
+        if pos + 1 < total:
+            logits = model(nxt, cache=cache, pos=pos)[:, -1]
+    model.train(was_training)
+    return out

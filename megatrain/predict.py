@@ -127,23 +127,15 @@ def generate_responses(model, cfg, tok, task, args) -> list[dict]:
     from tqdm import tqdm
 
     from megatrain.data.task_files import read_records
-    from megatrain.generate import generate
 
     records = read_records(args.input, cfg.finetune.format)
     prompts = [task.prompt_messages(rec) for rec in records]
     ctx, out, cut = cfg.model.max_seq_len, [], 0
     for rec, msgs in tqdm(list(zip(records, prompts)), desc="generate", unit="example", file=sys.stderr,
                           disable=not sys.stderr.isatty()):
-        ids = tok.encode(task.prompt_text(msgs))[-(ctx - 1):]
-        room = ctx - len(ids)
-        want = min(128, room) if args.max_new_tokens is None else args.max_new_tokens
-        cut += want > room
-        new = generate(model, torch.tensor([ids]), min(want, room), temperature=args.temperature, top_k=0,
-                       eod_id=tok.eod_id, vocab_limit=cfg.model.true_vocab_size or tok.vocab_size)[0, len(ids):]
-        new = new.tolist()
-        if tok.eod_id in new:
-            new = new[: new.index(tok.eod_id)]
-        out.append(dict(rec.fields, response=tok.decode(new)))
+        response, short = task.respond(model, msgs, args.max_new_tokens or 128, args.temperature)
+        cut += short and args.max_new_tokens is not None  # (the default is 128 or what fits)
+        out.append(dict(rec.fields, response=response))
     if cut:
         print(f"note: {cut} of {len(records)} prompts left less room than --max-new-tokens {args.max_new_tokens} in "
               f"model.max_seq_len={ctx}: their responses stop where the context ends", file=sys.stderr)

@@ -55,6 +55,15 @@ def test_overrides_and_types():
     (["parallel.pp=2", "parallel.zero_stage=2"], r"ZeRO-2 cannot be combined with pipeline parallelism"),
     (["parallel.sequence_parallel=true"], r"sequence_parallel: needs parallel.tp > 1"),
     (["oops"], r"expected section.key=value"),
+    (["finetune.task=sft", "finetune.generation_metrics=[rouge, blue]"],
+     r"finetune.generation_metrics: 'blue' is not one of exact_match, rouge, bleu, chrf \(did you mean 'bleu'\?\)"),
+    (["finetune.task=classify", "finetune.generation_metrics=[rouge]"],
+     r"generation_metrics: scores the responses of a finetune.task=sft model, not finetune.task=classify; remove it"),
+    (["finetune.task=sft", "finetune.generation_metrics=[chrf]", "parallel.tp=2"],
+     r"generation_metrics: responses are generated from each rank's whole model, which parallel.tp=2 splits"),
+    (["finetune.task=sft", "finetune.generation_metrics=[chrf]", "model.moe_experts=4", "parallel.ep=2",
+      "parallel.zero_stage=1"], r"which parallel.ep=2 splits over ranks"),
+    (["finetune.generation_max_new_tokens=0"], r"finetune.generation_max_new_tokens: must be at least 1, got 0"),
 ])
 def test_bad_values_name_the_key(sets, match):
     with pytest.raises(ConfigError, match=match):

@@ -109,6 +109,39 @@ def test_packed_sft_rows_give_each_example_its_own_loss(tmp_path):
     assert float(got) == pytest.approx(total / count, rel=1e-5)
 
 
+def test_sft_evaluation_scores_a_greedy_response_to_each_rows_last_assistant_turn(tmp_path):
+    """With finetune.generation_metrics the evaluation generates, for each row, the turn after the conversation up
+    to its last assistant turn, and scores it against that turn: the scores of SFT.respond's responses (what predict
+    writes), each against its own row (two rows expect exactly what the model says: exact match 2 of 4)."""
+    from megatrain.predict import LocalEngine, LocalRun
+    from megatrain.tasks.metrics import generation_metrics
+
+    names = ["exact_match", "rouge", "bleu", "chrf"]
+    cfg, task = task_for("sft", [f"finetune.generation_metrics={json.dumps(names)}",
+                                 "finetune.generation_max_new_tokens=6"])
+    assert task.metrics == ("val_loss", "val_ppl", "val_exact_match", "val_rouge1", "val_rouge2", "val_rougeL",
+                            "val_bleu", "val_chrf")  # what finetune.metric_for_best may name
+    chat = [{"role": "system", "content": "terse"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    prompts = [[{"role": "user", "content": p}] for p in ("add 2 and 3", "café 東京", "the quick brown fox")] + [chat]
+    ids, target = task.tokens(chat + [{"role": "assistant", "content": "ok"}])
+    assert task.prompt_ids(chat) == ids[: len(target) - 3]  # the training tokens before "ok" and its <eod>
+    assert target[-4:] == [False, True, True, True]
+    torch.manual_seed(3)
+    model = Transformer(cfg.model).eval()
+    said = [task.respond(model, m, 6)[0] for m in prompts]
+    assert len(set(said)) == 4  # (a random model: each prompt gets its own response)
+    refs = [said[0], "five", said[2], "see you later"]
+    rows = [{"prompt": m[0]["content"], "response": r} for m, r in zip(prompts[:3], refs)]
+    rows.append({"messages": chat + [{"role": "assistant", "content": refs[3]}]})
+    examples = task.encode(write(tmp_path / "sft.jsonl", rows), train=False)
+    assert examples.prompts == list(zip(prompts, refs))
+    row = task.evaluate(LocalRun(cfg, 2), LocalEngine(model), examples)
+    want = generation_metrics(said, refs, names)
+    assert want["exact_match"] == 50.0
+    assert {k: v for k, v in row.items() if k not in ("val_loss", "val_ppl")} == {f"val_{k}": v for k, v in want.items()}
+
+
 # -- tokens --------------------------------------------------------------------------------------------------------
 
 
@@ -182,6 +215,33 @@ def test_squad_scores_follow_the_official_normalisation():
     assert f1("", "dog") == 0.0 and f1("cat", "dog") == 0.0
     m = squad_metrics(["Paris", "in 1990"], [["Paris", "paris, France"], ["1990", "the year 1990"]])
     assert m["exact_match"] == pytest.approx(50.0) and m["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+
+
+def test_generation_scores_are_the_reference_libraries():
+    """ROUGE (rouge-score, stemmed), corpus BLEU and chrF (sacrebleu) in percent, exact match of stripped texts."""
+    from rouge_score.rouge_scorer import RougeScorer
+    from sacrebleu import corpus_bleu, corpus_chrf
+
+    from megatrain.tasks.metrics import generation_metrics, generation_score_names
+
+    pairs = [("The cat sat on the mat.", "The cat sat on the mat."),  # an exact hit
+             ("  a dog ran\n", "a dog ran"),  # the same once stripped
+             ("the cats were running in the park", "a cat runs in the big park"),  # partial overlap, stems
+             ("", "nothing was said"),  # an empty prediction
+             ("Le café à Tōkyō est naïf, 東京 😀", "Le café de Tokyo est naïf 東京"),  # unicode
+             ("one two three four five", "five four three two one")]  # the same words, another order
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    names = ["exact_match", "rouge", "bleu", "chrf"]
+    got = generation_metrics(preds, refs, names)
+    assert list(got) == generation_score_names(names) == ["exact_match", "rouge1", "rouge2", "rougeL", "bleu", "chrf"]
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    want = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for p, r in pairs) / len(pairs)
+            for k in ("rouge1", "rouge2", "rougeL")}
+    want.update(exact_match=100 * 2 / 6, bleu=corpus_bleu(preds, [refs]).score, chrf=corpus_chrf(preds, [refs]).score)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    assert 0 < got["bleu"] < 100 and 0 < got["rouge2"] < got["rouge1"] < 100  # none of them trivial
+    assert generation_metrics(preds, refs, ["bleu"]) == {"bleu": got["bleu"]}  # only what is asked for
 
 
 def test_windowed_qa_maps_answers_back_to_their_exact_characters(tmp_path):
@@ -341,6 +401,40 @@ def test_lora_sft_trains_only_the_adapters(pretrained, tmp_path):
         for name, t in tuned.tensors():
             if "lora" not in name:
                 assert torch.equal(t, before[name]), name
+
+
+@pytest.mark.slow
+def test_sft_generation_metrics_in_the_run_in_evaluate_and_from_predict(pretrained, tmp_path, capsys):
+    """finetune.generation_metrics: the run logs them beside val_loss and test_loss; `megatrain evaluate` reports
+    the numbers of the run's own test of its best checkpoint, which are the scores of `megatrain predict`'s responses
+    to the same file against its responses."""
+    from megatrain.cli import main as cli_main
+    from megatrain.tasks.metrics import generation_metrics
+
+    words = ("alpha", "beta", "gamma", "delta", "omega", "kappa")
+    train = write(tmp_path / "train.jsonl", [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in words * 6])
+    valid = write(tmp_path / "valid.jsonl", [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in words])
+    out, names = str(tmp_path / "sft"), ["exact_match", "rouge", "bleu", "chrf"]
+    run_distributed(finetune_runs, 1, [("finetune-sft", ft_sets(pretrained, out, train, valid, **{
+        "finetune.generation_metrics": names, "finetune.generation_max_new_tokens": 12, "finetune.test_file": valid,
+        "finetune.metric_for_best": "val_chrf", "train.max_steps": 4, "train.eval_interval": 2,
+        "checkpoint.interval": 2}))], timeout=300)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    scores = ["exact_match", "rouge1", "rouge2", "rougeL", "bleu", "chrf"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [2, 4] and all({"val_loss", *(f"val_{k}" for k in scores)} <= set(e)
+                                                        for e in evals)
+    test_row = [r for r in rows if r.get("kind") == "test"][0]
+    assert cli_main(["evaluate", "--checkpoint", out, "--input", valid, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    for k in ("loss", *scores):  # the numbers of the run's own test (the same greedy responses)
+        assert got[k] == pytest.approx(test_row[f"test_{k}"], rel=1e-5), k
+    pred = str(tmp_path / "pred.jsonl")
+    assert cli_main(["predict", "--checkpoint", out, "--input", valid, "--output", pred, "--max-new-tokens", "12"]) == 0
+    responses = [json.loads(line)["response"] for line in open(pred)]
+    want = generation_metrics(responses, [f"{w} {w}" for w in words], names)
+    assert {k: got[k] for k in scores} == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert want["chrf"] > 0, responses  # the responses share something with the references
 
 
 # -- bad input: one line, exit 1, nothing left behind ------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Slow tier: fine-tuning under several ranks equals one rank (ZeRO-2 data parallel; LoRA under TP=2), and a
-pretraining checkpoint of any layout starts fine-tuning exactly where its consolidated weights do."""
+"""Slow tier: fine-tuning under several ranks equals one rank (ZeRO-2 data parallel; LoRA under TP=2; sft's
+generation metrics under ZeRO-2 and ZeRO-3), and a pretraining checkpoint of any layout starts fine-tuning exactly
+where its consolidated weights do."""
 import json
 import os
 import random
@@ -7,7 +8,7 @@ import random
 import pytest
 
 from distributed import run_distributed
-from test_finetune import finetune_runs, ft_sets, sentiment, write
+from test_finetune import finetune_runs, ft_sets, sentiment, task_for, write
 from training_utils import assert_close_curves, losses, make_byte_dataset, run_configs, small_sets
 
 
@@ -114,3 +115,70 @@ def test_init_from_any_pretraining_layout_gives_the_first_loss_of_its_consolidat
         first[name] = a[1]
     print("first fine-tune loss from tp2pp2 / zero3 checkpoints and their consolidations:", json.dumps(first))
     assert os.path.isfile(str(tmp_path / "tp2pp2-sharded" / "latest"))
+
+
+GENERATION = ["finetune.generation_metrics=[exact_match, rouge, bleu, chrf]", "finetune.generation_max_new_tokens=6"]
+
+
+def _sft_prompts(path) -> str:
+    return write(path, [{"prompt": p, "response": f"{p} {i}"} for i, p in enumerate(
+        ["add 2 and 3", "café 東京", "the quick brown fox", "hi", "say alpha", "a b c d e f g", "zzz"])])
+
+
+def _responses(rank, world, path, out):
+    """SFT.responses of a seeded random model under `world` data-parallel ranks, as rank 0 and rank 1 hold them."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from megatrain.model import Transformer
+    from megatrain.parallel.topology import Layout
+    from megatrain.predict import LocalEngine
+
+    cfg, task = task_for("sft", GENERATION)
+    torch.manual_seed(3)
+    model = Transformer(cfg.model).eval()
+    grid = types.SimpleNamespace(get_data_parallel_group=lambda: dist.group.WORLD)
+    run = types.SimpleNamespace(cfg=cfg, layout=Layout(1, 1, world), dp_rank=rank, grid=grid)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(task.responses(run, LocalEngine(model), task.encode(path, train=False)), f)
+
+
+@pytest.mark.slow
+def test_generation_under_two_data_parallel_ranks_gives_one_ranks_responses_in_file_order(tmp_path):
+    import torch
+
+    from megatrain.model import Transformer
+    from megatrain.predict import LocalEngine, LocalRun
+
+    path = _sft_prompts(tmp_path / "s.jsonl")
+    run_distributed(_responses, 2, path, str(tmp_path / "said"), timeout=300)
+    cfg, task = task_for("sft", GENERATION)
+    torch.manual_seed(3)
+    model = Transformer(cfg.model).eval()
+    alone = task.responses(LocalRun(cfg, 2), LocalEngine(model), task.encode(path, train=False))
+    assert len(set(alone)) > 3  # (a random model: the order shows)
+    for rank in (0, 1):
+        assert json.load(open(tmp_path / f"said.{rank}")) == alone
+
+
+@pytest.mark.slow
+def test_sft_generation_metrics_under_zero2_and_zero3_equal_one_rank(pretrained, tmp_path):
+    """Each rank generates its share from whole weights (ZeRO-3's gathered into a copy), and the scores are the
+    one-rank run's."""
+    init, train = pretrained["one"], _sft_prompts(tmp_path / "s.jsonl")
+    gen = {"finetune.generation_metrics": ["exact_match", "rouge", "bleu", "chrf"],
+           "finetune.generation_max_new_tokens": 6, "finetune.test_file": train}
+    run_distributed(finetune_runs, 1, [("finetune-sft", ft_sets(init, str(tmp_path / "one"), train, train, **gen))],
+                    timeout=600)
+    run_distributed(finetune_runs, 2, [("finetune-sft", ft_sets(init, str(tmp_path / f"z{z}"), train, train, **gen,
+                                                                **{"parallel.zero_stage": z})) for z in (2, 3)],
+                    timeout=900)
+    scores = ["exact_match", "rouge1", "rouge2", "rougeL", "bleu", "chrf"]
+    assert max(losses(str(tmp_path / "one"), "eval", "val_chrf").values()) > 0  # (something to compare)
+    for kind, prefix in (("eval", "val"), ("test", "test")):
+        for z in (2, 3):
+            for k in scores:
+                assert_close_curves(losses(str(tmp_path / "one"), kind, f"{prefix}_{k}"),
+                                    losses(str(tmp_path / f"z{z}"), kind, f"{prefix}_{k}"), rtol=1e-6)

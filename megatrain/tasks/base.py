@@ -285,9 +285,15 @@ class FinetuneTask(Task):
                 sums += torch.tensor([float(loss) * t, t], dtype=torch.float64)
         engine.train()
         if dist.is_initialized() and dp > 1:
-            group = run.grid.get_data_parallel_group()
-            dist.all_reduce(sums, group=group)
-            gathered = [None] * dp
-            dist.all_gather_object(gathered, results, group=group)
-            results = [x for part in gathered for x in part]
-        return sums, [o for _, o in sorted(results, key=lambda x: x[0])]
+            dist.all_reduce(sums, group=run.grid.get_data_parallel_group())
+        return sums, in_file_order(run, results)
+
+
+def in_file_order(run, results: list[tuple[int, object]]) -> list:
+    """Every data-parallel rank's (item index, result) pairs, on every rank: the results in index order."""
+    dp = run.layout.dp
+    if dist.is_initialized() and dp > 1:
+        gathered = [None] * dp
+        dist.all_gather_object(gathered, results, group=run.grid.get_data_parallel_group())
+        results = [x for part in gathered for x in part]
+    return [o for _, o in sorted(results, key=lambda x: x[0])]

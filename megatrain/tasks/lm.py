@@ -10,6 +10,10 @@ The chat format: a Hugging Face tokenizer's own chat template when it has one; o
     System: {content}\\n                (if there is a system message)
     User: {content}\\n
     Assistant: {content}<eod>          the loss covers {content}<eod>; turns repeat
+
+With finetune.generation_metrics, an sft evaluation also generates a response for each row of the file (greedy, up
+to the end-of-document token, which is the end of the turn) and scores it against the row's last assistant turn
+(tasks/metrics.py generation_metrics); `megatrain predict` generates through the same `SFT.respond`.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import torch
 
 from megatrain.data.readers import InputError
 from megatrain.data.task_files import field_of, read_records
-from megatrain.model import IGNORE_INDEX, mlm_mask
-from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task
+from megatrain.model import IGNORE_INDEX, generate, mlm_mask
+from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task, in_file_order
+from megatrain.tasks.metrics import generation_metrics, generation_score_names
 
 
 class CausalLM(Task):
@@ -96,6 +101,10 @@ class SFT(FinetuneTask):
     metric = "val_loss"
     metrics = ("val_loss", "val_ppl")
 
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.metrics = (*self.metrics, *(f"val_{k}" for k in generation_score_names(cfg.finetune.generation_metrics)))
+
     def conversation(self, rec) -> list[dict]:
         if "messages" in rec.fields:
             msgs = rec.fields["messages"]
@@ -143,6 +152,15 @@ class SFT(FinetuneTask):
         prompt, or the plain format up to `Assistant: `."""
         return chat_prompt(self.tok, msgs)
 
+    def prompt_ids(self, msgs: list[dict]) -> list[int]:
+        """The tokens the assistant's next turn follows, as training renders the conversation: the chat template's
+        generation prompt, or the plain format up to `Assistant: ` (where an earlier assistant turn ends with the
+        end-of-document token, which prompt_text cannot hold)."""
+        if getattr(getattr(self.tok, "tok", None), "chat_template", None):
+            return self.tok.encode(self.prompt_text(msgs))
+        ids, _ = self.tokens([*msgs, {"role": "assistant", "content": ""}])
+        return ids[:-1]  # (not the end-of-document token that closes the empty turn)
+
     def tokens(self, msgs: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and which of them the loss covers."""
         ids, target = [], []
@@ -157,9 +175,13 @@ class SFT(FinetuneTask):
         return ids, target
 
     def encode(self, path: str, train: bool, labeled: bool = True) -> Examples:
-        examples, truncated = [], 0
+        examples, truncated, prompts = [], 0, []
         for rec in read_records(path, self.cfg.finetune.format):
-            ids, target = self.tokens(self.conversation(rec))
+            msgs = self.conversation(rec)
+            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+            if last is not None:  # what generation_metrics continues, and the turn it expects
+                prompts.append((msgs[:last], msgs[last]["content"]))
+            ids, target = self.tokens(msgs)
             if len(ids) > self.max_len + 1:
                 ids, target, truncated = ids[: self.max_len + 1], target[: self.max_len + 1], truncated + 1
             labels = [t if k else IGNORE_INDEX for t, k in zip(ids[1:], target[1:])]
@@ -170,7 +192,9 @@ class SFT(FinetuneTask):
         order = np.random.default_rng(self.cfg.train.seed).permutation(len(examples)) if train else range(len(examples))
         rows = pack([examples[i] for i in order], self.max_len) if self.cfg.finetune.pack else \
             [dict(ids=x, labels=y, segments=[1] * len(x)) for x, y in examples]
-        return Examples(rows, self.cfg.train.seed, shuffle=train, truncated=truncated)
+        out = Examples(rows, self.cfg.train.seed, shuffle=train, truncated=truncated)
+        out.prompts = prompts  # (messages before the last assistant turn, its content), in file order
+        return out
 
     def collate(self, items: list, device) -> Batch:
         T = max(len(it["ids"]) for it in items)
@@ -189,7 +213,52 @@ class SFT(FinetuneTask):
     def evaluate(self, run, engine, examples: Examples, prefix: str = "val") -> dict:
         row = super().evaluate(run, engine, examples, prefix)
         row[f"{prefix}_ppl"] = float(math.exp(min(row[f"{prefix}_loss"], 50)))
+        names = self.cfg.finetune.generation_metrics
+        if names:
+            scores = generation_metrics(self.responses(run, engine, examples), [r for _, r in examples.prompts], names)
+            row.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return row
+
+    def respond(self, model, msgs: list[dict], max_new_tokens: int, temperature: float = 0.0) -> tuple[str, bool]:
+        """The assistant's next turn after `msgs` (greedy unless temperature > 0), up to its end-of-turn token: at most
+        max_new_tokens, fewer where the model's context ends first (then the flag is True). The prompt keeps its
+        last model.max_seq_len - 1 tokens."""
+        ctx, eod = self.cfg.model.max_seq_len, self.tok.eod_id
+        ids = self.prompt_ids(msgs)[-(ctx - 1):]
+        room = ctx - len(ids)
+        prompt = torch.tensor([ids], device=next(model.parameters()).device)
+        new = generate(model, prompt, min(max_new_tokens, room), temperature=temperature, top_k=0, eod_id=eod,
+                       vocab_limit=self.cfg.model.true_vocab_size or self.tok.vocab_size)[0, len(ids):].tolist()
+        return self.tok.decode(new[: new.index(eod)] if eod in new else new), max_new_tokens > room
+
+    @torch.no_grad()
+    def responses(self, run, engine, examples: Examples) -> list[str]:
+        """A greedy response to every prompt of the file (examples.prompts), on every rank: each data-parallel rank
+        generates every dp-th one alone, from whole weights, and the ranks exchange them."""
+        model = whole_model(run, engine)
+        dp, r, limit = run.layout.dp, run.dp_rank, self.cfg.finetune.generation_max_new_tokens
+        mine = [(i, self.respond(model, examples.prompts[i][0], limit)[0])
+                for i in range(r, len(examples.prompts), dp)]
+        return in_file_order(run, mine)
+
+
+def whole_model(run, engine) -> torch.nn.Module:
+    """The model one rank generates with alone: the engine's module, whose every weight each rank holds (tensor,
+    pipeline and expert parallelism are refused with generation metrics), or under ZeRO-3 a plain copy of the
+    gathered weights (the module itself gathers them at every call, in step with every rank, which responses of
+    different lengths would break)."""
+    module = engine.module
+    if not any(hasattr(p, "ds_id") for p in module.parameters()):  # DeepSpeed's mark of a ZeRO-3 partitioned weight
+        return module
+    import deepspeed
+
+    from megatrain.heads import build_model
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    copy = build_model(run.cfg).to(engine.device, next(module.parameters()).dtype)  # the engine's precision
+    copy.load_state_dict(state)
+    return copy.eval()
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[dict]:

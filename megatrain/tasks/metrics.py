@@ -5,6 +5,9 @@
                              seqeval's (the CoNLL-2000 conlleval rules for IOB1/IOB2; strict BIOES spans)
     squad_metrics            exact match and F1 after the official SQuAD v1.1 answer normalisation (lower case, no
                              punctuation, no articles a/an/the, single spaces), best over the gold answers
+    generation_metrics       generated text against one reference each (sft): exact match of the stripped texts,
+                             ROUGE-1/2/L F-measure (rouge-score, stemmed) averaged over examples, corpus BLEU and
+                             chrF (sacrebleu's defaults); all in percent
 """
 from __future__ import annotations
 
@@ -77,3 +80,35 @@ def squad_metrics(predictions: list[str], answers: list[list[str]]) -> dict:
     em = [max((exact_match(p, a) for a in golds), default=0.0) for p, golds in zip(predictions, answers)]
     f = [max((f1(p, a) for a in golds), default=0.0) for p, golds in zip(predictions, answers)]
     return dict(exact_match=100 * sum(em) / max(1, len(em)), f1=100 * sum(f) / max(1, len(f)))
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def generation_score_names(names: list[str]) -> list[str]:
+    """What generation_metrics reports for the metric names of finetune.generation_metrics (rouge: three scores)."""
+    return [k for name in names for k in (ROUGE_TYPES if name == "rouge" else (name,))]
+
+
+def generation_metrics(predictions: list[str], references: list[str], names: list[str]) -> dict:
+    """The named metrics (exact_match, rouge, bleu, chrf) of predictions against their references, in percent."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    n, out = max(1, len(predictions)), {}
+    if "exact_match" in names:
+        out["exact_match"] = 100 * sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n
+    if "rouge" in names:
+        from rouge_score.rouge_scorer import RougeScorer
+
+        scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+        scores = [scorer.score(r, p) for p, r in zip(predictions, references)]  # (target, prediction)
+        out.update({k: 100 * sum(s[k].fmeasure for s in scores) / n for k in ROUGE_TYPES})
+    if "bleu" in names:
+        from sacrebleu import corpus_bleu
+
+        out["bleu"] = float(corpus_bleu(predictions, [references]).score)
+    if "chrf" in names:
+        from sacrebleu import corpus_chrf
+
+        out["chrf"] = float(corpus_chrf(predictions, [references]).score)
+    return {k: float(v) for k, v in out.items()}  # plain floats: they go into checkpoints
