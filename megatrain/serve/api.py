@@ -116,6 +116,12 @@ def sampling_of(req: Generation, prompt_tokens: int, max_len: int, default_max: 
                     top_p=req.top_p, seed=req.seed, stop=tuple(stop), logprobs=logprobs)
 
 
+# a sequence ended by the server, not by its text: the status and message its request gets
+ENDED = {"timeout": (504, "the request ran past the server's --request-timeout"),
+         "error": (500, "the model's batcher failed; see the server's log"),
+         "cancelled": (499, "the client closed the request")}
+
+
 class Choices:
     """A request's sequences (prompts x n) in the batcher, their tokens arriving on one asyncio queue."""
 
@@ -147,12 +153,10 @@ class Choices:
             index, tok = await self.queue.get()
             if tok.finish is not None:
                 self.open -= 1
-                if tok.finish in ("timeout", "error", "cancelled"):
+                if tok.finish in ENDED:
                     self.cancel()
-                    raise ApiError(504 if tok.finish == "timeout" else 500,
-                                   "the request ran past the server's --request-timeout" if tok.finish == "timeout"
-                                   else "the model's batcher failed; see the server's log",
-                                   code=tok.finish, kind="server_error")
+                    status, message = ENDED[tok.finish]
+                    raise ApiError(status, message, code=tok.finish, kind="server_error")
             yield index, tok
 
     def cancel(self) -> None:
@@ -307,7 +311,7 @@ async def collect(choices: Choices, request: Request) -> tuple[list[str], list[l
             if await request.is_disconnected():
                 nxt.cancel()
                 choices.cancel()
-                raise ApiError(499, "client closed the request")
+                raise ApiError(499, ENDED["cancelled"][1])
         try:
             index, tok = nxt.result()
         except StopAsyncIteration:
