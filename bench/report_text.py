@@ -230,8 +230,9 @@ TEXT = {
         measures="`bench/bench_serve.py` starts two `megatrain serve` processes on 127.0.0.1, with 16 slots "
                  "(continuous batching) and with 1 (one request at a time, the others queued), and sends each the "
                  "same chat requests through the `openai` client from 1, 4 and 16 concurrent client threads, "
-                 "streaming, each level on one server then the other; then it runs transformers' `generate` on the "
-                 "same prompts one after another in its own process. Per run: completion tokens per second of wall "
+                 "streaming, each level on one server then the other; transformers' `generate` runs the same "
+                 "prompts one after another in the benchmark's process, before the servers start and after they "
+                 "stop (the faster of the two counts). Per run: completion tokens per second of wall "
                  "time; per request: the time to the first streamed text and the time per output token after it "
                  "(p50 and p99).",
         run="`python bench/bench_serve.py [--model DIR] [--requests 16] [--max-tokens 32] [--clients 1,4,16]` "
