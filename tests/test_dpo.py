@@ -79,15 +79,18 @@ def test_each_response_is_scored_as_sft_would_train_it_and_the_loss_matches_a_ha
     assert abs(float(loss) - sum(by_hand) / 2) < 1e-5
 
 
-def test_a_training_step_logs_the_reward_figures_an_evaluation_of_its_pairs_reports(tmp_path):
+def test_a_training_step_logs_the_reward_figures_an_evaluation_of_its_pairs_reports(tmp_path, monkeypatch):
     """train_step's sums over 4 micro-batches (of 2 pairs) give the evaluation's reward accuracy, margin and mean
     rewards of the step's 8 pairs, from the training forwards alone (one per micro-batch), kept on the device
     until the log line reads them."""
     from types import SimpleNamespace
 
     from megatrain.config import validate_world
+    from megatrain.moe import AuxLoss
     from megatrain.parallel.topology import Layout
     from megatrain.training.loop import Window, train_step
+
+    monkeypatch.setattr(AuxLoss, "scale", AuxLoss.scale)  # train_step sets it for its run: back after the test
 
     cfg, task = task_for("dpo", ["finetune.dpo_beta=0.5", "train.global_batch_size=8", "train.micro_batch_size=2"])
     examples = task.encode(write(tmp_path / "pairs.jsonl", pairs(8)), train=True)
