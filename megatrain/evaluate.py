@@ -4,7 +4,8 @@ One process, no DeepSpeed, the same evaluation the training run logs: loss and t
 accuracy, macro and per-class precision / recall / F1, confusion matrix; tokens: entity precision / recall / F1 per
 type, token accuracy; qa: exact match and F1; sft: loss and perplexity, and the scores of greedy responses that the
 run's finetune.generation_metrics names; dpo: loss, reward accuracy, rewards and margin against the reference model,
-finetune.init). --json prints them as one JSON object.
+finetune.init, and how often each model gives the chosen response the higher log-probability). --json prints them
+as one JSON object.
 """
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ def command(args: argparse.Namespace) -> int:
     n = len(getattr(examples, "examples", examples.items))  # qa: questions, not their windows
     print(f"{args.checkpoint} (step {step}), {cfg.finetune.task}, {n} "
           f"{ {'sft': 'rows', 'dpo': 'pairs'}.get(cfg.finetune.task, 'examples')} of {args.input}")
+    width = max([18] + [len(k) + 2 for k, v in row.items() if isinstance(v, float)])
     for k, v in row.items():
         if isinstance(v, float):
-            print(f"  {k:<18}{v:10.4f}")
+            print(f"  {k:<{width}}{v:10.4f}")
     table = row.get("per_class") or row.get("per_type")
     if table:
         print(f"\n  {'':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")

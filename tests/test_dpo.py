@@ -110,9 +110,10 @@ def test_a_training_step_logs_the_reward_figures_an_evaluation_of_its_pairs_repo
     logged = window.task_row(run, task)
     results = task.run_items(run, engine, examples)[1]
     want = task.score(examples, results)
-    assert sorted(logged) == sorted(want) == ["chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin"]
+    four = ["chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin"]  # (not the log-prob shares)
+    assert sorted(logged) == four and set(four) < set(want)
     assert 0 < want["reward_accuracy"] < 1, want
-    for key in want:
+    for key in four:
         assert abs(logged[key] - want[key]) < 1e-5, (key, logged, want)
     assert abs(float(share) - sum(task.train_loss(engine, task.collate([it], "cpu"))[0].item()
                                   for it in examples.items) / 8) < 1e-5
@@ -134,6 +135,29 @@ def test_dpo_loss_is_log2_at_the_reference_and_falls_as_the_margin_grows():
     assert abs(float(loss) - math.log(2)) < 1e-7 and float(chosen) == float(rejected) == 0
     better, _, _ = dpo_loss(torch.tensor([[-1.0, -4.0]]), ref, beta=0.1, smoothing=0.0)
     assert float(better) < math.log(2)
+
+
+def test_evaluation_counts_the_pairs_each_model_ranks_right_by_reward_and_by_log_probability():
+    """reward_accuracy compares beta * (pi - ref); logp_accuracy the policy's own log-probabilities, and
+    reference_logp_accuracy the reference's (absent without a reference)."""
+    _, task = task_for("dpo", ["finetune.dpo_beta=0.5"])
+    pi = [(-2.0, -5.0), (-4.0, -3.0), (-6.0, -7.0), (-1.0, -2.0)]
+    ref = [(-3.0, -4.0), (-4.0, -2.0), (-5.0, -9.0), (-2.0, -1.0)]
+    results = []
+    for p, r in zip(pi, ref):
+        _, chosen, rejected = dpo_loss(torch.tensor([p]), torch.tensor([r]), beta=0.5, smoothing=0.0)
+        results.append(dict(chosen=float(chosen), rejected=float(rejected), logps=p))
+
+    class Examples:
+        items = [dict(ref=r) for r in ref]
+
+    got = task.score(Examples(), results)
+    # rewards 0.5 * (pi - ref): chosen 0.5, 0, -0.5, 0.5; rejected -0.5, -0.5, 1, -0.5
+    assert got["reward_accuracy"] == 0.75 and got["logp_accuracy"] == 0.75
+    assert got["reference_logp_accuracy"] == 0.5
+    assert abs(got["reward_margin"] - 0.25) < 1e-7
+    Examples.items = [dict(ref=None) for _ in ref]
+    assert "reference_logp_accuracy" not in task.score(Examples(), results)
 
 
 @pytest.mark.slow

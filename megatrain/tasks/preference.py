@@ -18,8 +18,10 @@ finetune.dpo_reference=precompute its log-probabilities are computed in one pass
 (one model in memory) and stored in checkpoint.dir/dpo_reference.safetensors, which a resumed run reads; =none
 drops the reference (ref = 0: the reference-free variant). A micro-batch holds its pairs' chosen rows, then their
 rejected rows; the mean is over pairs. Evaluation reports the loss, the reward accuracy (how often the chosen
-response's reward beta * (pi - ref) beats the rejected one's), both mean rewards and their margin; each training
-log line the same four over the pairs its steps trained on (from the training forward, summed on the device).
+response's reward beta * (pi - ref) beats the rejected one's), both mean rewards and their margin, and how often
+the policy, and the reference, give the chosen response the higher log-probability (logp_accuracy,
+reference_logp_accuracy: the reference's is what the policy started from, where every reward is 0); each training
+log line the first four over the pairs its steps trained on (from the training forward, summed on the device).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float, smoothing: float)
 class DPO(SFT):
     name = "dpo"
     metric = "val_loss"
-    metrics = ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_chosen_reward", "val_rejected_reward")
+    metrics = ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_chosen_reward", "val_rejected_reward",
+               "val_logp_accuracy")
 
     # -- data -------------------------------------------------------------------------------------------------------
 
@@ -171,8 +174,13 @@ class DPO(SFT):
         n = len(results)
         chosen = sum(r["chosen"] for r in results) / n
         rejected = sum(r["rejected"] for r in results) / n
-        return dict(reward_accuracy=sum(r["chosen"] > r["rejected"] for r in results) / n,
-                    reward_margin=chosen - rejected, chosen_reward=chosen, rejected_reward=rejected)
+        out = dict(reward_accuracy=sum(r["chosen"] > r["rejected"] for r in results) / n,
+                   reward_margin=chosen - rejected, chosen_reward=chosen, rejected_reward=rejected,
+                   logp_accuracy=sum(r["logps"][0] > r["logps"][1] for r in results) / n)
+        refs = [it["ref"] for it in examples.items]
+        if all(ref is not None for ref in refs):  # (reference-free: none to compare)
+            out["reference_logp_accuracy"] = sum(c > r for c, r in refs) / len(refs)
+        return out
 
     # -- the reference --------------------------------------------------------------------------------------------
 
