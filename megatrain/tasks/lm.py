@@ -78,10 +78,15 @@ class MaskedLM(Task):
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
+def has_chat_template(tok) -> bool:
+    """Whether the tokenizer is a Hugging Face one with its own chat template (else megatrain's plain format)."""
+    return bool(getattr(getattr(tok, "tok", None), "chat_template", None))
+
+
 def chat_prompt(tok, msgs: list[dict]) -> str:
     """The text an assistant's next turn follows: the tokenizer's chat template with its generation prompt, or the
     plain format up to `Assistant: ` (what sft trains on; predict and serve feed it)."""
-    if getattr(getattr(tok, "tok", None), "chat_template", None):
+    if has_chat_template(tok):
         return tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant: "
 
@@ -127,8 +132,7 @@ class SFT(FinetuneTask):
     def render(self, msgs: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
         """The conversation as text chunks, each with the character spans the loss covers; an end-of-document token
         follows each chunk of the plain format (the chat template writes its own end-of-turn tokens as text)."""
-        template = getattr(getattr(self.tok, "tok", None), "chat_template", None)
-        if template:
+        if has_chat_template(self.tok):
             text, spans = "", []
             for i, m in enumerate(msgs):
                 if m["role"] == "assistant":
@@ -156,7 +160,7 @@ class SFT(FinetuneTask):
         """The tokens the assistant's next turn follows, as training renders the conversation: the chat template's
         generation prompt, or the plain format up to `Assistant: ` (where an earlier assistant turn ends with the
         end-of-document token, which prompt_text cannot hold)."""
-        if getattr(getattr(self.tok, "tok", None), "chat_template", None):
+        if has_chat_template(self.tok):
             return self.tok.encode(self.prompt_text(msgs))
         ids, _ = self.tokens([*msgs, {"role": "assistant", "content": ""}])
         return ids[:-1]  # (not the end-of-document token that closes the empty turn)
@@ -164,7 +168,7 @@ class SFT(FinetuneTask):
     def tokens(self, msgs: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and which of them the loss covers."""
         ids, target = [], []
-        plain = not getattr(getattr(self.tok, "tok", None), "chat_template", None)
+        plain = not has_chat_template(self.tok)
         for text, spans in self.render(msgs):
             chunk, offsets = self.tok.encode_with_offsets(text)
             ids += chunk
