@@ -52,11 +52,11 @@ def load(args: argparse.Namespace):
     """The model on its device and dtype, its tokenizer, and what the API needs (api.Served)."""
     import torch
 
-    from megatrain.config import ConfigError
+    from megatrain.config import ConfigError, config_from_dict
     from megatrain.generate import check_numbers, load_model, run_tokenizer
     from megatrain.serve.api import Served
     from megatrain.serve.batcher import Batcher
-    from megatrain.tasks.lm import chat_prompt
+    from megatrain.tasks.lm import SFT
 
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port {args.port}: must be 1 to 65535 (0: any free port)")
@@ -73,7 +73,8 @@ def load(args: argparse.Namespace):
     batcher = Batcher(model, tok.eod_id, model.cfg.true_vocab_size or tok.vocab_size, slots=args.slots,
                       max_waiting=args.max_waiting, max_len=args.max_len)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    served = Served(batcher, tok, lambda msgs: chat_prompt(tok, msgs), name, args.request_timeout)
+    chat = SFT(config_from_dict(saved["config"]), tok)  # a chat is rendered as sft trains on it
+    served = Served(batcher, tok, chat.prompt_ids, name, args.request_timeout)
     return served, saved
 
 
