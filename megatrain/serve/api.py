@@ -78,7 +78,7 @@ class Served:
     """What the endpoints need: the batcher, the tokenizer, the chat format, and the limits."""
     batcher: Batcher
     tokenizer: Any
-    chat_prompt: Callable[[list[dict]], list[int]]  # messages -> the ids the assistant's turn follows
+    chat_ids: Callable[[list[dict]], list[int]]  # messages -> the ids the assistant's turn follows (SFT.prompt_ids)
     model_id: str
     request_timeout: float
     created: int = 0
@@ -270,7 +270,7 @@ def build_app(served: Served) -> FastAPI:
         roles = {"system", "user", "assistant"}
         if not req.messages or any(m.role not in roles for m in req.messages):
             raise ApiError(400, "messages: a non-empty list of {role: system|user|assistant, content}", "messages")
-        prompt = served.chat_prompt([m.model_dump() for m in req.messages])
+        prompt = served.chat_ids([m.model_dump() for m in req.messages])
         sampling = sampling_of(req, len(prompt), served.batcher.max_len, None)
         choices = Choices(served, [prompt], sampling, req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

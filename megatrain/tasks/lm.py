@@ -83,14 +83,6 @@ def has_chat_template(tok) -> bool:
     return bool(getattr(getattr(tok, "tok", None), "chat_template", None))
 
 
-def chat_prompt(tok, msgs: list[dict]) -> str:
-    """The text an assistant's next turn follows: the tokenizer's chat template with its generation prompt, or the
-    plain format up to `Assistant: ` (what sft trains on; predict and serve feed it)."""
-    if has_chat_template(tok):
-        return tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant: "
-
-
 def _fields_needed(rec, *keys: str) -> None:
     """A row that lacks what an sft model reads (a classify row {text, label} given to one, say): one line naming
     the fields it reads and those the row has."""
@@ -154,7 +146,9 @@ class SFT(FinetuneTask):
     def prompt_text(self, msgs: list[dict]) -> str:
         """The text the assistant's next turn follows (what predict feeds the model): the chat template's generation
         prompt, or the plain format up to `Assistant: `."""
-        return chat_prompt(self.tok, msgs)
+        if has_chat_template(self.tok):
+            return self.tok.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in msgs) + "Assistant: "
 
     def prompt_ids(self, msgs: list[dict]) -> list[int]:
         """The tokens the assistant's next turn follows, as training renders the conversation: the chat template's
