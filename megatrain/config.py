@@ -276,7 +276,9 @@ class FinetuneConfig(_Section):
     # response by this much); 0 to below 0.5
     dpo_label_smoothing: float = 0.0
     # dpo: the reference model's log-probabilities: precompute (one pass with finetune.init's weights before
-    # training, stored in checkpoint.dir/dpo_reference.safetensors; one model in memory) | none (reference-free)
+    # training, stored in checkpoint.dir/dpo_reference.safetensors; one model in memory) | hold (the reference kept
+    # in memory, scoring each micro-batch: under LoRA the policy with its adapters off, else a frozen second copy of
+    # finetune.init's model, cut and partitioned as the policy) | none (reference-free)
     dpo_reference: str = "precompute"
     doc_stride: int = 64  # qa: tokens shared by consecutive windows of a long context; 1 to (max_seq_len + 1) // 2 - 2
     max_answer_tokens: int = 30  # qa: the longest answer span predicted, in tokens; at least 1
@@ -344,7 +346,7 @@ CHOICES = {
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "logging.progress_bar": ("auto", "on", "off"),
     "finetune.task": ("", "sft", "dpo", "classify", "tokens", "qa"),
-    "finetune.dpo_reference": ("precompute", "none"),
+    "finetune.dpo_reference": ("precompute", "hold", "none"),
     "finetune.format": ("auto", "jsonl", "csv", "tsv", "conll", "squad"),
     "finetune.scheme": ("iob1", "iob2", "bioes"),
     "finetune.pooling": ("auto", "last", "mean", "first"),

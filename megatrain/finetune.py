@@ -58,6 +58,7 @@ def run(cfg: Config) -> dict:
     from megatrain.data import build_tokenizer
     from megatrain.heads import build_model, new_part_value
     from megatrain.tasks import finetune_task
+    from megatrain.tasks.preference import ADAPTERS_OFF
     from megatrain.training.loop import train
     from megatrain.training.throughput import Throughput
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
@@ -118,6 +119,12 @@ def run(cfg: Config) -> dict:
         adapters = sum("lora_" in n for n in new)
         log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
              + (f", {adapters} LoRA matrices" if adapters else ""))
+    if f.task == "dpo" and f.dpo_reference == "hold":  # the reference scores each micro-batch (tasks/preference.py)
+        task.held = ADAPTERS_OFF if f.lora_rank else None
+        if not f.lora_rank:  # a frozen copy of finetune.init's model, built while its files are open
+            with torch.device("meta"):
+                reference = build_model(cfg)
+            task.held = run.frozen_engine(reference, init.weights(reference)[0])
     engine = run.engine(model, weights, release=init.close)
     if hasattr(task, "prepare_reference"):  # dpo: the reference's log-probabilities, from the weights before any step
         log0(task.prepare_reference(run, engine, {"train": train_set, "valid": valid_set, "test": test_set},

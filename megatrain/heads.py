@@ -19,6 +19,7 @@ and A like a row-parallel weight's columns (parallel/sharding.py), so the adapte
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -161,6 +162,25 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targ
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name or _is_head(model, name)
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Inside: `model` (any layout: LoRALinear, its tensor-parallel cuts, per-expert adapters) computes as its frozen
+    weights alone, each adapter's scale set to 0 (x W^T + 0 * (...) is x W^T exactly). dpo's held reference under
+    LoRA is the policy with its adapters off."""
+    saved = []
+    for m in model.modules():
+        for key in ("scale", "lora_scale"):
+            adapted = getattr(m, "lora_A", None) is not None or getattr(m, "lora", ())
+            if adapted and isinstance(getattr(m, key, None), float):
+                saved.append((m, key, getattr(m, key)))
+                setattr(m, key, 0.0)
+    try:
+        yield model
+    finally:
+        for m, key, value in saved:
+            setattr(m, key, value)
 
 
 def _owners(block: nn.Module) -> list[nn.Module]:

@@ -146,18 +146,55 @@ def test_evaluation_counts_the_pairs_each_model_ranks_right_by_reward_and_by_log
     results = []
     for p, r in zip(pi, ref):
         _, chosen, rejected = dpo_loss(torch.tensor([p]), torch.tensor([r]), beta=0.5, smoothing=0.0)
-        results.append(dict(chosen=float(chosen), rejected=float(rejected), logps=p))
+        results.append(dict(chosen=float(chosen), rejected=float(rejected), logps=p, ref=r))
 
-    class Examples:
-        items = [dict(ref=r) for r in ref]
-
-    got = task.score(Examples(), results)
+    got = task.score(None, results)
     # rewards 0.5 * (pi - ref): chosen 0.5, 0, -0.5, 0.5; rejected -0.5, -0.5, 1, -0.5
     assert got["reward_accuracy"] == 0.75 and got["logp_accuracy"] == 0.75
     assert got["reference_logp_accuracy"] == 0.5
     assert abs(got["reward_margin"] - 0.25) < 1e-7
-    Examples.items = [dict(ref=None) for _ in ref]
-    assert "reference_logp_accuracy" not in task.score(Examples(), results)
+    _, free = task_for("dpo", ["finetune.dpo_reference=none"])
+    assert "reference_logp_accuracy" not in free.score(None, results)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_held_reference_scores_each_batch_as_the_precomputed_one(tmp_path, lora):
+    """finetune.dpo_reference=hold: a frozen copy of the starting model, or under LoRA the policy with its adapters
+    off (after an update has moved them), gives each pair the log-probabilities a precomputing pass of the starting
+    model stored, and so the same loss and rewards."""
+    from megatrain.heads import build_model
+    from megatrain.predict import LocalRun
+    from megatrain.tasks.preference import ADAPTERS_OFF
+
+    over = ["finetune.dpo_beta=0.5", "finetune.dpo_reference=hold"] + (["finetune.lora_rank=4"] if lora else [])
+    cfg, task = task_for("dpo", over)
+    _, pre = task_for("dpo", over[:1] + over[2:])
+    examples = task.encode(write(tmp_path / "pairs.jsonl", pairs(6)), train=False)
+    torch.manual_seed(0)
+    start = build_model(cfg)
+    with torch.no_grad():
+        for name, p in start.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_()  # (adapters that moved: B no longer zero)
+    reference = ModelEngine(build_model(cfg))
+    reference.module.load_state_dict(start.state_dict())
+    with torch.no_grad():
+        for name, p in reference.module.named_parameters():
+            if name.endswith("lora_B"):
+                p.zero_()  # the model the adapters started from
+    want = pre.set_reference(LocalRun(cfg, 4), reference, examples)
+    policy = ModelEngine(start)
+    task.held = ADAPTERS_OFF if lora else reference
+    policy.train()
+    batch = task.collate(examples.items, "cpu")
+    got = task.reference_logps(policy, batch)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert policy.module.training  # (back in training mode)
+    held = task.forward_eval(policy, batch)[1]
+    kept = pre.forward_eval(policy, pre.collate(examples.items, "cpu"))[1]
+    for a, b in zip(held, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
 
 
 @pytest.mark.slow
@@ -223,6 +260,34 @@ def test_two_rank_zero2_and_tp2_dpo_equal_one_rank(pretrained, tmp_path):  # noq
                                 steps=range(2, 7))
         for key in ("val_loss", "val_reward_margin"):
             assert_close_curves(losses(runs["one"], "eval", key), losses(runs[name], "eval", key), rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_held_reference_trains_as_the_precomputed_one(pretrained, tmp_path):  # noqa: F811
+    """finetune.dpo_reference=hold logs the losses, rewards and evaluations of precompute (fp32, 1e-5): a frozen second
+    model under 2-rank ZeRO-3 (partitioned as the policy), and under LoRA with tp=2 the policy with its adapters off;
+    no reference file is written."""
+    from training_utils import assert_close_curves
+
+    train = write(tmp_path / "train.jsonl", pairs(24))
+    valid = write(tmp_path / "valid.jsonl", pairs(6))
+    over = {"train.max_steps": 4, "train.lr": 3e-3, "finetune.dpo_beta": 0.5, "train.eval_interval": 2}
+    lora = {"finetune.lora_rank": 4, "train.lr": 1e-2}
+    legs = (("pre", 1, {}), ("hold-zero3", 2, {"finetune.dpo_reference": "hold", "parallel.zero_stage": 3}),
+            ("pre-lora", 1, lora), ("hold-lora-tp2", 2, {"finetune.dpo_reference": "hold", "parallel.tp": 2, **lora}))
+    runs = {}
+    for name, world, extra in legs:
+        runs[name] = str(tmp_path / name)
+        run_distributed(finetune_runs, world, [("finetune-dpo", ft_sets(pretrained, runs[name], train, valid,
+                                                                        **{**over, **extra}))], timeout=300)
+    for pre, held in (("pre", "hold-zero3"), ("pre-lora", "hold-lora-tp2")):
+        assert not os.path.exists(os.path.join(runs[held], REFERENCE_FILE))
+        assert_close_curves(losses(runs[pre]), losses(runs[held]), rtol=1e-5)
+        assert_close_curves(losses(runs[pre], key="reward_margin"), losses(runs[held], key="reward_margin"),
+                            rtol=1e-4, steps=range(2, 5))
+        for key in ("val_loss", "val_reward_margin", "val_reference_logp_accuracy"):
+            assert_close_curves(losses(runs[pre], "eval", key), losses(runs[held], "eval", key), rtol=1e-5)
 
 
 # -- parity with TRL's DPOTrainer ---------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ finetune.dpo_beta, eps = finetune.dpo_label_smoothing):
 
 The reference model is the policy before its first step (finetune.init, LoRA adapters at zero). With
 finetune.dpo_reference=precompute its log-probabilities are computed in one pass over every file before training
-(one model in memory) and stored in checkpoint.dir/dpo_reference.safetensors, which a resumed run reads; =none
-drops the reference (ref = 0: the reference-free variant). A micro-batch holds its pairs' chosen rows, then their
+(one model in memory) and stored in checkpoint.dir/dpo_reference.safetensors, which a resumed run reads; =hold
+keeps the reference in memory and scores each micro-batch with it, under no_grad: under LoRA the policy itself with
+its adapters off (no second model), else a frozen copy of finetune.init's model (Run.frozen_engine: the same TP cut
+and ZeRO-3 partitioning); =none drops the reference (ref = 0: the reference-free variant). A micro-batch holds its pairs' chosen rows, then their
 rejected rows; the mean is over pairs. Evaluation reports the loss, the reward accuracy (how often the chosen
 response's reward beta * (pi - ref) beats the rejected one's), both mean rewards and their margin, and how often
 the policy, and the reference, give the chosen response the higher log-probability (logp_accuracy,
@@ -34,11 +36,13 @@ import torch.nn.functional as F
 
 from megatrain.data.readers import InputError
 from megatrain.data.task_files import read_records
+from megatrain.heads import adapters_off
 from megatrain.model import IGNORE_INDEX
 from megatrain.tasks.base import Batch, Examples, FinetuneTask, pad_rows
 from megatrain.tasks.lm import SFT
 
 REFERENCE_FILE = "dpo_reference.safetensors"
+ADAPTERS_OFF = "adapters off"  # DPO.held under LoRA: the policy with its adapters off is the reference
 
 
 def sequence_logps(module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -129,12 +133,34 @@ class DPO(SFT):
         lp = sequence_logps(engine.module, logits, batch.labels)
         return torch.stack(lp.chunk(2), dim=1)
 
+    # finetune.dpo_reference=hold: what scores the reference during the run (finetune.run sets it): a frozen engine of
+    # finetune.init's model, or ADAPTERS_OFF (the policy's own engine with its LoRA adapters off). None: the
+    # log-probabilities precomputed into each pair (batch.extra["ref"]), as `megatrain evaluate` reads them too
+    held = None
+
+    def reference_logps(self, engine, batch: Batch) -> torch.Tensor:
+        """The reference's log-probabilities of the micro-batch's responses, [P, 2]."""
+        if self.held is None:
+            return batch.extra["ref"]
+        if self.held is not ADAPTERS_OFF:
+            with torch.no_grad():
+                return self.logps(self.held, batch)
+        was_training = engine.module.training
+        engine.eval()  # (as the precomputed pass: no dropout)
+        try:
+            with torch.no_grad(), adapters_off(engine.module):
+                return self.logps(engine, batch)
+        finally:
+            if was_training:
+                engine.train()
+
     def pair_losses(self, engine, batch: Batch) -> tuple[torch.Tensor, ...]:
         f = self.cfg.finetune
+        ref = self.reference_logps(engine, batch)
         pi = self.logps(engine, batch)
-        loss, chosen, rejected = dpo_loss(pi, batch.extra["ref"], f.dpo_beta, f.dpo_label_smoothing)
+        loss, chosen, rejected = dpo_loss(pi, ref, f.dpo_beta, f.dpo_label_smoothing)
         real = (batch.labels[: pi.shape[0]] != IGNORE_INDEX).any(1)
-        return loss, chosen, rejected, real, pi
+        return loss, chosen, rejected, real, pi, ref
 
     def loss(self, engine, batch: Batch) -> torch.Tensor:
         return self.train_loss(engine, batch)[0]
@@ -142,7 +168,7 @@ class DPO(SFT):
     def train_loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean loss over the micro-batch's pairs, and [pairs, pairs ranked right, chosen rewards, rejected
         rewards] summed over them (fp64, on the device: the training log's reward figures, read once a log line)."""
-        loss, chosen, rejected, real, _ = self.pair_losses(engine, batch)
+        loss, chosen, rejected, real, _, _ = self.pair_losses(engine, batch)
         real = real.to(chosen.dtype)
         sums = torch.stack([real.sum(), ((chosen > rejected) * real).sum(), (chosen * real).sum(),
                             (rejected * real).sum()])
@@ -160,13 +186,13 @@ class DPO(SFT):
     evaluate = FinetuneTask.evaluate  # (not sft's: a perplexity of the DPO loss means nothing)
 
     def forward_eval(self, engine, batch: Batch):
-        loss, chosen, rejected, real, pi = self.pair_losses(engine, batch)
-        return (loss * real).sum() / real.sum().clamp(min=1), (chosen, rejected, pi)
+        loss, chosen, rejected, real, pi, ref = self.pair_losses(engine, batch)
+        return (loss * real).sum() / real.sum().clamp(min=1), (chosen, rejected, pi, ref)
 
     def outputs(self, raw, batch: Batch, items: list) -> list:
-        chosen, rejected, pi = raw
-        return [dict(chosen=float(c), rejected=float(r), logps=(float(a), float(b)))
-                for c, r, (a, b) in zip(chosen, rejected, pi.tolist())]
+        chosen, rejected, pi, ref = raw
+        return [dict(chosen=float(c), rejected=float(r), logps=(float(a), float(b)), ref=(float(x), float(y)))
+                for c, r, (a, b), (x, y) in zip(chosen, rejected, pi.tolist(), ref.tolist())]
 
     def score(self, examples: Examples, results: list) -> dict:
         if not results:
@@ -177,9 +203,8 @@ class DPO(SFT):
         out = dict(reward_accuracy=sum(r["chosen"] > r["rejected"] for r in results) / n,
                    reward_margin=chosen - rejected, chosen_reward=chosen, rejected_reward=rejected,
                    logp_accuracy=sum(r["logps"][0] > r["logps"][1] for r in results) / n)
-        refs = [it["ref"] for it in examples.items]
-        if all(ref is not None for ref in refs):  # (reference-free: none to compare)
-            out["reference_logp_accuracy"] = sum(c > r for c, r in refs) / len(refs)
+        if self.cfg.finetune.dpo_reference != "none":  # (reference-free: none to compare)
+            out["reference_logp_accuracy"] = sum(r["ref"][0] > r["ref"][1] for r in results) / n
         return out
 
     # -- the reference --------------------------------------------------------------------------------------------
@@ -198,6 +223,10 @@ class DPO(SFT):
         Collective. Returns a line for the log."""
         if self.cfg.finetune.dpo_reference == "none":
             return "dpo: reference-free (finetune.dpo_reference=none)"
+        if self.cfg.finetune.dpo_reference == "hold":
+            what = ("the policy with its LoRA adapters off" if self.held is ADAPTERS_OFF else
+                    "a frozen copy of finetune.init's model")
+            return f"dpo: reference held in memory ({what}), scoring each micro-batch"
         from safetensors.torch import load_file, save_file
 
         from megatrain.fileio import atomic_path

@@ -141,6 +141,24 @@ class Run:
             self.log_rank_table(local_params)
         return engine
 
+    def frozen_engine(self, model, weights):
+        """A second, frozen model beside the trained one (dpo's held reference): the same TP cut and ZeRO-3
+        partitioning as engine(), filled with `weights(name)`, in eval mode, no gradients, no optimizer. Its
+        DeepSpeed engine (stage 3 kept, else 0) gathers a partitioned model's weights in its forwards, as in an
+        evaluation. No activation checkpointing: it never runs a backward."""
+        import deepspeed
+
+        cfg = self.cfg.replaced({"train.activation_checkpointing": "none"})
+        ds = deepspeed_config(cfg, self.world, local_params=None)
+        module = parallelize(model, cfg, self.layout, self.grid, weights, ds)
+        for p in module.parameters():
+            p.requires_grad = False
+        if cfg.parallel.zero_stage != 3:
+            ds["zero_optimization"] = {"stage": 0}
+        engine, _, _, _ = deepspeed.initialize(model=module, config=ds, mpu=self.grid)
+        engine.eval()
+        return engine
+
     def will_resume(self) -> bool:
         """checkpoint.dir/latest exists and checkpoint.resume is on."""
         return self.cfg.checkpoint.resume and checkpoint.read_latest(self.cfg.checkpoint.dir) is not None
