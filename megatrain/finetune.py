@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from megatrain import startup
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.training.dist_env import log0
 
@@ -63,6 +64,7 @@ def run(cfg: Config) -> dict:
     from megatrain.training.throughput import Throughput
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
+    startup.mark("imports")
     check(cfg)
     asked = cfg  # as the user gave it; `cfg` below is the effective config (with what the run derived)
     init, resolved = adopt_init(asked, "finetune.init")  # the model's shape before the layout is checked against it
@@ -85,13 +87,16 @@ def run(cfg: Config) -> dict:
             build_model(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    startup.mark("config")
     train_set = task.encode(f.train_file, train=True)
     valid_set = task.encode(f.valid_file, train=False) if f.valid_file else None
     test_set = task.encode(f.test_file, train=False) if f.test_file else None
     if f.epochs:
         steps = math.ceil(f.epochs * task.rows_per_epoch(train_set) / cfg.train.global_batch_size)
         resolved = resolved.but(max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10))
+    startup.mark("data")
     run = Run.start(asked, resolved)
+    startup.mark("distributed")
     cfg = task.cfg = run.cfg
     with torch.device("meta"):  # shapes only: each rank allocates just its share when parallelize fills it
         model = build_model(cfg)
@@ -119,6 +124,7 @@ def run(cfg: Config) -> dict:
         adapters = sum("lora_" in n for n in new)
         log0(f"initialized from {init.where}; new: {', '.join(heads) or 'no head'}"
              + (f", {adapters} LoRA matrices" if adapters else ""))
+    startup.mark("model")
     if f.task == "dpo" and f.dpo_reference == "hold":  # the reference scores each micro-batch (tasks/preference.py)
         task.held = ADAPTERS_OFF if f.lora_rank else None
         if not f.lora_rank:  # a frozen copy of finetune.init's model, built while its files are open
@@ -127,10 +133,16 @@ def run(cfg: Config) -> dict:
             task.held = run.frozen_engine(reference, init.weights(reference)[0])
     engine = run.engine(model, weights, release=init.close)
     if hasattr(task, "prepare_reference"):  # dpo: the reference's log-probabilities, from the weights before any step
+        startup.mark("engine")
         log0(task.prepare_reference(run, engine, {"train": train_set, "valid": valid_set, "test": test_set},
                                     resuming=run.will_resume()))
+        startup.mark("dpo reference")
     state = run.resume(engine)
-    state = train(run, engine, train_set, valid_set, task, state, Throughput.of(run, task, task.max_len, engine.module))
+    startup.mark("resume" if hasattr(task, "prepare_reference") else "engine")
+    throughput = Throughput.of(run, task, task.max_len, engine.module)
+    startup.mark("MFU peak")
+    log0(startup.line())
+    state = train(run, engine, train_set, valid_set, task, state, throughput)
     result = dict(step=state.step)
     if test_set is not None and state.step >= cfg.train.max_steps:
         result.update(test(run, engine, task, test_set))

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatrain import startup
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import build_gpt_datasets, build_tokenizer
 from megatrain.fileio import read_json
@@ -101,6 +102,7 @@ def run(cfg: Config) -> dict:
     from megatrain.tasks import pretraining_task
     from megatrain.training.runtime import Run, adopt_init, resolve_vocab
 
+    startup.mark("imports")
     init, resolved = adopt_init(cfg)  # checkpoint.init's model shape; before the layout is checked against it
     if cfg.data.path in (None, "", []):  # the built-in corpus (and its tokenizer)
         from megatrain.corpus import builtin_corpus_paths
@@ -111,7 +113,9 @@ def run(cfg: Config) -> dict:
     else:
         check_data_path(resolved.apply(cfg))  # fail in one line before any distributed setup
     run = Run.start(cfg, resolved)  # likewise every invalid TP x PP x DP layout, then the process groups
+    startup.mark("distributed")
     tok, train_ds, valid_ds, eval_sets = setup_data(run.cfg)
+    startup.mark("data")
     cfg = run.derive(model=resolve_vocab(run.cfg, tok))  # the run's effective config from here on
     if cfg.model.objective == "mlm" and tok.mask_id is None:
         raise ConfigError(f"model.objective=mlm needs a tokenizer with a mask token; {cfg.data.tokenizer} has none")
@@ -128,12 +132,16 @@ def run(cfg: Config) -> dict:
     log0(f"megatrain pretrain | {run.describe(model.num_params())} | data {cfg.data.path}")
     if init_line:
         log0(init_line)
+    startup.mark("model")
     engine = run.engine(model, weights, release=init.close if init is not None else None)
     state = run.resume(engine)
+    startup.mark("engine")
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")
     task = pretraining_task(cfg, tok)
     throughput = Throughput.of(run, task, cfg.data.seq_len)
+    startup.mark("MFU peak")
+    log0(startup.line())
     t0 = time.perf_counter()
     state = train(run, engine, train_ds, valid_ds, task, state, throughput, eval_sets)
     log0(f"done: step {state.step}, {time.perf_counter() - t0:.1f} s; checkpoint in {cfg.checkpoint.dir}")

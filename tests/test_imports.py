@@ -18,7 +18,8 @@ PACKAGE = ROOT / "megatrain"
 LAYERS = [
     # leaves, importing no other megatrain module: the version, the compiled kernels, file and cache helpers, fault
     # injection, this machine's cores, a parameter's full size and decay rule
-    ("megatrain", "megatrain._C", "megatrain.fileio", "megatrain.faults", "megatrain.hostinfo", "megatrain.parameters"),
+    ("megatrain", "megatrain._C", "megatrain.fileio", "megatrain.faults", "megatrain.hostinfo", "megatrain.parameters",
+     "megatrain.startup"),
     ("megatrain.model_config",),  # the model section of the config, its sizes and checks
     ("megatrain.config_checks",),  # the config's combination checks (of typed sections it does not import)
     ("megatrain.config", "megatrain.config_docs", "megatrain.resolved"),  # the typed config, its reference page, and
