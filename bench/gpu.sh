@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one unattended run (under 8 minutes on one H100/H200), everything under one results folder:
+# The GPU checks in one unattended run (under 10 minutes on one H100/H200), everything under one results folder:
 #   1. build megatrain's CUDA kernels (csrc/*.cu) in place           -> build.log
 #   2. the kernels load on this GPU and agree with the reference      -> kernels-check.log
 #      (python -m megatrain.kernels --check --require-cuda)
@@ -8,6 +8,8 @@
 #   4. the kernel table: fused vs eager, and bandwidth as a fraction of the device's HBM peak
 #                                                                     -> bench_kernels.log, bench_kernels_cuda.json
 #   5. llama-1.3b, bf16, 20 steps on this GPU: tokens/s and MFU      -> llama-1.3b.log, llama-1.3b/metrics.jsonl
+#   6. model.compile: gpt2-124m blocks eager, compiled per block and whole, bf16
+#                                                                     -> bench_compile.log, bench_compile_cuda.json
 #
 #   bash bench/gpu.sh [RESULTS_DIR]      (default: bench/results/gpu-<date>)
 #
@@ -60,7 +62,10 @@ step llama-1.3b 240 "$PY" -m megatrain pretrain --config llama-1.3b --set train.
   --set train.max_steps=20 --set train.global_batch_size=8 --set train.micro_batch_size=4 --set train.warmup_steps=2 \
   --set train.log_interval=5 --set train.eval_interval=0 --set checkpoint.interval=0 --set parallel.zero_stage=0 \
   --set logging.tensorboard=false --set checkpoint.dir="$OUT/llama-1.3b"
+step bench_compile 150 "$PY" bench/bench_compile.py --device cuda --precision bf16 --config gpt2-124m --iters 20 \
+  --repeats 2 --out "$OUT/bench_compile_cuda.json"
 grep -h "bandwidth\|training step\|speed" "$OUT/bench_kernels.log" 2>/dev/null | tail -n 12 >> "$SUMMARY"
 grep -h "MFU" "$OUT/llama-1.3b.log" 2>/dev/null | tail -n 2 >> "$SUMMARY"
+grep -h "ms/iteration" "$OUT/bench_compile.log" 2>/dev/null | tail -n 1 >> "$SUMMARY"
 echo "$failed step(s) failed; results in $OUT" | tee -a "$SUMMARY"
 exit $failed

@@ -225,13 +225,24 @@ def baby_profile(name: str, d: dict) -> list[dict]:
 
 
 def compile_(name: str, d: dict) -> list[dict]:
-    eager, comp = statistics.median(d["eager_ms"]), statistics.median(d["compiled_ms"])
-    body = [f"Config `{d['config']}`, batch {d['batch'][0]} x {d['batch'][1]}, {d['threads']} threads, "
-            f"{d['iters']} iterations per run.", ""]
-    body += table(["", "eager", "`torch.compile`", "ratio"], [
-        [f"ms/iteration, median of {len(d['eager_ms'])} runs", num(eager, 2), num(comp, 2), ratio(eager, comp)],
-        ["each run", ", ".join(num(x, 2) for x in d["eager_ms"]), ", ".join(num(x, 2) for x in d["compiled_ms"]), ""],
-        ["first compiled step", "", f"{d['first_compiled_step_s']:.1f} s", ""]])
+    where = f"{d.get('device', 'cpu')}, {d.get('precision', 'fp32')}, {d['threads']} threads"
+    body = [f"Config `{d['config']}`, batch {d['batch'][0]} x {d['batch'][1]}, {where}, {d['iters']} iterations per "
+            f"run.", ""]
+    if "regional_ms" not in d:  # (the older file: eager against the whole model compiled)
+        d = dict(d, whole_ms=d["compiled_ms"], regional_ms=None, first_step_s={"whole": d["first_compiled_step_s"]})
+    eager = statistics.median(d["eager_ms"])
+    rows = [[f"ms/iteration, median of {len(d['eager_ms'])} runs", num(eager, 2)],
+            ["each run", ", ".join(num(x, 2) for x in d["eager_ms"])], ["ratio to eager", ""],
+            ["first compiled step", ""]]
+    head = ["", "eager"]
+    for key, title in (("regional", "`model.compile` (each block)"), ("whole", "`torch.compile(model)`")):
+        if d.get(f"{key}_ms"):
+            head.append(title)
+            med = statistics.median(d[f"{key}_ms"])
+            for row, cell in zip(rows, (num(med, 2), ", ".join(num(x, 2) for x in d[f"{key}_ms"]),
+                                        ratio(eager, med), f"{d['first_step_s'][key]:.1f} s")):
+                row.append(cell)
+    body += table(head, rows)
     return [section("compile", name, d["meta"], name, body)]
 
 

@@ -91,8 +91,9 @@ TEXT = {
         title="torch.compile",
         measures="`bench/bench_compile.py`: one process, the config's model (baby GPT by default, in plain PyTorch "
                  "ops: `model.fused_kernels=off`, since inductor cannot trace into megatrain's C++ kernels) and "
-                 "torch's fused AdamW: ms per training iteration eager and under `torch.compile(model)` (inductor, "
-                 "static shapes), interleaved, the median of each; and the seconds the first compiled step takes "
+                 "torch's fused AdamW: ms per training iteration eager, under `model.compile` (each block compiled, "
+                 "one graph shared by all: parallelize.apply_compile) and under `torch.compile(model)` (inductor, "
+                 "static shapes), interleaved, the median of each; and the seconds each first compiled step takes "
                  "(tracing and code generation; inductor caches its code on disk, so a second run pays less).",
         run="`python bench/bench_compile.py [--config baby-gpt] [--iters 200] [--repeats 3]`",
         read="Compiling pays off in a run when the time saved per iteration, times the iterations, exceeds the "

@@ -25,7 +25,7 @@ import yaml
 from megatrain.model_config import (MODEL_CHOICES, ConfigError, ModelConfig, _Section, ffn_width,  # noqa: F401
                                     has_window_layers, head_dim, is_local_layer, is_moe_layer, kv_heads, kv_repeat,
                                     moe_ffn_width, padded_vocab_size, shared_ffn_width, validate_model)
-from megatrain.config_checks import (_validate_context_parallel, _validate_evals,  # noqa: F401
+from megatrain.config_checks import (_validate_compile, _validate_context_parallel, _validate_evals,  # noqa: F401
                                      _validate_expert_parallel, _validate_generation_metrics, _validate_seq_len_warmup,
                                      seq_len_warmup_lengths, validate_world)
 
@@ -540,6 +540,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key parallel.zero_stage: ZeRO-{p.zero_stage} cannot be combined with pipeline "
                           f"parallelism (parallel.pp={p.pp}); DeepSpeed supports ZeRO-0/1 with pipelines")
     _validate_evals(cfg)
+    if m.compile:
+        _validate_compile(cfg)
     if p.ep > 1:
         _validate_expert_parallel(m, p)
     if p.cp > 1:

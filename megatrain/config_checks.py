@@ -143,3 +143,16 @@ def _validate_generation_metrics(cfg: Config) -> None:
     if split:
         raise ConfigError(f"{key}: responses are generated from each rank's whole model, which {' and '.join(split)} "
                           f"splits over ranks; fine-tune with data parallelism (ZeRO 0-3) or remove it")
+
+
+def _validate_compile(cfg: Config) -> None:
+    """model.compile: the layouts whose blocks are compiled and tested as such (the rest say so in one line)."""
+    p, t = cfg.parallel, cfg.train
+    other = [f"parallel.{k}={v}" for k, v in (("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)) if v > 1]
+    if p.zero_stage == 3:
+        other.append("parallel.zero_stage=3 (its parameter hooks fire inside the blocks)")
+    if t.activation_checkpointing == "selective":
+        other.append("train.activation_checkpointing=selective (use full, or none)")
+    if other:
+        raise ConfigError(f"config key model.compile: not with {other[0]}; compiled blocks run with data parallelism "
+                          f"and ZeRO 0-2 (set model.compile=false for this layout)")

@@ -384,7 +384,8 @@ class Transformer(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 0.0
         self.pos_embed = _embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, self.fused, i) for i in range(cfg.n_layers))
+        # (model.compile: inductor fuses the blocks' plain ops itself, and cannot trace into megatrain's C++ kernels)
+        self.layers = nn.ModuleList(Block(cfg, self.fused and not cfg.compile, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg, self.fused)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -29,8 +29,8 @@ class _Section:
 @dataclass
 class ModelConfig(_Section):
     """The network: a decoder-only Transformer, or a bidirectional encoder with objective=mlm. A run that starts from
-    weights (checkpoint.init, finetune.init) takes every key here from them but dropout and fused_kernels; setting one
-    to another value is refused."""
+    weights (checkpoint.init, finetune.init) takes every key here from them but dropout, fused_kernels and compile;
+    setting one to another value is refused."""
 
     # embedding (and LM head) rows; 0: the tokenizer's vocabulary rounded up to a multiple of pad_vocab_multiple and
     # of parallel.tp; a set value below the tokenizer's vocabulary is refused
@@ -137,6 +137,11 @@ class ModelConfig(_Section):
     # op is first checked against the reference and turned off if it disagrees) | on (the fused ops; an error when
     # the extension is not built) | off (plain PyTorch)
     fused_kernels: str = "auto"
+    # compile each block with torch.compile when training (regional: one graph per block shape, reused by every
+    # block; the embedding, the loss and DeepSpeed stay eager); the blocks then run plain PyTorch ops, which inductor
+    # fuses itself. The first steps pay the compilation (tens of seconds on a CPU). With tp, pp, cp, ep, ZeRO-3 or
+    # selective activation checkpointing: refused
+    compile: bool = False
 
 
 MODEL_CHOICES = {

@@ -324,6 +324,8 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
         replica = grid.get_pipe_parallel_rank() * layout.dp + grid.get_data_parallel_rank()
         apply_tp_dropout_streams(model, cfg.parallel.sequence_parallel,
                                  tp_stream_seed(cfg.train.seed, replica, grid.get_slice_parallel_rank()))
+    if cfg.model.compile:  # NOTE: before checkpointing, which then calls (and recomputes) the compiled forward
+        apply_compile(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, grid, cfg.parallel.partition_activations)
     if layout.pp == 1:
         return model
@@ -331,6 +333,24 @@ def parallelize(model: Transformer, cfg, layout, grid, weights=None, ds_config: 
     if hasattr(model, "deepspeed_moe_marker"):  # what DeepSpeed looks for, in the module it is handed
         pipe.deepspeed_moe_marker = model.deepspeed_moe_marker
     return pipe
+
+
+def apply_compile(model: Transformer) -> Transformer:
+    """model.compile: each block's forward through torch.compile (inductor), regionally as torchtitan does: blocks of
+    one shape share one compiled graph (dynamo's cache), so compiling costs a block, not the model, and the
+    embedding, the loss and DeepSpeed's hooks stay eager. Only the training forward (no KV cache: decoding runs
+    eagerly) goes through the compiled code."""
+    for block in model.layers:
+        compiled = torch.compile(block.forward)
+        eager = block.forward
+
+        def forward(x, rope=None, cache=None, layer=0, pos=0, mask=None, _compiled=compiled, _eager=eager):
+            if cache is not None:
+                return _eager(x, rope, cache, layer, pos, mask)
+            return _compiled(x, rope, None, layer, pos, mask)
+
+        block.forward = forward
+    return model
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, partition_activations: bool = False) -> Transformer:

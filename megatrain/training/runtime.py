@@ -266,7 +266,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux (bytes on macOS: close enough)
 
 
-MAY_DIFFER_FROM_INIT = ("dropout", "fused_kernels")  # model keys a run may set apart from its checkpoint.init
+MAY_DIFFER_FROM_INIT = ("dropout", "fused_kernels", "compile")  # model keys a run may set apart from its checkpoint.init
 # with RoPE, the context a model is trained for: no weight depends on these, so a run may raise them over its
 # checkpoint.init (long-context continued pretraining: a longer max_seq_len, a larger base or a scaling)
 CONTEXT_KEYS = ("max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len",
