@@ -9,8 +9,8 @@ megatrain's C++ kernels), torch's fused AdamW. Three copies of the same weights:
 compile (parallelize.apply_compile: one graph shared by every block, the embedding and loss eager); and
 `torch.compile(model)` (inductor, static shapes, the whole forward). ms per training iteration (forward, backward,
 optimizer step), the three interleaved `--repeats` times, the median of each; and the seconds each compiled variant's
-first step takes (tracing and code generation; inductor caches its code on disk, so a second run of this script pays
-less). Results go to bench/results/bench_compile.json.
+first step takes (tracing and code generation, into an empty inductor cache of this run's own: what a first run
+pays; a user's later runs read inductor's on-disk cache and pay less). Results go to bench/results/bench_compile.json.
 """
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
-import torch
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-compile-inductor-")  # (before torch reads it)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -60,6 +63,7 @@ def main() -> None:
     def step(name: str) -> float:
         loss = variants[name](x, y)
         loss.backward()
+        loss = loss.detach()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
         return float(loss)
@@ -77,7 +81,7 @@ def main() -> None:
     first, first_loss = {}, {}
     for name in variants:
         t0 = time.perf_counter()
-        first_loss[name] = step(name)
+        first_loss[name] = step(name)  # (the loss of the same weights on the same batch: equal across variants)
         first[name] = time.perf_counter() - t0
     ms = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved: the machine's load drifts between runs

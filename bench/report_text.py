@@ -94,7 +94,8 @@ TEXT = {
                  "torch's fused AdamW: ms per training iteration eager, under `model.compile` (each block compiled, "
                  "one graph shared by all: parallelize.apply_compile) and under `torch.compile(model)` (inductor, "
                  "static shapes), interleaved, the median of each; and the seconds each first compiled step takes "
-                 "(tracing and code generation; inductor caches its code on disk, so a second run pays less).",
+                 "(tracing and code generation into an empty inductor cache: what a first run pays; later runs "
+                 "read inductor's on-disk cache and pay less).",
         run="`python bench/bench_compile.py [--config baby-gpt] [--iters 200] [--repeats 3]`",
         read="Compiling pays off in a run when the time saved per iteration, times the iterations, exceeds the "
              "first compiled step."),
