@@ -501,6 +501,22 @@ def serve(name: str, d: dict) -> list[dict]:
     return [section("serve", "Serving", d["meta"], name, body)]
 
 
+def generate_(name: str, d: dict) -> list[dict]:
+    rows = []
+    for r in d["rows"]:
+        ours, hf = r["megatrain"], r["transformers"]
+        rows.append([str(r["batch"]), num(ours["tokens_per_s"], 1), num(hf["tokens_per_s"], 1),
+                     ratio(ours["tokens_per_s"], hf["tokens_per_s"]), f"{1e3 * ours['ttft_s']:.0f} ms",
+                     f"{1e3 * hf['ttft_s']:.0f} ms", f"{ours['ms_per_token']:.1f} ms", f"{hf['ms_per_token']:.1f} ms",
+                     "yes" if r["tokens_equal"] else f"no ({r['token_agreement']:.1%} of positions)"])
+    r0 = d["rows"][0]
+    body = [f"`{d['model']}`, greedy, prompts of {r0['prompt_tokens']} tokens, {r0['new_tokens']} new tokens each, "
+            f"fp32, {d['threads']} threads.", ""]
+    body += table(["batch", "megatrain tokens/s", "transformers tokens/s", "ratio", "first token", "transformers",
+                   "per step after it", "transformers", "same tokens"], rows)
+    return [section("generate", "Generation", d["meta"], name, body)]
+
+
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
 RENDERERS = [
     ("bench_data.json", (), data),
@@ -517,6 +533,7 @@ RENDERERS = [
     ("bench_long.json", (), long_),
     ("soak.json", (), soak),
     ("bench_serve.json", (), serve),
+    ("bench_generate.json", (), generate_),
 ]
 
 

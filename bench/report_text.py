@@ -244,6 +244,19 @@ TEXT = {
              "batching multiplies throughput; one at a time, a request's time to first token includes the wait "
              "for every request before it. Requests are greedy, so every run should give the same texts; the "
              "counts say so."),
+    "generate": dict(
+        title="Generation",
+        measures="`bench/bench_generate.py` runs megatrain's `generate` (the loop of `megatrain generate`, `predict` "
+                 "and the sft generation metrics: a KV cache allocated once for the whole sequence, one forward per "
+                 "token) and transformers' `generate` on the same Hugging Face folder, in one process, on the same "
+                 "prompts (different passages of the same length: no padding), greedy, exactly the same number of "
+                 "new tokens. Per batch size: the time to the first new token (the prompt's forward), the whole "
+                 "generate as tokens per second, and the time per step after the first token; the two sides "
+                 "alternate and the median of the runs counts. The generated ids are compared.",
+        run="`python bench/bench_generate.py [--model DIR] [--prompt-tokens 64] [--new-tokens 128] [--batches 1,8]` "
+            "(`--model`: SmolLM2-135M-Instruct from `bash ../shared/data/fetch_smollm2.sh` by default)",
+        read="At batch 1 on a CPU a decode step reads every weight once for one token: its time is the memory's, "
+             "and both sides pay it; the difference is the work around the matmuls."),
     "soak": dict(
         title="A long run",
         measures="`bench/bench_soak.py` runs one `megatrain pretrain --config tiny` process (the built-in corpus, "

@@ -461,6 +461,12 @@ class Transformer(nn.Module):
             return self.loss_fn(logits, labels)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
+    def next_logits(self, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """tokens [B, T] at positions pos.. into `cache` -> the logits of the last position only, [B, V] (a prompt's
+        other positions never go through the LM head)."""
+        x = self.features(tokens, None, cache, pos)[:, -1]
+        return soft_cap(self.lm_head(x), self.cfg.logit_softcap)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
@@ -533,7 +539,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     cache = KVCache(cfg, B, total, prompt.device, param.dtype)
     g = torch.Generator(device=prompt.device).manual_seed(seed)
     out = prompt
-    logits = model(prompt, cache=cache, pos=0)[:, -1]
+    logits = model.next_logits(prompt, cache, 0)
     for pos in range(T, total):
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits = logits.clone()
@@ -550,6 +556,6 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
         if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
             break
         if pos + 1 < total:
-            logits = model(nxt, cache=cache, pos=pos)[:, -1]
+            logits = model.next_logits(nxt, cache, pos)
     model.train(was_training)
     return out

@@ -80,6 +80,22 @@ def test_cpu_parity_forward_backward(dtype):
         _compare(fused, ref, inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_calls_give_the_training_forward(dtype):
+    """Under no_grad (decoding) each op calls its kernel without autograd's bookkeeping: the same output, bit for bit,
+    as the autograd path, and the reference's within the tolerance; the same for inputs that need no gradient."""
+    torch.manual_seed(0)
+    for name, fused, ref, inputs in _norm_rope_cases(dtype, "cpu"):
+        trained = fused(*inputs).detach()
+        with torch.no_grad():
+            got = fused(*inputs)
+        frozen = fused(*[x.detach() if torch.is_tensor(x) else x for x in inputs])
+        assert not got.requires_grad and not frozen.requires_grad, name
+        assert torch.equal(got, trained) and torch.equal(frozen, trained), name
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref(*inputs).detach(), **TOL[dtype], msg=name)
+
+
 def test_norms_of_rows_far_from_zero():
     """Rows with mean 1000 and std 1, where float32 keeps only ~4 digits of x - mean: forward and gradients
     of the fused norms stay within twice PyTorch's own float32 error of the float64 answer."""

@@ -73,6 +73,10 @@ def test_kv_cache_matches_full_forward(name):
     cache = KVCache(cfg, 2, 32, "cpu", torch.float32)
     steps = [m(x[:, :6], cache=cache, pos=0)] + [m(x[:, t:t + 1], cache=cache, pos=t) for t in range(6, 14)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    cache = KVCache(cfg, 2, 32, "cpu", torch.float32)  # the decoding loop's form: the last position's logits only
+    with torch.no_grad():
+        last = [m.next_logits(x[:, :6], cache, 0)] + [m.next_logits(x[:, t:t + 1], cache, t) for t in range(6, 14)]
+    torch.testing.assert_close(torch.stack(last, 1), full[:, 5:], rtol=1e-5, atol=1e-5)
 
 
 def test_tied_embeddings_share_storage():

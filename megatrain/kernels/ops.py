@@ -94,14 +94,26 @@ class _BiasGelu(torch.autograd.Function):
         return dx, db
 
 
+def _no_grad(*tensors) -> bool:
+    """No gradient will flow through these (inference, decoding): the kernels' forward is called directly, without
+    an autograd.Function's bookkeeping, which costs as much as the kernel on a decode step's small tensors."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def rms_norm(x, weight, eps: float):
-    return _RMSNorm.apply(x, weight, eps) if _fused("rms_norm", x) else reference.rms_norm(x, weight, eps)
+    if not _fused("rms_norm", x):
+        return reference.rms_norm(x, weight, eps)
+    if _no_grad(x, weight):
+        return _ops().rms_norm_fwd(_rows(x), weight, eps)[0].view_as(x)
+    return _RMSNorm.apply(x, weight, eps)
 
 
 def layer_norm(x, weight, bias, eps: float):
-    if _fused("layer_norm", x):
-        return _LayerNorm.apply(x, weight, bias, eps)
-    return reference.layer_norm(x, weight, bias, eps)
+    if not _fused("layer_norm", x):
+        return reference.layer_norm(x, weight, bias, eps)
+    if _no_grad(x, weight, bias):
+        return _ops().layer_norm_fwd(_rows(x), weight, bias, eps)[0].view_as(x)
+    return _LayerNorm.apply(x, weight, bias, eps)
 
 
 def rope(x, cos, sin):
@@ -109,15 +121,22 @@ def rope(x, cos, sin):
     cos/sin [T, D], or [B, T, D] for positions that differ by row (packed examples: the reference path)."""
     if x.stride(-1) != 1 or cos.dim() == 3 or not _fused("rope", x):
         return reference.rope(x, cos, sin)
-    return _Rope.apply(x, cos[: x.shape[1]], sin[: x.shape[1]])
+    cos, sin = cos[: x.shape[1]], sin[: x.shape[1]]
+    if _no_grad(x):
+        return _ops().rope(x, cos, sin, False)
+    return _Rope.apply(x, cos, sin)
 
 
 def swiglu(gate_up):
-    return _SwiGLU.apply(gate_up) if _fused("swiglu", gate_up) else reference.swiglu(gate_up)
+    if not _fused("swiglu", gate_up):
+        return reference.swiglu(gate_up)
+    return _ops().swiglu_fwd(gate_up) if _no_grad(gate_up) else _SwiGLU.apply(gate_up)
 
 
 def bias_gelu(x, bias):
-    return _BiasGelu.apply(x, bias) if _fused("bias_gelu", x) else reference.bias_gelu(x, bias)
+    if not _fused("bias_gelu", x):
+        return reference.bias_gelu(x, bias)
+    return _ops().bias_gelu_fwd(x, bias) if _no_grad(x, bias) else _BiasGelu.apply(x, bias)
 
 
 # -- softmax cross-entropy: statistics forward, gradient written over the logits backward --------------
