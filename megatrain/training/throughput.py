@@ -75,8 +75,8 @@ def measured_matmul_tflops(n: int = 1024, trials: int = 5, repeat: int = 4) -> f
 def cpu_node_peak_tflops() -> tuple[float, str]:
     """The node's fp32 torch.mm rate on all its cores (about 0.3 s on 2 cores), measured once per machine and
     cached in $MEGATRAIN_CACHE/cpu-peak.json (~/.cache/megatrain) with the load it was measured under. A figure
-    measured while other work shared the cores is too low (and the MFU too high): each run measures again until one
-    measures on a quiet machine, and the cache keeps the highest figure. Returns (TFLOP/s, where it comes from)."""
+    measured while more processes ran than the node has cores is too low (and the MFU too high): each run measures
+    again until one measures on a quieter machine, and the cache keeps the highest figure. Returns (TFLOP/s, where it comes from)."""
     cores = cpu_cores()
     path = os.path.join(cache_dir(), "cpu-peak.json")
     key = f"{cpu_model()} | {cores} cores | torch {torch.__version__.split('+')[0]}"
@@ -85,7 +85,7 @@ def cpu_node_peak_tflops() -> tuple[float, str]:
         with open(path) as f:
             table = json.load(f)
         hit = table[key]
-        if hit.get("load_average_1min", 0) <= cores / 2:
+        if hit.get("load_average_1min", 0) <= cores:  # (at most one runnable process a core: quiet enough)
             return float(hit["tflops"]), f"this node's fp32 torch.mm, measured {hit['measured']}, cached in {path}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or a damaged file: measure
         table = table if isinstance(table, dict) else {}
