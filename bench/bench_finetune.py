@@ -2,15 +2,17 @@
 model, data, batch, sequence length and precision: classify and sft, full and LoRA; and LoRA's peak memory against
 full fine-tuning.
 
-    python bench/bench_finetune.py [--config llama-125m] [--steps 6] [--seq 128]
+    python bench/bench_finetune.py [--config llama-125m] [--steps 6] [--seq 128] [--repeats 3]
 
 One Llama-shaped model (the preset's shape, random weights, a 32000-row vocabulary) is written as a megatrain
 checkpoint and exported with `convert to-hf`; the Trainer loads the export (LlamaForSequenceClassification /
 LlamaForCausalLM, LoRA through peft on the same projections: q,k,v,o,gate,up,down where megatrain's fused qkv and
 gate|up take one adapter each). The examples are the same token ids on both sides, all `--seq` tokens long (no
 padding: tokens/s counts the same tokens), global batch 16 in micro-batches of 8, fp32, lr 1e-4. Every run is its own
-process; tokens/s is the median over the steps after 2 warm-up steps, peak memory that process's peak RSS.
-Results go to bench/results/bench_finetune.json.
+process; a run's tokens/s is the median over its steps after 2 warm-up steps, its peak memory the process's peak RSS.
+For each task and mode the two sides alternate `--repeats` times (megatrain, Trainer, megatrain, ...), so drift in
+the machine's speed hits both alike; the table gives the median run of each side, their ratio, and the spread (min
+and max over the runs). Results go to bench/results/bench_finetune.json.
 """
 from __future__ import annotations
 
@@ -154,30 +156,50 @@ def hf_run(work, hf, task, data, seq, steps, lora, env) -> tuple[float, float, b
     raise RuntimeError("unreachable")
 
 
+def spread(xs: list[float]) -> dict:
+    return dict(min=min(xs), median=median(xs), max=max(xs), runs=xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="llama-125m")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lora", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side per task and mode, alternating")
+    ap.add_argument("--tasks", default="classify,sft")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_finetune.json"))
     args = ap.parse_args()
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     work = tempfile.mkdtemp(prefix="bench-finetune-")
     ck, hf = make_model(work, args.config, env)
-    results = dict(config=args.config, seq=args.seq, global_batch=G, micro_batch=MICRO, lora_rank=args.lora, rows=[])
-    print(f"{'task':<10}{'mode':<7}{'megatrain tok/s':>17}{'HF tok/s':>11}{'ratio':>8}{'mt peak MiB':>13}{'HF peak MiB':>13}")
-    for task in ("classify", "sft"):
+    results = dict(config=args.config, seq=args.seq, global_batch=G, micro_batch=MICRO, lora_rank=args.lora,
+                   steps=args.steps, repeats=args.repeats, rows=[])
+    print(f"{'task':<10}{'mode':<8}{'megatrain tok/s':>22}{'HF tok/s':>22}{'ratio':>8}{'mt peak MiB':>13}"
+          f"{'HF peak MiB':>13}   (median [min-max] of {args.repeats} runs a side)")
+    for task in args.tasks.split(","):
         data, ids = make_data(work, task, args.seq, G * (WARMUP + args.steps))
         for lora in (0, args.lora):
-            mt_tps, mt_rss = megatrain_run(work, ck, task, data, args.seq, args.steps, lora, env)
-            hf_tps, hf_rss, with_ds = hf_run(work, hf, task, ids, args.seq, args.steps, lora, env)
+            mt, hfs, mt_rss, hf_rss, with_ds = [], [], [], [], True
+            for _ in range(args.repeats):
+                tps, rss = megatrain_run(work, ck, task, data, args.seq, args.steps, lora, env)
+                mt.append(tps)
+                mt_rss.append(rss)
+                tps, rss, ds = hf_run(work, hf, task, ids, args.seq, args.steps, lora, env)
+                hfs.append(tps)
+                hf_rss.append(rss)
+                with_ds = with_ds and ds
             mode = f"LoRA {lora}" if lora else "full"
-            results["rows"].append(dict(task=task, mode=mode, megatrain_tokens_per_s=mt_tps, hf_tokens_per_s=hf_tps,
-                                        ratio=mt_tps / hf_tps, megatrain_peak_rss_mib=mt_rss, hf_peak_rss_mib=hf_rss,
-                                        hf_with_deepspeed=with_ds))
-            print(f"{task:<10}{mode:<7}{mt_tps:>17.0f}{hf_tps:>11.0f}{mt_tps / hf_tps:>7.2f}x{mt_rss:>13.0f}"
-                  f"{hf_rss:>13.0f}{'' if with_ds else '  (HF without DeepSpeed)'}")
+            row = dict(task=task, mode=mode, megatrain_tokens_per_s=median(mt), hf_tokens_per_s=median(hfs),
+                       ratio=median(mt) / median(hfs), megatrain_peak_rss_mib=median(mt_rss),
+                       hf_peak_rss_mib=median(hf_rss), hf_with_deepspeed=with_ds,
+                       megatrain_spread=spread(mt), hf_spread=spread(hfs),
+                       ratio_spread=dict(min=min(mt) / max(hfs), max=max(mt) / min(hfs)))
+            results["rows"].append(row)
+            print(f"{task:<10}{mode:<8}{median(mt):>8.0f} [{min(mt):.0f}-{max(mt):.0f}]".ljust(40)
+                  + f"{median(hfs):>8.0f} [{min(hfs):.0f}-{max(hfs):.0f}]".ljust(22)
+                  + f"{row['ratio']:>7.2f}x{median(mt_rss):>13.0f}{median(hf_rss):>13.0f}"
+                  + ("" if with_ds else "  (HF without DeepSpeed)"), flush=True)
         full, lo = results["rows"][-2], results["rows"][-1]
         print(f"{'':<10}LoRA peak memory / full: megatrain {lo['megatrain_peak_rss_mib'] / full['megatrain_peak_rss_mib']:.2f}x, "
               f"HF {lo['hf_peak_rss_mib'] / full['hf_peak_rss_mib']:.2f}x")

@@ -249,10 +249,20 @@ def compile_(name: str, d: dict) -> list[dict]:
 def finetune(name: str, d: dict) -> list[dict]:
     body = [f"`{d['config']}` shape, sequence {d['seq']}, global batch {d['global_batch']} in micro-batches of "
             f"{d['micro_batch']}, LoRA rank {d['lora_rank']}.", ""]
-    rows = [[f"{r['task']}, {r['mode']}", num(r["megatrain_tokens_per_s"]), num(r["hf_tokens_per_s"]),
-             ratio(r["megatrain_tokens_per_s"], r["hf_tokens_per_s"]), f"{num(r['megatrain_peak_rss_mib'])} MiB",
-             f"{num(r['hf_peak_rss_mib'])} MiB", ratio(r["megatrain_peak_rss_mib"], r["hf_peak_rss_mib"]),
-             "yes" if r["hf_with_deepspeed"] else "no"] for r in d["rows"]]
+    if "repeats" in d:
+        body[0] += (f" Each side ran {d['repeats']} times per row, alternating with the other, {d['steps']} timed "
+                    f"steps a run: the median run, and the range over the runs in brackets.")
+
+    def tps(r: dict, side: str) -> str:
+        sp = r.get(f"{side}_spread")
+        return num(r[f"{side}_tokens_per_s"]) + (f" [{num(sp['min'])}-{num(sp['max'])}]" if sp else "")
+
+    rows = [[f"{r['task']}, {r['mode']}", tps(r, "megatrain"), tps(r, "hf"),
+             ratio(r["megatrain_tokens_per_s"], r["hf_tokens_per_s"])
+             + (f" [{r['ratio_spread']['min']:.2f}-{r['ratio_spread']['max']:.2f}]" if "ratio_spread" in r else ""),
+             f"{num(r['megatrain_peak_rss_mib'])} MiB", f"{num(r['hf_peak_rss_mib'])} MiB",
+             ratio(r["megatrain_peak_rss_mib"], r["hf_peak_rss_mib"]), "yes" if r["hf_with_deepspeed"] else "no"]
+            for r in d["rows"]]
     body += table(["task, mode", "megatrain tokens/s", "Trainer tokens/s", "ratio", "megatrain peak RSS",
                    "Trainer peak RSS", "ratio", "Trainer with DeepSpeed"], rows)
     rows = []

@@ -107,9 +107,11 @@ TEXT = {
                  "where that does not run: the table says which) fine-tunes the export, LoRA through peft on the "
                  "same projections. Classify and sft, full and LoRA; the same token ids on both sides, every "
                  "example the same length; fp32, one process, global batch 16 in micro-batches of 8. Each run is "
-                 "its own process: tokens/s is the median over the steps after 2 warm-up steps, peak memory the "
-                 "process's peak RSS.",
-        run="`python bench/bench_finetune.py [--config llama-125m] [--steps 6] [--seq 128]` "
+                 "its own process: a run's tokens/s is the median over its steps after 2 warm-up steps, its peak "
+                 "memory the process's peak RSS. The two sides alternate, run by run, so drift in the machine's "
+                 "speed hits both alike; the median run counts, and the range over the runs is given beside it "
+                 "(the ratio's range: the slowest megatrain run against the fastest Trainer run, and the reverse).",
+        run="`python bench/bench_finetune.py [--config llama-125m] [--steps 6] [--seq 128] [--repeats 3]` "
             "(`pip install -e \".[bench]\"` for peft)",
         read="A tokens/s ratio above 1x means megatrain is faster; the memory tables compare LoRA's peak with "
              "full fine-tuning's on each side."),
