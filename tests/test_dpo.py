@@ -400,7 +400,7 @@ def test_dpo_matches_trls_dpo_trainer(tmp_path, monkeypatch):
         with torch.no_grad():
             for k in probe:
                 item = dict(examples.items[order[k]], ref=tuple(reference[order[k]].tolist()))
-                loss, chosen, rejected, _, _ = task.pair_losses(engine, task.collate([item], "cpu"))
+                loss, chosen, rejected = task.pair_losses(engine, task.collate([item], "cpu"))[:3]
                 got.append((float(loss), float(chosen), float(rejected)))
         return got
 
