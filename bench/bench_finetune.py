@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def make_data(work: str, task: str, seq: int, n: int) -> tuple[str, str]:
 
 def megatrain_run(work, ck, task, data, seq, steps, lora, env) -> tuple[float, float]:
     out = os.path.join(work, f"mt-{task}-{lora}")
+    shutil.rmtree(out, ignore_errors=True)  # (a run of its own: not a resume of the previous repeat's checkpoint)
     sets = {"finetune.init": ck, "finetune.train_file": data, "finetune.epochs": 0, "finetune.max_seq_len": seq + 1,
             "finetune.pack": False, "finetune.lora_rank": lora, "finetune.lora_alpha": 2 * lora if lora else 16,
             "train.max_steps": WARMUP + steps, "train.global_batch_size": G, "train.micro_batch_size": MICRO,
