@@ -171,9 +171,10 @@ def adapters_off(model: nn.Module):
     LoRA is the policy with its adapters off."""
     saved = []
     for m in model.modules():
+        if getattr(m, "lora_A", None) is None and not getattr(m, "lora", ()):
+            continue  # (no adapters here)
         for key in ("scale", "lora_scale"):
-            adapted = getattr(m, "lora_A", None) is not None or getattr(m, "lora", ())
-            if adapted and isinstance(getattr(m, key, None), float):
+            if isinstance(getattr(m, key, None), float):
                 saved.append((m, key, getattr(m, key)))
                 setattr(m, key, 0.0)
     try:

@@ -461,10 +461,13 @@ class Transformer(nn.Module):
             return self.loss_fn(logits, labels)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
-    def next_logits(self, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """tokens [B, T] at positions pos.. into `cache` -> the logits of the last position only, [B, V] (a prompt's
-        other positions never go through the LM head)."""
-        x = self.features(tokens, None, cache, pos)[:, -1]
+    def next_logits(self, tokens: torch.Tensor, cache: KVCache, pos: int = 0,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] at positions pos.. into `cache` -> the next-token logits [B, V] of each row's last position,
+        or of position rows[b] of row b (a right-padded batch); a prompt's other positions never go through the LM
+        head."""
+        x = self.features(tokens, None, cache, pos)
+        x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=x.device), rows]
         return soft_cap(self.lm_head(x), self.cfg.logit_softcap)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from megatrain.model import KVCache, Transformer, soft_cap
+from megatrain.model import KVCache, Transformer
 from megatrain.model_config import head_dim, kv_heads
 
 
@@ -230,9 +230,7 @@ class Batcher:
                  rows: torch.Tensor | None = None) -> torch.Tensor:
         """The next-token logits [B, V] of rows first.. (at `rows` positions of each, or the last)."""
         self.cache.select(first, positions.to(self.device))
-        x = self.model.features(tokens.to(self.device), cache=self.cache)
-        x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=self.device), rows]
-        logits = soft_cap(self.model.lm_head(x), self.cfg.logit_softcap).float()
+        logits = self.model.next_logits(tokens.to(self.device), self.cache, 0, rows).float()
         self.steps += 1
         if self.vocab_limit < logits.shape[-1]:  # padding rows of the embedding are never chosen
             logits[:, self.vocab_limit:] = float("-inf")
