@@ -1,12 +1,46 @@
 """Run a function in several gloo processes, with a hard timeout and cleanup (tests' tier 3)."""
 import multiprocessing as mp
 import os
+import sys
 import traceback
+from multiprocessing import reduction
 
 from megatrain.training.dist_env import free_port
 
+# What every rank imports before its first line runs. A fork server (one per pytest process) imports these once, and
+# each rank is forked from it: a rank starts in well under a second, where a spawned one spends seconds importing
+# them again (the slow tier starts hundreds of ranks). megatrain itself is not preloaded: each rank imports it
+# afresh, so its start-up clock (megatrain.STARTED) is the rank's own.
+PRELOADED = ["torch", "torch._dynamo", "deepspeed", "transformers", "numpy"]
 
-def _entry(fn, rank, world, port, args, errors):
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOADED)
+    return ctx
+
+
+class _Inherited:
+    """The test's stdout and stderr, as file descriptors sent to the rank: a forked rank's own are the fork server's,
+    so its output would miss the test's capture (pytest's report, capfd)."""
+
+    def __reduce__(self):
+        sys.stdout.flush(), sys.stderr.flush()
+        return _adopt_outputs, (reduction.DupFd(1), reduction.DupFd(2))
+
+
+def _adopt_outputs(out, err):
+    for fd, sent in ((1, out), (2, err)):
+        got = sent.detach()
+        os.dup2(got, fd)
+        os.close(got)
+
+
+def _entry(fn, rank, world, port, args, errors, environ, _outputs):
+    # NOTE: a forked rank inherits the fork server's environment and outputs, fixed when the server started; the
+    # test's own (with whatever it set since) replace them, as a spawned process would have inherited them.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import faulthandler
@@ -29,10 +63,11 @@ def _entry(fn, rank, world, port, args, errors):
 
 def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> None:
     """Run fn(rank, world, *args) in `world` processes; raise with the first rank's traceback on failure."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, errors), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, errors, dict(os.environ), _Inherited()), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     try:
