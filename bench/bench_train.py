@@ -35,6 +35,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from megatrain.config import ModelConfig, ffn_width  # noqa: E402
 from megatrain.flops import train_flops_per_token  # noqa: E402
 from megatrain.training.throughput import measured_matmul_tflops  # noqa: E402
+from megatrain.training.profiling import split_line  # noqa: E402
 from results_file import run_meta, write_results  # noqa: E402
 
 EVAL_DURING_RUN = 20  # validation batches of each evaluation during the timed runs (both sides)
@@ -69,26 +70,18 @@ def time_engine(model, step_fn, micro: int, steps: int, warmup: int = 2, breakdo
     return times[len(times) // 2]  # median
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")  # where torch spends a Linear's FLOPs on CPU
-
-
 def op_breakdown(engine, step_fn, steps: int = 2) -> dict:
     """Where one training step's time goes, by torch's profiler (self CPU time of each op): the matmuls, the attention
-    kernel, and the rest with its five biggest ops."""
+    kernel, and the rest with its five biggest ops (megatrain's logging.profile_step split)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from megatrain.training.profiling import op_split
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.backward(step_fn(engine))
             engine.step()
-    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    total = sum(ops.values())
-    matmul = sum(t for k, t in ops.items() if k in MATMUL_OPS)
-    attention = sum(t for k, t in ops.items() if "scaled_dot_product" in k or "flash_attention" in k)
-    rest = sorted(((t, k) for k, t in ops.items() if k not in MATMUL_OPS and "scaled_dot_product" not in k
-                   and "flash_attention" not in k), reverse=True)[:5]
-    return dict(matmul=matmul / total, attention=attention / total, rest=1 - (matmul + attention) / total,
-                top_rest={k: t / total for t, k in rest})
+    return op_split(prof)
 
 
 def part1(args) -> dict:
@@ -143,9 +136,7 @@ def part1(args) -> dict:
     print(f"  speed-up vs HF: {t_hf / t_ours:.2f}x (target >= 1.3x); torch.mm: {mm * 1e3:.1f} GFLOP/s; "
           f"megatrain at {ours_tflops / mm:.0%} of it (target >= 80%)")
     for who, sp in split.items():  # the bound: a step can go no faster than its matmuls at torch.mm's rate
-        top = ", ".join(f"{k} {v:.1%}" for k, v in sp["top_rest"].items())
-        print(f"  {who:9s} step time: matmuls {sp['matmul']:.1%}, attention {sp['attention']:.1%}, "
-              f"the rest {sp['rest']:.1%} ({top})")
+        print(f"  {who:9s} step time: {split_line(sp)}")
     return out
 
 

@@ -217,6 +217,9 @@ class LoggingConfig(_Section):
     # the node's fp32 torch.mm rate, measured once and cached in ~/.cache/megatrain/cpu-peak.json
     peak_tflops: float = 0.0
     progress_bar: str = "auto"  # a progress bar on stderr: auto (when stderr is a terminal) | on | off
+    # profile this training step (1-based) with torch.profiler: each rank's op table and Chrome trace go to
+    # checkpoint.dir/profile/, and the step's split (matmuls, attention, the rest) to the log; 0: off
+    profile_step: int = 0
 
 
 LM_TASKS = ("", "sft", "dpo")  # finetune.task values whose model is the language model itself (no task head)
@@ -561,7 +564,8 @@ def validate(cfg: Config) -> None:
                    "train.grad_clip": t.grad_clip, "train.eval_interval": t.eval_interval, "train.eval_iters":
                    t.eval_iters, "checkpoint.interval": cfg.checkpoint.interval,
                    "checkpoint.keep_last": cfg.checkpoint.keep_last, "train.exit_duration_minutes":
-                   t.exit_duration_minutes, "parallel.drift_check_interval": p.drift_check_interval}
+                   t.exit_duration_minutes, "parallel.drift_check_interval": p.drift_check_interval,
+                   "logging.profile_step": cfg.logging.profile_step}
     for k, v in nonnegative.items():
         if not v >= 0:
             raise ConfigError(f"config key {k}: must be at least 0, got {v}")

@@ -28,6 +28,7 @@ from megatrain.training.checkpoint_evals import CheckpointEvals, evaluate_sets
 from megatrain.training.engine import grad_norm, rank_mean
 from megatrain.training.metrics import MetricsLogger
 from megatrain.training.moe_metrics import moe_row
+from megatrain.training.profiling import profiled_step
 from megatrain.training.runtime import Run, TrainState
 from megatrain.training.throughput import Throughput
 
@@ -290,7 +291,8 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
     try:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
-            share, tokens, sums = train_step(run, engine, task, train_ds, state.step)
+            with profiled_step(state.step + 1, cfg.logging.profile_step, cfg.checkpoint.dir, run.rank, logger):
+                share, tokens, sums = train_step(run, engine, task, train_ds, state.step)
             if engine.device.type == "cuda" and ((state.step + 1) % t.log_interval == 0 or state.step + 1 == t.max_steps):
                 torch.cuda.synchronize()  # the steps queue on the GPU unread until a line is logged: count their time
             window.seconds += time.perf_counter() - t0
