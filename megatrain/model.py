@@ -194,23 +194,30 @@ class Documents:
 def document_attention(q, k, v, docs: Documents, causal: bool, scale: float, window: int = 0, softcap: float = 0.0,
                        dropout: float = 0.0) -> torch.Tensor:
     """Attention within each document of each row: q, k, v [B, H(_kv), T, D] -> [B, H, T, D]. A run of padding is a
-    document of its own (no real token sees it; its outputs feed nothing). Each document is its own SDPA call (or soft-capped attention), causal or
-    not, within `window` if set: memory per call is its own length squared at most, never the batch's T x T."""
-    B, H, T, _ = q.shape
-    out = q.new_empty(B, H, T, v.shape[-1])
-    for b, spans in enumerate(docs.spans):
-        for lo, hi, _ in spans:
-            qs, ks, vs = q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi]
-            n, mask = hi - lo, None
-            if window and n > window:
-                mask = window_mask(n, window, q.device) if softcap else window_bias(n, window, q.device, q.dtype)
-            if softcap:
-                y = soft_capped_attention(qs, ks, vs, mask, causal and mask is None, scale, softcap, dropout)
-            else:
-                y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
-                                                   dropout_p=dropout, scale=scale, enable_gqa=ks.shape[1] != H)
-            out[b:b + 1, :, lo:hi] = y
-    return out
+    document of its own (no real token sees it; its outputs feed nothing). Each document is its own SDPA call (or
+    soft-capped attention; a batch whose rows are each one document, unpadded, is one call), causal or not, within
+    `window` if set: memory per call is its own length squared at most, never the batch's T x T."""
+    H = q.shape[1]
+
+    def attend(qs, ks, vs):
+        n, mask = qs.shape[2], None
+        if window and n > window:
+            mask = window_mask(n, window, q.device) if softcap else window_bias(n, window, q.device, q.dtype)
+        if softcap:
+            return soft_capped_attention(qs, ks, vs, mask, causal and mask is None, scale, softcap, dropout)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                              dropout_p=dropout, scale=scale, enable_gqa=ks.shape[1] != H)
+
+    if all(len(spans) == 1 for spans in docs.spans):  # a document a row, no padding: the whole batch in one call
+        return attend(q, k, v)
+    # NOTE: split, not slices: the backward of a split is one cat, where each slice's backward would write its
+    # gradient into a zeroed tensor of the whole input's size (and the slices' gradients be summed)
+    rows = []
+    for spans, qb, kb, vb in zip(docs.spans, q.split(1), k.split(1), v.split(1)):
+        lengths = [hi - lo for lo, hi, _ in spans]
+        ys = [attend(*t) for t in zip(qb.split(lengths, 2), kb.split(lengths, 2), vb.split(lengths, 2))]
+        rows.append(torch.cat(ys, 2) if len(ys) > 1 else ys[0])
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 class Attention(nn.Module):

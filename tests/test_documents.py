@@ -18,17 +18,23 @@ def _model(max_seq_len: int = 64, **kw) -> Transformer:
     return Transformer(cfg).double()
 
 
+@pytest.mark.parametrize("rows", ["packed_and_padded", "one_document_each"])
 @pytest.mark.parametrize("name", FEATURES)
-def test_documents_equal_the_dense_segment_mask(name):
+def test_documents_equal_the_dense_segment_mask_and_so_do_their_gradients(name, rows):
     model = _model(**FEATURES[name])
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    segments = torch.tensor([[1] * 5 + [2] * 7 + [0] * 4, [1] * 16])
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [0] * 4, [1] * 16] if rows == "packed_and_padded" else [[1] * 16] * 2)
+    weights = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     got = model(tokens, segments=segments)
+    got_grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()))
     x, mask = model.embed_tokens(tokens), segment_mask(segments, causal=model.cfg.objective == "causal")
     positions = segment_positions(segments)
     for block in model.layers:  # the dense [B, 1, T, T] mask through the same blocks
         x = block(x, model.rope_of(block, positions, x.dtype), None, 0, 0, mask)
-    torch.testing.assert_close(got, model.lm_head(model.norm(x)), rtol=0, atol=1e-12)
+    dense = model.lm_head(model.norm(x))
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-12)
+    for g, want in zip(got_grads, torch.autograd.grad((dense * weights).sum(), list(model.parameters()))):
+        torch.testing.assert_close(g, want, rtol=0, atol=1e-10)
 
 
 def test_a_packed_row_has_each_documents_own_losses():
