@@ -131,8 +131,11 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0: the model starts unchanged
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        y = F.linear(x, self.weight, self.bias)
+        a = F.linear(self.lora_dropout(x), self.lora_A)
+        # one addmm: the scale and the sum ride in the matmul (no separate mul and add over the output)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.t(),
+                           alpha=self.scale).view(y.shape)
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targets: str) -> Transformer:
