@@ -110,7 +110,10 @@ TEXT = {
                  "its own process: a run's tokens/s is the median over its steps after 2 warm-up steps, its peak "
                  "memory the process's peak RSS. The two sides alternate, run by run, so drift in the machine's "
                  "speed hits both alike; the median run counts, and the range over the runs is given beside it "
-                 "(the ratio's range: the slowest megatrain run against the fastest Trainer run, and the reverse).",
+                 "(the ratio's range: the slowest megatrain run against the fastest Trainer run, and the reverse). "
+                 "The last run of each side profiles one step more (megatrain's logging.profile_step; a Trainer "
+                 "callback) and the script prints where that step's time went: matmuls, attention, and the rest "
+                 "with its biggest ops.",
         run="`python bench/bench_finetune.py [--config llama-125m] [--steps 6] [--seq 128] [--repeats 3]` "
             "(`pip install -e \".[bench]\"` for peft)",
         read="A tokens/s ratio above 1x means megatrain is faster; the memory tables compare LoRA's peak with "
