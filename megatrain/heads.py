@@ -131,11 +131,14 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0: the model starts unchanged
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        a = F.linear(self.lora_dropout(x), self.lora_A)
-        # one addmm: the scale and the sum ride in the matmul (no separate mul and add over the output)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.t(),
-                           alpha=self.scale).view(y.shape)
+        return add_lora(F.linear(x, self.weight, self.bias), F.linear(self.lora_dropout(x), self.lora_A), self.lora_B,
+                        self.scale)
+
+
+def add_lora(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * u B^T (u = drop(x) A^T) as one addmm: the scale and the sum ride in the matmul, with no separate mul
+    and add over the output. Every LoRA layer adds its update so (LoRALinear, the tensor-parallel layers)."""
+    return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B.t(), alpha=scale).view(y.shape)
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targets: str) -> Transformer:
