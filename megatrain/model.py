@@ -190,13 +190,18 @@ class Documents:
             rows.append(tuple((lo, hi, ids[b][lo] != 0) for lo, hi in zip(edges, edges[1:])))
         return Documents(tuple(rows))
 
+    @property
+    def one_per_row(self) -> bool:
+        """Each row one span (one example, unpadded): attention as if there were no segments."""
+        return all(len(spans) == 1 for spans in self.spans)
+
 
 def document_attention(q, k, v, docs: Documents, causal: bool, scale: float, window: int = 0, softcap: float = 0.0,
                        dropout: float = 0.0) -> torch.Tensor:
     """Attention within each document of each row: q, k, v [B, H(_kv), T, D] -> [B, H, T, D]. A run of padding is a
     document of its own (no real token sees it; its outputs feed nothing). Each document is its own SDPA call (or
-    soft-capped attention; a batch whose rows are each one document, unpadded, is one call), causal or not, within
-    `window` if set: memory per call is its own length squared at most, never the batch's T x T."""
+    soft-capped attention), causal or not, within `window` if set: memory per call is its own length squared at
+    most, never the batch's T x T."""
     H = q.shape[1]
 
     def attend(qs, ks, vs):
@@ -208,8 +213,6 @@ def document_attention(q, k, v, docs: Documents, causal: bool, scale: float, win
         return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
                                               dropout_p=dropout, scale=scale, enable_gqa=ks.shape[1] != H)
 
-    if all(len(spans) == 1 for spans in docs.spans):  # a document a row, no padding: the whole batch in one call
-        return attend(q, k, v)
     # NOTE: split, not slices: the backward of a split is one cat, where each slice's backward would write its
     # gradient into a zeroed tensor of the whole input's size (and the slices' gradients be summed)
     rows = []
@@ -441,6 +444,8 @@ class Transformer(nn.Module):
         mask, positions = None, None
         if segments is not None:
             mask, positions = Documents.of(segments), segment_positions(segments)[:, rank * T:(rank + 1) * T]
+            if mask.one_per_row:  # (equal-length examples): the plain attention, one call for the batch
+                mask = None
         if cache is not None and cache.positions is not None:  # a serving batch: each row at its own position
             positions = cache.positions
         x = self.embed_tokens(tokens)
