@@ -25,7 +25,8 @@ class _Inherited:
     so its output would miss the test's capture (pytest's report, capfd)."""
 
     def __reduce__(self):
-        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         return _adopt_outputs, (reduction.DupFd(1), reduction.DupFd(2))
 
 

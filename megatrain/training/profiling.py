@@ -50,15 +50,15 @@ def profiled_step(step: int, profile_step: int, run_dir: str, rank: int, logger)
         return
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         yield
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
     folder = os.path.join(run_dir, "profile")
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"step{step}-rank{rank}")
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     with open(stem + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
     prof.export_chrome_trace(stem + ".trace.json")
