@@ -131,11 +131,11 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0: the model starts unchanged
 
     def forward(self, x):
-        return add_lora(F.linear(x, self.weight, self.bias), F.linear(self.lora_dropout(x), self.lora_A), self.lora_B,
-                        self.scale)
+        u = F.linear(self.lora_dropout(x), self.lora_A)
+        return add_lora_update(F.linear(x, self.weight, self.bias), u, self.lora_B, self.scale)
 
 
-def add_lora(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+def add_lora_update(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """y + scale * u B^T (u = drop(x) A^T) as one addmm: the scale and the sum ride in the matmul, with no separate mul
     and add over the output. Every LoRA layer adds its update so (LoRALinear, the tensor-parallel layers)."""
     return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B.t(), alpha=scale).view(y.shape)

@@ -67,8 +67,8 @@ def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> None:
     ctx = _context()
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, errors, dict(os.environ), _Inherited()), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, errors, dict(os.environ), _Inherited()),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     try:

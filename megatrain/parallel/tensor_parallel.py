@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.heads import add_lora
+from megatrain.heads import add_lora_update
 # the vocab-parallel loss is the reference of the fused one (kernels/ops.py falls back to it): it lives with it
 from megatrain.kernels.reference import vocab_parallel_cross_entropy  # noqa: F401
 
@@ -162,7 +162,7 @@ def mark_partial_grad(p: nn.Parameter) -> nn.Parameter:
 
 
 class _LoRA(nn.Module):
-    """LoRA factors on a TP layer: y += scale * (drop(x) A^T) B^T (heads.add_lora), A and B split as
+    """LoRA factors on a TP layer: y += scale * (drop(x) A^T) B^T (heads.add_lora_update), A and B split as
     parallel/sharding.py says."""
 
     def _init_lora(self, lora: dict | None, a_split: bool) -> None:
@@ -195,7 +195,8 @@ class ColumnParallelLinear(_LoRA):
     def forward(self, x):
         y = F.linear(self._enter(x), self.weight, self.bias)
         if self.lora_A is not None:
-            y = add_lora(y, self._enter(F.linear(self.lora_dropout(x), self.lora_A)), self.lora_B, self.lora_scale)
+            u = self._enter(F.linear(self.lora_dropout(x), self.lora_A))
+            y = add_lora_update(y, u, self.lora_B, self.lora_scale)
         return y
 
 
@@ -220,7 +221,8 @@ class RowParallelLinear(_LoRA):
     def forward(self, x):
         y = self._reduce(F.linear(x, self.weight))
         if self.lora_A is not None:
-            y = add_lora(y, self._reduce(F.linear(self.lora_dropout(x), self.lora_A)), self.lora_B, self.lora_scale)
+            u = self._reduce(F.linear(self.lora_dropout(x), self.lora_A))
+            y = add_lora_update(y, u, self.lora_B, self.lora_scale)
         return y + self.bias if self.bias is not None else y
 
 
