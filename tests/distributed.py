@@ -1,8 +1,11 @@
 """Run a function in several gloo processes, with a hard timeout and cleanup (tests' tier 3)."""
 import multiprocessing as mp
 import os
+import queue
 import sys
+import time
 import traceback
+from multiprocessing import connection as mp_connection
 from multiprocessing import reduction
 
 from megatrain.training.dist_env import free_port
@@ -48,10 +51,12 @@ def _entry(fn, rank, world, port, args, errors, environ, _outputs):
 
     import torch.distributed as dist
 
-    from megatrain.training.dist_env import end_distributed
+    from megatrain.training.dist_env import end_distributed, load_comm_op
 
     faulthandler.enable()  # a rank killed by a signal (SIGABRT, SIGSEGV) says where each of its threads was
     try:
+        if world > 1:  # NOTE: as megatrain's init_distributed: under its guard, before a test's own
+            load_comm_op()  # deepspeed.init_distributed would load it unguarded (racing another test's start)
         dist.init_process_group("gloo", rank=rank, world_size=world)
         fn(rank, world, *args)
     except BaseException:
@@ -72,15 +77,20 @@ def run_distributed(fn, world: int, *args, timeout: float = 180.0) -> None:
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            p.join(timeout)
+        deadline = time.monotonic() + timeout
+        # A rank that fails leaves the others waiting in a collective it never joins: stop at the first failure.
+        while (any(p.is_alive() for p in procs) and errors.empty() and time.monotonic() < deadline
+               and all(p.exitcode in (None, 0) for p in procs)):
+            mp_connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if bad or not errors.empty():
+            try:  # (a rank queues its traceback before it exits: give the queue's feeder a moment)
+                raise AssertionError(errors.get(timeout=5))
+            except queue.Empty:
+                raise AssertionError(f"ranks exited non-zero: {bad}") from None
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         if hung:
             raise TimeoutError(f"ranks {hung} still running after {timeout:.0f} s (hung collective?)")
-        if not errors.empty():
-            raise AssertionError(errors.get())
-        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-        assert not bad, f"ranks exited non-zero: {bad}"
     finally:
         for p in procs:
             if p.is_alive():

@@ -61,3 +61,46 @@ def test_deepspeeds_cpu_shared_memory_leaves_nothing_in_dev_shm():
         path = paths.get(timeout=5)
         assert "deepspeed_allreduce_buffer" in path
         assert not os.path.exists(path), path
+
+
+def test_a_young_build_lock_is_waited_for_and_an_old_one_removed(tmp_path, capsys):
+    """torch's build `lock`: a live loader outside megatrain's guard holds it briefly (not removed under it); one
+    older than a live holder keeps it is a killed build's (removed)."""
+    import os
+    import threading
+    import time
+
+    from megatrain.training.dist_env import _remove_stale_build_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    holder = threading.Timer(0.6, lock.unlink)  # the live loader's build ends, and it removes its lock itself
+    holder.start()
+    t0 = time.monotonic()
+    _remove_stale_build_lock(str(lock), held_at_most_s=60)
+    holder.join()
+    assert time.monotonic() - t0 >= 0.5 and "removed" not in capsys.readouterr().out
+
+    lock.touch()
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    _remove_stale_build_lock(str(lock), held_at_most_s=60)
+    assert not lock.exists() and "left by a build that was killed" in capsys.readouterr().out
+
+
+def _one_rank_raises_while_the_other_waits(rank, world):
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise ValueError("rank 1 fails before the collective")
+    dist.barrier()  # rank 0 would wait here until the timeout
+
+
+def test_the_harness_stops_at_a_ranks_failure_not_the_timeout():
+    import time
+
+    from distributed import run_distributed
+
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 fails before the collective"):
+        run_distributed(_one_rank_raises_while_the_other_waits, 2, timeout=120)
+    assert time.monotonic() - t0 < 60  # (stopped at rank 1's error, not at the 120 s timeout)

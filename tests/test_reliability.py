@@ -555,6 +555,7 @@ def test_a_build_lock_left_by_a_killed_start_is_removed_not_waited_for():
         pytest.skip("no DeepSpeed op on this accelerator")
     stale = os.path.join(_get_build_directory(name, False), "lock")
     open(stale, "w").close()
+    os.utime(stale, (0, 0))  # left long ago: a young `lock` may be a live loader's, and is waited for
     r = subprocess.run([sys.executable, "-m", "megatrain.training.dist_env", "--prebuild"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "left by a build that was killed" in r.stdout, r.stdout + r.stderr

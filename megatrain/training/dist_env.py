@@ -229,7 +229,9 @@ def load_comm_op() -> str | None:
     torch's JIT build guards its folder with a `lock` file that the builder deletes when done; a process killed while
     holding it (kill -9 during start-up) leaves it behind, and every later run then waits for it forever. Here every
     megatrain process loads the op while holding an flock on the folder (dropped by the kernel however the process
-    dies), so a `lock` file found under that flock belongs to nobody alive: it is removed."""
+    dies). A `lock` file found under that flock belongs to nobody alive, unless a process that loads the op without
+    megatrain (a script calling deepspeed.init_distributed itself) holds it: such a holder keeps it a second or two
+    when the op is built, a few minutes while it builds. So a `lock` is removed once it is older than that."""
     import deepspeed.ops  # NOTE: here, once DS_ACCELERATOR is set (see init_distributed)
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
@@ -241,16 +243,34 @@ def load_comm_op() -> str | None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, ".megatrain-load.lock"), "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
-        stale = os.path.join(folder, "lock")
-        if os.path.exists(stale):
-            os.remove(stale)
-            print(f"removed {stale}, left by a build that was killed (it would make every later start wait forever)",
-                  flush=True)
-        if not os.path.exists(os.path.join(folder, f"{builder.NAME}.so")):  # the first multi-rank CPU run here
+        built = os.path.exists(os.path.join(folder, f"{builder.NAME}.so"))
+        _remove_stale_build_lock(os.path.join(folder, "lock"), LOCK_HELD_AT_MOST_S[built])
+        if not built:  # the first multi-rank CPU run here
             print(f"building DeepSpeed's CPU collectives op {builder.NAME} once for this machine (about a minute; "
                   f"cached in {folder}; `python -m megatrain.training.dist_env --prebuild` does it ahead)", flush=True)
         builder.load(verbose=False)
     return builder.NAME
+
+
+# How long a live process that loads DeepSpeed's op without megatrain's flock holds torch's build `lock`, at most:
+# [while it builds the op, once the op is built (ninja finds nothing to do)]. An older `lock` is a killed build's.
+LOCK_HELD_AT_MOST_S = {False: 300.0, True: 20.0}
+
+
+def _remove_stale_build_lock(lock: str, held_at_most_s: float) -> None:
+    """Wait for `lock` to go while it is young enough to be held by a live loader; remove it once it is older."""
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return
+        if age > held_at_most_s:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            print(f"removed {lock}, left by a build that was killed (it would make every later start wait forever)",
+                  flush=True)
+            return
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":
