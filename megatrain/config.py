@@ -145,7 +145,7 @@ class ParallelConfig(_Section):
     tp x pp x data-parallel ranks."""
 
     # DeepSpeed ZeRO stage: 0 (none), 1 (optimizer state sharded over data-parallel ranks), 2 (and gradients),
-    # 3 (and parameters); with pp > 1: 0 or 1
+    # 3 (and parameters); with pp > 1: 0 or 1. One data-parallel rank in fp32 runs 1 and 2 as 0 (nothing to shard)
     zero_stage: int = 1
     offload_optimizer: bool = False  # ZeRO's optimizer state in CPU memory (zero_stage >= 1)
     offload_params: bool = False  # ZeRO-3's parameters in CPU memory (zero_stage=3)

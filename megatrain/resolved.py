@@ -25,6 +25,8 @@ class Resolved:
     labels: list  # finetune.labels, or the training file's labels, sorted
     max_steps: int  # train.max_steps, or computed from finetune.epochs
     warmup_steps: int  # train.warmup_steps, or capped at a tenth of an epochs-long run
+    zero_stage: int | None = None  # parallel.zero_stage, or 0 where ZeRO has nothing to partition (Run.start sets it
+    # for the run's layout: engine.effective_zero_stage); None: the config's
 
     def __post_init__(self):
         model = dataclasses.replace(self.model)  # its own copy, read-only like the rest (`but` makes changed ones)
@@ -42,9 +44,10 @@ class Resolved:
 
     def apply(self, cfg: Config) -> Config:
         """The effective config: `cfg` with these values in place of its own (a new Config; cfg stays as it is)."""
+        zero = {} if self.zero_stage is None else {"parallel.zero_stage": self.zero_stage}
         return cfg.replaced({"model": self.model, "data.tokenizer": self.tokenizer, "data.path": self.data_path,
                              "data.seq_len": self.seq_len, "finetune.labels": list(self.labels),
-                             "train.max_steps": self.max_steps, "train.warmup_steps": self.warmup_steps})
+                             "train.max_steps": self.max_steps, "train.warmup_steps": self.warmup_steps, **zero})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

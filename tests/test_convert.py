@@ -30,11 +30,12 @@ def one_error_line(r: subprocess.CompletedProcess, match: str) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 1-rank ZeRO-1 run of the small byte-level model: checkpoints at steps 2 and 4."""
+    """A 2-rank ZeRO-1 run of the small byte-level model (one rank's ZeRO-1 runs as ZeRO-0): checkpoints at steps 2
+    and 4."""
     tmp = tmp_path_factory.mktemp("trained")
     data = make_byte_dataset(tmp)
     ck = str(tmp / "run")
-    run_distributed(run_configs, 1, [small_sets(data, ck, **{"train.max_steps": 4, "checkpoint.interval": 2,
+    run_distributed(run_configs, 2, [small_sets(data, ck, **{"train.max_steps": 4, "checkpoint.interval": 2,
                                                              "train.eval_interval": 0})], timeout=300)
     return data, ck
 

@@ -47,22 +47,25 @@ def _folders(ck: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_a_single_rank_run_resumed_under_another_zero_stage_continues_its_curve(tmp_path, monkeypatch, capfd):
-    """Stopped at step 3 under ZeRO-0, rerun under ZeRO-2: latest is resharded into step00000003-tp1-pp1-dp1-zero2
-    (the original kept) and every logged loss equals the uninterrupted ZeRO-0 run's (fp32, 1e-6)."""
+    """Stopped at step 3 under ZeRO-0; rerun to step 4 under ZeRO-2, which one rank runs as ZeRO-0 (no change of
+    layout, nothing resharded); rerun under ZeRO-3: latest is resharded into step00000004-tp1-pp1-dp1-zero3 (the
+    original kept) and every logged loss equals the uninterrupted ZeRO-0 run's (fp32, 1e-6)."""
     data = make_byte_dataset(tmp_path)
     over = {"train.max_steps": 6, "train.eval_interval": 0, "checkpoint.interval": 0, "parallel.zero_stage": 0}
     ref, ck = str(tmp_path / "ref"), str(tmp_path / "ck")
     run_distributed(run_configs, 1, [small_sets(data, ref, **over)], timeout=300)
-    monkeypatch.setenv("MEGATRAIN_FAULTS", "stop@step=3")
+    monkeypatch.setenv("MEGATRAIN_FAULTS", "stop@step=3,stop@step=4")
     run_distributed(run_configs, 1, [small_sets(data, ck, **over)], timeout=300)
     assert _folders(ck) == ["step00000003"]
     run_distributed(run_configs, 1, [small_sets(data, ck, **{**over, "parallel.zero_stage": 2})], timeout=300)
+    assert "resharded" not in capfd.readouterr().out and _folders(ck)[-1] == "step00000004"
+    run_distributed(run_configs, 1, [small_sets(data, ck, **{**over, "parallel.zero_stage": 3})], timeout=300)
     out = capfd.readouterr().out
     assert open(os.path.join(ck, "latest")).read() == "step00000006"
-    assert {"step00000003", "step00000003-tp1-pp1-dp1-zero2", "step00000006"} <= set(_folders(ck))
-    assert f"into {ck}/step00000003-tp1-pp1-dp1-zero2" in out and "step00000003 stays as it was" in out
-    state = json.load(open(os.path.join(ck, "step00000003-tp1-pp1-dp1-zero2", "megatrain.json")))
-    assert state["layout"]["zero_stage"] == 2 and state["step"] == 3
+    assert {"step00000004", "step00000004-tp1-pp1-dp1-zero3", "step00000006"} <= set(_folders(ck))
+    assert f"into {ck}/step00000004-tp1-pp1-dp1-zero3" in out and "step00000004 stays as it was" in out
+    state = json.load(open(os.path.join(ck, "step00000004-tp1-pp1-dp1-zero3", "megatrain.json")))
+    assert state["layout"]["zero_stage"] == 3 and state["step"] == 4
     assert_close_curves(losses(ref), losses(ck), rtol=1e-6)
 
 
@@ -75,7 +78,7 @@ def test_elastic_false_refuses_another_layout_in_one_line(tmp_path):
     over = {"train.max_steps": 2, "train.eval_interval": 0, "checkpoint.interval": 0, "parallel.zero_stage": 0}
     run_distributed(run_configs, 1, [small_sets(data, ck, **over)], timeout=300)
     with pytest.raises(AssertionError) as e:
-        run_distributed(run_configs, 1, [small_sets(data, ck, **{**over, "train.max_steps": 4, "parallel.zero_stage": 1,
+        run_distributed(run_configs, 1, [small_sets(data, ck, **{**over, "train.max_steps": 4, "parallel.zero_stage": 3,
                                                                  "checkpoint.elastic": False})], timeout=300)
     assert ConfigError.__name__ in str(e.value) and "set checkpoint.elastic=true to reshard it here" in str(e.value)
     assert _folders(ck) == ["step00000002"]
@@ -96,7 +99,8 @@ def test_a_run_stopped_and_rerun_on_other_layouts_logs_the_uninterrupted_losses(
     legs = [(2, {}), (1, {"train.micro_batch_size": 4}), (2, {"parallel.tp": 2}), (2, {"parallel.zero_stage": 3})]
     for world, change in legs:
         run_distributed(run_configs, world, [small_sets(data, ck, **{**over, **change})], timeout=300)
-    assert {"step00000020", "step00000020-tp1-pp1-dp1-zero2", "step00000025", "step00000025-tp2-pp1-dp1-zero2",
+    # (one data-parallel rank's ZeRO-2 runs as ZeRO-0)
+    assert {"step00000020", "step00000020-tp1-pp1-dp1-zero0", "step00000025", "step00000025-tp2-pp1-dp1-zero0",
             "step00000030", "step00000030-tp1-pp1-dp2-zero3", "step00000035"} == set(_folders(ck))
     assert_close_curves(losses(ref), losses(ck), rtol=1e-5)
     assert sorted(losses(ck)) == list(range(1, 36))

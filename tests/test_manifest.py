@@ -68,11 +68,12 @@ def test_resume_refuses_a_changed_rank_file_naming_it_and_the_previous_checkpoin
 
     data = make_byte_dataset(tmp_path)
     ck = tmp_path / "ck"
-    over = {"train.max_steps": 4, "train.eval_interval": 0, "checkpoint.interval": 2}
+    # (ZeRO-3: one rank's ZeRO-1/2 runs as ZeRO-0, whose optimizer state is inside the model states file)
+    over = {"train.max_steps": 4, "train.eval_interval": 0, "checkpoint.interval": 2, "parallel.zero_stage": 3}
     assert pretrain(data, str(ck), **over).returncode == 0
     good = tmp_path / "good"
     shutil.copytree(ck / "step00000004", good)
-    kinds = {"model": "mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    kinds = {"model": "zero_pp_rank_0_mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
              "rng": "rng_rank0.pt"}
     more = {**over, "train.max_steps": 6}
     for kind, name in kinds.items():

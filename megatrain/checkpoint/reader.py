@@ -168,7 +168,13 @@ class CheckpointReader:
         self._meta0 = None  # the first model-states file (LR scheduler, engine counters)
         self._owner: dict[tuple[str, int, int], int] = {}  # (name, tp rank, ep rank) -> the mp rank whose files hold it
         self._step: Fragment | None = None  # where AdamW's step count is stored (the same in every group)
-        self._index()
+        try:
+            self._index()
+        except CheckpointError:  # a rank file missing or damaged: the manifest names what changed since the save
+            problem = None if self.consolidated else manifest.check(self.folder, "full")
+            if problem:
+                raise CheckpointError(f"{problem}; {fall_back(self.dir, self.tag, 'read')}") from None
+            raise
         self.lora_scale = None  # with merge_lora on a LoRA run: names() and tensor() give W + (alpha / r) B @ A
         if merge_lora and self.asked.finetune.lora_rank:
             f = self.asked.finetune

@@ -10,7 +10,7 @@ from megatrain.parallel.topology import check_layout
 from megatrain.planning.memory import (Activations, ModelStates, StageParams, activations, local_numel,
                                        parameter_table, stage_params, stage_states)
 from megatrain.planning.timing import Cluster, StepTime, step_time
-from megatrain.training.engine import deepspeed_config
+from megatrain.training.engine import deepspeed_config, effective_zero_stage
 
 GiB = 2**30
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold when the ZeRO JSON sets none
@@ -84,6 +84,7 @@ def plan_layout(cfg: Config, world: int, cluster: Cluster | None, precision: str
     with a stage or a feature expert parallelism does not take, say) is no plan."""
     validate(cfg)
     layout = check_layout(cfg, world)
+    cfg = cfg.replaced({"parallel.zero_stage": effective_zero_stage(cfg, layout.dp, layout.pp, precision)})  # as a run
     m, p = cfg.model, cfg.parallel
     if m.vocab_size % layout.tp:
         raise ConfigError(f"config key parallel.tp: model.vocab_size={m.vocab_size} is not divisible by tp={layout.tp}")

@@ -40,6 +40,19 @@ def resolve_precision(cfg: Config) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def effective_zero_stage(cfg: Config, dp: int, pp: int, precision: str | None = None) -> int:
+    """The ZeRO stage a run uses: parallel.zero_stage, or 0 where ZeRO-1/2 has nothing to partition: one
+    data-parallel rank (dp counts the context-parallel ranks too), no pipeline, fp32 and no optimizer offload. There
+    DeepSpeed's ZeRO optimizer would only copy every gradient into its buckets and keep a second fp32 copy of the
+    weights, where ZeRO-0 steps the torch optimizer on the weights themselves (SkipNonFinite below): the same
+    updates, sooner and in less memory."""
+    p = cfg.parallel
+    fp32 = (precision or resolve_precision(cfg)) == "fp32"
+    if p.zero_stage in (1, 2) and dp == 1 and pp == 1 and not p.offload_optimizer and fp32:
+        return 0
+    return p.zero_stage
+
+
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size when a ZeRO JSON sets none
 
 

@@ -34,7 +34,7 @@ from megatrain.parallel.rng import seed_tp_stream, tp_stream_seed
 from megatrain.parallel.topology import Layout, build_grid, check_layout
 from megatrain.parameters import numel
 from megatrain.training.dist_env import discover, init_distributed, log0, share_cpu_cores
-from megatrain.training.engine import build_engine, deepspeed_config, resolve_precision
+from megatrain.training.engine import build_engine, deepspeed_config, effective_zero_stage, resolve_precision
 
 
 @dataclass
@@ -71,6 +71,10 @@ class Run:
         cfg = resolved.apply(asked)
         me = discover()
         layout = check_layout(cfg, me.world_size)
+        # always worked out afresh: a checkpoint's Resolved (convert's writer) holds its own layout's stage
+        resolved = resolved.but(zero_stage=effective_zero_stage(resolved.but(zero_stage=None).apply(asked), layout.dp,
+                                                                layout.pp))
+        cfg = resolved.apply(asked)
         if me.rank == 0:  # one run per checkpoint.dir (a second is refused here, before any process group)
             checkpoint.check_resumable(cfg)  # a checkpoint.dir holding another kind of run, before it is locked
             took_over = acquire(cfg.checkpoint.dir)
@@ -121,8 +125,11 @@ class Run:
         cp = ""
         if self.layout.cp > 1:
             cp = f" | {describe_cp(kv_heads(self.cfg.model), self.layout.tp, self.layout.cp)}"
+        zero, asked = self.cfg.parallel.zero_stage, self.asked.parallel.zero_stage
+        zero = f"ZeRO-{zero}" + (f" (ZeRO-{asked} asked: one data-parallel rank has nothing to partition)"
+                                 if zero != asked else "")
         return (f"launcher {self.launcher} | world {self.world} = {self.layout} | "
-                f"ZeRO-{self.cfg.parallel.zero_stage} | {self.precision} | {n_params / 1e6:.2f}M parameters | "
+                f"{zero} | {self.precision} | {n_params / 1e6:.2f}M parameters | "
                 f"grad accumulation {self.grad_accum}{cp}")
 
     def engine(self, model, weights=None, log_ranks: bool = True, release=None):
