@@ -67,13 +67,13 @@ class Run:
         """Check the layout before any process group exists (one line for every impossible one), then start
         torch.distributed and build the TP x PP x DP grid (a collective: every rank calls it). `resolved`: what the
         run derived so far (default: nothing, the config's own values)."""
-        resolved = resolved or Resolved.of(asked)
+        # the stage is worked out for this run's layout below: a checkpoint's Resolved (convert's writer) holds the
+        # stage of the layout it was saved under, which the layout check must not see
+        resolved = (resolved or Resolved.of(asked)).but(zero_stage=None)
         cfg = resolved.apply(asked)
         me = discover()
         layout = check_layout(cfg, me.world_size)
-        # always worked out afresh: a checkpoint's Resolved (convert's writer) holds its own layout's stage
-        resolved = resolved.but(zero_stage=effective_zero_stage(resolved.but(zero_stage=None).apply(asked), layout.dp,
-                                                                layout.pp))
+        resolved = resolved.but(zero_stage=effective_zero_stage(cfg, layout.dp, layout.pp))
         cfg = resolved.apply(asked)
         if me.rank == 0:  # one run per checkpoint.dir (a second is refused here, before any process group)
             checkpoint.check_resumable(cfg)  # a checkpoint.dir holding another kind of run, before it is locked
