@@ -316,7 +316,7 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos_, const at::Tenso
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-    at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * T, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t bt = begin; bt < end; ++bt) {
         const int64_t b = bt / T, t = bt % T;
         const float *c = cp + t * D, *s = sp + t * D;

@@ -77,6 +77,13 @@ def test_kv_cache_matches_full_forward(name):
     with torch.no_grad():
         last = [m.next_logits(x[:, :6], cache, 0)] + [m.next_logits(x[:, t:t + 1], cache, t) for t in range(6, 14)]
     torch.testing.assert_close(torch.stack(last, 1), full[:, 5:], rtol=1e-5, atol=1e-5)
+    cache = KVCache(cfg, 1, 32, "cpu", torch.float32)  # one row: the head reads a transposed copy once decoding
+    with torch.no_grad():
+        last = [m.next_logits(x[:1, :6], cache, 0)]
+        assert cache.head_t is None  # (not made for the prompt: its first token would wait for it)
+        last += [m.next_logits(x[:1, t:t + 1], cache, t) for t in range(6, 14)]
+    torch.testing.assert_close(cache.head_t, m.lm_head.weight.t())
+    torch.testing.assert_close(torch.stack(last, 1), full[:1, 5:], rtol=1e-5, atol=1e-5)
 
 
 def test_tied_embeddings_share_storage():
