@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
+from megatrain.decode_matmul import head_logits, project
 from megatrain.config import (ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer,
                               is_moe_layer, kv_heads, shared_ffn_width)
 from megatrain.kernels import ops, reference
@@ -109,7 +110,7 @@ class KVCache:
 
     positions: torch.Tensor | None = None  # [B, T] each row's own positions (serve/batcher.py's SlotCache); None:
     # every row at `pos`
-    head_t: torch.Tensor | None = None  # the LM head's weight transposed, made on the first one-row step (decode_head)
+    head_t: torch.Tensor | None = None  # the LM head's weight transposed, made on the first one-row step (head_logits)
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         hd = head_dim(cfg)
@@ -247,7 +248,7 @@ class Attention(nn.Module):
         self.context = None  # context parallelism's hook (parallel/context.py): None runs `attend` on this rank
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0, mask=None):
-        qkv = self.qkv(x)
+        qkv = project(self.qkv, x)
         B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                              self.n_kv * self.head_dim], dim=-1)
@@ -272,7 +273,7 @@ class Attention(nn.Module):
                 mask = None
         # context parallelism (parallel/context.py): this rank's tokens, attention over the whole sequence
         attend = self.context if self.context is not None and cache is None else self.attend
-        return self.o_proj(attend(q, k, v, mask, causal).reshape(B, T, -1))
+        return project(self.o_proj, attend(q, k, v, mask, causal).reshape(B, T, -1))
 
     def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         """Attention itself: q [B, Tq, heads, hd], k, v [B, Tk, kv heads, hd] -> [B, Tq, heads, hd]. `mask`: None,
@@ -318,15 +319,17 @@ class MLP(nn.Module):
 
     def forward(self, x):
         k = ops if self.fused else reference
+        down = functools.partial(project, self.down)  # (project: decoding's few rows in the CPU's faster form)
         if self.geglu:  # no fused kernel: the reference
-            return self.down(reference.geglu(self.gate_up(x)))
+            return down(reference.geglu(project(self.gate_up, x)))
         if self.swiglu:
-            return self.down(k.swiglu(self.gate_up(x)))
+            return down(k.swiglu(project(self.gate_up, x)))
+        h = project(self.up, x)
         if self.up_bias is not None and self.gelu == "tanh":  # the fused kernel is the tanh form
-            return self.down(k.bias_gelu(self.up(x), self.up_bias))
-        h = self.up(x) if self.up_bias is None else self.up(x) + self.up_bias
+            return down(k.bias_gelu(h, self.up_bias))
+        h = h if self.up_bias is None else h + self.up_bias
         # NOTE: on CPU the exact form is the faster one (baby GPT: 1.6 against 4.4 ms a step; bench/baby_profile.py)
-        return self.down(F.gelu(h, approximate=self.gelu))
+        return down(F.gelu(h, approximate=self.gelu))
 
 
 class Block(nn.Module):
@@ -482,7 +485,7 @@ class Transformer(nn.Module):
         x = self.features(tokens, None, cache, pos)
         x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=x.device), rows]
         plain = type(self.lm_head) is nn.Linear and self.lm_head.bias is None  # (not a tensor-parallel head)
-        logits = decode_head(x, self.lm_head.weight, cache, tokens.shape[1] == 1) if plain else self.lm_head(x)
+        logits = head_logits(x, self.lm_head.weight, cache, tokens.shape[1] == 1) if plain else self.lm_head(x)
         return soft_cap(logits, self.cfg.logit_softcap)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -492,21 +495,6 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n
-
-
-def decode_head(x: torch.Tensor, weight: torch.Tensor, cache: KVCache, decoding: bool) -> torch.Tensor:
-    """The next-token logits x [B, d] @ weight [V, d].T. NOTE: on CPU in fp32, MKL multiplies a few rows by a tall
-    weight (the vocabulary's) 2-2.5x faster in these forms than through F.linear (SmolLM2's 49152 x 576 head: 8 rows
-    9.4 against 24 ms as weight @ x.T; one row 4.6 against 9.7 ms through a transposed copy of the weight, which the
-    cache makes at the first one-token step (`decoding`: not on the prompt's, whose first token it would delay) and
-    keeps for the generation); elsewhere F.linear."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype or torch.is_grad_enabled():
-        return F.linear(x, weight)
-    if x.shape[0] > 1:
-        return (weight @ x.t()).t()
-    if cache.head_t is None and decoding:
-        cache.head_t = weight.t().contiguous()
-    return F.linear(x, weight) if cache.head_t is None else x @ cache.head_t
 
 
 def init_parameter_(cfg: ModelConfig, name: str, p: torch.Tensor) -> torch.Tensor:

@@ -161,3 +161,31 @@ def test_packed_examples_compute_what_each_example_computes_alone(name):
     # one example per row needs no segments: the same numbers as the fast (is_causal) path
     with torch.no_grad():
         torch.testing.assert_close(m.features(b, torch.ones_like(b)), alone[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_decoding_products_equal_the_layers_own(bias):
+    """decode_matmul: a decoding step's few rows through weight @ x.T, and the LM head's transposed copy, give what
+    the nn.Linear gives; with autograd on, the layer itself runs (and gradients flow)."""
+    from megatrain.decode_matmul import head_logits, project
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40, bias=bias)
+    for shape in [(1, 1, 24), (2, 1, 24), (8, 1, 24), (4, 4, 24), (3, 7, 24)]:  # 1, 2, 8, 16 and 21 rows
+        x = torch.randn(shape)
+        with torch.no_grad():
+            got = project(layer, x)
+        assert got.shape == shape[:-1] + (40,) and got.is_contiguous()
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 1, 24, requires_grad=True)
+    project(layer, x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    cache = KVCache(small(), 1, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        # a prompt's row (no copy yet), several rows (none needed), then one-row steps: the copy, made once
+        for rows, decoding, copied in [(1, False, False), (3, True, False), (1, True, True), (1, True, True)]:
+            x = torch.randn(rows, 24)
+            torch.testing.assert_close(head_logits(x, layer.weight, cache, decoding), x @ layer.weight.t(),
+                                       rtol=1e-5, atol=1e-6)
+            assert (cache.head_t is not None) == copied
+    torch.testing.assert_close(cache.head_t, layer.weight.t())
