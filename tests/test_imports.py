@@ -26,7 +26,8 @@ LAYERS = [
     # what a run derives from it (saved beside it in checkpoints)
     # the data path, the fused kernels, the built-in corpus, the FLOP formulas and Slurm node lists: over the config
     ("megatrain.data", "megatrain.kernels", "megatrain.corpus", "megatrain.flops", "megatrain.launch.hostfile"),
-    ("megatrain.model", "megatrain.moe", "megatrain.heads"),  # the plain Transformer, its MoE layers, task heads, LoRA
+    ("megatrain.model", "megatrain.moe", "megatrain.heads", "megatrain.decode_matmul"),  # the plain Transformer, its
+    # MoE layers, task heads, LoRA, the decoding products
     ("megatrain.parallel",),  # layout, TP layers, parallelize: rewrites the model, knows nothing of training
     ("megatrain.checkpoint",),  # save/resume, the one reader, Hugging Face names
     ("megatrain.tasks",),  # one object per objective: batches, loss, FLOPs, metrics
