@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.decode_matmul import head_logits, project
+from megatrain.decode_matmul import head_logits, one_row_decoding, project
 from megatrain.config import (ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer,
                               is_moe_layer, kv_heads, shared_ffn_width)
 from megatrain.kernels import ops, reference
@@ -110,7 +110,6 @@ class KVCache:
 
     positions: torch.Tensor | None = None  # [B, T] each row's own positions (serve/batcher.py's SlotCache); None:
     # every row at `pos`
-    head_t: torch.Tensor | None = None  # the LM head's weight transposed, made on the first one-row step (head_logits)
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         hd = head_dim(cfg)
@@ -485,7 +484,7 @@ class Transformer(nn.Module):
         x = self.features(tokens, None, cache, pos)
         x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=x.device), rows]
         plain = type(self.lm_head) is nn.Linear and self.lm_head.bias is None  # (not a tensor-parallel head)
-        logits = head_logits(x, self.lm_head.weight, cache, tokens.shape[1] == 1) if plain else self.lm_head(x)
+        logits = head_logits(x, self.lm_head.weight) if plain else self.lm_head(x)
         return soft_cap(logits, self.cfg.logit_softcap)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -561,22 +560,25 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     g = torch.Generator(device=prompt.device).manual_seed(seed)
     out = prompt
     logits = model.next_logits(prompt, cache, 0)
-    for pos in range(T, total):
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits = logits.clone()
-            logits[:, vocab_limit:] = float("-inf")
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits.float() / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-        out = torch.cat([out, nxt], dim=1)
-        if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
-            break
-        if pos + 1 < total:
-            logits = model.next_logits(nxt, cache, pos)
+    # NOTE: batch 1 on a CPU: from the first new token on, the weights are read through transposed copies
+    # (decode_matmul.py); worth their making when at least 32 tokens follow, and kept off the prompt's forward
+    with one_row_decoding(B == 1 and total - T >= 32):
+        for pos in range(T, total):
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits = logits.clone()
+                logits[:, vocab_limit:] = float("-inf")
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+            out = torch.cat([out, nxt], dim=1)
+            if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
+                break
+            if pos + 1 < total:
+                logits = model.next_logits(nxt, cache, pos)
     model.train(was_training)
     return out

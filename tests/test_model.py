@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatrain.config import ModelConfig
+from megatrain.decode_matmul import head_logits, one_row_decoding, project
 from megatrain.model import IGNORE_INDEX, KVCache, Transformer, mlm_mask
 from megatrain.flops import forward_flops_per_token, train_flops_per_token
 
@@ -77,12 +78,9 @@ def test_kv_cache_matches_full_forward(name):
     with torch.no_grad():
         last = [m.next_logits(x[:, :6], cache, 0)] + [m.next_logits(x[:, t:t + 1], cache, t) for t in range(6, 14)]
     torch.testing.assert_close(torch.stack(last, 1), full[:, 5:], rtol=1e-5, atol=1e-5)
-    cache = KVCache(cfg, 1, 32, "cpu", torch.float32)  # one row: the head reads a transposed copy once decoding
-    with torch.no_grad():
-        last = [m.next_logits(x[:1, :6], cache, 0)]
-        assert cache.head_t is None  # (not made for the prompt: its first token would wait for it)
-        last += [m.next_logits(x[:1, t:t + 1], cache, t) for t in range(6, 14)]
-    torch.testing.assert_close(cache.head_t, m.lm_head.weight.t())
+    with torch.no_grad(), one_row_decoding():  # one row, against transposed copies of the weights
+        cache = KVCache(cfg, 1, 32, "cpu", torch.float32)
+        last = [m.next_logits(x[:1, :6], cache, 0)] + [m.next_logits(x[:1, t:t + 1], cache, t) for t in range(6, 14)]
     torch.testing.assert_close(torch.stack(last, 1), full[:1, 5:], rtol=1e-5, atol=1e-5)
 
 
@@ -165,27 +163,27 @@ def test_packed_examples_compute_what_each_example_computes_alone(name):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_decoding_products_equal_the_layers_own(bias):
-    """decode_matmul: a decoding step's few rows through weight @ x.T, and the LM head's transposed copy, give what
-    the nn.Linear gives; with autograd on, the layer itself runs (and gradients flow)."""
-    from megatrain.decode_matmul import head_logits, project
+    """decode_matmul: a decoding step's few rows through weight @ x.T, one row against a transposed copy of the
+    weight (made once inside one_row_decoding, freed on exit), and the LM head's forms give what the nn.Linear gives;
+    with autograd on, the layer itself runs (and gradients flow)."""
+    from megatrain import decode_matmul
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 40, bias=bias)
-    for shape in [(1, 1, 24), (2, 1, 24), (8, 1, 24), (4, 4, 24), (3, 7, 24)]:  # 1, 2, 8, 16 and 21 rows
-        x = torch.randn(shape)
-        with torch.no_grad():
+    shapes = [(1, 1, 24), (2, 1, 24), (8, 1, 24), (4, 4, 24), (3, 7, 24)]  # 1, 2, 8, 16 and 21 rows
+    with torch.no_grad(), one_row_decoding():
+        for shape in shapes + [(1, 1, 24)]:
+            x = torch.randn(shape)
             got = project(layer, x)
-        assert got.shape == shape[:-1] + (40,) and got.is_contiguous()
-        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-6)
+            assert got.shape == shape[:-1] + (40,) and got.is_contiguous()
+            torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-6)
+            for rows in (1, 5):
+                h = torch.randn(rows, 24)
+                torch.testing.assert_close(head_logits(h, layer.weight), h @ layer.weight.t(), rtol=1e-5, atol=1e-6)
+        copies = decode_matmul._local.copies
+        assert list(copies) == [id(layer.weight)]  # one copy, made on the first one-row product
+        torch.testing.assert_close(copies[id(layer.weight)], layer.weight.t())
+    assert decode_matmul._local.copies is None
     x = torch.randn(2, 1, 24, requires_grad=True)
     project(layer, x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
-    cache = KVCache(small(), 1, 8, "cpu", torch.float32)
-    with torch.no_grad():
-        # a prompt's row (no copy yet), several rows (none needed), then one-row steps: the copy, made once
-        for rows, decoding, copied in [(1, False, False), (3, True, False), (1, True, True), (1, True, True)]:
-            x = torch.randn(rows, 24)
-            torch.testing.assert_close(head_logits(x, layer.weight, cache, decoding), x @ layer.weight.t(),
-                                       rtol=1e-5, atol=1e-6)
-            assert (cache.head_t is not None) == copied
-    torch.testing.assert_close(cache.head_t, layer.weight.t())
