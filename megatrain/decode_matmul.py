@@ -8,7 +8,7 @@ Measured on 2 cores (bench/bench_generate.py has the whole decode):
     one row against 424 MB of 3072 x 576 weights: 24-30 ms through transposed copies against 39-41 ms
     the 49152 x 576 LM head: 8 rows 9.4 against 24 ms as weight @ x.T
 Anywhere else (autograd on, many rows, another device or dtype, a module that is not a plain nn.Linear: LoRA,
-tensor-parallel layers) the layer runs as it is.
+tensor-parallel layers, a layer with hooks such as ZeRO-3's) the layer runs as it is.
 """
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def one_row_decoding(enabled: bool = True):
         _local.copies = None
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """A plain nn.Linear whose weight may be read directly: no forward hooks (DeepSpeed ZeRO-3 gathers a partitioned
+    weight in its module's pre-forward hook; read past it, the weight is empty) and no ZeRO-3 partition."""
+    return (type(layer) is nn.Linear and not layer._forward_pre_hooks and not layer._forward_hooks
+            and not hasattr(layer.weight, "ds_id"))
+
+
 def _cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_grad_enabled())
@@ -60,7 +67,7 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x); for a plain nn.Linear in a CPU fp32 decoding step (at most FEW_ROWS rows, no autograd) as
     weight @ x.T, or one row as `_one_row`."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if type(layer) is not nn.Linear or not 1 <= rows <= FEW_ROWS or not _cpu_fp32_inference(x, layer.weight):
+    if not 1 <= rows <= FEW_ROWS or not plain_linear(layer) or not _cpu_fp32_inference(x, layer.weight):
         return layer(x)
     x2 = x.reshape(rows, -1)
     # (contiguous: the fused kernels read contiguous rows)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.decode_matmul import head_logits, one_row_decoding, project
+from megatrain.decode_matmul import head_logits, one_row_decoding, plain_linear, project
 from megatrain.config import (ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer,
                               is_moe_layer, kv_heads, shared_ffn_width)
 from megatrain.kernels import ops, reference
@@ -483,7 +483,7 @@ class Transformer(nn.Module):
         head."""
         x = self.features(tokens, None, cache, pos)
         x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=x.device), rows]
-        plain = type(self.lm_head) is nn.Linear and self.lm_head.bias is None  # (not a tensor-parallel head)
+        plain = plain_linear(self.lm_head) and self.lm_head.bias is None  # (not a tensor-parallel head, no hooks)
         logits = head_logits(x, self.lm_head.weight) if plain else self.lm_head(x)
         return soft_cap(logits, self.cfg.logit_softcap)
 

@@ -184,6 +184,12 @@ def test_decoding_products_equal_the_layers_own(bias):
         assert list(copies) == [id(layer.weight)]  # one copy, made on the first one-row product
         torch.testing.assert_close(copies[id(layer.weight)], layer.weight.t())
     assert decode_matmul._local.copies is None
+    calls = []  # a layer with hooks (ZeRO-3 gathers its weight in one) runs itself
+    hook = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        project(layer, torch.randn(2, 1, 24))
+    assert calls == [1]
+    hook.remove()
     x = torch.randn(2, 1, 24, requires_grad=True)
     project(layer, x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
