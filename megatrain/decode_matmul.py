@@ -40,7 +40,7 @@ def one_row_decoding(enabled: bool = True):
         _local.copies = None
 
 
-def plain_linear(layer: nn.Module) -> bool:
+def _plain_linear(layer: nn.Module) -> bool:
     """A plain nn.Linear whose weight may be read directly: no forward hooks (DeepSpeed ZeRO-3 gathers a partitioned
     weight in its module's pre-forward hook; read past it, the weight is empty) and no ZeRO-3 partition."""
     return (type(layer) is nn.Linear and not layer._forward_pre_hooks and not layer._forward_hooks
@@ -63,11 +63,13 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ wt
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); for a plain nn.Linear in a CPU fp32 decoding step (at most FEW_ROWS rows, no autograd) as
-    weight @ x.T, or one row as `_one_row`."""
+def project(layer: nn.Module, x: torch.Tensor, most_rows: int | None = FEW_ROWS) -> torch.Tensor:
+    """layer(x); for a plain nn.Linear in a CPU fp32 decoding step (at most `most_rows` rows, None: any number, as
+    for the LM head, whose vocabulary-tall weight gains at every batch size; no autograd) as weight @ x.T, or one
+    row as `_one_row`."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 1 <= rows <= FEW_ROWS or not plain_linear(layer) or not _cpu_fp32_inference(x, layer.weight):
+    if (not rows or (most_rows is not None and rows > most_rows) or not _plain_linear(layer)
+            or not _cpu_fp32_inference(x, layer.weight)):
         return layer(x)
     x2 = x.reshape(rows, -1)
     # (contiguous: the fused kernels read contiguous rows)
@@ -75,11 +77,3 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias
     return y.view(*x.shape[:-1], -1)
-
-
-def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The next-token logits x [B, d] @ weight [V, d].T: in a CPU fp32 step without autograd, several rows (any
-    number: the vocabulary's weight is tall) as weight @ x.T, one row as `_one_row`."""
-    if not _cpu_fp32_inference(x, weight):
-        return F.linear(x, weight)
-    return _one_row(x, weight) if x.shape[0] == 1 else (weight @ x.t()).t()

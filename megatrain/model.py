@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.decode_matmul import head_logits, one_row_decoding, plain_linear, project
+from megatrain.decode_matmul import one_row_decoding, project
 from megatrain.config import (ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer,
                               is_moe_layer, kv_heads, shared_ffn_width)
 from megatrain.kernels import ops, reference
@@ -318,17 +318,17 @@ class MLP(nn.Module):
 
     def forward(self, x):
         k = ops if self.fused else reference
-        down = functools.partial(project, self.down)  # (project: decoding's few rows in the CPU's faster form)
+        # (project: a decoding step's few rows in the CPU's faster form)
         if self.geglu:  # no fused kernel: the reference
-            return down(reference.geglu(project(self.gate_up, x)))
+            return project(self.down, reference.geglu(project(self.gate_up, x)))
         if self.swiglu:
-            return down(k.swiglu(project(self.gate_up, x)))
+            return project(self.down, k.swiglu(project(self.gate_up, x)))
         h = project(self.up, x)
         if self.up_bias is not None and self.gelu == "tanh":  # the fused kernel is the tanh form
-            return down(k.bias_gelu(h, self.up_bias))
+            return project(self.down, k.bias_gelu(h, self.up_bias))
         h = h if self.up_bias is None else h + self.up_bias
         # NOTE: on CPU the exact form is the faster one (baby GPT: 1.6 against 4.4 ms a step; bench/baby_profile.py)
-        return down(F.gelu(h, approximate=self.gelu))
+        return project(self.down, F.gelu(h, approximate=self.gelu))
 
 
 class Block(nn.Module):
@@ -483,9 +483,7 @@ class Transformer(nn.Module):
         head."""
         x = self.features(tokens, None, cache, pos)
         x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=x.device), rows]
-        plain = plain_linear(self.lm_head) and self.lm_head.bias is None  # (not a tensor-parallel head, no hooks)
-        logits = head_logits(x, self.lm_head.weight) if plain else self.lm_head(x)
-        return soft_cap(logits, self.cfg.logit_softcap)
+        return soft_cap(project(self.lm_head, x, most_rows=None), self.cfg.logit_softcap)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatrain.config import ModelConfig
-from megatrain.decode_matmul import head_logits, one_row_decoding, project
+from megatrain.decode_matmul import one_row_decoding, project
 from megatrain.model import IGNORE_INDEX, KVCache, Transformer, mlm_mask
 from megatrain.flops import forward_flops_per_token, train_flops_per_token
 
@@ -164,7 +164,7 @@ def test_packed_examples_compute_what_each_example_computes_alone(name):
 @pytest.mark.parametrize("bias", [False, True])
 def test_decoding_products_equal_the_layers_own(bias):
     """decode_matmul: a decoding step's few rows through weight @ x.T, one row against a transposed copy of the
-    weight (made once inside one_row_decoding, freed on exit), and the LM head's forms give what the nn.Linear gives;
+    weight (made once inside one_row_decoding, freed on exit), and the LM head's any rows give what the nn.Linear gives;
     with autograd on, the layer itself runs (and gradients flow)."""
     from megatrain import decode_matmul
 
@@ -177,9 +177,9 @@ def test_decoding_products_equal_the_layers_own(bias):
             got = project(layer, x)
             assert got.shape == shape[:-1] + (40,) and got.is_contiguous()
             torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-6)
-            for rows in (1, 5):
+            for rows in (1, 5, 21):  # the LM head's form: any number of rows
                 h = torch.randn(rows, 24)
-                torch.testing.assert_close(head_logits(h, layer.weight), h @ layer.weight.t(), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(project(layer, h, most_rows=None), layer(h), rtol=1e-5, atol=1e-6)
         copies = decode_matmul._local.copies
         assert list(copies) == [id(layer.weight)]  # one copy, made on the first one-row product
         torch.testing.assert_close(copies[id(layer.weight)], layer.weight.t())
