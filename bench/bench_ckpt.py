@@ -1,20 +1,22 @@
 """Checkpoint benchmark: the training time a save costs, synchronous and in the background (checkpoint.async_save).
 
-    python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128] [--threads N --out F]
+    python bench/bench_ckpt.py [--config llama-125m] [--steps 12] [--every 4] [--seq 128] [--precision auto]
+                               [--threads N --out F]
 
-One rank, fp32, ZeRO-1, the preset's model (a 32000-row vocabulary; the byte-level tinyshakespeare text, `--data`),
-micro-batch 1, trained through `megatrain.pretrain.run` for `--steps` steps: with no saves between steps, with a
-synchronous save every `--every` steps, with a background save every `--every` steps; each twice, in the order
-none, sync, async, async, sync, none (so a drift in the machine's speed hits all alike), each run in a process of its
-own, one after the other in this run (the disk synced before each). Timed: from the start of the first step to the
-end of the last, plus, with background saves, the wait for the last one in flight (where the run's final save would
-wait for it; that final save is not made). The cost per save is (timed span with saves - timed span without) /
-saves, each kind's span the shorter of its two runs (the one the machine's other load disturbed least), and the
-ratio async / sync (the target: <= 0.20). Also recorded: the seconds inside each save call (what a synchronous save
-stalls; for a background one the host copy, and any wait for the previous save) and how long each background write
-took in its thread. A synchronous save does not fsync its files; a background save fsyncs each, off the training
-thread. `--threads 1` trains on one core and leaves the others to the writer (as a GPU node's host cores are);
-its results go to bench/results/bench_ckpt_1thread.json.
+One rank, ZeRO-1, train.precision auto (fp32 on a CPU, bf16 on a GPU), the preset's model (a 32000-row vocabulary;
+the byte-level tinyshakespeare text, `--data`), micro-batch 1, trained through `megatrain.pretrain.run` for `--steps`
+steps: with no saves between steps, with a synchronous save every `--every` steps, with a background save every
+`--every` steps; each twice, in the order none, sync, async, async, sync, none (so a drift in the machine's speed
+hits all alike), each run in a process of its own, one after the other in this run (the disk synced before each).
+Timed: from the start of the first step to the end of the last (on a GPU each step's call waits for the GPU's work
+before it returns), plus, with background saves, the wait for the last one in flight (where the run's final save
+would wait for it; that final save is not made). The cost per save is (timed span with saves - timed span without) /
+saves, each kind's span the shorter of its two runs (the one the machine's other load disturbed least), and the ratio
+async / sync (the target: <= 0.20). Also recorded: the seconds inside each save call (what a synchronous save stalls;
+for a background one the host copy, and any wait for the previous save) and how long each background write took in
+its thread. A synchronous save does not fsync its files; a background save fsyncs each, off the training thread.
+`--threads 1` trains on one core and leaves the others to the writer (as a GPU node's host cores are); its results go
+to bench/results/bench_ckpt_1thread.json.
 Results go to bench/results/bench_ckpt.json (bench/results_file.py).
 """
 from __future__ import annotations
@@ -30,7 +32,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from shakespeare_data import prepare_data  # noqa: E402
 from results_file import write_results  # noqa: E402
@@ -76,6 +82,8 @@ class Clock:
             try:
                 return plain(*args, **kwargs)
             finally:
+                if torch.cuda.is_available():  # the GPU's queued work belongs to the call that queued it
+                    torch.cuda.synchronize()
                 into.append((t0, time.perf_counter()))
 
         setattr(module, name, timed)
@@ -95,6 +103,7 @@ class Clock:
 def one_run(prefix: str, args, work: str, interval: int, background: bool, clock: Clock) -> dict:
     from megatrain.config import load_config
     from megatrain.pretrain import run
+    from megatrain.training.engine import resolve_precision
 
     ck = os.path.join(work, f"ck-{interval}-{int(background)}")
     sets = {"data.path": prefix, "data.tokenizer": "byte", "data.seq_len": args.seq, "model.vocab_size": args.vocab,
@@ -102,10 +111,11 @@ def one_run(prefix: str, args, work: str, interval: int, background: bool, clock
             "train.warmup_steps": 1, "train.log_interval": args.steps, "train.eval_interval": 0,
             "checkpoint.dir": ck, "checkpoint.interval": interval, "checkpoint.keep_last": 2,
             "checkpoint.async_save": background, "logging.tensorboard": False, "logging.peak_tflops": 1.0,
-            "logging.progress_bar": "off"}
+            "logging.progress_bar": "off", "train.precision": args.precision}
     clock.reset()
     clock.last_step = args.steps
-    run(load_config(args.config, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]))
+    cfg = load_config(args.config, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()])
+    run(cfg)
     span = clock.span()
     end = clock.steps[-1][1]
     between = [b - a for a, b in clock.saves if a < end]  # the saves between steps (not the final one)
@@ -113,7 +123,7 @@ def one_run(prefix: str, args, work: str, interval: int, background: bool, clock
     tag = open(latest).read() if os.path.isfile(latest) else None
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ck, tag)) for f in fs) if tag else 0
     out = dict(span_s=span, saves=len(between), save_call_s=between, checkpoint_bytes=size,
-               steps_s=[b - a for a, b in clock.steps])
+               steps_s=[b - a for a, b in clock.steps], precision=resolve_precision(cfg))
     if background:
         out["background_write_s"] = list(clock.writes[:len(between)])
         out["waits_s"] = [b - a for a, b in clock.waits if b - a > 1e-3]
@@ -132,6 +142,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--precision", default="auto",
+                    help="train.precision: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16")
     ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt"))
     ap.add_argument("--threads", type=int, default=0,
                     help="training's torch threads (OMP_NUM_THREADS), e.g. 1 to leave a core to the writer as a GPU "
@@ -158,7 +170,8 @@ def main() -> None:
             os.sync()  # the run before's files on disk: its writeback does not slow this one
             child = subprocess.run([sys.executable, __file__, "--one", kind, prefix, "--config", args.config,
                                     "--vocab", str(args.vocab), "--steps", str(args.steps), "--every", str(args.every),
-                                    "--seq", str(args.seq)], capture_output=True, text=True,
+                                    "--seq", str(args.seq), "--precision", args.precision],
+                                   capture_output=True, text=True,
                                    env=dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})))
             line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT ")), None)
             if child.returncode != 0 or line is None:
@@ -172,14 +185,16 @@ def main() -> None:
     per = {k: (span[k] - span["none"]) / saves for k in ("sync", "async")}
     calls = {k: statistics.median(c for r in runs[k] for c in r["save_call_s"]) for k in ("sync", "async")}
     results = dict(config=args.config, vocab_size=args.vocab, seq=args.seq, micro_batch=1, steps=args.steps,
-                   threads=args.threads or os.cpu_count(),
+                   threads=args.threads or os.cpu_count(), precision=runs["none"][0]["precision"],
+                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    every=args.every, saves=saves, checkpoint_bytes=max(r["checkpoint_bytes"] for r in runs["sync"]),
                    median_step_s=statistics.median(t for r in runs["none"] for t in r["steps_s"][1:]),
                    span_s=span, sync_s_per_save=per["sync"], async_s_per_save=per["async"],
                    ratio=per["async"] / per["sync"], sync_save_call_s=calls["sync"], async_save_call_s=calls["async"],
                    async_background_write_s=statistics.median(w for r in runs["async"] for w in r["background_write_s"]),
                    order=list(ORDER), runs=runs, wall_s=time.perf_counter() - t0)
-    print(f"\n{args.config} (vocab {args.vocab}), seq {args.seq}, 1 rank, fp32: {results['checkpoint_bytes'] / 1e9:.2f} "
+    print(f"\n{args.config} (vocab {args.vocab}), seq {args.seq}, 1 rank, {results['precision']} on "
+          f"{results['device']}: {results['checkpoint_bytes'] / 1e9:.2f} "
           f"GB a checkpoint, {results['median_step_s']:.2f} s a step")
     for k in ("none", "sync", "async"):
         each = ", ".join(f"{r['span_s']:.2f}" for r in runs[k])

@@ -469,10 +469,13 @@ def long_(name: str, d: dict) -> list[dict]:
 def ckpt(name: str, d: dict) -> list[dict]:
     span = d["span_s"]
     threads = d.get("threads", d["meta"]["machine"].get("cores"))
+    device = d.get("device", "cpu")
+    where = (f"{threads} torch thread{'s' if threads != 1 else ''} for training" if device == "cpu" else
+             f"on one GPU ({device})")
     body = [f"`{d['config']}` shape, vocabulary {d['vocab_size']}, sequence {d['seq']}, micro-batch "
-            f"{d['micro_batch']}, fp32, 1 rank, {threads} torch thread{'s' if threads != 1 else ''} for training: "
+            f"{d['micro_batch']}, {d.get('precision', 'fp32')}, 1 rank, {where}: "
             f"{d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
-            f"{d['median_step_s']:.2f} s a step. {d['steps']} steps, a save every {d['every']} "
+            f"{d['median_step_s']:.3f} s a step. {d['steps']} steps, a save every {d['every']} "
             f"({d['saves']} between the steps).", ""]
     body += table(["saves", f"{d['steps']} steps (the shorter of 2 runs)", "lost per save",
                    "inside a save call (median)"], [
@@ -487,7 +490,8 @@ def ckpt(name: str, d: dict) -> list[dict]:
          ratio(d["async_save_call_s"], d["sync_save_call_s"])]])
     body += [f"A background write (in its thread, with fsync and the manifest's CRC-32) took "
              f"{d['async_background_write_s']:.2f} s (median).", ""]
-    return [section("ckpt", f"Training on {threads} thread{'s' if threads != 1 else ''}", d["meta"], name, body)]
+    title = f"Training on {threads} thread{'s' if threads != 1 else ''}" if device == "cpu" else "Training on a GPU"
+    return [section("ckpt", title, d["meta"], name, body)]
 
 
 def serve(name: str, d: dict) -> list[dict]:
