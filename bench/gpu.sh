@@ -15,6 +15,7 @@
 #                                                                     -> bench_compile.log, bench_compile_cuda.json
 #
 #   bash bench/gpu.sh [RESULTS_DIR]      (default: bench/results/gpu-<date>)
+#   GPU_STEPS="build kernels-check" bash bench/gpu.sh DIR     (only the steps named)
 #
 # Needs a CUDA torch and deepspeed (pip install deepspeed, or the wheels carried to the machine); step 2 reads
 # tinyshakespeare from BENCH_DATA (default ../shared/data/tinyshakespeare.txt). On a machine without a CUDA device it
@@ -33,9 +34,11 @@ SUMMARY="$OUT/summary.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())" \
   | tee "$SUMMARY"
 failed=0
+chosen() { [ -z "${GPU_STEPS:-}" ] || [[ " $GPU_STEPS " == *" $1 "* ]]; }
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT/NAME.log, note the result
   local name=$1 limit=$2
   shift 2
+  chosen "$name" || return 0
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -59,14 +62,14 @@ build_pid=$!
 step bench_ckpt 300 "$PY" bench/bench_ckpt.py --config llama-125m --steps 300 --every 100 --seq 2048 \
   --data "${BENCH_DATA:-../shared/data/tinyshakespeare.txt}" --out "$OUT/bench_ckpt_cuda.json"
 wait "$build_pid"
-grep -q "^build  *ok" "$SUMMARY" || failed=$((failed + 1))  # (the step ran in a subshell: count its failure here)
+chosen build && ! grep -q "^build  *ok" "$SUMMARY" && failed=$((failed + 1))  # (the step ran in a subshell: count its failure here)
 cp "$OUT"/build-lib/megatrain/_C*.so megatrain/ 2>/dev/null
 rm -rf "$OUT/build-temp"
 step kernels-check 60 "$PY" -m megatrain.kernels --check --require-cuda
 step pytest-gpu 90 "$PY" -m pytest -m gpu tests/test_kernels.py -q -rs -p no:cacheprovider
 # -rs lists the skips as "SKIPPED [count] file:line: reason"; sum the counts
-skipped=$(awk '/^SKIPPED \[[0-9]+\]/ { n += substr($2, 2, length($2) - 2) } END { print n + 0 }' "$OUT/pytest-gpu.log")
-if [ "$skipped" -ne 0 ]; then
+chosen pytest-gpu && skipped=$(awk '/^SKIPPED \[[0-9]+\]/ { n += substr($2, 2, length($2) - 2) } END { print n + 0 }' "$OUT/pytest-gpu.log")
+if [ "${skipped:-0}" -ne 0 ]; then
   failed=$((failed + 1))
   printf '%-16s %-24s %s\n' "pytest-gpu" "FAILED ($skipped skipped)" "a skipped GPU test checked nothing: see $OUT/pytest-gpu.log" \
     | tee -a "$SUMMARY"

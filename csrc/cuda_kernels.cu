@@ -2,8 +2,14 @@
 // block per row with warp-shuffle reductions; elementwise ops a grid-stride loop; weight/bias gradients
 // a column-parallel reduction over rows (coalesced: neighbouring threads read neighbouring columns).
 // Accumulation is in float (double for double inputs).
+// Each header this file uses is named: torch's CUDA headers include fewer of ATen's in some releases than in others.
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
