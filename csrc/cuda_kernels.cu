@@ -8,8 +8,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -24,6 +24,19 @@ namespace {
 constexpr int kThreads = 256;
 
 int64_t rows_of(const at::Tensor& x) { return x.numel() / std::max<int64_t>(x.size(-1), 1); }
+
+// How a column reduction over N rows is split: at least 64 rows a chunk, at most 1024 chunks.
+struct RowChunks {
+  int64_t rows, count;
+};
+RowChunks row_chunks(int64_t N) {
+  const int64_t rows = std::max<int64_t>(64, (N + 1023) / 1024);
+  return {rows, (N + rows - 1) / rows};
+}
+
+dim3 column_grid(int64_t columns, const RowChunks& c) {
+  return dim3(static_cast<unsigned>((columns + kThreads - 1) / kThreads), static_cast<unsigned>(c.count));
+}
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
 
@@ -88,20 +101,24 @@ __global__ void rms_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scal
 }
 
 // d weight (and d bias) = sum over rows of dy * xhat (and dy); one thread per column.
+// Weight (and bias) gradients of a norm: the grid is (column tiles, row chunks); each thread sums its column over
+// its chunk of rows into part[chunk][column] (neighbouring threads read neighbouring columns), and the chunks are then
+// summed by at::sum: enough blocks to fill the GPU however few the columns, and no atomics (the same sums each run).
 template <typename scalar_t, typename acc_t>
 __global__ void norm_param_grad_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
-                                       acc_t* dw, acc_t* db, int64_t N, int64_t D) {
-  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < D; i += int64_t(gridDim.x) * blockDim.x) {
-    acc_t sw = 0, sb = 0;
-    for (int64_t r = 0; r < N; ++r) {
-      const acc_t g = acc_t(dy[r * D + i]);
-      const acc_t mu = mean ? mean[r] : acc_t(0);
-      sw += g * (acc_t(x[r * D + i]) - mu) * rstd[r];
-      sb += g;
-    }
-    dw[i] = sw;
-    if (db) db[i] = sb;
+                                       acc_t* dw_part, acc_t* db_part, int64_t N, int64_t D, int64_t rows_per_chunk) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= D) return;
+  const int64_t r0 = blockIdx.y * rows_per_chunk, r1 = std::min<int64_t>(N, r0 + rows_per_chunk);
+  acc_t sw = 0, sb = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t g = acc_t(dy[r * D + i]);
+    const acc_t mu = mean ? mean[r] : acc_t(0);
+    sw += g * (acc_t(x[r * D + i]) - mu) * rstd[r];
+    sb += g;
   }
+  dw_part[blockIdx.y * D + i] = sw;
+  if (db_part) db_part[blockIdx.y * D + i] = sb;
 }
 
 // ---- LayerNorm --------------------------------------------------------------------------------------
@@ -209,13 +226,15 @@ __global__ void bias_gelu_bwd_kernel(const scalar_t* dy, const scalar_t* x, cons
   }
 }
 
+// Column sums of an [N, F] matrix (a bias gradient), over row chunks as norm_param_grad_kernel does.
 template <typename scalar_t, typename acc_t>
-__global__ void column_sum_kernel(const scalar_t* x, acc_t* out, int64_t N, int64_t F) {
-  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < F; i += int64_t(gridDim.x) * blockDim.x) {
-    acc_t s = 0;
-    for (int64_t r = 0; r < N; ++r) s += acc_t(x[r * F + i]);
-    out[i] = s;
-  }
+__global__ void column_sum_kernel(const scalar_t* x, acc_t* part, int64_t N, int64_t F, int64_t rows_per_chunk) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= F) return;
+  const int64_t r0 = blockIdx.y * rows_per_chunk, r1 = std::min<int64_t>(N, r0 + rows_per_chunk);
+  acc_t s = 0;
+  for (int64_t r = r0; r < r1; ++r) s += acc_t(x[r * F + i]);
+  part[blockIdx.y * F + i] = s;
 }
 
 // ---- cross-entropy ----------------------------------------------------------------------------------
@@ -288,20 +307,21 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy_, cons
   auto dy = dy_.contiguous(), x = x_.contiguous(), w = w_.contiguous(), rstd = rstd_.contiguous();
   const int64_t D = x.size(-1), N = rows_of(x);
   auto dx = at::empty_like(x);
-  auto dw = at::zeros({D}, x.options().dtype(acc_type_of(x)));
-  if (N == 0) return {dx, dw.to(w.scalar_type())};
+  if (N == 0) return {dx, at::zeros({D}, w.options())};
+  const RowChunks chunks = row_chunks(N);
+  auto dw_part = at::empty({chunks.count, D}, x.options().dtype(acc_type_of(x)));
   auto stream = at::cuda::getCurrentCUDAStream();
   MT_DISPATCH(x.scalar_type(), "rms_norm_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     rms_bwd_kernel<scalar_t, acc_t><<<N, kThreads, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                                  w.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(),
                                                                  dx.data_ptr<scalar_t>(), D);
-    norm_param_grad_kernel<scalar_t, acc_t><<<blocks_for(D), kThreads, 0, stream>>>(
-        dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), nullptr, rstd.data_ptr<acc_t>(), dw.data_ptr<acc_t>(), nullptr,
-        N, D);
+    norm_param_grad_kernel<scalar_t, acc_t><<<column_grid(D, chunks), kThreads, 0, stream>>>(
+        dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), nullptr, rstd.data_ptr<acc_t>(), dw_part.data_ptr<acc_t>(),
+        nullptr, N, D, chunks.rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dx, dw.to(w.scalar_type())};
+  return {dx, dw_part.sum(0).to(w.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x_, const at::Tensor& w_,
@@ -332,20 +352,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const int64_t D = x.size(-1), N = rows_of(x);
   auto dx = at::empty_like(x);
-  auto dw = at::zeros({D}, x.options().dtype(acc_type_of(x))), db = at::zeros_like(dw);
-  if (N == 0) return {dx, dw.to(w.scalar_type()), db.to(w.scalar_type())};
+  if (N == 0) return {dx, at::zeros({D}, w.options()), at::zeros({D}, w.options())};
+  const RowChunks chunks = row_chunks(N);
+  auto dw_part = at::empty({chunks.count, D}, x.options().dtype(acc_type_of(x))), db_part = at::empty_like(dw_part);
   auto stream = at::cuda::getCurrentCUDAStream();
   MT_DISPATCH(x.scalar_type(), "layer_norm_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ln_bwd_kernel<scalar_t, acc_t><<<N, kThreads, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                                 w.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
                                                                 rstd.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), D);
-    norm_param_grad_kernel<scalar_t, acc_t><<<blocks_for(D), kThreads, 0, stream>>>(
+    norm_param_grad_kernel<scalar_t, acc_t><<<column_grid(D, chunks), kThreads, 0, stream>>>(
         dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-        dw.data_ptr<acc_t>(), db.data_ptr<acc_t>(), N, D);
+        dw_part.data_ptr<acc_t>(), db_part.data_ptr<acc_t>(), N, D, chunks.rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dx, dw.to(w.scalar_type()), db.to(w.scalar_type())};
+  return {dx, dw_part.sum(0).to(w.scalar_type()), db_part.sum(0).to(w.scalar_type())};
 }
 
 at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_, bool inverse) {
@@ -418,18 +439,19 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
   auto dy = dy_.contiguous(), x = x_.contiguous(), b = b_.contiguous();
   const int64_t F = x.size(-1), N = rows_of(x);
   auto dx = at::empty_like(x);
-  auto db = at::zeros({F}, x.options().dtype(acc_type_of(x)));
-  if (dx.numel() == 0) return {dx, db.to(b.scalar_type())};
+  if (dx.numel() == 0) return {dx, at::zeros({F}, b.options())};
+  const RowChunks chunks = row_chunks(N);
+  auto db_part = at::empty({chunks.count, F}, x.options().dtype(acc_type_of(x)));
   auto stream = at::cuda::getCurrentCUDAStream();
   MT_DISPATCH(x.scalar_type(), "bias_gelu_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bias_gelu_bwd_kernel<scalar_t, acc_t><<<blocks_for(N * F), kThreads, 0, stream>>>(
         dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), N, F);
-    column_sum_kernel<scalar_t, acc_t><<<blocks_for(F), kThreads, 0, stream>>>(dx.data_ptr<scalar_t>(),
-                                                                                db.data_ptr<acc_t>(), N, F);
+    column_sum_kernel<scalar_t, acc_t><<<column_grid(F, chunks), kThreads, 0, stream>>>(
+        dx.data_ptr<scalar_t>(), db_part.data_ptr<acc_t>(), N, F, chunks.rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dx, db.to(b.scalar_type())};
+  return {dx, db_part.sum(0).to(b.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_stats_cuda(const at::Tensor& logits_,

@@ -49,7 +49,8 @@ def _t(*shape, dtype=torch.float32, device="cpu", scale=1.0, grad=True):
     return (torch.randn(*shape) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
 
 
-SHAPES = [(1, 1), (1, 7), (3, 37), (64, 128), (5, 1000)]
+# (300, 96): the CUDA column reductions (weight and bias gradients) over several chunks of rows, the last one short
+SHAPES = [(1, 1), (1, 7), (3, 37), (64, 128), (5, 1000), (300, 96)]
 
 
 def _norm_rope_cases(dtype, device):
@@ -423,6 +424,23 @@ def test_cuda_parity(dtype):
     logits, labels = _t(33, 50257, device="cuda", dtype=dtype, scale=3.0), torch.randint(0, 50257, (33,), device="cuda")
     labels[2] = -100
     _compare(ops.cross_entropy, reference.cross_entropy, (logits, labels), dtype)
+
+
+@GPU
+@pytest.mark.gpu
+def test_cuda_column_reductions_over_many_rows():
+    """70,001 rows: the weight and bias gradients are summed over chunks of more than 64 rows (float64, so the
+    comparison sees the chunking, not fp32 rounding over 70,001 terms)."""
+    torch.manual_seed(0)
+    dtype, N, D = torch.float64, 70001, 16
+
+    def t(*shape):
+        return _t(*shape, dtype=dtype, device="cuda")
+
+    for fused, ref, inputs in [(ops.rms_norm, reference.rms_norm, (t(N, D), t(D), 1e-5)),
+                               (ops.layer_norm, reference.layer_norm, (t(N, D), t(D), t(D), 1e-5)),
+                               (ops.bias_gelu, reference.bias_gelu, (t(N, D), t(D)))]:
+        _compare(fused, ref, inputs, dtype)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's answer where there is no GPU")
