@@ -150,7 +150,19 @@ def main() -> None:
                          "node's host has; 0: torch's default, every core")
     ap.add_argument("--out", default=os.path.join(here, "results", "bench_ckpt.json"))
     ap.add_argument("--one", nargs=2, metavar=("KIND", "DATA"), help=argparse.SUPPRESS)  # (a run in a child process)
+    ap.add_argument("--rederive", metavar="RESULTS",
+                    help="work the figures out again from the runs recorded in a results file (rewritten in place)")
     args = ap.parse_args()
+    if args.rederive:
+        with open(args.rederive) as f:
+            old = json.load(f)
+        a = {k: old[k] for k in ("config", "seq", "steps", "every")}
+        a.update(vocab=old["vocab_size"], threads=old.get("threads") or old["meta"]["machine"]["cores"])
+        results = summarize(old["runs"], a, device=old.get("device", "cpu"))
+        results["wall_s"] = old["wall_s"]
+        report(results)
+        write_results(args.rederive, results, meta=old["meta"], indent=1)
+        return
     if args.one:
         kind, prefix = args.one
         work = tempfile.mkdtemp(prefix="bench-ckpt-run-")
@@ -180,32 +192,65 @@ def main() -> None:
             print(f"  {runs[kind][-1]['span_s']:.2f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results = summarize(runs, vars(args), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    results["wall_s"] = time.perf_counter() - t0
+    report(results)
+    write_results(args.out, results, indent=1)
+    print(f"results: {args.out} ({results['wall_s']:.0f} s)")
+
+
+def around_saves(run: dict, every: int) -> list[float]:
+    """Per save between the steps: the seconds inside its call, plus the every // 2 steps after it, minus the
+    every // 2 steps before it; for a run without saves, the same windows without a call (what the measure reads
+    when nothing happens: its noise). Each save is measured against the run's own pace around it, so a run that is
+    slower throughout (on a shared host, by up to 15%) does not count as a save's cost."""
+    steps, half = run["steps_s"], every // 2
+    ends = range(every, len(steps), every)  # the saves come after these many steps
+    calls = run["save_call_s"] or [0.0] * len(ends)
+    return [c + sum(steps[k:k + half]) - sum(steps[k - half:k]) for c, k in zip(calls, ends)]
+
+
+def summarize(runs: dict[str, list], a: dict, device: str) -> dict:
+    """The figures from the six runs. `a`: the command's arguments (config, vocab, seq, steps, every, threads)."""
     span = {k: min(r["span_s"] for r in v) for k, v in runs.items()}  # (the least disturbed by the machine's load)
     saves = runs["sync"][0]["saves"]
     per = {k: (span[k] - span["none"]) / saves for k in ("sync", "async")}
     calls = {k: statistics.median(c for r in runs[k] for c in r["save_call_s"]) for k in ("sync", "async")}
-    results = dict(config=args.config, vocab_size=args.vocab, seq=args.seq, micro_batch=1, steps=args.steps,
-                   threads=args.threads or os.cpu_count(), precision=runs["none"][0]["precision"],
-                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   every=args.every, saves=saves, checkpoint_bytes=max(r["checkpoint_bytes"] for r in runs["sync"]),
-                   median_step_s=statistics.median(t for r in runs["none"] for t in r["steps_s"][1:]),
-                   span_s=span, sync_s_per_save=per["sync"], async_s_per_save=per["async"],
-                   ratio=per["async"] / per["sync"], sync_save_call_s=calls["sync"], async_save_call_s=calls["async"],
-                   async_background_write_s=statistics.median(w for r in runs["async"] for w in r["background_write_s"]),
-                   order=list(ORDER), runs=runs, wall_s=time.perf_counter() - t0)
-    print(f"\n{args.config} (vocab {args.vocab}), seq {args.seq}, 1 rank, {results['precision']} on "
-          f"{results['device']}: {results['checkpoint_bytes'] / 1e9:.2f} "
-          f"GB a checkpoint, {results['median_step_s']:.2f} s a step")
+    around = {k: [x for r in v for x in around_saves(r, a["every"])] for k, v in runs.items()}
+    near = {k: statistics.mean(around[k]) - statistics.mean(around["none"]) for k in ("sync", "async")}
+    write = statistics.median(w for r in runs["async"] for w in r["background_write_s"])
+    step = statistics.median(t for r in runs["none"] for t in r["steps_s"][1:])
+    return dict(config=a["config"], vocab_size=a["vocab"], seq=a["seq"], micro_batch=1, steps=a["steps"],
+                threads=a["threads"] or os.cpu_count(), precision=runs["none"][0].get("precision", "fp32"),
+                device=device, every=a["every"], saves=saves,
+                checkpoint_bytes=max(r["checkpoint_bytes"] for r in runs["sync"]), median_step_s=step,
+                span_s=span, sync_s_per_save=per["sync"], async_s_per_save=per["async"],
+                ratio=per["async"] / per["sync"], sync_save_call_s=calls["sync"], async_save_call_s=calls["async"],
+                async_background_write_s=write,
+                # around each save (around_saves), the mean over both runs' saves less the runs without saves';
+                # it reads a background save whole only when its write ends within the window after it
+                around_save_s=around, around_window_steps=a["every"] // 2,
+                around_covers_write=write < (a["every"] // 2) * step,
+                sync_s_per_save_around=near["sync"], async_s_per_save_around=near["async"],
+                ratio_around=near["async"] / near["sync"], order=list(ORDER), runs=runs)
+
+
+def report(results: dict) -> None:
+    r, span = results, results["span_s"]
+    print(f"\n{r['config']} (vocab {r['vocab_size']}), seq {r['seq']}, 1 rank, {r['precision']} on "
+          f"{r['device']}: {r['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, {r['median_step_s']:.3f} s a step")
     for k in ("none", "sync", "async"):
-        each = ", ".join(f"{r['span_s']:.2f}" for r in runs[k])
-        print(f"  {k:6s} {span[k]:7.2f} s for {args.steps} steps (the shorter of {each}), "
-              f"{0 if k == 'none' else saves} saves between them")
-    print(f"  training time lost per save: sync {per['sync']:.2f} s, async {per['async']:.2f} s; async / sync "
-          f"{per['async'] / per['sync']:.2f} (target <= 0.20)")
-    print(f"  inside a save call (median): sync {calls['sync']:.2f} s, async {calls['async']:.2f} s; a background "
-          f"write {results['async_background_write_s']:.2f} s")
-    write_results(args.out, results, indent=1)
-    print(f"results: {args.out} ({results['wall_s']:.0f} s)")
+        each = ", ".join(f"{x['span_s']:.2f}" for x in r["runs"][k])
+        print(f"  {k:6s} {span[k]:7.2f} s for {r['steps']} steps (the shorter of {each}), "
+              f"{0 if k == 'none' else r['saves']} saves between them")
+    print(f"  training time lost per save: sync {r['sync_s_per_save']:.2f} s, async {r['async_s_per_save']:.2f} s; "
+          f"async / sync {r['ratio']:.2f} (target <= 0.20)")
+    print(f"  around each save ({r['around_window_steps']} steps before and after): sync "
+          f"{r['sync_s_per_save_around']:.2f} s, async {r['async_s_per_save_around']:.2f} s; async / sync "
+          f"{r['ratio_around']:.2f}" + ("" if r["around_covers_write"] else
+                                        " (a background write outlasts the window: not the whole cost)"))
+    print(f"  inside a save call (median): sync {r['sync_save_call_s']:.2f} s, async {r['async_save_call_s']:.2f} s; "
+          f"a background write {r['async_background_write_s']:.2f} s")
 
 
 if __name__ == "__main__":

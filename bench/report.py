@@ -224,6 +224,22 @@ def baby_profile(name: str, d: dict) -> list[dict]:
     return [profile_section(name, d, d["meta"])]
 
 
+def gpu_pretrain(name: str, d: dict) -> list[dict]:
+    s = d["startup_s"]
+    body = [f"`{d['config']}` ({mil(d['parameters'])} parameters), {d['precision']}, ZeRO-{d['zero_stage']}, one GPU, "
+            f"sequence {d['seq']}, global batch {d['global_batch']} in micro-batches of {d['micro_batch']}; fused "
+            f"kernels {'on' if d['fused_kernels'] else 'off'}, `model.compile` {'on' if d['compile'] else 'off'}. "
+            f"{d['gpu_memory_after_build_gib']:.2f} GiB of GPU memory after the engine's build; MFU against "
+            f"{d['peak_tflops']:.0f} TFLOP/s (dense bf16).", ""]
+    body += table(["step", "loss", "tokens/s", "TFLOP/s", "MFU", "s/step"], [
+        [str(r["step"]), f"{r['loss']:.4f}", num(r["tokens_per_s"]), num(r["tflops_per_device"], 1), pct(r["mfu"], 1),
+         f"{r['seconds_per_step']:.3f}"] for r in d["log"]])
+    body += [f"Start-up {s['total']:.1f} s (imports {s['imports']:.1f}, distributed {s['distributed']:.1f}, data "
+             f"{s['data']:.1f}, model {s['model']:.1f}, engine {s['engine']:.1f}); the 20 steps and the final "
+             f"checkpoint {d['train_s']:.1f} s.", ""]
+    return [section("pretrain_gpu", "llama-1.3b on one GPU", d["meta"], name, body)]
+
+
 def compile_(name: str, d: dict) -> list[dict]:
     where = f"{d.get('device', 'cpu')}, {d.get('precision', 'fp32')}, {d['threads']} threads"
     body = [f"Config `{d['config']}`, batch {d['batch'][0]} x {d['batch'][1]}, {where}, {d['iters']} iterations per "
@@ -487,7 +503,11 @@ def ckpt(name: str, d: dict) -> list[dict]:
         ["training time lost per save", f"{d['async_s_per_save']:.2f} s", f"{d['sync_s_per_save']:.2f} s",
          ratio(d["async_s_per_save"], d["sync_s_per_save"])],
         ["inside a save call (median)", f"{d['async_save_call_s']:.2f} s", f"{d['sync_save_call_s']:.2f} s",
-         ratio(d["async_save_call_s"], d["sync_save_call_s"])]])
+         ratio(d["async_save_call_s"], d["sync_save_call_s"])]]
+        + ([[f"around each save ({d['around_window_steps']} steps before and after)"
+             + ("" if d["around_covers_write"] else ", the write outlasting the window"),
+             f"{d['async_s_per_save_around']:.2f} s", f"{d['sync_s_per_save_around']:.2f} s",
+             ratio(d["async_s_per_save_around"], d["sync_s_per_save_around"])]] if "around_save_s" in d else []))
     body += [f"A background write (in its thread, with fsync and the manifest's CRC-32) took "
              f"{d['async_background_write_s']:.2f} s (median).", ""]
     title = f"Training on {threads} thread{'s' if threads != 1 else ''}" if device == "cpu" else "Training on a GPU"
@@ -536,8 +556,9 @@ RENDERERS = [
     ("bench_data.json", (), data),
     ("bench_kernels*.json", (), kernels),
     ("bench_train.json", (), train),
+    ("gpu_pretrain.json", (), gpu_pretrain),
     ("baby_profile.json", (), baby_profile),
-    ("bench_compile.json", (), compile_),
+    ("bench_compile*.json", (), compile_),
     ("bench_finetune.json", (), finetune),
     ("bench_convert.json", (), convert),
     ("bench_ckpt*.json", (), ckpt),
