@@ -562,6 +562,15 @@ def test_a_build_lock_left_by_a_killed_start_is_removed_not_waited_for():
     assert not os.path.exists(stale)
 
 
+def _lines(path: str) -> int:
+    """Lines in a file (0 while it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
 KILL_CAMPAIGN = {"parallel.zero_stage": 2, "checkpoint.interval": 1, "train.eval_interval": 0, "train.max_steps": 200,
                  "train.warmup_steps": 2, "checkpoint.keep_last": 3, "train.log_interval": 1}
 
@@ -604,15 +613,18 @@ def test_kill_9_anywhere_and_rerun_until_done_gives_the_uninterrupted_curve(tmp_
         procs = _bare_ranks(args, str(free_port()), {}, subprocess.DEVNULL)
         runs += 1
         try:
-            if kills < at_least:  # once this run logged a step, at a random moment in the next ~2 s of steps and saves
-                metrics = os.path.join(ck, "metrics.jsonl")
-                logged = os.path.getsize(metrics) if os.path.isfile(metrics) else 0
+            if kills < at_least:
+                # once this run logged 1-12 steps more than the file held, at a random moment in the next 0.5 s of
+                # steps and saves: every run gets further (so the campaign ends) and, however fast the machine
+                # trains, the 200 steps leave room for every kill (a kill after a delay in seconds let a fast run
+                # finish first)
+                logged, more = _lines(os.path.join(ck, "metrics.jsonl")), rng.randint(1, 12)
                 deadline = time.time() + 300
-                while procs[0].poll() is None and (os.path.getsize(metrics) if os.path.isfile(metrics) else 0) <= logged:
-                    assert time.time() < deadline, "the run logged no step in 300 s"
-                    time.sleep(0.05)
+                while procs[0].poll() is None and _lines(os.path.join(ck, "metrics.jsonl")) < logged + more:
+                    assert time.time() < deadline, f"the run logged no {more} steps in 300 s"
+                    time.sleep(0.02)
                 try:
-                    procs[0].wait(timeout=rng.uniform(0.0, 2.0))
+                    procs[0].wait(timeout=rng.uniform(0.0, 0.5))
                 except subprocess.TimeoutExpired:
                     for p in procs:
                         os.killpg(p.pid, signal.SIGKILL)
