@@ -40,6 +40,24 @@ def trained(tmp_path_factory):
     return data, ck
 
 
+def test_a_reshard_keeps_the_zero_stage_the_run_was_asked_for(tmp_path):
+    """A one-rank fp32 ZeRO-1 run runs as ZeRO-0 (nothing to partition); resharded onto 2 ranks it is ZeRO-1 again,
+    and `--set parallel.zero_stage` still chooses."""
+    from megatrain.checkpoint.reader import CheckpointReader
+    from megatrain.convert.writer import reshard_target
+
+    data, ck = make_byte_dataset(tmp_path), str(tmp_path / "one")
+    run_distributed(run_configs, 1, [small_sets(data, ck, **{"parallel.zero_stage": 1, "train.max_steps": 2,
+                                                             "checkpoint.interval": 2, "train.eval_interval": 0})],
+                    timeout=300)
+    with CheckpointReader(ck) as r:
+        assert (r.layout["zero_stage"], r.asked.parallel.zero_stage) == (0, 1)
+        cfg, world, asked = reshard_target(r, [], 2)
+        assert (cfg.parallel.zero_stage, asked.parallel.zero_stage, world) == (1, 1, 2)
+        _, _, asked = reshard_target(r, ["parallel.zero_stage=2"], 2)
+        assert asked.parallel.zero_stage == 2
+
+
 @pytest.mark.slow
 def test_consolidate_matches_deepspeeds_own_reader_and_generates_the_same(trained, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

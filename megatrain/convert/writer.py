@@ -33,6 +33,7 @@ from megatrain.generate import load_weights
 from megatrain.model import Transformer
 from megatrain.parallel.topology import check_layout
 from megatrain.training.dist_env import end_distributed, free_port
+from megatrain.training.engine import effective_zero_stage
 from megatrain.training.runtime import Run
 
 # What a reshard may change: the layout, and the micro-batch that has to fit it (the global batch stays).
@@ -73,14 +74,23 @@ def target_config(base: Config, sets: list[str], world: int | None) -> tuple[Con
     return cfg, world
 
 
+def reshard_target(reader: CheckpointReader, sets: list[str], world: int | None) -> tuple[Config, int, Config]:
+    """The target run's config and world size (its layout checked against the source's model), and the config to
+    save as the run was asked: the source's, with the new layout. The ZeRO stage starts from the one the source's
+    run was asked for, not the one it ran: a one-rank ZeRO-1 run runs as ZeRO-0, and resharded onto several ranks it
+    is ZeRO-1 again (each run works out its own stage: engine.effective_zero_stage)."""
+    base = reader.cfg.replaced({"parallel.zero_stage": reader.asked.parallel.zero_stage})
+    cfg, world = target_config(base, sets, world)
+    asked = reader.asked.replaced({"parallel": cfg.parallel, "train.micro_batch_size": cfg.train.micro_batch_size})
+    return cfg, world, asked
+
+
 def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | None = None,
             force: bool = False) -> None:
     check_output(out, force, checkpoint.checkpoint_inputs(src, tag))
     with CheckpointReader(src, tag, verify="full") as reader:
-        cfg, world = target_config(reader.cfg, sets, world)  # the layout is checked against the run's model
-        # saved as the source saved it: its config (with the new layout) and what its run derived
-        asked = reader.asked.replaced({"parallel": cfg.parallel, "train.micro_batch_size": cfg.train.micro_batch_size})
-        resolved = reader.resolved.to_dict()
+        cfg, world, asked = reshard_target(reader, sets, world)
+        resolved = reader.resolved.to_dict()  # what the source's run derived (the writer's run redoes the stage)
         if not reader.has_optimizer_state():
             print(f"note: {reader.where} has no optimizer state; the new checkpoint starts AdamW afresh",
                   file=sys.stderr)
@@ -92,7 +102,8 @@ def reshard(src: str, out: str, sets: list[str], world: int | None, tag: str | N
         return
     finish(job.tmp, out, force)
     p = cfg.parallel
-    print(f"resharded {where} -> {out} ({layout_words(cfg, world)}), step {step}, {time.perf_counter() - t0:.1f} s; "
+    ran = cfg.replaced({"parallel.zero_stage": effective_zero_stage(cfg, world // (p.tp * p.pp), p.pp)})
+    print(f"resharded {where} -> {out} ({layout_words(ran, world)}), step {step}, {time.perf_counter() - t0:.1f} s; "
           f"resume it with --set checkpoint.dir={out} --set parallel.tp={p.tp} --set parallel.pp={p.pp} "
           f"--set parallel.zero_stage={p.zero_stage}{f' --set parallel.ep={p.ep}' if p.ep > 1 else ''} on {world} "
           f"ranks")
