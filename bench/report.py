@@ -483,13 +483,12 @@ def long_(name: str, d: dict) -> list[dict]:
 
 
 def ckpt(name: str, d: dict) -> list[dict]:
-    span = d["span_s"]
-    threads = d.get("threads", d["meta"]["machine"].get("cores"))
-    device = d.get("device", "cpu")
-    where = (f"{threads} torch thread{'s' if threads != 1 else ''} for training" if device == "cpu" else
-             f"on one GPU ({device})")
+    span, threads, device = d["span_s"], d["threads"], d["device"]
+    plural = "s" if threads != 1 else ""
+    on = f"{threads} thread{plural}" if device == "cpu" else "a GPU"
+    where = f"{threads} torch thread{plural} for training" if device == "cpu" else f"on one GPU ({device})"
     body = [f"`{d['config']}` shape, vocabulary {d['vocab_size']}, sequence {d['seq']}, micro-batch "
-            f"{d['micro_batch']}, {d.get('precision', 'fp32')}, 1 rank, {where}: "
+            f"{d['micro_batch']}, {d['precision']}, 1 rank, {where}: "
             f"{d['checkpoint_bytes'] / 1e9:.2f} GB a checkpoint, "
             f"{d['median_step_s']:.3f} s a step. {d['steps']} steps, a save every {d['every']} "
             f"({d['saves']} between the steps).", ""]
@@ -503,15 +502,14 @@ def ckpt(name: str, d: dict) -> list[dict]:
         ["training time lost per save", f"{d['async_s_per_save']:.2f} s", f"{d['sync_s_per_save']:.2f} s",
          ratio(d["async_s_per_save"], d["sync_s_per_save"])],
         ["inside a save call (median)", f"{d['async_save_call_s']:.2f} s", f"{d['sync_save_call_s']:.2f} s",
-         ratio(d["async_save_call_s"], d["sync_save_call_s"])]]
-        + ([[f"around each save ({d['around_window_steps']} steps before and after)"
-             + ("" if d["around_covers_write"] else ", the write outlasting the window"),
-             f"{d['async_s_per_save_around']:.2f} s", f"{d['sync_s_per_save_around']:.2f} s",
-             ratio(d["async_s_per_save_around"], d["sync_s_per_save_around"])]] if "around_save_s" in d else []))
+         ratio(d["async_save_call_s"], d["sync_save_call_s"])],
+        [f"around each save ({d['around_window_steps']} steps before and after)"
+         + ("" if d["around_covers_write"] else ", the write outlasting the window"),
+         f"{d['async_s_per_save_around']:.2f} s", f"{d['sync_s_per_save_around']:.2f} s",
+         ratio(d["async_s_per_save_around"], d["sync_s_per_save_around"])]])
     body += [f"A background write (in its thread, with fsync and the manifest's CRC-32) took "
              f"{d['async_background_write_s']:.2f} s (median).", ""]
-    title = f"Training on {threads} thread{'s' if threads != 1 else ''}" if device == "cpu" else "Training on a GPU"
-    return [section("ckpt", title, d["meta"], name, body)]
+    return [section("ckpt", f"Training on {on}", d["meta"], name, body)]
 
 
 def serve(name: str, d: dict) -> list[dict]:
