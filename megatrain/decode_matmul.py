@@ -75,5 +75,5 @@ def project(layer: nn.Module, x: torch.Tensor, most_rows: int | None = FEW_ROWS)
     # (contiguous: the fused kernels read contiguous rows)
     y = _one_row(x2, layer.weight) if rows == 1 else (layer.weight @ x2.t()).t().contiguous()
     if layer.bias is not None:
-        y = y + layer.bias
+        y += layer.bias  # (y is this product's own tensor)
     return y.view(*x.shape[:-1], -1)
