@@ -234,6 +234,7 @@ def build_model(cfg: Config) -> Transformer:
     f = cfg.finetune
     if f.task in LM_TASKS:
         model = Transformer(cfg.model)
+        model.sparse_labels = model.sparse_labels or f.task == "sft"  # (the prompt's tokens have no label)
     elif f.task == "classify":
         model = SequenceClassifier(cfg.model, len(f.labels), f.pooling)
     elif f.task == "tokens":

@@ -413,6 +413,8 @@ class Transformer(nn.Module):
                 self.register_buffer("rope_local_sin", sin, persistent=False)
         # apply_tp swaps in a vocab-parallel loss; None: plain cross-entropy over full logits
         self.loss_fn = None
+        # labels leave many positions out (MLM; SFT's prompts): the LM head reads only the labeled rows
+        self.sparse_labels = cfg.objective == "mlm"
         # (rank, n): under context parallelism (parallel/context.py) the tokens given are slice `rank` of n of each row
         self.context_shard = (0, 1)
         if self.embed.weight.device.type != "meta":  # a model built on the meta device has shapes, no values
@@ -466,6 +468,8 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None, pos: int = 0, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]; with labels [B, T] -> mean cross-entropy over labels != -100."""
         x = self.features(tokens, segments, cache, pos)
+        if labels is not None and self.sparse_labels and self.loss_fn is None:
+            x, labels = labeled_rows(x, labels)
         if labels is not None and self.fused and self.loss_fn is None and not self.cfg.logit_softcap:
             # LM head + loss in chunks: the [tokens, vocab] logits never exist at once
             return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, labels.reshape(-1))
@@ -492,6 +496,18 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n
+
+
+def labeled_rows(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] and labels [...] -> only the rows with a label ([n, d], [n]) when some have none (an SFT prompt's
+    tokens, MLM's unmasked ones): the LM head and the loss then skip them, and the mean over the labeled rows is the
+    same. (The count is read on the host: one sync per micro-batch on a GPU, which the tasks with such labels already
+    pay to count their targets; causal pretraining, whose labels are all real, does not call it.)"""
+    keep = (labels != IGNORE_INDEX).reshape(-1)
+    rows = keep.nonzero().squeeze(1)
+    if len(rows) == keep.numel() or len(rows) == 0:  # (none labeled: the loss's own rule for an empty mean)
+        return x, labels
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows)
 
 
 def init_parameter_(cfg: ModelConfig, name: str, p: torch.Tensor) -> torch.Tensor:

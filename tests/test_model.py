@@ -37,6 +37,33 @@ def test_forward_backward_and_loss(name):
     assert all(p.grad is not None for p in m.parameters())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_head_on_labeled_rows_only_gives_the_whole_heads_loss_and_gradients(fused):
+    """sparse_labels (SFT, MLM): the LM head and loss read only the labeled rows; the loss and every gradient are
+    those of the head over every row."""
+    torch.manual_seed(0)
+    m = Transformer(small(fused_kernels=fused))
+    x = torch.randint(0, 97, (3, 17))
+    y = x[:, 1:].clone()
+    y[:, :9] = IGNORE_INDEX  # a prompt of 9 tokens in every row
+    y[1, 12] = IGNORE_INDEX
+    runs = []
+    for sparse in (False, True):
+        m.sparse_labels = sparse
+        m.zero_grad()
+        loss = m(x[:, :-1], y)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
+    for n, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    y[:] = IGNORE_INDEX  # no label at all: the same as the whole head's
+    m.sparse_labels = False
+    whole = m(x[:, :-1], y)
+    m.sparse_labels = True
+    assert torch.equal(m(x[:, :-1], y).isnan(), whole.isnan())
+
+
 def test_causal_vs_bidirectional():
     torch.manual_seed(0)
     causal, mlm = Transformer(small()), Transformer(small(objective="mlm"))
