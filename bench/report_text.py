@@ -285,10 +285,10 @@ TEXT = {
                  "alternate and the median of the runs counts. The generated ids are compared.",
         run="`python bench/bench_generate.py [--model DIR] [--prompt-tokens 64] [--new-tokens 128] [--batches 1,8]` "
             "(`--model`: SmolLM2-135M-Instruct from `bash ../shared/data/fetch_smollm2.sh` by default)",
-        read="At batch 1 on a CPU a decode step reads every weight once for one token: its time is the memory's, "
-             "and both sides pay it; the difference is the work around the matmuls and the LM head's product. At "
-             "batch 8 megatrain runs the projections as weight @ x.T, which MKL does faster for a few rows than "
-             "transformers' F.linear (megatrain/decode_matmul.py)."),
+        read="On a CPU a decode step reads every weight once for a few tokens, so its time is the rate at which the "
+             "weights are read. transformers' F.linear (MKL) reads them at a fraction of the memory's rate for so "
+             "few rows; megatrain's decode_linear kernel streams each weight once against the rows held in cache "
+             "(megatrain/decode_matmul.py, docs/kernels.md)."),
     "soak": dict(
         title="A long run",
         measures="`bench/bench_soak.py` runs one `megatrain pretrain --config tiny` process (the built-in corpus, "

@@ -35,5 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_stats_cpu(const at
 at::Tensor ce_grad_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                        const at::Tensor& grad_rows, int64_t vocab_start, int64_t ignore_index, double smoothing,
                        int64_t vocab_total, bool inplace);
+// A decoding step's product x [M, K] @ weight [N, K]^T for a few rows (M <= 16), reading the weight once at the
+// memory's rate (CPU only: decode_matmul.py calls it for CPU decoding steps).
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight);
 
 }  // namespace megatrain

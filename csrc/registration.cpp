@@ -18,6 +18,7 @@ TORCH_LIBRARY(megatrain, m) {
   m.def("ce_stats(Tensor logits, Tensor labels, int vocab_start, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ce_grad(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_rows, int vocab_start, int ignore_index, "
         "float smoothing, int vocab_total, bool inplace) -> Tensor");
+  m.def("decode_linear(Tensor x, Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(megatrain, CPU, m) {
@@ -32,6 +33,7 @@ TORCH_LIBRARY_IMPL(megatrain, CPU, m) {
   m.impl("bias_gelu_bwd", &megatrain::bias_gelu_bwd_cpu);
   m.impl("ce_stats", &megatrain::ce_stats_cpu);
   m.impl("ce_grad", &megatrain::ce_grad_cpu);
+  m.impl("decode_linear", &megatrain::decode_linear_cpu);
 }
 
 // An empty Python module named megatrain._C: importing it loads this library and runs the registrations

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import kernels
-from megatrain.decode_matmul import one_row_decoding, project
+from megatrain.decode_matmul import project
 from megatrain.config import (ConfigError, ModelConfig, ffn_width, has_window_layers, head_dim, is_local_layer,
                               is_moe_layer, kv_heads, shared_ffn_width)
 from megatrain.kernels import ops, reference
@@ -574,25 +574,22 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     g = torch.Generator(device=prompt.device).manual_seed(seed)
     out = prompt
     logits = model.next_logits(prompt, cache, 0)
-    # NOTE: batch 1 on a CPU: from the first new token on, the weights are read through transposed copies
-    # (decode_matmul.py); worth their making when at least 32 tokens follow, and kept off the prompt's forward
-    with one_row_decoding(B == 1 and total - T >= 32):
-        for pos in range(T, total):
-            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-                logits = logits.clone()
-                logits[:, vocab_limit:] = float("-inf")
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits.float() / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-            out = torch.cat([out, nxt], dim=1)
-            if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
-                break
-            if pos + 1 < total:
-                logits = model.next_logits(nxt, cache, pos)
+    for pos in range(T, total):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits.float() / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+        out = torch.cat([out, nxt], dim=1)
+        if eod_id is not None and bool((nxt == eod_id).all()):  # every row ended its document
+            break
+        if pos + 1 < total:
+            logits = model.next_logits(nxt, cache, pos)
     model.train(was_training)
     return out

@@ -159,6 +159,19 @@ def test_linear_cross_entropy_parity(chunk):
     _compare(lambda a, b, c: ops.linear_cross_entropy(a, b, c, chunk=chunk), reference.linear_cross_entropy, (h, w, y), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_linear_equals_the_product_for_every_row_count_and_odd_widths(dtype):
+    """decode_linear (a decoding step's few rows against a whole weight): each tiling (4 weight rows x 1 row, 2 x 4)
+    and each remainder, against x @ w.T."""
+    torch.manual_seed(0)
+    for M in range(1, 17):
+        for N, K in ((1, 1), (7, 37), (130, 96), (257, 5)):
+            x, w = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+            torch.testing.assert_close(torch.ops.megatrain.decode_linear(x, w), x @ w.t(), **TOL[dtype])
+    x, w = torch.randn(3, 64), torch.randn(64, 80)  # non-contiguous inputs (a transposed weight)
+    torch.testing.assert_close(torch.ops.megatrain.decode_linear(x, w.t()), x @ w, **TOL[torch.float32])
+
+
 @pytest.mark.skipif(not kernels.built(), reason="megatrain._C not built")
 def test_fused_cross_entropy_refuses_a_label_outside_the_vocabulary():
     """Before, the fused kernels read such a label as a zero logit and returned a finite loss."""
