@@ -232,7 +232,9 @@ def part2(args) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
     evals = [r for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if "seconds_per_step" in r]
-    ms = 1e3 * sum(r["seconds_per_step"] for r in train) / len(train)
+    # (the mean over every step: each row's mean weighted by the steps it covers)
+    steps = [r["step"] - (prev["step"] if prev else 0) for prev, r in zip([None] + train[:-1], train)]
+    ms = 1e3 * sum(r["seconds_per_step"] * n for r, n in zip(train, steps)) / sum(steps)
     losses = {str(EVAL_DURING_RUN): evals[-1]["val_loss"], str(EVAL_AFTER_RUN): megatrain_val_loss(ckpt, EVAL_AFTER_RUN)}
     out = dict(val_loss_by_eval_batches=losses, iterations=evals[-1]["step"], ms_per_iteration=ms, wall_seconds=wall,
                overrides=args.baby_set)

@@ -120,6 +120,7 @@ class TrainConfig(_Section):
     # a console line and a metrics.jsonl row (loss, lr, grad norm, tokens/s, TFLOP/s, MFU) every this many steps
     # and at the last; at least 1
     log_interval: int = 10
+    log_first_step: bool = True  # also log step 1 of a run that starts from scratch: its loss within seconds
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     # save a checkpoint and exit 0 this many minutes after training started (a rerun resumes); 0: no limit
     exit_duration_minutes: float = 0.0

@@ -130,7 +130,7 @@ def test_two_ranks_on_shared_cores_never_log_mfu_above_100_percent(tmp_path, mon
     run_distributed(run_configs, 2, [small_sets(data, ck, **big_matmuls)], timeout=300)
     rows = [json.loads(x) for x in open(os.path.join(ck, "metrics.jsonl"))]
     train = [r for r in rows if r.get("kind", "train") == "train"]
-    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert [r["step"] for r in train] == [1, 2, 4, 6, 8]  # (step 1: train.log_first_step)
     for r in train:
         assert 0 < r["mfu"] <= 1.0, r
         assert r["mfu_whole_attention"] > r["mfu"]

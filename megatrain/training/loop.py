@@ -266,6 +266,11 @@ class Window:
                     seconds_per_step=self.seconds / self.steps)
 
 
+def logged(t, step: int) -> bool:
+    """Whether step `step` writes a log line: every train.log_interval steps, the last, and step 1 (log_first_step)."""
+    return step % t.log_interval == 0 or step == t.max_steps or (step == 1 and t.log_first_step)
+
+
 def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, throughput: Throughput,
           eval_sets: dict | None = None) -> TrainState:
     """Train from `state` to train.max_steps: log, evaluate (valid_ds, and train.eval_sets's `eval_sets` by name),
@@ -293,7 +298,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
             t0 = time.perf_counter()
             with profiled_step(state.step + 1, cfg.logging.profile_step, cfg.checkpoint.dir, run.rank, logger):
                 share, tokens, sums = train_step(run, engine, task, train_ds, state.step)
-            if engine.device.type == "cuda" and ((state.step + 1) % t.log_interval == 0 or state.step + 1 == t.max_steps):
+            if engine.device.type == "cuda" and logged(t, state.step + 1):
                 torch.cuda.synchronize()  # the steps queue on the GPU unread until a line is logged: count their time
             window.seconds += time.perf_counter() - t0
             window.tokens += tokens
@@ -308,7 +313,7 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
             every = cfg.parallel.drift_check_interval
             if layout.tp > 1 and every and (state.step % every == 0 or state.step == 1):
                 drift_check(engine, cfg, run.grid, state.step)
-            log_step = state.step % t.log_interval == 0 or state.step == t.max_steps
+            log_step = logged(t, state.step)
             if log_step:
                 row = dict(step=state.step, lr=engine.get_lr()[0], grad_norm=grad_norm(engine),
                            consumed_samples=state.consumed_samples, skipped_steps=bad.total,
