@@ -2,9 +2,12 @@
 
     python bench/bench_train.py [--nanogpt DIR] [--baby-set KEY=VALUE ...] [--baby-data FILE] [--skip part1|part2]
 
-Part 1 (one process, fp32, ZeRO-1, the same Llama-shaped dims, batch and sequence length): megatrain's
+Part 1 (one process, fp32, ZeRO-0, the same Llama-shaped dims, batch and sequence length): megatrain's
 training tokens/s next to `transformers.LlamaForCausalLM` trained through DeepSpeed in the same run, and the
-model FLOP/s of each (embeddings excluded) next to this machine's torch.mm FLOP/s, measured in the same run.
+model FLOP/s of each (embeddings excluded) next to this machine's torch.mm FLOP/s, measured in the same run. ZeRO-0
+is what megatrain runs on one data-parallel rank in fp32 (training/engine.effective_zero_stage): ZeRO-1 there has
+nothing to partition and only copies every gradient into DeepSpeed's flat buffers. Both engines skip DeepSpeed's
+gradient all-reduce, which on one rank only flattens and copies the gradients, as megatrain's build_engine does.
 Part 2: nanoGPT's CPU "baby GPT" (configs/baby-gpt.yaml: char/byte level on tinyshakespeare, 4 layers,
 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3, no dropout, evaluation over 20 batches every
 250): validation loss after 2000 iterations, ms per iteration and wall time. With `--nanogpt DIR` (a checkout of
@@ -44,18 +47,20 @@ EVAL_AFTER_RUN = 200  # validation batches of the evaluation after each run: nan
 
 def ds_config(micro: int) -> dict:
     return {"train_batch_size": micro, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9}
 
 
 def time_engine(model, step_fn, micro: int, steps: int, warmup: int = 2, breakdown: dict | None = None) -> float:
-    """Seconds per optimizer step of `model` trained through deepspeed.initialize (ZeRO-1, torch's fused AdamW); with
+    """Seconds per optimizer step of `model` trained through deepspeed.initialize (ZeRO-0, torch's fused AdamW); with
     `breakdown`, also fills it with op_breakdown's split of a step (profiled after the timed steps)."""
     import deepspeed
 
     # fused, as megatrain's own engine builds it (training/engine.build_engine); HF gets the same optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(micro))
+    # one rank has no replica to average with: no flatten/all-reduce/copy of the gradients (as megatrain's build_engine)
+    engine.enable_backward_allreduce = False
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -128,13 +133,13 @@ def part1(args) -> dict:
                megatrain_tokens_per_s=tok / t_ours, hf_tokens_per_s=tok / t_hf, speedup_vs_hf=t_hf / t_ours,
                torch_mm_tflops=mm, megatrain_tflops=ours_tflops, hf_tflops=hf_tflops,
                megatrain_fraction_of_mm=ours_tflops / mm, hf_fraction_of_mm=hf_tflops / mm, step_time_split=split)
-    print(f"\nLlama-shaped {args.layers}x{args.width}, seq {T}, batch {B}, fp32, ZeRO-1, 1 process "
+    print(f"\nLlama-shaped {args.layers}x{args.width}, seq {T}, batch {B}, fp32, ZeRO-0, 1 process "
           f"({n_ours / 1e6:.1f}M params):")
     print(f"  megatrain          {tok / t_ours:>9,.0f} tokens/s   {ours_tflops * 1e3:6.1f} GFLOP/s  "
           f"{ours_tflops / mm:5.1%} of torch.mm")
     print(f"  HF LlamaForCausalLM{tok / t_hf:>9,.0f} tokens/s   {hf_tflops * 1e3:6.1f} GFLOP/s  {hf_tflops / mm:5.1%} of torch.mm")
-    print(f"  speed-up vs HF: {t_hf / t_ours:.2f}x (target >= 1.3x); torch.mm: {mm * 1e3:.1f} GFLOP/s; "
-          f"megatrain at {ours_tflops / mm:.0%} of it (target >= 80%)")
+    print(f"  speed-up vs HF: {t_hf / t_ours:.2f}x; torch.mm: {mm * 1e3:.1f} GFLOP/s; megatrain at "
+          f"{ours_tflops / mm:.0%} of it")
     for who, sp in split.items():  # the bound: a step can go no faster than its matmuls at torch.mm's rate
         print(f"  {who:9s} step time: {split_line(sp)}")
     return out

@@ -52,8 +52,8 @@ TEXT = {
              "with the reference but are not yet tuned for that GPU."),
     "train_llama": dict(
         title="Training speed: megatrain and Hugging Face Llama",
-        measures="`bench/bench_train.py`, part 1: one process, fp32, DeepSpeed ZeRO-1 and torch's fused AdamW on "
-                 "both sides: a Llama-shaped megatrain model and Hugging Face's `LlamaForCausalLM` of the same "
+        measures="`bench/bench_train.py`, part 1: one process, fp32, DeepSpeed ZeRO-0 without the gradient "
+                 "all-reduce (what megatrain runs on one data-parallel rank) and torch's fused AdamW on both sides: a Llama-shaped megatrain model and Hugging Face's `LlamaForCausalLM` of the same "
                  "dimensions, each trained through `deepspeed.initialize` in the same run, interleaved in rounds "
                  "(each the median of its timed steps; the best round is kept). Model FLOP/s count every matmul, "
                  "the LM head included, not the embedding lookups, and are set against this machine's `torch.mm` "
