@@ -216,7 +216,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         d_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        d_weight = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
+        d_weight = None  # the first chunk's product (no zero fill of a vocabulary-tall tensor), then summed into
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, N, chunk):
             h, y = hidden[s: s + chunk], labels[s: s + chunk]
@@ -228,8 +228,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d_logits = _ops().ce_grad(logits, y, lse, ones, 0, ignore_index, smoothing, V, True)  # in place
             if d_hidden is not None:
                 torch.mm(d_logits, weight, out=d_hidden[s: s + chunk])
-            if d_weight is not None:
-                d_weight.addmm_(d_logits.t().to(acc), h.to(acc))
+            if weight.requires_grad:
+                if d_weight is None:
+                    d_weight = d_logits.t().to(acc) @ h.to(acc)
+                else:
+                    d_weight.addmm_(d_logits.t().to(acc), h.to(acc))
+        if weight.requires_grad and d_weight is None:  # (no rows)
+            d_weight = torch.zeros_like(weight, dtype=acc)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.count, ctx.w_dtype = count, weight.dtype
         ctx.has = (d_hidden is not None, d_weight is not None)
