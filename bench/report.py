@@ -549,6 +549,23 @@ def generate_(name: str, d: dict) -> list[dict]:
     return [section("generate", "Generation", d["meta"], name, body)]
 
 
+def first_step(name: str, d: dict) -> list[dict]:
+    body = []
+    if "warm" in d:
+        w = d["warm"]
+        split = ", ".join(f"{k} {v:.1f}" for k, v in w["startup_split"].items() if k != "total")
+        body += table(["", "seconds"], [
+            [f"`{w['command']}`, warm: command to the first logged step (median of {len(w['runs_s'])})",
+             f"{w['seconds_to_first_step']:.2f}"],
+            [f"its start-up line ({split})", f"{w['startup_split'].get('total', float('nan')):.1f}"]])
+    if "fresh_home" in d:
+        f = d["fresh_home"]
+        body += table(["`baby-gpt`, whole run in a fresh HOME", "seconds", "vs the second"], [
+            [f"first run ({f['steps']} steps)", f"{f['first_run_s']:.1f}", ratio(f["first_run_s"], f["second_run_s"])],
+            ["second run", f"{f['second_run_s']:.1f}", "1.00x"]])
+    return [section("first_step", "Time to the first step", d["meta"], name, body)]
+
+
 # (file name pattern, patterns it must not match, renderer: (file name, its JSON) -> the parts of sections it fills)
 RENDERERS = [
     ("bench_data.json", (), data),
@@ -567,6 +584,7 @@ RENDERERS = [
     ("soak.json", (), soak),
     ("bench_serve.json", (), serve),
     ("bench_generate.json", (), generate_),
+    ("bench_startup.json", (), first_step),
 ]
 
 

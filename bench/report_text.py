@@ -210,6 +210,17 @@ TEXT = {
         read="Each figure is the larger of the two ranks'; the ratio is to the rank's share of the fp32 weights "
              "(under ZeRO-3 its partition). What comes after the build is DeepSpeed's: `initialize` allocates the "
              "fp32 buffers ZeRO keeps, and the first step adds Adam's states."),
+    "first_step": dict(
+        title="Time to the first step",
+        measures="`bench/bench_startup.py`: the quickstart (`megatrain pretrain --config tiny`) warm, several "
+                 "times after one run that fills the caches, timed from starting the command to its first logged "
+                 "step (step 1's console line), with the split of its start-up line; and baby GPT "
+                 "(`configs/baby-gpt.yaml`, byte level on tinyshakespeare) run twice in a row with HOME set to a "
+                 "new empty folder, each whole run timed: the first finds no cache at all.",
+        run="`python bench/bench_startup.py [--runs 5] [--baby-data FILE] [--skip warm|fresh]`",
+        read="The start-up line counts from the import of megatrain; the seconds before it (the interpreter) and "
+             "after it (the first step itself) make up the rest of the time to the first step. On a CPU most of "
+             "the start-up is torch's import and that of its compiler, which every torch optimizer pulls in."),
     "moe": dict(
         title="Mixture of Experts",
         measures="`bench/bench_moe.py`, three parts, each against a baseline run in the same invocation. Part 1: an "
