@@ -216,7 +216,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         d_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        d_weight = None  # the first chunk's product (no zero fill of a vocabulary-tall tensor), then summed into
+        d_weight = None  # the first chunk's product, the others' added into it (no zero fill of a [V, d] tensor)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, N, chunk):
             h, y = hidden[s: s + chunk], labels[s: s + chunk]
