@@ -14,12 +14,23 @@ layers, a layer with hooks such as ZeRO-3's) the layer runs as it is.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
-from megatrain.kernels import use_fused
+from megatrain.kernels import built
 
 FEW_ROWS = 16  # up to this many rows a product counts as a decoding step's
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_built() -> bool:
+    """megatrain._C has decode_linear (one built before the kernel existed has not: weight @ x.T then)."""
+    try:
+        return built() and torch._C._dispatch_has_kernel_for_dispatch_key("megatrain::decode_linear", "CPU")
+    except RuntimeError:  # (no such op at all)
+        return False
 
 
 def _plain_linear(layer: nn.Module) -> bool:
@@ -34,16 +45,17 @@ def _cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_grad_enabled())
 
 
-def project(layer: nn.Module, x: torch.Tensor, most_rows: int | None = FEW_ROWS) -> torch.Tensor:
+def project(layer: nn.Module, x: torch.Tensor, most_rows: int | None = FEW_ROWS, fused: bool = True) -> torch.Tensor:
     """layer(x); for a plain nn.Linear in a CPU fp32 decoding step (at most `most_rows` rows; None: any number, as
     for the LM head, whose vocabulary-tall weight gains at every batch size; no autograd) through decode_linear (up
-    to FEW_ROWS rows, with the extension built) or as weight @ x.T."""
+    to FEW_ROWS rows, when `fused`: the calling module runs megatrain's kernels, and the extension has it) or as
+    weight @ x.T."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (not rows or (most_rows is not None and rows > most_rows) or not _plain_linear(layer)
             or not _cpu_fp32_inference(x, layer.weight)):
         return layer(x)
     x2 = x.reshape(rows, -1)
-    if rows <= FEW_ROWS and use_fused(x2):
+    if fused and rows <= FEW_ROWS and kernel_built():
         y = torch.ops.megatrain.decode_linear(x2, layer.weight)
     else:  # (contiguous: the fused kernels read contiguous rows)
         y = (layer.weight @ x2.t()).t().contiguous()

@@ -247,7 +247,7 @@ class Attention(nn.Module):
         self.context = None  # context parallelism's hook (parallel/context.py): None runs `attend` on this rank
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0, mask=None):
-        qkv = project(self.qkv, x)
+        qkv = project(self.qkv, x, fused=self.fused)
         B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                              self.n_kv * self.head_dim], dim=-1)
@@ -272,7 +272,7 @@ class Attention(nn.Module):
                 mask = None
         # context parallelism (parallel/context.py): this rank's tokens, attention over the whole sequence
         attend = self.context if self.context is not None and cache is None else self.attend
-        return project(self.o_proj, attend(q, k, v, mask, causal).reshape(B, T, -1))
+        return project(self.o_proj, attend(q, k, v, mask, causal).reshape(B, T, -1), fused=self.fused)
 
     def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         """Attention itself: q [B, Tq, heads, hd], k, v [B, Tk, kv heads, hd] -> [B, Tq, heads, hd]. `mask`: None,
@@ -317,18 +317,18 @@ class MLP(nn.Module):
         self.down = nn.Linear(ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        k = ops if self.fused else reference
+        k, f = (ops if self.fused else reference), self.fused
         # (project: a decoding step's few rows in the CPU's faster form)
         if self.geglu:  # no fused kernel: the reference
-            return project(self.down, reference.geglu(project(self.gate_up, x)))
+            return project(self.down, reference.geglu(project(self.gate_up, x, fused=f)), fused=f)
         if self.swiglu:
-            return project(self.down, k.swiglu(project(self.gate_up, x)))
-        h = project(self.up, x)
+            return project(self.down, k.swiglu(project(self.gate_up, x, fused=f)), fused=f)
+        h = project(self.up, x, fused=f)
         if self.up_bias is not None and self.gelu == "tanh":  # the fused kernel is the tanh form
-            return project(self.down, k.bias_gelu(h, self.up_bias))
+            return project(self.down, k.bias_gelu(h, self.up_bias), fused=f)
         h = h if self.up_bias is None else h + self.up_bias
         # NOTE: on CPU the exact form is the faster one (baby GPT: 1.6 against 4.4 ms a step; bench/baby_profile.py)
-        return project(self.down, F.gelu(h, approximate=self.gelu))
+        return project(self.down, F.gelu(h, approximate=self.gelu), fused=f)
 
 
 class Block(nn.Module):
@@ -487,7 +487,7 @@ class Transformer(nn.Module):
         head."""
         x = self.features(tokens, None, cache, pos)
         x = x[:, -1] if rows is None else x[torch.arange(len(rows), device=x.device), rows]
-        return soft_cap(project(self.lm_head, x, most_rows=None), self.cfg.logit_softcap)
+        return soft_cap(project(self.lm_head, x, most_rows=None, fused=self.fused), self.cfg.logit_softcap)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

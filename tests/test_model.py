@@ -195,12 +195,11 @@ def test_decoding_products_equal_the_layers_own(bias, kernel, monkeypatch):
     the LM head's any rows, give what the nn.Linear gives; with autograd on, the layer itself runs (and gradients
     flow)."""
     from megatrain import decode_matmul
-    from megatrain.kernels import use_fused
 
-    if kernel and not use_fused(torch.zeros(1)):
+    if kernel and not decode_matmul.kernel_built():
         pytest.skip("megatrain._C is not built")
-    if not kernel:
-        monkeypatch.setattr(decode_matmul, "use_fused", lambda x: False)
+    if not kernel:  # (as with an extension built before decode_linear existed)
+        monkeypatch.setattr(decode_matmul, "kernel_built", lambda: False)
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 40, bias=bias)
     shapes = [(1, 1, 24), (2, 1, 24), (3, 1, 24), (8, 1, 24), (4, 4, 24), (3, 7, 24)]  # 1, 2, 3, 8, 16, 21 rows
@@ -213,6 +212,10 @@ def test_decoding_products_equal_the_layers_own(bias, kernel, monkeypatch):
             for rows in (1, 5, 21):  # the LM head's form: any number of rows
                 h = torch.randn(rows, 24)
                 torch.testing.assert_close(project(layer, h, most_rows=None), layer(h), rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), monkeypatch.context() as m:  # a module without megatrain's kernels never asks for it
+        m.setattr(decode_matmul, "kernel_built", lambda: pytest.fail("decode_linear asked for with fused=False"))
+        x = torch.randn(2, 1, 24)
+        torch.testing.assert_close(project(layer, x, fused=False), layer(x), rtol=1e-5, atol=1e-6)
     calls = []  # a layer with hooks (ZeRO-3 gathers its weight in one) runs itself
     hook = layer.register_forward_pre_hook(lambda *_: calls.append(1))
     with torch.no_grad():
