@@ -139,7 +139,7 @@ def run(cfg: Config) -> dict:
     if state.step >= cfg.train.max_steps:
         log0(f"already trained to step {state.step} (train.max_steps={cfg.train.max_steps}); raise it to train further")
     task = pretraining_task(cfg, tok)
-    throughput = Throughput.of(run, task, cfg.data.seq_len)
+    throughput = Throughput.of(run, task, cfg.data.seq_len, engine.module)
     startup.mark("MFU peak")
     log0(startup.line())
     t0 = time.perf_counter()

@@ -58,6 +58,38 @@ def test_the_flop_count_is_what_autograd_computes_with_frozen_weights(frozen, mo
         assert frozen_flops_adjustment(model, m, 0) < 0
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_flop_count_with_unlabeled_tokens_is_what_autograd_computes(lora):
+    """Where only the labeled rows reach the LM head (sparse_labels: sft, MLM), a token without a label spares the
+    head's FLOPs: the count of the window's tokens and labeled tokens is FlopCounterMode's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatrain.config import load_config
+    from megatrain.heads import apply_lora
+    from megatrain.model import IGNORE_INDEX, Transformer
+    from megatrain.flops import frozen_flops_adjustment, train_flops_per_token
+    from megatrain.tasks.lm import CausalLM
+    from megatrain.training.throughput import Throughput, unlabeled_token_saving
+
+    m = load_config("tiny", ["model.vocab_size=512", "model.fused_kernels=off"]).model
+    torch.manual_seed(0)
+    model = Transformer(m)
+    model.sparse_labels = True
+    if lora:
+        apply_lora(model, 8, 16, 0.0, "qkv,o_proj,gate_up,up,down")
+    x = torch.randint(0, 512, (2, 32))
+    y = x.clone()
+    y[:, :20] = IGNORE_INDEX  # 24 of the 64 tokens have a label
+    with FlopCounterMode(display=False) as counter:
+        model(x, y).backward()
+    saving = unlabeled_token_saving(model, m, 0, CausalLM())
+    assert saving == 2 * m.d_model * m.vocab_size * (2 if lora else 3)
+    per_token = train_flops_per_token(m, 0) + frozen_flops_adjustment(model, m, 0)
+    assert Throughput(per_token, per_token, 0.0, saving).flops(64, 24) == counter.get_total_flops()
+    model.sparse_labels = False  # every row through the head: nothing spared
+    assert unlabeled_token_saving(model, m, 0, CausalLM()) == 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.quiet
 def test_cpu_peak_is_measured_once_per_quiet_machine_and_cached_with_its_conditions(tmp_path, monkeypatch):

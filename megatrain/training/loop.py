@@ -103,12 +103,12 @@ def global_targets(run: Run, task: Task, batches: list[Batch]) -> int:
 
 
 def train_step(run: Run, engine, task: Task, dataset,
-               step: int) -> tuple[torch.Tensor | float, int, torch.Tensor | None]:
+               step: int) -> tuple[torch.Tensor | float, tuple[int, int], torch.Tensor | None]:
     """One optimizer step over global batch `step`. Returns this rank's share of the step's loss (summed over the
     data-parallel ranks it is the loss: the mean over every target of the global batch; a tensor on the device, read
     only when a line is logged, so a step waits for no device-to-host copy), the tokens the global batch held
-    (padding not counted), and the task's sums over this rank's micro-batches (Task.train_loss; on the device too,
-    or None)."""
+    (padding not counted) and how many of them have a label, and the task's sums over this rank's micro-batches
+    (Task.train_loss; on the device too, or None)."""
     batches = micro_batches(run, task, dataset, step, engine.device)
     # MoE's auxiliary losses reach the gradients in the backward, past DeepSpeed's scaling of the loss: scale them
     # as it scales the loss (1 / accumulation steps, times fp16's loss scale)
@@ -116,7 +116,7 @@ def train_step(run: Run, engine, task: Task, dataset,
     tokens = run.layout.dp * sum(b.real_tokens() for b in batches)
     if is_pipeline(engine):  # 1F1B; DeepSpeed returns the mean over micro-batches and data-parallel ranks
         share = float(engine.train_batch(iter([b.model_inputs() for b in batches]))) / run.layout.dp
-        return share, tokens, None
+        return share, (tokens, tokens), None
     total = global_targets(run, task, batches)
     scale = run.grad_accum * run.layout.dp / total  # DeepSpeed divides by both; each micro-batch weighs its targets
     share = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -134,7 +134,7 @@ def train_step(run: Run, engine, task: Task, dataset,
             hook.remove()
         engine.step()
         share += loss.detach().double() * (n / total)
-    return share, tokens, sums
+    return share, (tokens, total), sums
 
 
 def loss_scale(engine) -> float:
@@ -236,6 +236,7 @@ class Window:
     loss: torch.Tensor | float = 0.0
     sums: torch.Tensor | None = None  # Task.train_loss's, this rank's
     tokens: int = 0
+    labeled: int = 0  # of the tokens, those with a label
     seconds: float = 0.0
 
     def add(self, share: torch.Tensor | float, sums: torch.Tensor | None) -> None:
@@ -259,11 +260,11 @@ class Window:
         # the shares of the data-parallel ranks add up to the loss; TP/PP replicas hold equal shares
         loss = rank_mean(float(self.loss) / self.good if self.good else float("nan"), engine.device) * run.layout.dp
         tps = self.tokens / self.seconds
-        tflops = tps * throughput.flops_per_token / run.world / 1e12
+        tflops, whole = (throughput.flops(self.tokens, self.labeled, w) / self.seconds / run.world / 1e12
+                         for w in (False, True))
         peak = throughput.peak or float("nan")
         return dict(loss=loss, tokens_per_s=tps, tflops_per_device=tflops, mfu=tflops / peak,
-                    mfu_whole_attention=tflops * throughput.flops_per_token_whole / throughput.flops_per_token / peak,
-                    seconds_per_step=self.seconds / self.steps)
+                    mfu_whole_attention=whole / peak, seconds_per_step=self.seconds / self.steps)
 
 
 def logged(t, step: int) -> bool:
@@ -297,11 +298,12 @@ def train(run: Run, engine, train_ds, valid_ds, task: Task, state: TrainState, t
         while state.step < t.max_steps:
             t0 = time.perf_counter()
             with profiled_step(state.step + 1, cfg.logging.profile_step, cfg.checkpoint.dir, run.rank, logger):
-                share, tokens, sums = train_step(run, engine, task, train_ds, state.step)
+                share, (tokens, labeled), sums = train_step(run, engine, task, train_ds, state.step)
             if engine.device.type == "cuda" and logged(t, state.step + 1):
                 torch.cuda.synchronize()  # the steps queue on the GPU unread until a line is logged: count their time
             window.seconds += time.perf_counter() - t0
             window.tokens += tokens
+            window.labeled += labeled
             window.steps += 1
             state.step += 1
             state.consumed_samples += t.global_batch_size

@@ -2,6 +2,7 @@
 the peak its MFU divides by (a GPU's data sheet, or this CPU node's measured torch.mm rate)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -37,6 +38,14 @@ class Throughput:
     flops_per_token: float  # training FLOPs per token, causal attention halved (this project's convention)
     flops_per_token_whole: float  # the same with attention counted whole (PaLM, nanoGPT, Megatron): comparable MFU
     peak: float  # TFLOP/s one rank can reach (its share of the node on CPU); 0: unknown, no MFU
+    # of flops_per_token, the LM head's share, which a token without a label spares where only the labeled rows reach
+    # the head (model.py's sparse_labels: MLM, sft); 0: every token goes through it
+    head_flops: float = 0.0
+
+    def flops(self, tokens: int, labeled: int, whole: bool = False) -> float:
+        """Training FLOPs of `tokens` tokens of which `labeled` have a label."""
+        per_token = self.flops_per_token_whole if whole else self.flops_per_token
+        return tokens * per_token - (tokens - labeled) * self.head_flops
 
     @classmethod
     def of(cls, run, task, seq_len: int, model=None) -> "Throughput":
@@ -49,11 +58,24 @@ class Throughput:
             changes.append(0.0 if not isinstance(model, Transformer) else frozen_flops_adjustment(
                 model, m, seq_len, causal=m.objective == "causal" and not whole, head=task.counts_lm_head))
             counts.append(task.flops_per_token(m, seq_len, whole_attention=whole) + changes[-1])
-        t = cls(*counts, peak)
+        head = unlabeled_token_saving(model, m, seq_len, task)
+        t = cls(*counts, peak, head)
         frozen = ", frozen weights: no gradients" if changes[0] else ""
+        sparse = f", less {head:,.0f} for a token without a label" if head else ""
         log0(f"FLOPs/token (train) {t.flops_per_token:,.0f} ({t.flops_per_token_whole:,.0f} counting causal attention "
-             f"whole{frozen}) | MFU peak {peak:.3f} TFLOP/s per rank ({where})")
+             f"whole{frozen}{sparse}) | MFU peak {peak:.3f} TFLOP/s per rank ({where})")
         return t
+
+
+def unlabeled_token_saving(model, m, seq_len: int, task) -> float:
+    """The training FLOPs of the LM head, forward and backward (no weight gradient for a frozen one), which a token
+    without a label spares where only the labeled rows reach it (model.py's sparse_labels: MLM, sft; not under tensor
+    parallelism, whose vocab-parallel loss reads every row); 0 elsewhere."""
+    if not (isinstance(model, Transformer) and model.sparse_labels and model.loss_fn is None and task.counts_lm_head):
+        return 0.0
+    no_head = dataclasses.replace(m, vocab_size=0)
+    spared = [frozen_flops_adjustment(model, m, seq_len, head=h) for h in (True, False)]  # a frozen head's weight grad
+    return task.flops_per_token(m, seq_len) - task.flops_per_token(no_head, seq_len) + spared[0] - spared[1]
 
 
 def measured_matmul_tflops(n: int = 1024, trials: int = 5, repeat: int = 4) -> float:
