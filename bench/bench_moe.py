@@ -78,8 +78,9 @@ def part_dense(args, work: str) -> dict:
     common = {"data.path": data, "data.tokenizer": "byte", "data.split": "1,1,0", "train.max_steps": args.steps,
               "train.micro_batch_size": args.batch, "train.global_batch_size": args.batch,
               "train.warmup_steps": args.steps // 10, "train.eval_interval": args.steps,
-              "train.eval_iters": args.eval_iters, "train.log_interval": 10, "checkpoint.interval": 0,
-              "logging.tensorboard": "false", "logging.progress_bar": "off", "parallel.zero_stage": 0}
+              "train.eval_iters": args.eval_iters, "train.log_interval": 10, "train.log_first_step": "false",
+              "checkpoint.interval": 0, "logging.tensorboard": "false", "logging.progress_bar": "off",
+              "parallel.zero_stage": 0}
     out = dict(sizes=dict(d_model=args.width, layers=args.layers, heads=args.heads, seq_len=args.seq,
                           batch=args.batch, steps=args.steps, experts=args.experts, top_k=args.top_k,
                           moe_ffn=args.moe_ffn, dense_d_ff=2 * args.moe_ffn, vocab="byte (256)",
@@ -165,8 +166,9 @@ def part_ep(args, work: str) -> dict:
     data = prepare_data(args.data, work, env1())
     sets = {"data.path": data, "data.tokenizer": "byte", "data.split": "1,1,0", "train.max_steps": args.ep_steps,
             "train.micro_batch_size": args.batch, "train.global_batch_size": 2 * args.batch,
-            "train.eval_interval": 0, "train.log_interval": 2, "checkpoint.interval": 0,
-            "logging.tensorboard": "false", "logging.progress_bar": "off", "parallel.zero_stage": 1,
+            "train.eval_interval": 0, "train.log_interval": 2, "train.log_first_step": "false",
+            "checkpoint.interval": 0, "logging.tensorboard": "false", "logging.progress_bar": "off",
+            "parallel.zero_stage": 1,
             **model_sets(args, True, args.ep_width, args.ep_moe_ffn)}
     out = dict(sizes=dict(d_model=args.ep_width, layers=args.layers, heads=args.heads, seq_len=args.seq,
                           micro_batch=args.batch, global_batch=2 * args.batch, steps=args.ep_steps,

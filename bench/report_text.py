@@ -216,7 +216,8 @@ TEXT = {
                  "times after one run that fills the caches, timed from starting the command to its first logged "
                  "step (step 1's console line), with the split of its start-up line; and baby GPT "
                  "(`configs/baby-gpt.yaml`, byte level on tinyshakespeare) run twice in a row with HOME set to a "
-                 "new empty folder, each whole run timed: the first finds no cache at all.",
+                 "new empty folder, each whole run timed: the first finds nothing cached in HOME (Python's bytecode and "
+                 "the system's file cache are warm for both).",
         run="`python bench/bench_startup.py [--runs 5] [--baby-data FILE] [--skip warm|fresh]`",
         read="The start-up line counts from the import of megatrain; the seconds before it (the interpreter) and "
              "after it (the first step itself) make up the rest of the time to the first step. On a CPU most of "
