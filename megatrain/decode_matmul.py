@@ -19,18 +19,15 @@ import functools
 import torch
 import torch.nn as nn
 
-from megatrain.kernels import built
+from megatrain.kernels import has_kernel
 
 FEW_ROWS = 16  # up to this many rows a product counts as a decoding step's
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # (asked on every decoding product; the answer never changes in a process)
 def kernel_built() -> bool:
     """megatrain._C has decode_linear (one built before the kernel existed has not: weight @ x.T then)."""
-    try:
-        return built() and torch._C._dispatch_has_kernel_for_dispatch_key("megatrain::decode_linear", "CPU")
-    except RuntimeError:  # (no such op at all)
-        return False
+    return has_kernel("decode_linear", "CPU")
 
 
 def _plain_linear(layer: nn.Module) -> bool:

@@ -46,8 +46,16 @@ def broken() -> bool:
     return _LOAD_ERROR is not None and not _DISABLED and not _ABSENT
 
 
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """megatrain._C has a `dispatch_key` kernel for torch.ops.megatrain.`op` (one built before `op` existed has not)."""
+    try:
+        return built() and torch._C._dispatch_has_kernel_for_dispatch_key(f"megatrain::{op}", dispatch_key)
+    except RuntimeError:  # (no such op at all)
+        return False
+
+
 def cuda_built() -> bool:
-    return built() and torch._C._dispatch_has_kernel_for_dispatch_key("megatrain::rms_norm_fwd", "CUDA")
+    return has_kernel("rms_norm_fwd", "CUDA")
 
 
 def implementation(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
