@@ -8,8 +8,9 @@ starting the command to its first logged step (the console line of step 1), and 
 Each run is killed once that line is out.
 Fresh HOME: configs/baby-gpt.yaml (nanoGPT's CPU baby GPT, `--baby-steps` iterations, on tinyshakespeare from
 `--baby-data`, by default ../shared/data/tinyshakespeare.txt) twice in a row with HOME set to a new empty folder:
-the first run finds no cache at all, the second finds what the first left; both whole runs are timed and the first's
-share over the second's is the cost of a first run.
+the first run finds nothing cached in HOME (Python's bytecode and the system's file cache are warm for both), the
+second finds what the first left; both whole runs are timed and the first's share over the second's is the cost of a
+first run.
 Results go to bench/results/bench_startup.json.
 """
 from __future__ import annotations

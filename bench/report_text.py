@@ -53,7 +53,8 @@ TEXT = {
     "train_llama": dict(
         title="Training speed: megatrain and Hugging Face Llama",
         measures="`bench/bench_train.py`, part 1: one process, fp32, DeepSpeed ZeRO-0 without the gradient "
-                 "all-reduce (what megatrain runs on one data-parallel rank) and torch's fused AdamW on both sides: a Llama-shaped megatrain model and Hugging Face's `LlamaForCausalLM` of the same "
+                 "all-reduce (what megatrain runs on one data-parallel rank) and torch's fused AdamW on both sides: "
+                 "a Llama-shaped megatrain model and Hugging Face's `LlamaForCausalLM` of the same "
                  "dimensions, each trained through `deepspeed.initialize` in the same run, interleaved in rounds "
                  "(each the median of its timed steps; the best round is kept). Model FLOP/s count every matmul, "
                  "the LM head included, not the embedding lookups, and are set against this machine's `torch.mm` "
@@ -216,8 +217,8 @@ TEXT = {
                  "times after one run that fills the caches, timed from starting the command to its first logged "
                  "step (step 1's console line), with the split of its start-up line; and baby GPT "
                  "(`configs/baby-gpt.yaml`, byte level on tinyshakespeare) run twice in a row with HOME set to a "
-                 "new empty folder, each whole run timed: the first finds nothing cached in HOME (Python's bytecode and "
-                 "the system's file cache are warm for both).",
+                 "new empty folder, each whole run timed: the first finds nothing cached in HOME (Python's "
+                 "bytecode and the system's file cache are warm for both).",
         run="`python bench/bench_startup.py [--runs 5] [--baby-data FILE] [--skip warm|fresh]`",
         read="The start-up line counts from the import of megatrain; the seconds before it (the interpreter) and "
              "after it (the first step itself) make up the rest of the time to the first step. On a CPU most of "
