@@ -132,3 +132,20 @@ def frozen_flops_adjustment(model, m: ModelConfig, seq_len: int, causal: bool = 
     if head and m.vocab_size and lm_head is not None and not lm_head.requires_grad:
         change -= 2 * m.d_model * m.vocab_size
     return change
+
+
+def last_block_tail_flops(model, m: ModelConfig) -> float:
+    """Training FLOPs per token of the last block's output projection and MLP: what a position spares where the
+    last block computes only the rows a head reads (model.py's features(rows=...): a classifier's pooled token, the
+    labeled tokens of sft and MLM). Each matrix: its forward, its input gradient when anything up to it trains, its
+    weight gradient when it trains; LoRA's adapters 3x their forward (as frozen_flops_adjustment counts them)."""
+    params = dict(model.named_parameters())
+    pre = f"layers.{m.n_layers - 1}."
+    upstream = any(p.requires_grad for n, p in params.items() if n.startswith(("embed.", "pos_embed.", "layers.")))
+    total = 0.0
+    for part, forward in (("attn.o_proj.", 2 * m.n_heads * head_dim(m) * m.d_model),
+                          ("mlp.", mlp_flops_per_token(m, m.n_layers - 1))):
+        mats = {n: p for n, p in params.items() if n.startswith(pre + part) and ndim(p) == 2}
+        trains = any(p.requires_grad for n, p in mats.items() if "lora_" not in n)
+        total += forward * (1 + upstream + trains) + 3 * 2 * sum(numel(p) for n, p in mats.items() if "lora_" in n)
+    return total

@@ -56,19 +56,25 @@ class SequenceClassifier(_Headed):
         super().__init__(cfg, n_labels)
         self.pooling = ("last" if cfg.objective == "causal" else "mean") if pooling == "auto" else pooling
 
-    def pool(self, h: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, d] -> [B, d]: one vector per row (segments: 1 on real tokens, 0 on padding)."""
-        real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if segments is None else segments > 0
+    def pooled_positions(self, tokens: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor | None:
+        """[B]: the flat position in [B * T] of the token each row is scored on, for "last" and "first" pooling
+        (segments: 1 on real tokens, 0 on padding); None for "mean", which reads every real token."""
+        B, T = tokens.shape
+        starts = torch.arange(B, device=tokens.device) * T
         if self.pooling == "first":
-            return h[:, 0]
+            return starts
         if self.pooling == "mean":
-            w = real.to(h.dtype).unsqueeze(-1)
-            return (h * w).sum(1) / w.sum(1).clamp(min=1)
-        last = real.long().sum(1).clamp(min=1) - 1  # right padding: the last real token
-        return h[torch.arange(h.shape[0], device=h.device), last]
+            return None
+        real = T if segments is None else (segments > 0).long().sum(1).clamp(min=1)
+        return starts + real - 1  # right padding: the last real token
 
     def forward(self, tokens, labels=None, cache=None, pos=0, segments=None):
-        logits = self.score(self.pool(self.features(tokens, segments), segments)).float()
+        rows = self.pooled_positions(tokens, segments)
+        h = self.features(tokens, segments, rows=rows)  # [B, d] at the pooled token (the last block runs only there)
+        if rows is None:  # the mean of each row's real tokens
+            w = (torch.ones(h.shape[:2], device=h.device) if segments is None else (segments > 0)).to(h.dtype)
+            h = (h * w.unsqueeze(-1)).sum(1) / w.sum(1).clamp(min=1).unsqueeze(-1)
+        logits = self.score(h).float()
         return logits if labels is None else F.cross_entropy(logits, labels)
 
 

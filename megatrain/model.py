@@ -246,7 +246,9 @@ class Attention(nn.Module):
         self.causal = cfg.objective == "causal"
         self.context = None  # context parallelism's hook (parallel/context.py): None runs `attend` on this rank
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0, mask=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, pos: int = 0, mask=None,
+                rows=None):
+        """`rows` (Block.forward): the output projection of only these flat positions of [B * T], [n, d_model]."""
         qkv = project(self.qkv, x, fused=self.fused)
         B, T, _ = qkv.shape  # with sequence parallelism x holds 1/tp of the tokens, qkv all of them
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
@@ -272,7 +274,9 @@ class Attention(nn.Module):
                 mask = None
         # context parallelism (parallel/context.py): this rank's tokens, attention over the whole sequence
         attend = self.context if self.context is not None and cache is None else self.attend
-        return project(self.o_proj, attend(q, k, v, mask, causal).reshape(B, T, -1), fused=self.fused)
+        y = attend(q, k, v, mask, causal).reshape(B, T, -1)
+        y = y if rows is None else y.reshape(B * T, -1).index_select(0, rows)
+        return project(self.o_proj, y, fused=self.fused)
 
     def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         """Attention itself: q [B, Tq, heads, hd], k, v [B, Tk, kv heads, hd] -> [B, Tq, heads, hd]. `mask`: None,
@@ -352,8 +356,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.local = is_local_layer(cfg, layer)  # a sliding-window layer (its own RoPE tables with rope_local_theta)
 
-    def forward(self, x, rope=None, cache=None, layer=0, pos=0, mask=None):
-        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, rope, cache, layer, pos, mask)
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0, mask=None, rows=None):
+        """`rows`: flat positions of [B * T] (the model's last block, under a head that reads only those): after
+        attention, which reads every position, the block computes these alone and returns [len(rows), d_model]."""
+        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, rope, cache, layer, pos, mask, rows)
+        x = x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
         x = x + self.drop(self.attn_post_norm(h) if self.attn_post_norm is not None else h)
         h = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
         return x + self.drop(self.mlp_post_norm(h) if self.mlp_post_norm is not None else h)
@@ -415,6 +422,9 @@ class Transformer(nn.Module):
         self.loss_fn = None
         # labels leave many positions out (MLM; SFT's prompts): the LM head reads only the labeled rows
         self.sparse_labels = cfg.objective == "mlm"
+        # features(rows=...) runs the last block's o_proj and MLP on those rows alone (not for a routed-expert block,
+        # whose balance loss counts every token; apply_tp turns it off under sequence parallelism)
+        self.last_block_rows = not is_moe_layer(cfg, cfg.n_layers - 1)
         # (rank, n): under context parallelism (parallel/context.py) the tokens given are slice `rank` of n of each row
         self.context_shard = (0, 1)
         if self.embed.weight.device.type != "meta":  # a model built on the meta device has shapes, no values
@@ -436,11 +446,13 @@ class Transformer(nn.Module):
         return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
 
     def features(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, cache: KVCache | None = None,
-                 pos: int = 0) -> torch.Tensor:
+                 pos: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> the final norm's output [B, T, d_model]. `segments` [B, T] says which example each token
         belongs to (1, 2, ...; 0 for padding) when a row holds several, or padding: attention stays inside an
         example (causally, for a causal model) and positions restart at each example's first token. Under context
-        parallelism tokens are this rank's slice of each row and `segments` the whole rows'."""
+        parallelism tokens are this rank's slice of each row and `segments` the whole rows'. `rows`: the flat
+        positions of [B * T] a head reads (a pooled token, the labeled ones): only theirs come back, [len(rows),
+        d_model], and the last block computes only those after its attention."""
         B, T = tokens.shape
         rank, n = self.context_shard if cache is None else (0, 1)  # (decoding runs whole, on one rank)
         first = pos + rank * T  # the position of tokens[:, 0]
@@ -457,19 +469,24 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions if positions is not None else
                                    torch.arange(first, first + T, device=tokens.device))
-        rows = positions if positions is not None else slice(first, first + T)
+        at = positions if positions is not None else slice(first, first + T)
         x = self.drop(x)
+        last_rows = rows if cache is None and self.last_block_rows and n == 1 else None  # (not on a row's slice)
         for i, block in enumerate(self.layers):
-            rope = self.rope_of(block, rows, x.dtype) if self.pos_embed is None else None
-            x = block(x, rope, cache, i, pos, mask)
+            rope = self.rope_of(block, at, x.dtype) if self.pos_embed is None else None
+            x = block(x, rope, cache, i, pos, mask, last_rows if i == len(self.layers) - 1 else None)
+        if rows is not None and last_rows is None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, pos: int = 0, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]; with labels [B, T] -> mean cross-entropy over labels != -100."""
-        x = self.features(tokens, segments, cache, pos)
+        rows = None
         if labels is not None and self.sparse_labels and self.loss_fn is None:
-            x, labels = labeled_rows(x, labels)
+            rows = labeled_positions(labels)
+            labels = labels if rows is None else labels.reshape(-1).index_select(0, rows)
+        x = self.features(tokens, segments, cache, pos, rows)
         if labels is not None and self.fused and self.loss_fn is None and not self.cfg.logit_softcap:
             # LM head + loss in chunks: the [tokens, vocab] logits never exist at once
             return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, labels.reshape(-1))
@@ -498,16 +515,14 @@ class Transformer(nn.Module):
         return n
 
 
-def labeled_rows(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., d] and labels [...] -> only the rows with a label ([n, d], [n]) when some have none (an SFT prompt's
-    tokens, MLM's unmasked ones): the LM head and the loss then skip them, and the mean over the labeled rows is the
-    same. (The count is read on the host: one sync per micro-batch on a GPU, which the tasks with such labels already
-    pay to count their targets; causal pretraining, whose labels are all real, does not call it.)"""
-    keep = (labels != IGNORE_INDEX).reshape(-1)
-    rows = keep.nonzero().squeeze(1)
-    if len(rows) == keep.numel() or len(rows) == 0:  # (none labeled: the loss's own rule for an empty mean)
-        return x, labels
-    return x.reshape(-1, x.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows)
+def labeled_positions(labels: torch.Tensor) -> torch.Tensor | None:
+    """The flat positions of labels [B, T] that have a label, when some have none (an SFT prompt's tokens, MLM's
+    unmasked ones): the last block's o_proj and MLP, the LM head and the loss skip the others, and the mean over the
+    labeled rows is the same. None when every position or none has one (none: the loss's own rule for an empty
+    mean). (The count is read on the host: one sync per micro-batch on a GPU, which the tasks with such labels
+    already pay to count their targets; causal pretraining, whose labels are all real, does not call it.)"""
+    rows = (labels != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+    return None if len(rows) in (0, labels.numel()) else rows
 
 
 def init_parameter_(cfg: ModelConfig, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -541,22 +556,6 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
     first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
     return idx - first
-
-
-def mlm_mask(tokens: torch.Tensor, mask_id: int, vocab_size: int, prob: float, generator: torch.Generator,
-             special_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: choose `prob` of the positions; of those 80% -> mask_id, 10% -> random id, 10% kept.
-    Returns (inputs, labels) with labels = -100 where nothing is predicted."""
-    inputs, labels = tokens.clone(), tokens.clone()
-    chosen = torch.rand(tokens.shape, generator=generator) < prob
-    for s in special_ids:
-        chosen &= tokens != s
-    labels[~chosen] = IGNORE_INDEX
-    r = torch.rand(tokens.shape, generator=generator)
-    inputs[chosen & (r < 0.8)] = mask_id
-    random_pos = chosen & (r >= 0.8) & (r < 0.9)
-    inputs[random_pos] = torch.randint(0, vocab_size, tokens.shape, generator=generator)[random_pos]
-    return inputs, labels
 
 
 @torch.no_grad()

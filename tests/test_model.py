@@ -6,8 +6,9 @@ import torch
 
 from megatrain.config import ModelConfig
 from megatrain.decode_matmul import project
-from megatrain.model import IGNORE_INDEX, KVCache, Transformer, mlm_mask
 from megatrain.flops import forward_flops_per_token, train_flops_per_token
+from megatrain.model import IGNORE_INDEX, KVCache, Transformer
+from megatrain.tasks.lm import mlm_mask
 
 VARIANTS = {
     "llama": dict(),
@@ -62,6 +63,49 @@ def test_the_head_on_labeled_rows_only_gives_the_whole_heads_loss_and_gradients(
     whole = m(x[:, :-1], y)
     m.sparse_labels = True
     assert torch.equal(m(x[:, :-1], y).isnan(), whole.isnan())
+
+
+LAST_BLOCK = {**VARIANTS, "sandwich": dict(norm_placement="sandwich", qk_norm="head"),
+              "moe": dict(moe_experts=4, moe_top_k=2)}  # (a routed-expert last block runs whole, then is cut)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", LAST_BLOCK)
+def test_the_last_block_at_a_heads_rows_gives_those_rows_of_the_whole_model(name, fused):
+    """features(rows=...): the last block computes its o_proj and MLP only at the rows a head reads; the output and
+    every gradient equal those rows of the whole model's, with padding and with packed examples."""
+    torch.manual_seed(0)
+    m = Transformer(small(fused_kernels=fused, n_layers=3, **LAST_BLOCK[name])).double()  # (exact, but the sums' order)
+    x = torch.randint(0, 97, (3, 12))
+    segments = torch.tensor([[1] * 12, [1] * 7 + [0] * 5, [1] * 5 + [2] * 7])
+    rows = torch.tensor([11, 12, 15, 19, 30, 35])
+    w = torch.randn(len(rows), 32, dtype=torch.float64)
+    runs = []
+    for some in (False, True):
+        m.zero_grad()
+        h = m.features(x, segments, rows=rows) if some else m.features(x, segments).reshape(-1, 32)[rows]
+        (h * w).sum().backward()
+        runs.append((h.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-12, atol=1e-12)
+    assert runs[1][1].keys() == runs[0][1].keys()
+    for n, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], g, rtol=1e-10, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("pooling", ["last", "first", "mean"])
+def test_a_classifier_scores_the_pooled_token_of_the_whole_models_features(pooling):
+    """SequenceClassifier (the last block at the pooled token alone for "last" and "first"): its logits are the
+    score of the whole model's final features at that token, or their mean over the real tokens."""
+    from megatrain.heads import SequenceClassifier
+
+    torch.manual_seed(0)
+    m = SequenceClassifier(small(n_layers=3), n_labels=3, pooling=pooling)
+    x = torch.randint(0, 97, (3, 10))
+    segments = torch.tensor([[1] * 10, [1] * 4 + [0] * 6, [1] * 9 + [0]])
+    h = m.features(x, segments)
+    pooled = {"last": h[[0, 1, 2], [9, 3, 8]], "first": h[:, 0],
+              "mean": torch.stack([h[0].mean(0), h[1, :4].mean(0), h[2, :9].mean(0)])}[pooling]
+    torch.testing.assert_close(m(x, segments=segments), m.score(pooled), rtol=1e-5, atol=1e-6)
 
 
 def test_causal_vs_bidirectional():

@@ -67,7 +67,7 @@ def test_the_flop_count_with_unlabeled_tokens_is_what_autograd_computes(lora):
     from megatrain.config import load_config
     from megatrain.heads import apply_lora
     from megatrain.model import IGNORE_INDEX, Transformer
-    from megatrain.flops import frozen_flops_adjustment, train_flops_per_token
+    from megatrain.flops import frozen_flops_adjustment, last_block_tail_flops, train_flops_per_token
     from megatrain.tasks.lm import CausalLM
     from megatrain.training.throughput import Throughput, unlabeled_token_saving
 
@@ -83,11 +83,38 @@ def test_the_flop_count_with_unlabeled_tokens_is_what_autograd_computes(lora):
     with FlopCounterMode(display=False) as counter:
         model(x, y).backward()
     saving = unlabeled_token_saving(model, m, 0, CausalLM())
-    assert saving == 2 * m.d_model * m.vocab_size * (2 if lora else 3)
+    assert saving == 2 * m.d_model * m.vocab_size * (2 if lora else 3) + last_block_tail_flops(model, m)
     per_token = train_flops_per_token(m, 0) + frozen_flops_adjustment(model, m, 0)
     assert Throughput(per_token, per_token, 0.0, saving).flops(64, 24) == counter.get_total_flops()
-    model.sparse_labels = False  # every row through the head: nothing spared
+    model.sparse_labels = False  # every row through the head and the last block: nothing spared
     assert unlabeled_token_saving(model, m, 0, CausalLM()) == 0.0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_flop_count_of_a_classifier_scoring_the_last_token_is_what_autograd_computes(lora):
+    """A classifier pooling the last token runs the last block's o_proj and MLP at that token alone: each other
+    token spares their FLOPs, and the count of the window's tokens and examples is FlopCounterMode's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatrain.config import load_config
+    from megatrain.flops import frozen_flops_adjustment, last_block_tail_flops, train_flops_per_token
+    from megatrain.heads import SequenceClassifier, apply_lora
+    from megatrain.training.throughput import Throughput, unlabeled_token_saving
+
+    m = load_config("tiny", ["model.vocab_size=512", "model.fused_kernels=off"]).model
+    torch.manual_seed(0)
+    model = SequenceClassifier(m, n_labels=3)
+    if lora:
+        apply_lora(model, 8, 16, 0.0, "qkv,o_proj,gate_up,up,down")
+    x = torch.randint(0, 512, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.tensor([0, 2])).backward()
+    saving = unlabeled_token_saving(model, m, 0, None)  # (a classifier's saving needs no task)
+    assert saving == last_block_tail_flops(model, m) > 0
+    no_head = dataclasses.replace(m, vocab_size=0)  # the classifier's count: no LM head; its score's 2 x 3 x d each
+    per_token = train_flops_per_token(no_head, 0) + frozen_flops_adjustment(model, no_head, 0)
+    score = 3 * 2 * m.d_model * 3 * 2 / 64  # (on the 2 pooled rows only: forward, input and weight gradient)
+    assert Throughput(per_token, per_token, 0.0, saving).flops(64, 2) + score * 64 == counter.get_total_flops()
 
 
 @pytest.mark.slow

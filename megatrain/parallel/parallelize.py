@@ -103,6 +103,7 @@ def apply_tp(model: Transformer, group, sequence_parallel: bool = False) -> Tran
         if n in frozen:
             p.requires_grad = False
     if sp:
+        model.last_block_rows = False  # (a rank's residual stream holds 1/tp of the tokens: no flat positions)
         if model.pos_embed is not None:
             model.pos_embed = _SequenceShardPositions(model.pos_embed, group)
         qk_norms = {id(getattr(b.attn, n, None)) for b in model.layers for n in ("q_norm", "k_norm")}
@@ -344,9 +345,10 @@ def apply_compile(model: Transformer) -> Transformer:
         compiled = torch.compile(block.forward)
         eager = block.forward
 
-        def forward(x, rope=None, cache=None, layer=0, pos=0, mask=None, _compiled=compiled, _eager=eager):
-            if cache is not None:
-                return _eager(x, rope, cache, layer, pos, mask)
+        def forward(x, rope=None, cache=None, layer=0, pos=0, mask=None, rows=None, _compiled=compiled,
+                    _eager=eager):
+            if cache is not None or rows is not None:  # (the last block at a head's few rows: each batch its count)
+                return _eager(x, rope, cache, layer, pos, mask, rows)
             return _compiled(x, rope, None, layer, pos, mask)
 
         block.forward = forward
@@ -366,15 +368,15 @@ def apply_activation_checkpointing(model: Transformer, mode: str, mpu=None, part
         target: nn.Module = block if mode == "full" else block.attn
         fwd = target.forward
 
-        def checkpointed(x, rope=None, cache=None, layer=0, pos=0, mask=None, _fwd=fwd):
+        def checkpointed(x, rope=None, cache=None, layer=0, pos=0, mask=None, rows=None, _fwd=fwd):
             if not torch.is_grad_enabled() or cache is not None:  # inference / KV-cache decoding
-                return _fwd(x, rope, cache, layer, pos, mask)
+                return _fwd(x, rope, cache, layer, pos, mask, rows)
             if not x.requires_grad:
                 # NOTE: a checkpoint's output needs gradients only if its input does: below frozen embeddings (LoRA,
                 # finetune.freeze) the first block's trainable parameters would silently get none
                 x = x.detach().requires_grad_()
             # only the activation goes through the checkpoint; the rest is closed over (no gradients)
-            return ckpt(lambda h: _fwd(h, rope, None, layer, pos, mask), x)
+            return ckpt(lambda h: _fwd(h, rope, None, layer, pos, mask, rows), x)
 
         target.forward = checkpointed
     return model

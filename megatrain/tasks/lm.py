@@ -25,7 +25,7 @@ import torch
 
 from megatrain.data.readers import InputError
 from megatrain.data.task_files import field_of, read_records
-from megatrain.model import IGNORE_INDEX, generate, mlm_mask
+from megatrain.model import IGNORE_INDEX, generate
 from megatrain.tasks.base import Batch, Examples, FinetuneTask, Task, in_file_order
 from megatrain.tasks.metrics import generation_metrics, generation_score_names
 
@@ -51,6 +51,22 @@ class CausalLM(Task):
 
     def targets(self, batch: Batch) -> int:
         return batch.labels.numel()
+
+
+def mlm_mask(tokens: torch.Tensor, mask_id: int, vocab_size: int, prob: float, generator: torch.Generator,
+             special_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `prob` of the positions; of those 80% -> mask_id, 10% -> random id, 10% kept.
+    Returns (inputs, labels) with labels = -100 where nothing is predicted."""
+    inputs, labels = tokens.clone(), tokens.clone()
+    chosen = torch.rand(tokens.shape, generator=generator) < prob
+    for s in special_ids:
+        chosen &= tokens != s
+    labels[~chosen] = IGNORE_INDEX
+    r = torch.rand(tokens.shape, generator=generator)
+    inputs[chosen & (r < 0.8)] = mask_id
+    random_pos = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[random_pos] = torch.randint(0, vocab_size, tokens.shape, generator=generator)[random_pos]
+    return inputs, labels
 
 
 @dataclass

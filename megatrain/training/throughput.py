@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megatrain.config import Config
 from megatrain.fileio import cache_dir, write_atomic
-from megatrain.flops import frozen_flops_adjustment
+from megatrain.flops import frozen_flops_adjustment, last_block_tail_flops
 from megatrain.hostinfo import cpu_cores, cpu_model
 from megatrain.model import Transformer
 from megatrain.training.dist_env import log0
@@ -38,14 +38,14 @@ class Throughput:
     flops_per_token: float  # training FLOPs per token, causal attention halved (this project's convention)
     flops_per_token_whole: float  # the same with attention counted whole (PaLM, nanoGPT, Megatron): comparable MFU
     peak: float  # TFLOP/s one rank can reach (its share of the node on CPU); 0: unknown, no MFU
-    # of flops_per_token, the LM head's share, which a token without a label spares where only the labeled rows reach
-    # the head (model.py's sparse_labels: MLM, sft); 0: every token goes through it
-    head_flops: float = 0.0
+    # of flops_per_token, what a token without a label spares where only the labeled rows reach the head and the last
+    # block's MLP (unlabeled_token_saving); 0: every token goes through them
+    unlabeled_saving: float = 0.0
 
     def flops(self, tokens: int, labeled: int, whole: bool = False) -> float:
         """Training FLOPs of `tokens` tokens of which `labeled` have a label."""
         per_token = self.flops_per_token_whole if whole else self.flops_per_token
-        return tokens * per_token - (tokens - labeled) * self.head_flops
+        return tokens * per_token - (tokens - labeled) * self.unlabeled_saving
 
     @classmethod
     def of(cls, run, task, seq_len: int, model=None) -> "Throughput":
@@ -68,14 +68,23 @@ class Throughput:
 
 
 def unlabeled_token_saving(model, m, seq_len: int, task) -> float:
-    """The training FLOPs of the LM head, forward and backward (no weight gradient for a frozen one), which a token
-    without a label spares where only the labeled rows reach it (model.py's sparse_labels: MLM, sft; not under tensor
-    parallelism, whose vocab-parallel loss reads every row); 0 elsewhere."""
-    if not (isinstance(model, Transformer) and model.sparse_labels and model.loss_fn is None and task.counts_lm_head):
+    """The training FLOPs a token without a label spares where the model computes only the rows a head reads: the
+    last block's output projection and MLP (flops.last_block_tail_flops; model.py's features(rows=...)), and the LM
+    head's, forward and backward (no weight gradient for a frozen one) where only the labeled rows reach it
+    (model.py's sparse_labels: MLM, sft; not under tensor parallelism, whose vocab-parallel loss reads every row). A
+    classifier pooling the last or first token spares the last block's share for every other token. 0 elsewhere."""
+    from megatrain.heads import SequenceClassifier
+
+    if not isinstance(model, Transformer):  # (a pipeline's stages run every row)
+        return 0.0
+    tail = last_block_tail_flops(model, m) if model.last_block_rows and model.context_shard[1] == 1 else 0.0
+    if isinstance(model, SequenceClassifier):
+        return tail if model.pooling != "mean" else 0.0
+    if not (model.sparse_labels and model.loss_fn is None and task.counts_lm_head):
         return 0.0
     no_head = dataclasses.replace(m, vocab_size=0)
     spared = [frozen_flops_adjustment(model, m, seq_len, head=h) for h in (True, False)]  # a frozen head's weight grad
-    return task.flops_per_token(m, seq_len) - task.flops_per_token(no_head, seq_len) + spared[0] - spared[1]
+    return task.flops_per_token(m, seq_len) - task.flops_per_token(no_head, seq_len) + spared[0] - spared[1] + tail
 
 
 def measured_matmul_tflops(n: int = 1024, trials: int = 5, repeat: int = 4) -> float:
