@@ -144,7 +144,28 @@ class LoRALinear(nn.Linear):
 def add_lora_update(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """y + scale * u B^T (u = drop(x) A^T) as one addmm: the scale and the sum ride in the matmul, with no separate mul
     and add over the output. Every LoRA layer adds its update so (LoRALinear, the tensor-parallel layers)."""
-    return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B.t(), alpha=scale).view(y.shape)
+    return _LoRAUpdate.apply(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B, scale).view(y.shape)
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    """y + scale * u B^T, with the backward's two rank-r products in the layouts MKL runs fastest. Autograd's own
+    addmm backward takes B's gradient as g^T u (to match B^T's strides), which MKL runs at a sixth of the speed of
+    (u^T g)^T for an 8-column u; and u's as g B rather than g against B^T's transpose (half the speed). Measured on 2
+    cores, 1032 tokens, rank 8, forward and backward: 15.0 -> 5.9 ms at 4096 outputs, 4.1 -> 2.7 ms at 2304."""
+
+    @staticmethod
+    def forward(ctx, y, u, lora_B, scale: float):
+        ctx.save_for_backward(u, lora_B)
+        ctx.scale = scale
+        return torch.addmm(y, u, lora_B.t(), alpha=scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, lora_B = ctx.saved_tensors
+        s = ctx.scale
+        grad_u = g.mm((lora_B.t() * s).contiguous().t()) if ctx.needs_input_grad[1] else None
+        grad_B = (u * s).t().mm(g).t().contiguous() if ctx.needs_input_grad[2] else None
+        return g, grad_u, grad_B, None
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targets: str) -> Transformer:

@@ -48,6 +48,25 @@ def task_for(kind: str, extra: list[str] = ()):
 # -- sft -----------------------------------------------------------------------------------------------------------
 
 
+def test_the_lora_update_has_the_gradients_of_its_formula():
+    """add_lora_update (y + s u B^T; its backward's rank-r products in the layouts MKL runs fastest): gradcheck's
+    numerical Jacobian, and the output and gradients of the formula run by autograd on a LoRA layer's 3-D input."""
+    from megatrain.heads import LoRALinear, add_lora_update
+
+    torch.manual_seed(0)
+    y, u, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((7, 10), (7, 3), (10, 3)))
+    assert torch.autograd.gradcheck(lambda y, u, b: add_lora_update(y, u, b, 1.5), (y, u, b))
+    layer = LoRALinear(torch.nn.Linear(12, 20), rank=4, alpha=6, dropout=0.0).double()
+    torch.nn.init.normal_(layer.lora_B)  # (B starts at 0: nothing would flow to A)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for out in (layer(x), x @ layer.weight.T + layer.bias + 1.5 * (x @ layer.lora_A.T) @ layer.lora_B.T):
+        grads.append(torch.autograd.grad((out * torch.arange(20.0, dtype=out.dtype)).sum(),
+                                         (x, layer.lora_A, layer.lora_B, layer.weight)))
+    for mine, plain in zip(*grads):
+        torch.testing.assert_close(mine, plain, rtol=1e-12, atol=1e-12)
+
+
 def test_sft_loss_is_the_masked_mean_over_responses_and_prompts_get_no_gradient(tmp_path):
     path = write(tmp_path / "sft.jsonl", [{"prompt": "add 2 and 3", "response": "5"},
                                           {"messages": [{"role": "system", "content": "terse"},
