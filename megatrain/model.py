@@ -471,13 +471,18 @@ class Transformer(nn.Module):
                                    torch.arange(first, first + T, device=tokens.device))
         at = positions if positions is not None else slice(first, first + T)
         x = self.drop(x)
-        last_rows = rows if cache is None and self.last_block_rows and n == 1 else None  # (not on a row's slice)
+        last_rows = rows if cache is None and self.cuts_last_block() else None
         for i, block in enumerate(self.layers):
             rope = self.rope_of(block, at, x.dtype) if self.pos_embed is None else None
             x = block(x, rope, cache, i, pos, mask, last_rows if i == len(self.layers) - 1 else None)
         if rows is not None and last_rows is None:
             x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         return self.norm(x)
+
+    def cuts_last_block(self) -> bool:
+        """features(rows=...) runs the last block's o_proj and MLP at those rows alone in training (not on a slice of
+        each row, under context parallelism); otherwise it cuts the rows after the whole block."""
+        return self.last_block_rows and self.context_shard[1] == 1
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, pos: int = 0, segments: torch.Tensor | None = None) -> torch.Tensor:

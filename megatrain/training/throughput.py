@@ -77,7 +77,7 @@ def unlabeled_token_saving(model, m, seq_len: int, task) -> float:
 
     if not isinstance(model, Transformer):  # (a pipeline's stages run every row)
         return 0.0
-    tail = last_block_tail_flops(model, m) if model.last_block_rows and model.context_shard[1] == 1 else 0.0
+    tail = last_block_tail_flops(model, m) if model.cuts_last_block() else 0.0
     if isinstance(model, SequenceClassifier):
         return tail if model.pooling != "mean" else 0.0
     if not (model.sparse_labels and model.loss_fn is None and task.counts_lm_head):
