@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn as nn
 
+from megatrain import cpu_linear
 from megatrain.kernels import has_kernel
 
 FEW_ROWS = 16  # up to this many rows a product counts as a decoding step's
@@ -46,11 +47,12 @@ def project(layer: nn.Module, x: torch.Tensor, most_rows: int | None = FEW_ROWS,
     """layer(x); for a plain nn.Linear in a CPU fp32 decoding step (at most `most_rows` rows; None: any number, as
     for the LM head, whose vocabulary-tall weight gains at every batch size; no autograd) through decode_linear (up
     to FEW_ROWS rows, when `fused`: the calling module runs megatrain's kernels, and the extension has it) or as
-    weight @ x.T."""
+    weight @ x.T; any other product of a plain nn.Linear through cpu_linear.linear (oneDNN on a CPU in fp32)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not rows or (most_rows is not None and rows > most_rows) or not _plain_linear(layer)
-            or not _cpu_fp32_inference(x, layer.weight)):
+    if not _plain_linear(layer):
         return layer(x)
+    if not rows or (most_rows is not None and rows > most_rows) or not _cpu_fp32_inference(x, layer.weight):
+        return cpu_linear.linear(x, layer.weight, layer.bias)
     x2 = x.reshape(rows, -1)
     if fused and rows <= FEW_ROWS and kernel_built():
         y = torch.ops.megatrain.decode_linear(x2, layer.weight)

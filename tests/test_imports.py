@@ -17,9 +17,9 @@ PACKAGE = ROOT / "megatrain"
 # must be placed (a new one is added here, where it belongs). "megatrain" is the package's own __init__ only.
 LAYERS = [
     # leaves, importing no other megatrain module: the version, the compiled kernels, file and cache helpers, fault
-    # injection, this machine's cores, a parameter's full size and decay rule
+    # injection, this machine's cores, a parameter's full size and decay rule, the CPU's linear products
     ("megatrain", "megatrain._C", "megatrain.fileio", "megatrain.faults", "megatrain.hostinfo", "megatrain.parameters",
-     "megatrain.startup"),
+     "megatrain.startup", "megatrain.cpu_linear"),
     ("megatrain.model_config",),  # the model section of the config, its sizes and checks
     ("megatrain.config_checks",),  # the config's combination checks (of typed sections it does not import)
     ("megatrain.config", "megatrain.config_docs", "megatrain.resolved"),  # the typed config, its reference page, and

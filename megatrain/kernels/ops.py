@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatrain import cpu_linear
 from megatrain.kernels import reference, selfcheck, use_fused
 
 IGNORE_INDEX = -100
@@ -218,18 +219,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         d_weight = None  # the first chunk's product, the others' added into it (no zero fill of a [V, d] tensor)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
+        onednn = cpu_linear.runs_here(hidden, weight)  # (the three products through oneDNN on a CPU in fp32)
         for s in range(0, N, chunk):
             h, y = hidden[s: s + chunk], labels[s: s + chunk]
-            logits = h @ weight.t()
+            logits = cpu_linear.product(h, weight) if onednn else h @ weight.t()
             lse, target, total = _combine_stats(logits, y, 0, ignore_index, None)
             v = y != ignore_index
             loss += (((1 - smoothing) * (lse - target) + smoothing * (lse - total / V)) * v).sum()
             ones = torch.full(lse.shape, 1.0, dtype=lse.dtype, device=lse.device)
             d_logits = _ops().ce_grad(logits, y, lse, ones, 0, ignore_index, smoothing, V, True)  # in place
             if d_hidden is not None:
-                torch.mm(d_logits, weight, out=d_hidden[s: s + chunk])
+                if onednn:
+                    d_hidden[s: s + chunk] = cpu_linear.product(d_logits, weight.t())
+                else:
+                    torch.mm(d_logits, weight, out=d_hidden[s: s + chunk])
             if weight.requires_grad:
-                if d_weight is None:
+                if onednn:
+                    d_weight = (cpu_linear.product(d_logits.t(), h.t()) if d_weight is None
+                                else cpu_linear.product_add(d_logits.t(), h.t(), d_weight))
+                elif d_weight is None:
                     d_weight = d_logits.t().to(acc) @ h.to(acc)
                 else:
                     d_weight.addmm_(d_logits.t().to(acc), h.to(acc))

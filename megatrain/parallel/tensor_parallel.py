@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatrain.cpu_linear import linear
 from megatrain.heads import add_lora_update
 # the vocab-parallel loss is the reference of the fused one (kernels/ops.py falls back to it): it lives with it
 from megatrain.kernels.reference import vocab_parallel_cross_entropy  # noqa: F401
@@ -193,9 +194,9 @@ class ColumnParallelLinear(_LoRA):
         return gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
 
     def forward(self, x):
-        y = F.linear(self._enter(x), self.weight, self.bias)
+        y = linear(self._enter(x), self.weight, self.bias)
         if self.lora_A is not None:
-            u = self._enter(F.linear(self.lora_dropout(x), self.lora_A))
+            u = self._enter(linear(self.lora_dropout(x), self.lora_A))
             y = add_lora_update(y, u, self.lora_B, self.lora_scale)
         return y
 
@@ -219,9 +220,9 @@ class RowParallelLinear(_LoRA):
         return reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
 
     def forward(self, x):
-        y = self._reduce(F.linear(x, self.weight))
+        y = self._reduce(linear(x, self.weight))
         if self.lora_A is not None:
-            u = self._reduce(F.linear(self.lora_dropout(x), self.lora_A))
+            u = self._reduce(linear(self.lora_dropout(x), self.lora_A))
             y = add_lora_update(y, u, self.lora_B, self.lora_scale)
         return y + self.bias if self.bias is not None else y
 

@@ -14,7 +14,8 @@ import os
 import torch
 
 # Where torch spends a Linear's FLOPs (CPU and CUDA op names alike).
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+              "mkldnn::_linear_pointwise")  # (the last: cpu_linear's oneDNN products)
 
 
 def _is_attention(name: str) -> bool:

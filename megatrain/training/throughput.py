@@ -1,5 +1,5 @@
 """A run's throughput: its FLOPs per token (the formulas of megatrain/flops.py, for its task and frozen weights) and
-the peak its MFU divides by (a GPU's data sheet, or this CPU node's measured torch.mm rate)."""
+the peak its MFU divides by (a GPU's data sheet, or this CPU node's measured fp32 matmul rate)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatrain import cpu_linear
 from megatrain.config import Config
 from megatrain.fileio import cache_dir, write_atomic
 from megatrain.flops import frozen_flops_adjustment, last_block_tail_flops
@@ -88,36 +89,39 @@ def unlabeled_token_saving(model, m, seq_len: int, task) -> float:
 
 
 def measured_matmul_tflops(n: int = 1024, trials: int = 5, repeat: int = 4) -> float:
-    """This process's fp32 torch.mm throughput with its current threads: the best of `trials` timings of `repeat`
-    n x n products (the best, so a moment of other load on the machine does not lower it). Draws from a generator
-    of its own, not from torch's global RNG (the run's seeds stay untouched)."""
+    """This process's fp32 matmul throughput with its current threads, through the product the linear layers use
+    (cpu_linear: oneDNN on a CPU, else torch.mm): the best of `trials` timings of `repeat` n x n products (the best,
+    so a moment of other load on the machine does not lower it). Draws from a generator of its own, not from torch's
+    global RNG (the run's seeds stay untouched)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(n, n, generator=g), torch.rand(n, n, generator=g)
-    torch.mm(a, b)
+    mm = cpu_linear.product if cpu_linear.runs_here(a, b) else torch.mm  # (a @ b^T: the same FLOPs)
+    mm(a, b)
     best = 0.0
     for _ in range(trials):
         t0 = time.perf_counter()
         for _ in range(repeat):
-            torch.mm(a, b)
+            mm(a, b)
         best = max(best, 2 * n**3 * repeat / (time.perf_counter() - t0) / 1e12)
     return best
 
 
 def cpu_node_peak_tflops() -> tuple[float, str]:
-    """The node's fp32 torch.mm rate on all its cores (about 0.3 s on 2 cores), measured once per machine and
+    """The node's fp32 matmul rate (`measured_matmul_tflops`) on all its cores (about 0.3 s on 2 cores), measured once per machine and
     cached in $MEGATRAIN_CACHE/cpu-peak.json (~/.cache/megatrain) with the load it was measured under. A figure
     measured while more processes ran than the node has cores is too low (and the MFU too high): each run measures
     again until one measures on a quieter machine, and the cache keeps the highest figure. Returns (TFLOP/s, where it comes from)."""
     cores = cpu_cores()
     path = os.path.join(cache_dir(), "cpu-peak.json")
-    key = f"{cpu_model()} | {cores} cores | torch {torch.__version__.split('+')[0]}"
+    what = f"fp32 {cpu_linear.BACKEND}"
+    key = f"{cpu_model()} | {cores} cores | torch {torch.__version__.split('+')[0]} | {cpu_linear.BACKEND}"
     table, hit = {}, None
     try:
         with open(path) as f:
             table = json.load(f)
         hit = table[key]
         if hit.get("load_average_1min", 0) <= cores:  # (at most one runnable process a core: quiet enough)
-            return float(hit["tflops"]), f"this node's fp32 torch.mm, measured {hit['measured']}, cached in {path}"
+            return float(hit["tflops"]), f"this node's {what}, measured {hit['measured']}, cached in {path}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or a damaged file: measure
         table = table if isinstance(table, dict) else {}
         hit = None
@@ -129,22 +133,22 @@ def cpu_node_peak_tflops() -> tuple[float, str]:
         torch.set_num_threads(threads)
     load = round(os.getloadavg()[0], 2)
     if hit is not None and float(hit["tflops"]) >= tflops:  # a busy machine now too: the cached figure is higher
-        return float(hit["tflops"]), (f"this node's fp32 torch.mm, measured {hit['measured']}, cached in {path}; "
+        return float(hit["tflops"]), (f"this node's {what}, measured {hit['measured']}, cached in {path}; "
                                       f"busy then (load {hit['load_average_1min']}) and now (load {load})")
     when = time.strftime("%Y-%m-%d %H:%M")
     table[key] = dict(tflops=round(tflops, 4), measured=when, load_average_1min=load,
-                      how=f"fp32 torch.mm of 1024 x 1024 matrices on {cores} threads, the best of 5 timings of 4")
+                      how=f"{what} of 1024 x 1024 matrices on {cores} threads, the best of 5 timings of 4")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, json.dumps(table, indent=1) + "\n")
     except OSError:  # a read-only cache: measure again next time
-        return tflops, f"this node's fp32 torch.mm, measured now (not cached: cannot write {path})"
-    return tflops, f"this node's fp32 torch.mm, measured now, cached in {path}"
+        return tflops, f"this node's {what}, measured now (not cached: cannot write {path})"
+    return tflops, f"this node's {what}, measured now, cached in {path}"
 
 
 def peak_tflops(cfg: Config, precision: str, ranks_on_node: int = 1) -> tuple[float, str]:
     """The MFU denominator for one rank: logging.peak_tflops; on a GPU, the table for the run's precision; on CPU the
-    node's measured torch.mm rate divided among the ranks that share its cores. A collective on CPU (one rank per
+    node's measured fp32 matmul rate divided among the ranks that share its cores. A collective on CPU (one rank per
     node measures while the others wait, so the cores are its own): every rank calls it at the same point."""
     if cfg.logging.peak_tflops > 0:
         return cfg.logging.peak_tflops, "logging.peak_tflops"
