@@ -57,8 +57,10 @@ TEXT = {
                  "a Llama-shaped megatrain model and Hugging Face's `LlamaForCausalLM` of the same "
                  "dimensions, each trained through `deepspeed.initialize` in the same run, interleaved in rounds "
                  "(each the median of its timed steps; the best round is kept). Model FLOP/s count every matmul, "
-                 "the LM head included, not the embedding lookups, and are set against this machine's `torch.mm` "
-                 "rate measured in the same run. The last round is profiled: the share of a step's self time in "
+                 "the LM head included, not the embedding lookups, and are set against this machine's best fp32 "
+                 "matmul rate measured in the same run: `torch.mm`'s (MKL) or oneDNN's, the product megatrain's "
+                 "linear layers run through on a CPU (on this AMD CPU MKL runs its AVX2 code and oneDNN its "
+                 "AVX-512 code; HF's model multiplies through `torch.mm`). The last round is profiled: the share of a step's self time in "
                  "the matmuls, in the attention kernel, and in the rest, with its largest ops.",
         run="`python bench/bench_train.py [--skip part2]`",
         read="The matmuls' share of a step bounds what work outside them can win: at most the rest's share."),
@@ -123,7 +125,9 @@ TEXT = {
                  "where that does not run: the table says which) fine-tunes the export, LoRA through peft on the "
                  "same projections. Classify and sft, full and LoRA; the same token ids on both sides, every "
                  "example the same length; fp32, one process, global batch 16 in micro-batches of 8 (megatrain's "
-                 "config asks ZeRO-1 too, which one data-parallel rank runs as ZeRO-0). Each run is "
+                 "config asks ZeRO-1 too, which one data-parallel rank runs as ZeRO-0). megatrain's linear layers "
+                 "multiply through oneDNN on a CPU (`megatrain/cpu_linear.py`), the Trainer's model through "
+                 "`torch.mm` (MKL, which on this AMD CPU runs its AVX2 code). Each run is "
                  "its own process: a run's tokens/s is the median over its steps after 2 warm-up steps, its peak "
                  "memory the process's peak RSS. The two sides alternate, run by run, so drift in the machine's "
                  "speed hits both alike; the median run counts, and the range over the runs is given beside it "

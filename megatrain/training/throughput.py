@@ -88,14 +88,14 @@ def unlabeled_token_saving(model, m, seq_len: int, task) -> float:
     return task.flops_per_token(m, seq_len) - task.flops_per_token(no_head, seq_len) + spared[0] - spared[1] + tail
 
 
-def measured_matmul_tflops(n: int = 1024, trials: int = 5, repeat: int = 4) -> float:
-    """This process's fp32 matmul throughput with its current threads, through the product the linear layers use
-    (cpu_linear: oneDNN on a CPU, else torch.mm): the best of `trials` timings of `repeat` n x n products (the best,
-    so a moment of other load on the machine does not lower it). Draws from a generator of its own, not from torch's
-    global RNG (the run's seeds stay untouched)."""
+def measured_matmul_tflops(n: int = 1024, trials: int = 5, repeat: int = 4, product=None) -> float:
+    """This process's fp32 matmul throughput with its current threads, through `product` (by default the one the
+    linear layers use: cpu_linear's oneDNN product on a CPU, else torch.mm): the best of `trials` timings of `repeat`
+    n x n products (the best, so a moment of other load on the machine does not lower it). Draws from a generator
+    of its own, not from torch's global RNG (the run's seeds stay untouched)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(n, n, generator=g), torch.rand(n, n, generator=g)
-    mm = cpu_linear.product if cpu_linear.runs_here(a, b) else torch.mm  # (a @ b^T: the same FLOPs)
+    mm = product or (cpu_linear.product if cpu_linear.runs_here(a, b) else torch.mm)  # (a @ b^T: the same FLOPs)
     mm(a, b)
     best = 0.0
     for _ in range(trials):
