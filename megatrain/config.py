@@ -215,7 +215,8 @@ class LoggingConfig(_Section):
     wandb_project: str = "megatrain"  # W&B project
     wandb_mode: str = "offline"  # offline | online | disabled (offline needs no network)
     # per-device peak TFLOP/s for MFU; 0: a table of data-sheet peaks on a GPU (for the run's precision), on CPU
-    # the node's fp32 torch.mm rate, measured once and cached in ~/.cache/megatrain/cpu-peak.json
+    # the node's fp32 matmul rate (through the linear layers' product), measured once and cached in
+    # ~/.cache/megatrain/cpu-peak.json
     peak_tflops: float = 0.0
     progress_bar: str = "auto"  # a progress bar on stderr: auto (when stderr is a terminal) | on | off
     # profile this training step (1-based) with torch.profiler: each rank's op table and Chrome trace go to
