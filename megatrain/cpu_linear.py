@@ -10,8 +10,8 @@ on this project's 2-core AMD EPYC (AVX-512), 1024 rows, median of 15:
     768 -> 4096 (gate|up):        forward 28.7 / 13.4; input gradient 27.8 / 15.5; weight gradient 27.9 / 16.4
     2048 -> 768 (down):           forward 13.8 / 6.2;  input gradient 14.1 / 6.4;  weight gradient 14.4 / 7.0
 On an Intel CPU both libraries run AVX-512 and are about as fast. Elsewhere (a GPU, another dtype, a ZeRO-3
-partitioned weight, which DeepSpeed gathers and releases around its own F.linear, a block under torch.compile)
-`linear` is F.linear, as it is everywhere with MEGATRAIN_CPU_LINEAR=torch in the environment.
+partitioned weight, which DeepSpeed gathers and releases around its own F.linear) `linear` is F.linear, as it is
+everywhere with MEGATRAIN_CPU_LINEAR=torch in the environment.
 """
 from __future__ import annotations
 
@@ -29,19 +29,34 @@ BACKEND = "oneDNN" if _AVAILABLE else "torch.mm"  # what a CPU fp32 linear layer
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) through oneDNN, no autograd: x [..., in], weight [out, in], either may be a strided
     view (callers check `runs_here`)."""
+    if torch.compiler.is_compiling():
+        return _opaque_product(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def product_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """other + x @ weight^T in one oneDNN call (the sum rides in the product's epilogue), no autograd."""
+    if torch.compiler.is_compiling():
+        return other + _opaque_product(x, weight, None)
     return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
 
 
+# NOTE: inside torch.compile the product is an op of its own, which inductor calls as it is: inductor's CPU lowering
+# of mkldnn._linear_pointwise expects a weight it has packed itself, and lowering F.linear instead would call MKL.
+@torch.library.custom_op("megatrain_cpu::linear_product", mutates_args=())
+def _opaque_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_opaque_product.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def runs_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` takes oneDNN's product for these tensors. Not inside torch.compile, whose CPU lowering of the
-    op expects a weight it has packed itself (inductor picks its own products there)."""
+    """Whether `linear` takes oneDNN's product for these tensors."""
     return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not hasattr(weight, "ds_id") and not torch.compiler.is_compiling())
+            and not hasattr(weight, "ds_id"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
