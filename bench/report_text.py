@@ -60,8 +60,9 @@ TEXT = {
                  "the LM head included, not the embedding lookups, and are set against this machine's best fp32 "
                  "matmul rate measured in the same run: `torch.mm`'s (MKL) or oneDNN's, the product megatrain's "
                  "linear layers run through on a CPU (on this AMD CPU MKL runs its AVX2 code and oneDNN its "
-                 "AVX-512 code; HF's model multiplies through `torch.mm`). The last round is profiled: the share of a step's self time in "
-                 "the matmuls, in the attention kernel, and in the rest, with its largest ops.",
+                 "AVX-512 code; HF's model multiplies through `torch.mm`). The last round is profiled: the share of a step's "
+                 "self time in the matmuls, in the attention kernel (each with the ops it calls, such as the copy "
+                 "oneDNN makes of a transposed input), and in the rest, with its largest ops.",
         run="`python bench/bench_train.py [--skip part2]`",
         read="The matmuls' share of a step bounds what work outside them can win: at most the rest's share."),
     "train_baby": dict(

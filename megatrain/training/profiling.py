@@ -3,8 +3,8 @@
 Every rank profiles the same step and writes, in checkpoint.dir/profile/, its op table (`step{N}-rank{R}.txt`, by
 self time) and a Chrome trace (`step{N}-rank{R}.trace.json`: chrome://tracing or https://ui.perfetto.dev). Rank 0
 logs the split (a metrics.jsonl row of kind "profile" and a console line): the matmuls, the attention kernel, and the
-rest with its five biggest ops. A step can go no faster than its matmuls at torch.mm's rate, so "the rest" is the
-part a faster implementation could remove.
+rest with its five biggest ops. A step can go no faster than its matmuls at the machine's best rate, so "the rest" is
+the part a faster implementation could remove.
 """
 from __future__ import annotations
 
@@ -24,16 +24,30 @@ def _is_attention(name: str) -> bool:
 
 def op_split(prof) -> dict:
     """The shares of a profile's self time (device time when it ran on a GPU): matmul, attention, rest, and the five
-    biggest ops of the rest (top_rest)."""
-    events = prof.key_averages()
+    biggest ops of the rest (top_rest). An op called inside a matmul or attention op counts as part of it: the copy
+    oneDNN's product makes of a transposed input is its operand packing, as MKL packs its operands inside sgemm."""
+    events = prof.events()
     on_device = any(getattr(e, "self_device_time_total", 0) > 0 for e in events)
-    ops = {e.key: (e.self_device_time_total if on_device else e.self_cpu_time_total) for e in events}
-    total = sum(ops.values()) or 1.0
-    matmul = sum(t for k, t in ops.items() if k in MATMUL_OPS)
-    attention = sum(t for k, t in ops.items() if _is_attention(k))
-    rest = sorted(((t, k) for k, t in ops.items() if k not in MATMUL_OPS and not _is_attention(k)), reverse=True)[:5]
-    return dict(matmul=matmul / total, attention=attention / total, rest=1 - (matmul + attention) / total,
-                top_rest={k: t / total for t, k in rest}, timed="device" if on_device else "cpu")
+    share = {"matmul": 0.0, "attention": 0.0}
+    rest: dict[str, float] = {}
+    for e in events:
+        t = e.self_device_time_total if on_device else e.self_cpu_time_total
+        kind, node = None, e
+        while node is not None:  # (the outermost matmul or attention op around e, e itself included)
+            if node.name in MATMUL_OPS:
+                kind = "matmul"
+            elif _is_attention(node.name):
+                kind = "attention"
+            node = node.cpu_parent
+        if kind:
+            share[kind] += t
+        else:
+            rest[e.name] = rest.get(e.name, 0.0) + t
+    total = (sum(share.values()) + sum(rest.values())) or 1.0
+    top = sorted(((t, k) for k, t in rest.items()), reverse=True)[:5]
+    return dict(matmul=share["matmul"] / total, attention=share["attention"] / total,
+                rest=1 - (share["matmul"] + share["attention"]) / total, top_rest={k: t / total for t, k in top},
+                timed="device" if on_device else "cpu")
 
 
 def split_line(split: dict) -> str:
