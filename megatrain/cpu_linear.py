@@ -93,7 +93,6 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-
 @functools.cache  # (once a process)
 def register_flop_formulas() -> None:
     """Let torch's FlopCounterMode count oneDNN's products (2 * rows * in * out each), as it counts aten::mm. Not
