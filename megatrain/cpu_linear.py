@@ -75,21 +75,22 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # only what a gradient asked for reads: a frozen layer (LoRA's base) keeps no input alive, as F.linear's
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = product(g, weight.t())
-        if ctx.needs_input_grad[1]:
-            grad_w = product(g2.t(), x.reshape(-1, x.shape[-1]).t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+        want_w, want_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if want_w or want_b:  # (g as rows, a copy where g is strided: not for a frozen layer, as under LoRA)
+            g2 = g.reshape(-1, g.shape[-1])
+            grad_w = product(g2.t(), x.reshape(-1, x.shape[-1]).t()) if want_w else None
+            grad_b = g2.sum(0) if want_b else None
         return grad_x, grad_w, grad_b
 
 

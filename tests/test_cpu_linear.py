@@ -105,3 +105,15 @@ def test_the_chunked_lm_head_through_onednn_has_the_references_loss_and_gradient
     loss64.backward()
     torch.testing.assert_close(h.grad, h64.grad.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_frozen_layer_keeps_no_input_for_its_backward():
+    """As F.linear: x is saved only for the weight's gradient, the weight only for x's (LoRA's frozen base layers
+    would otherwise hold every projection's input until the backward)."""
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(5, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = cpu_linear.linear(x, w)
+    assert [t.shape for t in saved] == [w.shape]
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(6, 8))
