@@ -9,8 +9,9 @@ Measured on 2 cores (one product, median; bench/bench_generate.py has the whole 
     1 row against the 49152 x 576 LM head (113 MB, read from memory): 62 GB/s through decode_linear, 30 through a
         transposed copy of the weight, 18 through F.linear
     8 rows against the same: 23 GB/s through decode_linear, 20 as weight @ x.T, 10 through F.linear
-Anywhere else (autograd on, another device or dtype, a module that is not a plain nn.Linear: LoRA, tensor-parallel
-layers, a layer with hooks such as ZeRO-3's) the layer runs as it is.
+A plain nn.Linear's other products (autograd on, more rows, another device or dtype) go through cpu_linear.linear
+(oneDNN on a CPU in fp32, else F.linear). A module that is not a plain nn.Linear (LoRA, tensor-parallel layers, a
+layer with hooks such as ZeRO-3's) runs as it is.
 """
 from __future__ import annotations
 

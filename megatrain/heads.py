@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatrain import cpu_linear
-from megatrain.cpu_linear import linear
 from megatrain.config import LM_TASKS, Config, ModelConfig
 from megatrain.model import IGNORE_INDEX, Transformer
 from megatrain.moe import MoE
@@ -139,13 +138,14 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0: the model starts unchanged
 
     def forward(self, x):
-        u = linear(self.lora_dropout(x), self.lora_A)
-        return add_lora_update(linear(x, self.weight, self.bias), u, self.lora_B, self.scale)
+        u = cpu_linear.linear(self.lora_dropout(x), self.lora_A)
+        return add_lora_update(cpu_linear.linear(x, self.weight, self.bias), u, self.lora_B, self.scale)
 
 
 def add_lora_update(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale * u B^T (u = drop(x) A^T) as one addmm: the scale and the sum ride in the matmul, with no separate mul
-    and add over the output. Every LoRA layer adds its update so (LoRALinear, the tensor-parallel layers)."""
+    """y + scale * u B^T (u = drop(x) A^T) as one product: the scale and the sum ride in the matmul (addmm, or oneDNN's
+    epilogue on a CPU in fp32), with no separate mul and add over the output. Every LoRA layer adds its update so
+    (LoRALinear, the tensor-parallel layers)."""
     return _LoRAUpdate.apply(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B, scale).view(y.shape)
 
 
@@ -171,10 +171,9 @@ class _LoRAUpdate(torch.autograd.Function):
         u, lora_B = ctx.saved_tensors
         s = ctx.scale
         grad_u = None
-        if ctx.needs_input_grad[1]:
-            scaled = lora_B * s
-            grad_u = (cpu_linear.product(g, scaled.t()) if cpu_linear.runs_here(g, scaled)
-                      else g.mm(scaled.t().contiguous().t()))
+        if ctx.needs_input_grad[1]:  # g (s B): through oneDNN, else against a transposed copy of s B^T
+            grad_u = (cpu_linear.product(g, (lora_B * s).t()) if cpu_linear.runs_here(g, lora_B)
+                      else g.mm((lora_B.t() * s).contiguous().t()))
         grad_B = (u * s).t().mm(g).t().contiguous() if ctx.needs_input_grad[2] else None
         return g, grad_u, grad_B, None
 
