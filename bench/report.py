@@ -161,7 +161,7 @@ def train_llama(name: str, r: dict, meta: dict) -> dict:
          ratio(r["megatrain_tokens_per_s"], r["hf_tokens_per_s"])],
         ["model GFLOP/s", num(1e3 * r["megatrain_tflops"], 1), num(1e3 * r["hf_tflops"], 1),
          ratio(r["megatrain_tflops"], r["hf_tflops"])]])
-    best, best_name = r.get("best_matmul_tflops", mm), r.get("best_matmul", "torch.mm")
+    best, best_name = r["best_matmul_tflops"], r["best_matmul"]
     body += table(["side", "model GFLOP/s", f"best fp32 matmul GFLOP/s, same run (`{best_name}`)", "fraction",
                    "`torch.mm` GFLOP/s, same run"], [
         [who, num(1e3 * r[f"{key}_tflops"], 1), num(1e3 * best, 1), pct(r[f"{key}_tflops"] / best), num(1e3 * mm, 1)]
